@@ -1,0 +1,1 @@
+"""smearsight.export"""

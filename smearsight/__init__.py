@@ -1,0 +1,3 @@
+"""SmearSight: cell detection and sperm morphology at the microscope."""
+
+__version__ = "0.1.0"

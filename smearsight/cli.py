@@ -1,0 +1,76 @@
+"""``smearsight`` entry point: assembles the command groups and turns errors into one-line messages.
+
+Exit codes: 0 success, 1 bad input (:class:`~smearsight.errors.InputError`), 2 a missing optional
+dependency (:class:`~smearsight.errors.MissingDependencyError`), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from smearsight.cli_app import app
+from smearsight.errors import SmearSightError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "smearsight.train.datasets.cli",
+    "smearsight.train.datasets.synth_cli",
+    "smearsight.train.detector.cli",
+    "smearsight.train.morphology.cli",
+    "smearsight.export.cli",
+    "smearsight.runtime.cli",
+    "smearsight.device.cli",
+    "smearsight.device.serial_cli",
+    "smearsight.deploy.cli",
+)
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            # A command module that does not exist (yet) is skipped; a broken import inside one is not.
+            if exc.name is None or not name.startswith(exc.name):
+                raise
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the process exit code (also used by the console script)."""
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        result = app(args=argv, prog_name="smearsight", standalone_mode=False)
+    except SmearSightError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Exit):
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            err.print("aborted")
+            return 1
+        raise
+    return result if isinstance(result, int) else 0
+
+
+def entry() -> None:  # pragma: no cover - console-script shim
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

@@ -1,0 +1,82 @@
+"""Typed, validated configuration objects, loadable from YAML.
+
+Every config is a pydantic model that forbids unknown fields, so a typo in a YAML file is an error that
+names the field instead of a silently ignored setting. Model settings (what gets exported) are kept in
+separate classes from training settings (how it is trained).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from smearsight.errors import InputError
+
+T = TypeVar("T", bound="StrictConfig")
+
+
+class StrictConfig(BaseModel):
+    """Base for every config: unknown fields are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>") -> T:
+        """Validate ``data``; raise :class:`InputError` with one line naming the first bad field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise InputError(format_validation_error(exc, source)) from None
+
+    @classmethod
+    def from_yaml(cls: type[T], path: str | Path, section: str | None = None) -> T:
+        """Load from a YAML file (optionally one top-level ``section`` of it)."""
+        data = read_yaml(path)
+        if section is not None:
+            data = data.get(section) or {}
+            if not isinstance(data, dict):
+                raise InputError(f"{path}: section '{section}' must be a mapping")
+        return cls.from_dict(data, source=str(path) + (f" [{section}]" if section else ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (for checkpoints and manifests)."""
+        return self.model_dump(mode="json")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; one-line errors for a missing file, bad YAML or a non-mapping top level."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line: ``source: field.path: message (got value)`` for the first error, plus a count."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = ".".join(str(part) for part in first.get("loc", ())) or "<root>"
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        msg = f"{source}: unknown field '{loc}'"
+    else:
+        got = first.get("input")
+        got_text = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+        msg = f"{source}: field '{loc}': {first.get('msg', 'invalid')}{got_text}"
+    if len(errors) > 1:
+        msg += f" (+{len(errors) - 1} more)"
+    return msg

@@ -1,0 +1,52 @@
+"""Errors every stage raises, and the lazy-import helper for optional dependencies.
+
+The CLI turns :class:`InputError` into one line and exit code 1, and :class:`MissingDependencyError`
+into one line and exit code 2 (see ``smearsight.cli.main``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+class SmearSightError(Exception):
+    """Base class: an error with a one-line, user-facing message."""
+
+    exit_code = 1
+
+
+class InputError(SmearSightError):
+    """Bad input: a file, field or argument is not what was expected. Exit code 1."""
+
+    exit_code = 1
+
+
+class MissingDependencyError(SmearSightError):
+    """An optional dependency is not installed. Exit code 2."""
+
+    exit_code = 2
+
+
+_HINTS = {
+    "torch": "pip install 'smearsight[train]'",
+    "torchvision": "pip install 'smearsight[train]'",
+    "timm": "pip install 'smearsight[train]'",
+    "onnx": "pip install 'smearsight[train]'",
+    "pycocotools": "pip install 'smearsight[train]'",
+    "matplotlib": "pip install 'smearsight[train]'",
+    "pycuda": "pip install 'smearsight[gpu]' (needs the CUDA toolkit headers)",
+    "tensorrt": "TensorRT comes with the device's CUDA stack (JetPack on Jetson; NVIDIA's TensorRT packages on x86)",
+    "cv2": "pip install 'smearsight[headless]' (or '[gui]' for a window); on Jetson use the system OpenCV",
+}
+
+
+def require(module: str, purpose: str = "") -> ModuleType:
+    """Import an optional module or raise :class:`MissingDependencyError` with an install hint."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        hint = _HINTS.get(top, f"pip install {top}")
+        what = f" (needed for {purpose})" if purpose else ""
+        raise MissingDependencyError(f"{top} is not installed{what}: {hint}") from exc
