@@ -20,7 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "smearsight.export.cli",
     "smearsight.runtime.cli",
     "smearsight.device.cli",
-    "smearsight.device.serial_cli",
+    "smearsight.device.panel.cli",
     "smearsight.deploy.cli",
 )
 

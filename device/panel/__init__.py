@@ -1,0 +1,1 @@
+"""Serial link to an attached panel/controller (COBS framing + CRC32)."""

@@ -1,0 +1,75 @@
+"""Checkpoint files shared by the detector and morphology trainers, export and evaluation.
+
+A checkpoint is a ``torch.save`` dict with at least::
+
+    kind            "detector" | "morphology"
+    format_version  int (CHECKPOINT_FORMAT)
+    model_config    dict   (the model's StrictConfig.to_dict(); rebuilds the network)
+    state_dict      dict   (the weights to export: EMA weights where training keeps an EMA)
+    normalization   {"color": "rgb"|"gray", "mean": [...], "std": [...]}   (x = (pixel/255 - mean)/std)
+    image_size      [H, W]
+
+Detector checkpoints add ``class_names``, ``anchors`` (AnchorConfig dict) and ``thresholds``
+({"score", "iou", "pre_nms_topk", "max_detections"}); morphology checkpoints add ``morphology``
+({"part", "threshold", "mode"}). Trainers may store more (optimizer state, epoch, metrics, train_config).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from smearsight.errors import InputError, require
+from smearsight.fileio import atomic_write_bytes
+
+CHECKPOINT_FORMAT = 1
+KINDS = ("detector", "morphology")
+REQUIRED = ("kind", "format_version", "model_config", "state_dict", "normalization", "image_size")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Validate the required keys and write ``payload`` atomically (a kill never leaves half a file)."""
+    torch = require("torch", "saving checkpoints")
+    payload = {"format_version": CHECKPOINT_FORMAT, **payload}
+    _validate(payload, str(path))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; ``kind`` restricts it to detector or morphology checkpoints."""
+    torch = require("torch", "loading checkpoints")
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict):
+        raise InputError(f"{path}: not a SmearSight checkpoint (expected a dict, got {type(payload).__name__})")
+    _validate(payload, str(path))
+    if kind is not None and payload["kind"] != kind:
+        raise InputError(f"{path}: is a {payload['kind']} checkpoint, expected a {kind} checkpoint")
+    return payload
+
+
+def _validate(payload: dict[str, Any], source: str) -> None:
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise InputError(f"{source}: checkpoint lacks field(s) {', '.join(missing)}")
+    if payload["kind"] not in KINDS:
+        raise InputError(f"{source}: field 'kind' must be one of {KINDS}, got {payload['kind']!r}")
+    if payload["format_version"] != CHECKPOINT_FORMAT:
+        raise InputError(
+            f"{source}: checkpoint format {payload['format_version']} is not supported (expected {CHECKPOINT_FORMAT})"
+        )
+    if payload["kind"] == "detector":
+        for key in ("class_names", "anchors", "thresholds"):
+            if key not in payload:
+                raise InputError(f"{source}: detector checkpoint lacks field '{key}'")
+    else:
+        if "morphology" not in payload:
+            raise InputError(f"{source}: morphology checkpoint lacks field 'morphology'")
