@@ -97,7 +97,7 @@ def anchor_shapes(config: AnchorConfig, level_index: int) -> np.ndarray:
 def generate_anchors(image_size: tuple[int, int], config: AnchorConfig) -> np.ndarray:
     """All anchors for an input of ``image_size`` = (H, W) as float32 ``[A, 4]`` (x1, y1, x2, y2)."""
     out = []
-    for index, ((rows, cols), stride) in enumerate(zip(config.feature_sizes(image_size), config.strides)):
+    for index, ((rows, cols), stride) in enumerate(zip(config.feature_sizes(image_size), config.strides, strict=True)):
         shapes = anchor_shapes(config, index)
         cy, cx = np.meshgrid((np.arange(rows) + 0.5) * stride, (np.arange(cols) + 0.5) * stride, indexing="ij")
         centres = np.stack([cx.ravel(), cy.ravel()], axis=1)  # [rows*cols, 2]

@@ -41,29 +41,32 @@ _register_commands()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the process exit code (also used by the console script)."""
     from rich.console import Console
+    from rich.markup import escape
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         result = app(args=argv, prog_name="smearsight", standalone_mode=False)
     except SmearSightError as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    except Exception as exc:  # click usage errors and the like
-        import click
+    except Exception as exc:
+        # Usage errors from the (possibly vendored) click that typer uses: they know how to show themselves.
+        import typer
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        if isinstance(exc, typer.Exit):
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, typer.Abort):
             err.print("aborted")
             return 1
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            return code
         raise
     return result if isinstance(result, int) else 0
 

@@ -1,0 +1,65 @@
+import pytest
+from pydantic import Field, ValidationError
+
+from smearsight.config import StrictConfig, read_yaml
+from smearsight.errors import InputError
+
+
+class Inner(StrictConfig):
+    rate: float = Field(0.1, gt=0)
+
+
+class Outer(StrictConfig):
+    name: str = "x"
+    epochs: int = 3
+    inner: Inner = Field(default_factory=Inner)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_valid_yaml(tmp_path):
+    cfg = Outer.from_yaml(write(tmp_path, "epochs: 7\ninner:\n  rate: 0.5\n"))
+    assert cfg.epochs == 7 and cfg.inner.rate == 0.5
+
+
+def test_section(tmp_path):
+    cfg = Outer.from_yaml(write(tmp_path, "model:\n  epochs: 2\n"), section="model")
+    assert cfg.epochs == 2
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("epoch: 7\n", "unknown field 'epoch'"),
+        ("epochs: seven\n", "field 'epochs'"),
+        ("inner:\n  rate: -1\n", "field 'inner.rate'"),
+        ("inner:\n  rte: 1\n", "unknown field 'inner.rte'"),
+    ],
+)
+def test_errors_name_the_field_on_one_line(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as info:
+        Outer.from_yaml(path)
+    message = str(info.value)
+    assert expected in message
+    assert str(path) in message
+    assert "\n" not in message
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not valid YAML"):
+        read_yaml(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(InputError, match="not found"):
+        read_yaml(tmp_path / "nope.yaml")
+    with pytest.raises(InputError, match="mapping"):
+        read_yaml(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_assignment_is_validated():
+    cfg = Outer()
+    with pytest.raises(ValidationError):
+        cfg.epochs = "many"

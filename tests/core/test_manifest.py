@@ -1,0 +1,103 @@
+import json
+
+import pytest
+
+from smearsight.anchors import AnchorConfig
+from smearsight.errors import InputError
+from smearsight.fileio import sha256_file
+from smearsight.manifest import (
+    DetectorSpec,
+    EngineSpec,
+    InputSpec,
+    Manifest,
+    MorphologySpec,
+    TensorSpec,
+    check_engine_compatibility,
+    load_manifest,
+    verify_files,
+)
+
+
+def detector_manifest(**overrides):
+    fields = dict(
+        kind="detector",
+        name="test",
+        model_version="0.1.0",
+        input=InputSpec(name="images", shape=[1, 3, 64, 96], mean=[0.5] * 3, std=[0.5] * 3),
+        outputs=[
+            TensorSpec(name="class_logits", shape=[1, 100, 6]),
+            TensorSpec(name="box_regression", shape=[1, 100, 4]),
+        ],
+        detector=DetectorSpec(class_names=list("abcdef"), anchors=AnchorConfig()),
+    )
+    fields.update(overrides)
+    return Manifest(**fields)
+
+
+def test_round_trip(tmp_path):
+    manifest = detector_manifest()
+    manifest.save(tmp_path)
+    loaded = load_manifest(tmp_path)
+    assert loaded == manifest
+    assert loaded.image_size == (64, 96)
+
+
+def test_morphology_manifest(tmp_path):
+    m = Manifest(
+        kind="morphology",
+        name="head",
+        model_version="1",
+        input=InputSpec(name="crops", shape=[-1, 1, 64, 64], color="gray", mean=[0.5], std=[0.5]),
+        outputs=[TensorSpec(name="scores", shape=[-1])],
+        morphology=MorphologySpec(part="head", threshold=0.3),
+    )
+    m.save(tmp_path)
+    assert load_manifest(tmp_path / "manifest.json").morphology.part == "head"
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d.pop("detector"), "needs a 'detector' section"),
+        (lambda d: d.update(kind="segmenter"), "field 'kind'"),
+        (lambda d: d["input"].update(shape=[1, 1, 64, 96]), "channels"),
+        (lambda d: d["detector"].update(score_threshold=2), "detector.score_threshold"),
+        (lambda d: d.update(surprise=1), "unknown field 'surprise'"),
+        (lambda d: d["detector"].update(box_output="boxes"), "not among outputs"),
+    ],
+)
+def test_broken_manifests_rejected_with_field(tmp_path, mutate, expected):
+    data = detector_manifest().to_dict()
+    mutate(data)
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(InputError) as info:
+        load_manifest(tmp_path)
+    assert expected in str(info.value)
+    assert "manifest.json" in str(info.value)
+
+
+def test_not_json(tmp_path):
+    (tmp_path / "manifest.json").write_text("{nope")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_manifest(tmp_path)
+
+
+def test_verify_files_detects_tampering(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    manifest = detector_manifest(onnx_sha256=sha256_file(tmp_path / "model.onnx"))
+    manifest.save(tmp_path)
+    assert verify_files(tmp_path) == []
+    (tmp_path / "model.onnx").write_bytes(b"graph!")
+    problems = verify_files(tmp_path)
+    assert len(problems) == 1 and "does not match" in problems[0]
+    (tmp_path / "model.onnx").unlink()
+    assert "missing" in verify_files(tmp_path)[0]
+
+
+def test_engine_compatibility_in_plain_words():
+    engine = EngineSpec(
+        sha256="0" * 64, tensorrt_version="10.3.0", cuda_version="12.6", gpu_name="Orin", compute_capability="8.7"
+    )
+    assert check_engine_compatibility(engine, "10.3.0", "8.7") is None
+    assert "TensorRT 10.3.0" in check_engine_compatibility(engine, "10.7.0", "8.7")
+    assert "compute capability 8.7" in check_engine_compatibility(engine, "10.3.0", "9.0")
