@@ -1,0 +1,140 @@
+"""``smearsight export``: onnx, check, engine, inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from smearsight.cli_app import export_app
+from smearsight.errors import InputError
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"768x1024"`` -> ``(768, 1024)`` (height x width)."""
+    if text is None:
+        return None
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--image-size: expected HEIGHTxWIDTH such as 768x1024, got {text!r}") from None
+    if height <= 0 or width <= 0:
+        raise InputError(f"--image-size: sides must be positive, got {text!r}")
+    return height, width
+
+
+@export_app.command("onnx")
+def export_onnx(
+    weights: Path = typer.Option(..., "--weights", help="Detector or morphology checkpoint (.pt)."),
+    out: Path = typer.Option(..., "--out", help="Output directory for model.onnx and manifest.json."),
+    image_size: str | None = typer.Option(None, "--image-size", help="Detector input HxW (default: training size)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+    dynamic_batch: bool | None = typer.Option(
+        None, "--dynamic-batch/--static-batch", help="Dynamic batch (default: static detector, dynamic morphology)."
+    ),
+    simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Simplify the graph with onnxslim."),
+) -> None:
+    """Export a checkpoint to ONNX with its manifest (detector: raw per-anchor outputs, no NMS)."""
+    from rich.console import Console
+
+    from smearsight.export.onnx_export import export_checkpoint
+
+    result = export_checkpoint(weights, out, parse_size(image_size), opset, dynamic_batch, simplify)
+    m = result.manifest
+    Console().print(
+        f"wrote {out / m.onnx_file} ({m.kind}, input {m.input.name}{m.input.shape}, outputs "
+        + ", ".join(f"{o.name}{o.shape}" for o in m.outputs)
+        + f", simplified={result.simplified}) and {out / 'manifest.json'}"
+    )
+
+
+@export_app.command("check")
+def export_check(
+    model_dir: Path = typer.Argument(..., help="Directory with model.onnx and manifest.json."),
+    weights: Path = typer.Option(..., "--weights", help="The checkpoint it was exported from."),
+    count: int = typer.Option(4, "--count", min=1, help="Number of real inputs to compare on."),
+    data: Path | None = typer.Option(None, "--data", help="MHSMA folder for morphology crops (else synthetic)."),
+    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also check FP16 numerical safety."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the report as JSON."),
+) -> None:
+    """Compare onnxruntime with PyTorch (errors, detections/decisions) and check FP16 safety. Exit 1 on failure."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from smearsight.export.parity import check_export
+    from smearsight.fileio import atomic_write_json
+
+    report = check_export(model_dir, weights, count=count, data=data, fp16=fp16)
+    table = Table(title=f"{report.kind} export parity on {report.inputs} inputs")
+    for column in ("run", "output", "max abs err", "max rel err", "agreement"):
+        table.add_column(column)
+    what = "detections" if report.kind == "detector" else "decisions"
+    for comparison in (report.fp32, report.fp16):
+        if comparison is None:
+            continue
+        a = comparison.agreement
+        agreement = f"{a.matched}/{max(a.reference, a.candidate)} {what} matched" + (
+            f" (+{a.borderline} at threshold)" if a.borderline else ""
+        )
+        for i, err in enumerate(comparison.errors):
+            table.add_row(comparison.label if i == 0 else "", err.name, f"{err.max_abs:.3g}", f"{err.max_rel:.3g}",
+                          agreement if i == 0 else "")
+    console = Console()
+    console.print(table)
+    if report.fp16 is not None:
+        if report.overflow_layers:
+            console.print("[red]layers whose activations exceed the float16 range (65504):[/]")
+            for name, peak in report.overflow_layers[:20]:
+                console.print(f"  {name}: max |x| = {peak:.4g}")
+        else:
+            console.print("FP16 safety: no activation exceeds the float16 range on these inputs")
+    if json_out is not None:
+        atomic_write_json(json_out, report.to_dict())
+    ok = report.fp32_ok and (report.fp16 is None or report.fp16_ok)
+    console.print(f"parity {'[green]PASSED' if ok else '[red]FAILED'}[/] (fp32 tolerance {report.tolerance:.3g})")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@export_app.command("engine")
+def export_engine_cmd(
+    onnx: Path = typer.Option(..., "--onnx", help="model.onnx (its manifest.json must sit beside it)."),
+    out: Path = typer.Option(..., "--out", help="Output directory for model.engine and the updated manifest."),
+    fp16: bool = typer.Option(True, "--fp16/--fp32", help="Allow FP16 kernels."),
+    strongly_typed: bool = typer.Option(False, "--strongly-typed", help="Strongly-typed network (types from ONNX)."),
+    workspace: int = typer.Option(1024, "--workspace", min=16, help="Builder workspace in MB."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="Timing cache file (loaded and saved)."),
+    min_batch: int = typer.Option(1, "--min-batch", min=1),
+    opt_batch: int = typer.Option(8, "--opt-batch", min=1),
+    max_batch: int = typer.Option(32, "--max-batch", min=1),
+) -> None:
+    """Build an FP16 TensorRT engine (TensorRT 10) and record the build environment in the manifest."""
+    from smearsight.export.engine import EngineOptions, export_engine
+
+    if not min_batch <= opt_batch <= max_batch:
+        raise InputError(f"--min-batch {min_batch} <= --opt-batch {opt_batch} <= --max-batch {max_batch} must hold")
+    options = EngineOptions(fp16, strongly_typed, workspace, timing_cache, min_batch, opt_batch, max_batch)
+    spec = export_engine(onnx, out, options)
+    typer.echo(
+        f"wrote {out / spec.file}: TensorRT {spec.tensorrt_version}, {spec.gpu_name} (sm {spec.compute_capability}), "
+        f"CUDA {spec.cuda_version}"
+    )
+
+
+@export_app.command("inspect")
+def export_inspect(model_dir: Path = typer.Argument(..., help="Directory with manifest.json.")) -> None:
+    """Print the manifest and check the hashes of the files it names (exit 1 on a mismatch)."""
+    from rich.console import Console
+
+    from smearsight.manifest import load_manifest, verify_files
+
+    manifest = load_manifest(model_dir)
+    console = Console()
+    console.print_json(json.dumps(manifest.to_dict()))
+    problems = verify_files(model_dir, manifest)
+    for problem in problems:
+        console.print(f"[red]{problem}[/]")
+    if problems:
+        raise typer.Exit(1)
+    console.print("[green]all files match their sha256 in the manifest[/]")

@@ -1,0 +1,172 @@
+"""FP16 TensorRT engine build (TensorRT 10 Python API), and the build environment it is tied to.
+
+TensorRT is imported lazily: on machines without it (these CI machines, most laptops) the command
+says what to install and exits with code 2. Engines are not portable: the manifest records the
+TensorRT version, CUDA version, GPU name and compute capability so that the runtime can refuse an
+engine built for another device.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smearsight.errors import InputError, SmearSightError, require
+from smearsight.fileio import atomic_write_bytes, sha256_file
+from smearsight.manifest import EngineSpec, load_manifest
+
+
+@dataclass
+class EngineOptions:
+    """Builder settings (recorded in the manifest's ``engine.build_flags``)."""
+
+    fp16: bool = True
+    strongly_typed: bool = False
+    workspace_mb: int = 1024
+    timing_cache: Path | None = None
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+
+    def flags(self) -> dict[str, object]:
+        return {
+            "fp16": self.fp16,
+            "strongly_typed": self.strongly_typed,
+            "workspace_mb": self.workspace_mb,
+            "batch_profile": [self.min_batch, self.opt_batch, self.max_batch],
+        }
+
+
+@dataclass
+class GpuInfo:
+    """The build GPU as the manifest records it."""
+
+    name: str
+    compute_capability: str
+    cuda_version: str
+
+
+class EngineBuildError(SmearSightError):
+    """TensorRT rejected the network (parser errors per node, or a failed build)."""
+
+
+def parser_errors(parser: Any) -> list[str]:
+    """One line per ONNX parser error, naming the node (index, name, operator) where TensorRT says it."""
+    lines = []
+    for index in range(parser.num_errors):
+        error = parser.get_error(index)
+        node = error.node()
+        name = _call(error, "node_name")
+        operator = _call(error, "node_operator")
+        where = f"node {node}" + (f" '{name}'" if name else "") + (f" ({operator})" if operator else "")
+        lines.append(f"{where}: {error.desc()} [{error.code()}]")
+    return lines
+
+
+def _call(obj: Any, method: str) -> str:
+    fn = getattr(obj, method, None)
+    try:
+        return str(fn()) if callable(fn) else ""
+    except Exception:
+        return ""
+
+
+def build_engine(onnx_path: str | Path, options: EngineOptions) -> tuple[bytes, Any]:
+    """Parse ``onnx_path`` and build a serialized engine; returns (engine bytes, tensorrt module).
+
+    Dynamic batch dimensions get one optimisation profile (min/opt/max batch). The timing cache file,
+    when given, is loaded before and saved after the build so that rebuilds are fast.
+    """
+    trt = require("tensorrt", "building TensorRT engines")
+    onnx_path = Path(onnx_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if options.strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
+        errors = parser_errors(parser)
+        raise EngineBuildError(f"{onnx_path}: TensorRT could not parse the model: " + "; ".join(errors))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
+    if options.fp16 and not options.strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, False)
+
+    dynamic_inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    dynamic_inputs = [t for t in dynamic_inputs if any(d < 0 for d in t.shape)]
+    if dynamic_inputs:
+        profile = builder.create_optimization_profile()
+        for tensor in dynamic_inputs:
+            shape = list(tensor.shape)
+            if any(d < 0 for d in shape[1:]):
+                raise InputError(f"{onnx_path}: input '{tensor.name}' has dynamic dimensions other than the batch")
+            shapes = [[b, *shape[1:]] for b in (options.min_batch, options.opt_batch, options.max_batch)]
+            profile.set_shape(tensor.name, *shapes)
+        config.add_optimization_profile(profile)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"{onnx_path}: TensorRT failed to build the engine (see the log above)")
+    if options.timing_cache is not None:
+        atomic_write_bytes(options.timing_cache, bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized), trt
+
+
+def query_gpu() -> GpuInfo:
+    """Name, compute capability and CUDA version of GPU 0 (pycuda when present, else nvidia-smi)."""
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        device = cuda.Device(0)
+        major, minor = device.compute_capability()
+        version = cuda.get_driver_version()
+        return GpuInfo(device.name(), f"{major}.{minor}", f"{version // 1000}.{(version % 1000) // 10}")
+    except ImportError:
+        pass
+    if shutil.which("nvidia-smi") is None:
+        raise SmearSightError("no NVIDIA GPU found (neither pycuda nor nvidia-smi is available)")
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()[0]
+    name, capability, _driver = (part.strip() for part in out.split(","))
+    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+    cuda_version = smi.split("CUDA Version:")[1].split()[0] if "CUDA Version:" in smi else "unknown"
+    return GpuInfo(name, capability, cuda_version)
+
+
+def export_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions) -> EngineSpec:
+    """Build ``out_dir/model.engine`` from ``onnx_path`` and record it in ``out_dir/manifest.json``."""
+    onnx_path = Path(onnx_path)
+    out_dir = Path(out_dir)
+    if not onnx_path.is_file():
+        raise InputError(f"{onnx_path}: ONNX model not found")
+    manifest = load_manifest(onnx_path.parent)
+    engine_bytes, trt = build_engine(onnx_path, options)
+    gpu = query_gpu()
+    engine_path = atomic_write_bytes(out_dir / "model.engine", engine_bytes)
+    spec = EngineSpec(
+        file=engine_path.name,
+        sha256=sha256_file(engine_path),
+        tensorrt_version=str(trt.__version__),
+        cuda_version=gpu.cuda_version,
+        gpu_name=gpu.name,
+        compute_capability=gpu.compute_capability,
+        build_flags=options.flags(),
+    )
+    if out_dir.resolve() != onnx_path.parent.resolve():
+        atomic_write_bytes(out_dir / manifest.onnx_file, onnx_path.read_bytes())
+    manifest.engine = spec
+    manifest.precision = "fp16" if options.fp16 else "fp32"
+    manifest.save(out_dir)
+    return spec

@@ -1,0 +1,182 @@
+"""Checkpoint -> ``model.onnx`` + ``manifest.json``.
+
+Export only touches each model's ``torch_model.build_from_checkpoint`` (the exportable network), never
+the training machinery. The detector graph ends at the raw per-anchor outputs (no NMS inside); the
+morphology graph holds teacher + student + discrepancy score.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smearsight import __version__
+from smearsight.anchors import AnchorConfig
+from smearsight.errors import InputError, require
+from smearsight.fileio import atomic_write_bytes, sha256_file
+from smearsight.manifest import DetectorSpec, InputSpec, Manifest, MorphologySpec, TensorSpec
+
+DETECTOR_INPUT = "images"
+MORPHOLOGY_INPUT = "crops"
+MORPHOLOGY_CROP = 64
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_checkpoint` wrote."""
+
+    directory: Path
+    manifest: Manifest
+    simplified: bool
+
+
+def build_exportable(checkpoint: dict[str, Any]) -> Any:
+    """The eval-mode torch module of a detector or morphology checkpoint."""
+    if checkpoint["kind"] == "detector":
+        from smearsight.train.detector.torch_model import build_from_checkpoint
+    else:
+        from smearsight.train.morphology.torch_model import build_from_checkpoint
+    module = build_from_checkpoint(checkpoint)
+    module.eval()
+    return module
+
+
+def input_shape(checkpoint: dict[str, Any], image_size: tuple[int, int] | None, batch: int) -> list[int]:
+    """NCHW input shape for export; detector sizes must be multiples of the largest anchor stride."""
+    if checkpoint["kind"] == "morphology":
+        return [batch, 1, MORPHOLOGY_CROP, MORPHOLOGY_CROP]
+    height, width = image_size or tuple(checkpoint["image_size"])
+    stride = AnchorConfig(**checkpoint["anchors"]).max_stride
+    if height % stride or width % stride:
+        raise InputError(
+            f"--image-size {height}x{width}: both sides must be multiples of the largest stride {stride} "
+            "(the runtime letterboxes camera frames into this size)"
+        )
+    return [batch, 3, int(height), int(width)]
+
+
+def make_manifest(
+    checkpoint: dict[str, Any],
+    shape: list[int],
+    output_shapes: dict[str, list[int]],
+    checkpoint_sha256: str,
+    opset: int,
+    name: str,
+) -> Manifest:
+    """Fill a manifest from the checkpoint's contract fields (see smearsight.train.checkpoint)."""
+    norm = checkpoint["normalization"]
+    version = str(checkpoint.get("model_version") or f"{__version__}+{checkpoint_sha256[:8]}")
+    if checkpoint["kind"] == "detector":
+        thresholds = checkpoint["thresholds"]
+        detector = DetectorSpec(
+            class_names=list(checkpoint["class_names"]),
+            anchors=AnchorConfig(**checkpoint["anchors"]),
+            score_threshold=float(thresholds.get("score", 0.3)),
+            iou_threshold=float(thresholds.get("iou", 0.5)),
+            pre_nms_topk=int(thresholds.get("pre_nms_topk", 1000)),
+            max_detections=int(thresholds.get("max_detections", 1000)),
+        )
+        return Manifest(
+            kind="detector",
+            name=name,
+            model_version=version,
+            input=InputSpec(name=DETECTOR_INPUT, shape=shape, color=norm.get("color", "rgb"),
+                            mean=list(norm["mean"]), std=list(norm["std"]), resize="letterbox"),
+            outputs=[TensorSpec(name=n, shape=s) for n, s in output_shapes.items()],
+            detector=detector,
+            source_checkpoint_sha256=checkpoint_sha256,
+            opset=opset,
+        )
+    morph = checkpoint["morphology"]
+    return Manifest(
+        kind="morphology",
+        name=name,
+        model_version=version,
+        input=InputSpec(name=MORPHOLOGY_INPUT, shape=shape, color="gray", mean=list(norm["mean"]),
+                        std=list(norm["std"]), resize="stretch"),
+        outputs=[TensorSpec(name=n, shape=s) for n, s in output_shapes.items()],
+        morphology=MorphologySpec(part=morph["part"], threshold=float(morph["threshold"]),
+                                  mode=morph.get("mode", "unsupervised")),
+        source_checkpoint_sha256=checkpoint_sha256,
+        opset=opset,
+    )
+
+
+def export_checkpoint(
+    weights: str | Path,
+    out_dir: str | Path,
+    image_size: tuple[int, int] | None = None,
+    opset: int = 17,
+    dynamic_batch: bool | None = None,
+    simplify: bool = True,
+) -> ExportResult:
+    """Export a detector or morphology checkpoint to ``out_dir/model.onnx`` + ``out_dir/manifest.json``.
+
+    Shapes are static by default; morphology graphs get a dynamic batch unless ``dynamic_batch`` is
+    False (the runtime scores a variable number of crops per frame).
+    """
+    torch = require("torch", "ONNX export")
+    onnx = require("onnx", "ONNX export")
+    from smearsight.train.checkpoint import load_checkpoint
+
+    weights = Path(weights)
+    checkpoint = load_checkpoint(weights)
+    kind = checkpoint["kind"]
+    if dynamic_batch is None:
+        dynamic_batch = kind == "morphology"
+    shape = input_shape(checkpoint, image_size, batch=1)
+    module = build_exportable(checkpoint)
+    example = torch.zeros(shape, dtype=torch.float32)
+    if kind == "detector":
+        input_name, output_names = DETECTOR_INPUT, ["class_logits", "box_regression"]
+    else:
+        input_name, output_names = MORPHOLOGY_INPUT, ["scores"]
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {input_name: {0: "batch"}, **{n: {0: "batch"} for n in output_names}}
+
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        outputs = module(example)
+        outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
+        torch.onnx.export(
+            module, (example,), buffer, dynamo=False, opset_version=opset, input_names=[input_name],
+            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    simplified = False
+    if simplify:
+        model, simplified = _simplify(model)
+    onnx.checker.check_model(model, full_check=True)
+
+    out_dir = Path(out_dir)
+    onnx_path = atomic_write_bytes(out_dir / "model.onnx", model.SerializeToString())
+    batch_dim = -1 if dynamic_batch else 1
+    shape[0] = batch_dim
+    output_shapes = {n: [batch_dim, *list(o.shape[1:])] for n, o in zip(output_names, outputs, strict=True)}
+    ckpt_hash = sha256_file(weights)
+    manifest = make_manifest(checkpoint, shape, output_shapes, ckpt_hash, opset, name=_default_name(checkpoint))
+    manifest.onnx_sha256 = sha256_file(onnx_path)
+    manifest.save(out_dir)
+    return ExportResult(out_dir, manifest, simplified)
+
+
+def _default_name(checkpoint: dict[str, Any]) -> str:
+    if checkpoint["kind"] == "morphology":
+        return f"morphology-{checkpoint['morphology']['part']}"
+    return str(checkpoint.get("model_config", {}).get("name", "detector"))
+
+
+def _simplify(model: Any) -> tuple[Any, bool]:
+    """Fold constants and fuse ops with onnxslim when it is installed; keep the original otherwise."""
+    try:
+        import onnxslim
+    except ImportError:
+        return model, False
+    try:
+        return onnxslim.slim(model), True
+    except Exception:  # a simplifier failure must never block an export
+        return model, False
+

@@ -1,0 +1,288 @@
+"""Parity of an exported ONNX model with its PyTorch checkpoint, and FP16 numerical safety.
+
+* FP32 parity: onnxruntime against PyTorch on real inputs (synthetic smear frames for the detector,
+  MHSMA or synthetic crops for morphology): max abs/rel error per output; the same detections after
+  the runtime's decode + NMS (matched boxes IoU >= 0.99, same classes); the same morphology decisions.
+* FP16 safety: the graph converted to float16 (onnxconverter-common, run in onnxruntime where its CPU
+  kernels support it), else the PyTorch model in bfloat16; error and agreement against FP32, plus every
+  graph tensor whose FP32 activations exceed the float16 range (it would overflow in an FP16 engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smearsight.anchors import generate_anchors
+from smearsight.errors import InputError, require
+from smearsight.manifest import Manifest, load_manifest
+
+FP16_MAX = 65504.0
+MATCH_IOU = 0.99
+
+
+@dataclass
+class OutputError:
+    """Largest absolute and relative difference of one output against the reference."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+
+
+@dataclass
+class Agreement:
+    """Detections or morphology decisions compared against the reference."""
+
+    reference: int
+    candidate: int
+    matched: int
+    borderline: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.matched + self.borderline >= max(self.reference, self.candidate)
+
+
+@dataclass
+class Comparison:
+    """One model run (ONNX FP32, FP16 or BF16) against its reference."""
+
+    label: str
+    errors: list[OutputError]
+    agreement: Agreement
+
+
+@dataclass
+class ParityReport:
+    """Everything ``smearsight export check`` prints and decides on."""
+
+    kind: str
+    inputs: int
+    fp32: Comparison
+    fp16: Comparison | None = None
+    fp16_method: str = ""
+    overflow_layers: list[tuple[str, float]] = field(default_factory=list)
+    tolerance: float = 1e-3
+
+    @property
+    def fp32_ok(self) -> bool:
+        worst = max((e.max_abs for e in self.fp32.errors), default=0.0)
+        return worst <= self.tolerance and self.fp32.agreement.ok
+
+    @property
+    def fp16_ok(self) -> bool:
+        return not self.overflow_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fp32_ok"], out["fp16_ok"] = self.fp32_ok, self.fp16_ok
+        return out
+
+
+def relative_errors(name: str, ref: np.ndarray, got: np.ndarray) -> OutputError:
+    """Max |got-ref| and max |got-ref| / (|ref| + 1e-3) (the offset keeps near-zero outputs meaningful)."""
+    ref = np.asarray(ref, np.float64)
+    diff = np.abs(np.asarray(got, np.float64) - ref)
+    return OutputError(name, float(diff.max(initial=0.0)), float((diff / (np.abs(ref) + 1e-3)).max(initial=0.0)))
+
+
+def compare_detections(
+    ref: tuple[np.ndarray, int], got: tuple[np.ndarray, int], score_threshold: float, margin: float = 2e-3
+) -> Agreement:
+    """Greedy one-to-one matching (same class, IoU >= 0.99); detections within ``margin`` of the score
+    threshold may legitimately appear on one side only and count as borderline."""
+    from smearsight.anchors import box_iou
+
+    ref_dets, ref_n = ref[0][: ref[1]], ref[1]
+    got_dets, got_n = got[0][: got[1]], got[1]
+    matched = 0
+    used = np.zeros(got_n, bool)
+    if ref_n and got_n:
+        iou = box_iou(ref_dets[:, :4], got_dets[:, :4])
+        same = ref_dets[:, 5:6] == got_dets[None, :, 5]
+        iou = np.where(same, iou, 0.0)
+        for i in range(ref_n):
+            candidates = np.where(~used & (iou[i] >= MATCH_IOU))[0]
+            if len(candidates):
+                used[candidates[np.argmax(iou[i, candidates])]] = True
+                matched += 1
+    near = lambda d: np.abs(d[:, 4] - score_threshold) <= margin  # noqa: E731
+    unmatched_ref = ref_n - matched
+    unmatched_got = got_dets[~used]
+    borderline = min(int(near(unmatched_got).sum()) + int(unmatched_ref > 0 and near(ref_dets).sum()),
+                     max(ref_n, got_n) - matched)
+    return Agreement(int(ref_n), int(got_n), int(matched), int(borderline))
+
+
+def compare_decisions(ref_scores: np.ndarray, got_scores: np.ndarray, threshold: float) -> Agreement:
+    """Same normal/abnormal decision per crop."""
+    ref = np.asarray(ref_scores) >= threshold
+    got = np.asarray(got_scores) >= threshold
+    near = np.abs(np.asarray(ref_scores) - threshold) <= 1e-4 * max(1.0, abs(threshold))
+    matched = int((ref == got).sum())
+    borderline = int(((ref != got) & near).sum())
+    return Agreement(len(ref), len(got), matched, borderline)
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def detector_inputs(manifest: Manifest, count: int, seed: int = 0) -> np.ndarray:
+    """Synthetic smear frames, pre-processed exactly as the runtime does, stacked ``[N, 3, H, W]``."""
+    from smearsight.runtime.preprocess import preprocess_frame
+    from smearsight.train.datasets.synth import SmearSynthesizer
+
+    synth = SmearSynthesizer(seed=seed, size=manifest.image_size)
+    frames = [preprocess_frame(synth.render(i)[0], manifest.input)[0] for i in range(count)]
+    return np.concatenate(frames, axis=0).astype(np.float32)
+
+
+def morphology_inputs(manifest: Manifest, count: int, data: Path | None, seed: int = 0) -> np.ndarray:
+    """MHSMA validation crops when ``data`` is given, else deterministic synthetic crops; normalised."""
+    if data is not None:
+        path = Path(data) / "x_64_valid.npy"
+        if not path.is_file():
+            raise InputError(f"{path}: MHSMA crops not found (expected x_64_valid.npy under --data)")
+        crops = np.load(path)[:count].astype(np.float32)
+    else:
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[:64, :64]
+        crops = []
+        for _ in range(count):
+            cy, cx, r = rng.uniform(24, 40), rng.uniform(24, 40), rng.uniform(6, 14)
+            blob = 120 + 60 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            crops.append(blob + rng.normal(0, 6, (64, 64)))
+        crops = np.clip(np.stack(crops), 0, 255).astype(np.float32)
+    mean, std = manifest.input.mean[0], manifest.input.std[0]
+    return ((crops / 255.0 - mean) / std)[:, None].astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------- running
+def run_onnx(model: Any, inputs: np.ndarray, input_name: str, batch_one: bool) -> list[np.ndarray]:
+    """Run an ONNX model (path or ModelProto) over ``inputs``; returns the outputs stacked over inputs."""
+    import onnxruntime as ort
+
+    data = model if isinstance(model, str | Path) else model.SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(data) if isinstance(data, Path) else data, options,
+                                   providers=["CPUExecutionProvider"])
+    batches = [inputs[i : i + 1] for i in range(len(inputs))] if batch_one else [inputs]
+    results = [session.run(None, {input_name: b}) for b in batches]
+    return [np.concatenate([r[k] for r in results], axis=0) for k in range(len(results[0]))]
+
+
+def run_torch(module: Any, inputs: np.ndarray, dtype: str = "float32") -> list[np.ndarray]:
+    """Run the PyTorch module one input at a time (as the runtime does) in float32 or bfloat16."""
+    torch = require("torch", "parity checks")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    module = module.to(torch_dtype)
+    outs: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for i in range(len(inputs)):
+            result = module(torch.from_numpy(inputs[i : i + 1]).to(torch_dtype))
+            result = result if isinstance(result, tuple | list) else (result,)
+            outs.append([r.float().numpy() for r in result])
+    module.to(torch.float32)
+    return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(outs[0]))]
+
+
+def fp16_overflow_layers(
+    onnx_path: Path, inputs: np.ndarray, input_name: str, batch_one: bool
+) -> list[tuple[str, float]]:
+    """Every float tensor in the FP32 graph whose magnitude exceeds the float16 range on ``inputs``."""
+    onnx = require("onnx", "FP16 safety checks")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+    existing = {o.name for o in model.graph.output}
+    producers = {}
+    for node in model.graph.node:
+        for out in node.output:
+            producers[out] = node.name or node.op_type
+    for info in model.graph.value_info:
+        if info.name not in existing and info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            model.graph.output.append(info)
+    names = [o.name for o in model.graph.output]
+    outputs = run_onnx(model, inputs, input_name, batch_one)
+    overflow = []
+    for name, value in zip(names, outputs, strict=True):
+        peak = float(np.max(np.abs(value), initial=0.0))
+        if not np.isfinite(peak) or peak > FP16_MAX:
+            overflow.append((producers.get(name, name), peak))
+    return sorted(overflow, key=lambda item: -item[1])
+
+
+def fp16_model(onnx_path: Path) -> Any:
+    """The graph with float16 weights and activations (float32 inputs/outputs kept)."""
+    onnx = require("onnx", "FP16 safety checks")
+    float16 = require("onnxconverter_common.float16", "FP16 safety checks")
+    return float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+
+
+# ------------------------------------------------------------------------------------------ check
+def check_export(
+    model_dir: str | Path,
+    weights: str | Path,
+    count: int = 4,
+    data: Path | None = None,
+    fp16: bool = True,
+    tolerance: float | None = None,
+) -> ParityReport:
+    """Compare ``model_dir``'s ONNX model with the checkpoint ``weights`` (see module docstring)."""
+    from smearsight.export.onnx_export import build_exportable
+    from smearsight.runtime.postprocess import decode_nms
+    from smearsight.train.checkpoint import load_checkpoint
+
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    checkpoint = load_checkpoint(weights)
+    if checkpoint["kind"] != manifest.kind:
+        raise InputError(
+            f"{weights}: a {checkpoint['kind']} checkpoint cannot be checked against a {manifest.kind} model"
+        )
+    module = build_exportable(checkpoint)
+    onnx_path = model_dir / manifest.onnx_file
+    batch_one = manifest.input.shape[0] != -1
+    input_name = manifest.input.name
+
+    if manifest.kind == "detector":
+        inputs = detector_inputs(manifest, count)
+        spec = manifest.detector
+        anchors = generate_anchors(manifest.image_size, spec.anchors)
+
+        def post(outs: list[np.ndarray], i: int) -> tuple[np.ndarray, int]:
+            return decode_nms(outs[0][i], outs[1][i], anchors, score_threshold=spec.score_threshold,
+                              iou_threshold=spec.iou_threshold, pre_nms_topk=spec.pre_nms_topk,
+                              max_detections=spec.max_detections, image_size=manifest.image_size)
+
+        def agree(ref: list[np.ndarray], got: list[np.ndarray]) -> Agreement:
+            parts = [compare_detections(post(ref, i), post(got, i), spec.score_threshold) for i in range(len(inputs))]
+            return Agreement(*(sum(getattr(p, f) for p in parts) for f in ("reference", "candidate", "matched",
+                                                                          "borderline")))
+    else:
+        inputs = morphology_inputs(manifest, max(count, 16), data)
+        threshold = manifest.morphology.threshold
+
+        def agree(ref: list[np.ndarray], got: list[np.ndarray]) -> Agreement:
+            return compare_decisions(ref[0], got[0], threshold)
+
+    names = [o.name for o in manifest.outputs]
+    reference = run_torch(module, inputs)
+    scale = max(float(np.max(np.abs(r), initial=0.0)) for r in reference)
+    exported = run_onnx(onnx_path, inputs, input_name, batch_one)
+    fp32 = Comparison("onnxruntime fp32", [relative_errors(n, r, g) for n, r, g in zip(names, reference, exported,
+                      strict=True)], agree(reference, exported))
+    report = ParityReport(manifest.kind, len(inputs), fp32, tolerance=tolerance or 1e-4 * max(1.0, scale))
+    if not fp16:
+        return report
+    try:
+        half = run_onnx(fp16_model(onnx_path), inputs, input_name, batch_one)
+        report.fp16_method = "onnxruntime float16 (onnxconverter-common)"
+    except Exception as exc:  # onnxruntime's CPU provider lacks float16 kernels for some ops
+        half = run_torch(module, inputs, dtype="bfloat16")
+        report.fp16_method = f"PyTorch bfloat16 (onnxruntime float16 unavailable: {type(exc).__name__})"
+    report.fp16 = Comparison(report.fp16_method, [relative_errors(n, r, g) for n, r, g in zip(names, reference, half,
+                             strict=True)], agree(reference, half))
+    report.overflow_layers = fp16_overflow_layers(onnx_path, inputs, input_name, batch_one)
+    return report
