@@ -1,0 +1,252 @@
+"""Every kind of bad record is reported with its file and location; readers never raise for them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from smearsight.errors import InputError
+from smearsight.train.datasets.check import validate_box
+from smearsight.train.datasets.formats import read_dataset
+from smearsight.train.datasets.records import Problem
+
+
+def _image(path: Path, width: int = 64, height: int = 48) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((height, width, 3), 128, np.uint8))
+    return path
+
+
+def _truncated_png(path: Path) -> Path:
+    _image(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # valid header, pixel data cut short
+    return path
+
+
+def _find(problems: list[Problem], file_part: str, message_part: str, where_part: str = "") -> Problem:
+    hits = [p for p in problems if file_part in p.file and message_part in p.message and where_part in p.where]
+    assert hits, f"no problem with {file_part!r} / {message_part!r} / {where_part!r} in:\n" + "\n".join(
+        map(str, problems)
+    )
+    return hits[0]
+
+
+def test_validate_box_rules() -> None:
+    assert validate_box((0, 0, 64, 48), 64, 48)[1] is None  # touching every border is fine
+    box, msg = validate_box((-0.005, 0, 64.004, 48), 64, 48)  # rounding noise: clipped
+    assert msg is None and box.tolist() == [0, 0, 64, 48]
+    assert "outside" in validate_box((0, 0, 64.5, 48), 64, 48)[1]
+    assert "outside" in validate_box((-1, 0, 10, 10), 64, 48)[1]
+    assert "zero or negative" in validate_box((5, 5, 5, 9), 64, 48)[1]
+    assert "zero or negative" in validate_box((5, 9, 8, 2), 64, 48)[1]
+    assert "non-finite" in validate_box((float("nan"), 0, 1, 1), 64, 48)[1]
+
+
+# --------------------------------------------------------------------------- COCO
+
+
+def _coco(tmp_path: Path, images: list[dict], annotations: list[dict]) -> Path:
+    root = tmp_path / "coco"
+    path = root / "annotations" / "train.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cats = [{"id": 1, "name": "cell"}, {"id": 2, "name": "sperm"}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}, indent=1))
+    return root
+
+
+def test_coco_bad_records(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _image(root / "images" / "ok.png")
+    _image(root / "images" / "small.png", 32, 32)
+    _truncated_png(root / "images" / "broken.png")
+    (root / "images" / "junk.jpg").write_bytes(b"\x00" * 64)
+    images = [
+        {"id": 1, "file_name": "ok.png", "width": 64, "height": 48},
+        {"id": 2, "file_name": "small.png", "width": 64, "height": 48},  # declared size is wrong
+        {"id": 3, "file_name": "gone.png", "width": 64, "height": 48},
+        {"id": 4, "file_name": "broken.png", "width": 64, "height": 48},
+        {"id": 5, "file_name": "junk.jpg"},
+        {"id": 1, "file_name": "ok.png"},  # duplicate id
+    ]
+    anns = [
+        {"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]},  # good
+        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [60, 2, 10, 10]},  # outside
+        {"id": 12, "image_id": 1, "category_id": 2, "bbox": [5, 5, 0, 4]},  # zero width
+        {"id": 13, "image_id": 1, "category_id": 7, "bbox": [5, 5, 3, 4]},  # unknown class
+        {"id": 14, "image_id": 1, "category_id": 1, "bbox": [5, "x", 3, 4]},  # non-numeric
+        {"id": 15, "image_id": 1, "category_id": 1, "bbox": [5, 5, 3]},  # wrong length
+        {"id": 16, "image_id": 99, "category_id": 1, "bbox": [5, 5, 3, 3]},  # unknown image
+        {"id": 17, "image_id": 2, "category_id": 2, "bbox": [1, 1, 3, 3]},  # good
+    ]
+    _coco(tmp_path, images, anns)
+    ds, problems = read_dataset(root, "coco", "train", verify_images=True)
+    f = "train.json"
+    _find(problems, f, "lies outside the 64x48 image", "annotations[1] (id 11) bbox")
+    _find(problems, f, "zero or negative size", "annotations[2] (id 12)")
+    _find(problems, f, "unknown class: category_id 7", "annotations[3] (id 13)")
+    _find(problems, f, "must be 4 numbers", "annotations[4] (id 14) bbox")
+    _find(problems, f, "must be 4 numbers", "annotations[5] (id 15) bbox")
+    _find(problems, f, "image_id 99", "annotations[6] (id 16)")
+    _find(problems, f, "annotation is 64x48 but the image is 32x32", "images[1] (id 2)")
+    _find(problems, f, "gone.png: image file not found", "images[2] (id 3)")
+    _find(problems, f, "broken.png: not a decodable image", "images[3] (id 4)")
+    _find(problems, f, "junk.jpg: not a decodable image", "images[4] (id 5)")
+    _find(problems, f, "duplicate image id 1", "images[5]")
+    assert len(problems) == 11
+    # Bad boxes dropped, good ones kept; missing/unreadable images dropped.
+    assert [r.path.name for r in ds.images] == ["ok.png", "small.png"]
+    assert ds.images[0].boxes.tolist() == [[1, 2, 11, 12]] and ds.images[1].labels.tolist() == [1]
+
+
+def test_coco_truncated_image_found_only_when_verifying(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _truncated_png(root / "images" / "broken.png")
+    _coco(tmp_path, [{"id": 1, "file_name": "broken.png", "width": 64, "height": 48}], [])
+    assert read_dataset(root, "coco", "train")[1] == []  # header only: looks fine
+    assert len(read_dataset(root, "coco", "train", verify_images=True)[1]) == 1
+
+
+def test_coco_malformed_json_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"images": [\n  {"id": 1,,}\n]}')
+    ds, problems = read_dataset(path, "coco", None)
+    assert len(ds) == 0 and len(problems) == 1
+    assert problems[0].file == str(path) and "malformed JSON" in problems[0].message
+    assert problems[0].where.startswith("line 2")
+    path.write_text('{"images": {}, "annotations": [], "categories": []}')
+    assert "'images' must be a list" in read_dataset(path, "coco", None)[1][0].message
+
+
+def test_missing_dataset_raises_input_error(tmp_path: Path) -> None:
+    for fmt in ("coco", "voc", "yolo"):
+        with pytest.raises(InputError, match="nowhere"):
+            read_dataset(tmp_path / "nowhere", fmt, "train")
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    with pytest.raises(InputError, match="val.json"):
+        read_dataset(tmp_path / "coco", "coco", "val")
+    with pytest.raises(InputError, match="--format 'csv'"):
+        read_dataset(tmp_path, "csv", None)
+
+
+# --------------------------------------------------------------------------- VOC
+
+_VOC = """<annotation><filename>{name}</filename>
+<size><width>{w}</width><height>{h}</height><depth>3</depth></size>
+{objects}</annotation>"""
+_OBJ = "<object><name>{cls}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax>" \
+       "</bndbox></object>\n"
+
+
+def _voc_file(root: Path, stem: str, name: str, objects: list[tuple], w: int = 64, h: int = 48) -> None:
+    text = _VOC.format(
+        name=name, w=w, h=h, objects="".join(_OBJ.format(cls=o[0], a=o[1], b=o[2], c=o[3], d=o[4]) for o in objects)
+    )
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    (root / "Annotations" / f"{stem}.xml").write_text(text)
+
+
+def test_voc_bad_records(tmp_path: Path) -> None:
+    root = tmp_path / "voc"
+    for stem in ("a", "b", "c"):
+        _image(root / "JPEGImages" / f"{stem}.png")
+    (root / "JPEGImages" / "junk.png").write_bytes(b"\x89PNG garbage")
+    (root / "classes.txt").write_text("cell\nsperm\n")
+    _voc_file(
+        root,
+        "a",
+        "a.png",
+        [
+            ("cell", 1, 1, 64, 48),  # whole image: fine (1-based inclusive)
+            ("cell", 0, 1, 10, 10),  # xmin 0 is outside in the 1-based convention
+            ("sperm", 5, 5, 65, 10),  # beyond the right edge
+            ("sperm", 9, 5, 4, 10),  # negative width
+            ("platelet", 2, 2, 9, 9),  # unknown class
+            ("cell", "abc", 2, 9, 9),  # non-numeric
+            ("sperm", 7, 7, 7, 7),  # xmin == xmax: a 1x1 px box, valid
+        ],
+    )
+    _voc_file(root, "b", "b.png", [("cell", 2, 2, 9, 9)], w=100, h=48)  # size disagrees with the image
+    (root / "Annotations" / "c.xml").write_text("<annotation><filename>c.png</filename>\n<size>\n</annotation>")
+    _voc_file(root, "d", "d.png", [("cell", 2, 2, 9, 9)])  # image missing
+    _voc_file(root, "e", "junk.png", [])  # unreadable image
+    split = root / "ImageSets" / "Main" / "train.txt"
+    split.parent.mkdir(parents=True)
+    split.write_text("a\nb\nc\nd\ne\nf\n")
+    ds, problems = read_dataset(root, "voc", "train")
+    _find(problems, "a.xml", "outside", "object 1 (cell) bndbox")
+    assert "xmin=0" in _find(problems, "a.xml", "outside", "object 1").message
+    _find(problems, "a.xml", "outside", "object 2 (sperm)")
+    _find(problems, "a.xml", "zero or negative size", "object 3 (sperm)")
+    _find(problems, "a.xml", "unknown class 'platelet'", "object 4")
+    _find(problems, "a.xml", "bndbox/xmin must be a number, got 'abc'", "object 5")
+    _find(problems, "b.xml", "annotation is 100x48 but the image is 64x48", "size")
+    _find(problems, "c.xml", "malformed XML", "line 3")
+    _find(problems, "d.xml", "d.png: image file not found")
+    _find(problems, "e.xml", "junk.png: not a decodable image")
+    _find(problems, "train.txt", "f.xml not found", "line 6")
+    assert len(problems) == 10
+    assert [r.path.name for r in ds.images] == ["a.png", "b.png"]
+    assert ds.images[0].boxes.tolist() == [[0, 0, 64, 48], [6, 6, 7, 7]]
+
+
+def test_voc_missing_split_list_raises(tmp_path: Path) -> None:
+    (tmp_path / "Annotations").mkdir()
+    with pytest.raises(InputError, match="ImageSets/Main/test.txt"):
+        read_dataset(tmp_path, "voc", "test")
+
+
+# --------------------------------------------------------------------------- YOLO
+
+
+def test_yolo_bad_records(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    for stem in ("a", "b"):
+        _image(root / "images" / f"{stem}.png", 100, 50)
+    _truncated_png(root / "images" / "t.png")
+    (root / "classes.txt").write_text("cell\nsperm\n")
+    (root / "labels").mkdir()
+    (root / "labels" / "a.txt").write_text(
+        "0 0.5 0.5 0.2 0.2\n"  # good
+        "1 0.5 0.5 0.2\n"  # 4 fields
+        "1 0.5 zero 0.2 0.2\n"  # non-numeric
+        "2 0.5 0.5 0.2 0.2\n"  # unknown class
+        "0.5 0.5 0.5 0.2 0.2\n"  # class not an integer
+        "0 0.95 0.5 0.2 0.2\n"  # beyond the right edge
+        "1 0.5 0.5 0 0.2\n"  # zero width
+        "1 0 0 1 1\n"  # centred on the corner: outside
+        "1 0.5 0.5 1 1\n"  # whole image: fine
+    )
+    (root / "train.txt").write_text("./images/a.png\nimages/b.png\n./images/nope.png\n./images/t.png\n")
+    ds, problems = read_dataset(root, "yolo", "train", verify_images=True)
+    lab = str(Path("labels") / "a.txt")
+    _find(problems, lab, "expected 5 fields", "line 2")
+    _find(problems, lab, "non-numeric", "line 3")
+    _find(problems, lab, "unknown class 2", "line 4")
+    _find(problems, lab, "unknown class 0.5", "line 5")
+    _find(problems, lab, "outside", "line 6")
+    _find(problems, lab, "zero or negative size", "line 7")
+    _find(problems, lab, "outside", "line 8")
+    _find(problems, "train.txt", "nope.png not found", "line 3")
+    _find(problems, str(Path("images") / "t.png"), "not a decodable image")
+    assert len(problems) == 9
+    assert [r.path.name for r in ds.images] == ["a.png", "b.png"]
+    np.testing.assert_allclose(ds.images[0].boxes, [[40, 20, 60, 30], [0, 0, 100, 50]])
+    assert len(ds.images[1].boxes) == 0
+
+
+def test_yolo_malformed_yaml_and_missing_names(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    _image(root / "images" / "a.png")
+    with pytest.raises(InputError, match="classes.txt or data.yaml"):
+        read_dataset(root, "yolo", None)
+    (root / "data.yaml").write_text("names: [a, b\ntrain: x\n")
+    ds, problems = read_dataset(root, "yolo", None)
+    assert problems[0].file.endswith("data.yaml") and "malformed YAML" in problems[0].message
+    assert problems[0].where.startswith("line ")
+    (root / "data.yaml").write_text("names: 7\n")
+    _find(read_dataset(root, "yolo", None)[1], "data.yaml", "'names' must be a list", "names")

@@ -1,0 +1,217 @@
+"""Reading images and their sizes for the dataset readers.
+
+Sizes are read from the file header where the format allows it (PNG, JPEG, BMP; other formats
+fall back to a full OpenCV decode), so that readers which must learn an image's size (YOLO) do not decode
+every pixel. EXIF orientation is ignored everywhere: boxes are in the pixel grid of the stored raster,
+which is what the header reports and what :func:`read_image_rgb` returns.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from smearsight.errors import InputError, require
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+# JPEG start-of-frame markers that carry the image size (not DHT C4, JPG C8, DAC CC).
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _cv2():
+    return require("cv2", "reading images")
+
+
+def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode an image file into an ``HxWx3`` uint8 RGB array.
+
+    Raises :class:`InputError` naming the file when it is missing or cannot be decoded. Grayscale and
+    16-bit images are converted to 8-bit RGB; EXIF orientation is ignored (stored raster order).
+    """
+    cv2 = _cv2()
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{path}: image file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read image file ({exc.strerror or exc})") from None
+    image = None
+    if data.size:
+        # OpenCV logs a warning for a broken file; the InputError below says it in one line instead.
+        log = getattr(getattr(cv2, "utils", None), "logging", None)
+        level = log.getLogLevel() if log is not None else None
+        if log is not None:
+            log.setLogLevel(log.LOG_LEVEL_ERROR)
+        try:
+            image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        finally:
+            if log is not None:
+                log.setLogLevel(level)
+    if image is None:
+        raise InputError(f"{path}: not a decodable image (expected a JPEG, PNG, BMP, TIFF or WebP file)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        w, h = struct.unpack(">II", head[16:24])
+        return int(w), int(h)
+    return None
+
+
+def _jpeg_size(handle) -> tuple[int, int] | None:
+    handle.seek(2)
+    while True:
+        byte = handle.read(1)
+        if not byte:
+            return None
+        if byte != b"\xff":
+            continue
+        marker = handle.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = handle.read(1)
+        if not marker:
+            return None
+        code = marker[0]
+        if code in (0x01, 0x00) or 0xD0 <= code <= 0xD9:
+            if code == 0xD9:
+                return None
+            continue
+        raw = handle.read(2)
+        if len(raw) < 2:
+            return None
+        length = struct.unpack(">H", raw)[0]
+        if length < 2:
+            return None
+        if code in _SOF_MARKERS:
+            seg = handle.read(5)
+            if len(seg) < 5:
+                return None
+            h, w = struct.unpack(">HH", seg[1:5])
+            return int(w), int(h)
+        handle.seek(length - 2, os.SEEK_CUR)
+
+
+def image_size_from_header(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG/JPEG/BMP header without decoding; None for other formats or a bad header.
+
+    Raises OSError when the file cannot be opened.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(32)
+        if (size := _png_size(head)) is not None:
+            return size
+        if head[:2] == b"\xff\xd8":
+            return _jpeg_size(handle)
+        if head[:2] == b"BM" and len(head) >= 26:
+            w, h = struct.unpack("<ii", head[18:26])
+            return int(w), abs(int(h))
+    return None
+
+
+def image_size(path: str | os.PathLike[str], decode: bool = False) -> tuple[int, int]:
+    """``(width, height)`` of an image file.
+
+    With ``decode=False`` the header is read where possible (cheap); with ``decode=True`` the whole image
+    is decoded with OpenCV, which also proves the pixels are readable. Raises :class:`InputError` naming
+    the file when it is missing or unreadable.
+    """
+    path = Path(path)
+    if not decode:
+        try:
+            size = image_size_from_header(path)
+        except FileNotFoundError:
+            raise InputError(f"{path}: image file not found") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read image file ({exc.strerror or exc})") from None
+        if size is not None and size[0] > 0 and size[1] > 0:
+            return size
+    image = read_image_rgb(path)
+    return int(image.shape[1]), int(image.shape[0])
+
+
+def list_images(directory: Path) -> list[Path]:
+    """Image files under ``directory`` (recursively), sorted."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _source_image_root(root: Path | None, path: Path) -> Path | None:
+    if root is None:
+        return None
+    for candidate in (root / "images", root / "JPEGImages", root):
+        try:
+            path.relative_to(candidate)
+            return candidate
+        except ValueError:
+            continue
+    return None
+
+
+def _copy_atomic(src: Path, dest: Path, link: bool) -> None:
+    import shutil
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        done = False
+        if link:
+            tmp_path.unlink()
+            try:
+                os.link(src, tmp_path)
+                done = True
+            except OSError:
+                pass
+        if not done:
+            shutil.copyfile(src, tmp_path)
+            with open(tmp_path, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp_path, dest)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def place_images(
+    paths: list[Path], source_root: Path | None, dest_dir: Path, mode: str = "copy", flat: bool = False
+) -> list[Path]:
+    """Copy (``mode="copy"``) or hard-link (``"link"``, copying across file systems) images into ``dest_dir``.
+
+    Paths under the source dataset's image folder keep their relative sub-folders (unless ``flat``);
+    names that would collide (same relative path without suffix) get ``_<n>`` appended to the stem.
+    Each file is written to a temporary name and renamed. Files already in place are left alone.
+    Returns the destination paths, in order. ``mode="none"`` returns ``paths`` unchanged.
+    """
+    if mode == "none":
+        return [Path(p) for p in paths]
+    if mode not in ("copy", "link"):
+        raise ValueError(f"mode must be copy, link or none, not {mode!r}")
+    out: list[Path] = []
+    used: set[str] = set()
+    for src in paths:
+        src = Path(src)
+        base = _source_image_root(source_root, src)
+        rel = Path(src.name) if flat or base is None else src.relative_to(base)
+        key = rel.with_suffix("").as_posix().lower()
+        n = 1
+        while key in used:
+            rel = rel.with_name(f"{src.stem}_{n}{src.suffix}")
+            key = rel.with_suffix("").as_posix().lower()
+            n += 1
+        used.add(key)
+        dest = dest_dir / rel
+        if not (dest.exists() and src.exists() and os.path.samefile(src, dest)):
+            if not src.is_file():
+                raise InputError(f"{src}: image file not found (cannot copy it to {dest_dir})")
+            _copy_atomic(src, dest, link=(mode == "link"))
+        out.append(dest)
+    return out
