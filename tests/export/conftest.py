@@ -1,0 +1,36 @@
+"""Tiny, untrained checkpoints of both models, made through the same factories as the real ones."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def tiny_detector_checkpoint(tmp_path_factory):
+    from smearsight.anchors import AnchorConfig
+    from smearsight.catalog import TPS_CLASS_NAMES
+    from smearsight.train.checkpoint import save_checkpoint
+    from smearsight.train.detector.torch_model import build_from_config, model_config_for
+
+    torch.manual_seed(0)
+    anchors = AnchorConfig(levels=[3, 4, 5], base_sizes=[12.0, 24.0, 48.0], scales=[1.0], aspect_ratios=[1.0, 2.0])
+    cfg = model_config_for("test_efficientdet", len(TPS_CLASS_NAMES), anchors.levels, anchors.anchors_per_location)
+    model = build_from_config(cfg).eval()
+    path = tmp_path_factory.mktemp("det") / "tiny_detector.pt"
+    save_checkpoint(
+        path,
+        {
+            "kind": "detector",
+            "model_config": cfg.to_dict(),
+            "state_dict": model.state_dict(),
+            "normalization": {"color": "rgb", "mean": [0.5] * 3, "std": [0.5] * 3},
+            "image_size": [64, 96],
+            "class_names": list(TPS_CLASS_NAMES),
+            "anchors": anchors.to_dict(),
+            # a low threshold so that the untrained network still yields detections to compare
+            "thresholds": {"score": 0.005, "iou": 0.5, "pre_nms_topk": 1000, "max_detections": 1000},
+        },
+    )
+    return path

@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from smearsight.anchors import AnchorConfig
+from smearsight.cli import main
+from smearsight.errors import InputError
+from smearsight.manifest import load_manifest, verify_files
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def detector_export(tiny_detector_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("det_onnx")
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+def test_detector_graph_contract(detector_export, tiny_detector_checkpoint):
+    manifest = load_manifest(detector_export)
+    assert manifest.kind == "detector"
+    assert manifest.input.shape == [1, 3, 64, 96]
+    anchors = AnchorConfig(**manifest.detector.anchors.to_dict())
+    a = anchors.num_anchors((64, 96))
+    assert {o.name: o.shape for o in manifest.outputs} == {"class_logits": [1, a, 6], "box_regression": [1, a, 4]}
+    model = onnx.load(str(detector_export / "model.onnx"))
+    onnx.checker.check_model(model)
+    assert not any(node.op_type in ("NonMaxSuppression", "TopK") for node in model.graph.node)
+    assert verify_files(detector_export) == []
+    assert manifest.source_checkpoint_sha256 and len(manifest.onnx_sha256) == 64
+
+
+def test_detector_onnxruntime_matches_torch(detector_export, tiny_detector_checkpoint):
+    from smearsight.train.checkpoint import load_checkpoint
+    from smearsight.train.detector.torch_model import build_from_checkpoint
+
+    x = np.random.default_rng(0).normal(size=(1, 3, 64, 96)).astype(np.float32)
+    session = ort.InferenceSession(str(detector_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, boxes = session.run(None, {"images": x})
+    with torch.no_grad():
+        ref = build_from_checkpoint(load_checkpoint(tiny_detector_checkpoint))(torch.from_numpy(x))
+    np.testing.assert_allclose(logits, ref[0].numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(boxes, ref[1].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_export_check_passes_and_reports(detector_export, tiny_detector_checkpoint, tmp_path, capsys):
+    report = tmp_path / "parity.json"
+    rc = main(["export", "check", str(detector_export), "--weights", str(tiny_detector_checkpoint),
+               "--count", "2", "--json", str(report)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    data = json.loads(report.read_text())
+    assert data["fp32_ok"] and data["fp16_ok"]
+    assert data["fp32"]["agreement"]["reference"] > 0  # there were detections to compare
+    assert data["fp16"]["errors"][0]["max_abs"] > 0  # the reduced-precision run really differed
+    assert "PASSED" in out
+
+
+def test_export_check_fails_on_wrong_weights(detector_export, tiny_detector_checkpoint, tmp_path):
+    from smearsight.train.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_detector_checkpoint)
+    ckpt["state_dict"] = {k: (v + 0.5 if v.is_floating_point() and v.ndim > 1 else v) for k, v in ckpt["state_dict"].items()}
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, ckpt)
+    assert main(["export", "check", str(detector_export), "--weights", str(other), "--count", "1", "--no-fp16"]) == 1
+
+
+def test_image_size_must_fit_stride(tiny_detector_checkpoint, tmp_path):
+    from smearsight.export.onnx_export import export_checkpoint
+
+    with pytest.raises(InputError, match="multiples of the largest stride 32"):
+        export_checkpoint(tiny_detector_checkpoint, tmp_path, image_size=(60, 96))
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(tmp_path),
+                 "--image-size", "60x96"]) == 1
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_inspect_detects_tampering(detector_export, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(detector_export, copy)
+    assert main(["export", "inspect", str(copy)]) == 0
+    with open(copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    assert main(["export", "inspect", str(copy)]) == 1
+    assert "does not match" in capsys.readouterr().out
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["detector"]["iou_threshold"] = "high"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["export", "inspect", str(copy)]) == 1
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
+    assert main(["export", "onnx", "--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path)]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
