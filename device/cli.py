@@ -1,0 +1,226 @@
+"""``smearsight sessions list|show|export`` and ``smearsight device info`` (import-light: no cv2 at import)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from smearsight.cli_app import device_app, sessions_app
+from smearsight.errors import InputError
+
+_DB_HELP = "Session record (SQLite). Default: $SMEARSIGHT_SESSIONS_DB or ~/.local/share/smearsight/sessions.db."
+
+
+def _db(path: Path | None) -> Path:
+    from smearsight.device.record import default_db_path
+
+    return path if path is not None else default_db_path()
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+@sessions_app.command("list")
+def sessions_list(
+    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the recorded sessions: id, start, end, source, frames and detections saved."""
+    from rich.table import Table
+
+    from smearsight.device.record import list_sessions
+
+    sessions = list_sessions(_db(db))
+    if as_json:
+        typer.echo(json.dumps(sessions, indent=2))
+        return
+    if not sessions:
+        typer.echo(f"{_db(db)}: no sessions recorded yet")
+        return
+    table = Table(title=str(_db(db)))
+    for col in ("id", "started", "ended", "source", "frames", "detections"):
+        table.add_column(col, justify="right" if col in ("id", "frames", "detections") else "left")
+    for s in sessions:
+        ended = _when(s["ended_at"]) if s["ended_at"] else "[yellow]interrupted / running[/]"
+        table.add_row(str(s["id"]), _when(s["started_at"]), ended, s["source"] or "-",
+                      str(s["frames_saved"]), str(s["detections_saved"]))
+    _console().print(table)
+
+
+@sessions_app.command("show")
+def sessions_show(
+    session_id: int = typer.Argument(..., help="Session id (see `smearsight sessions list`)."),
+    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Show one session's summary: counts per class, frames, fields with mature sperm, abnormal sperm."""
+    from smearsight.device.record import get_session
+
+    s = get_session(_db(db), session_id)
+    if as_json:
+        typer.echo(json.dumps(s, indent=2, default=str))
+        return
+    summ = s["summary"]
+    con = _console()
+    con.print(f"[bold]session {s['id']}[/]  source {s['source'] or '-'}  started {_when(s['started_at'])}  "
+              f"ended {_when(s['ended_at']) if s['ended_at'] else 'never (interrupted or still running)'}")
+    if summ.get("rebuilt_from_saved_frames"):
+        con.print("[yellow]summary rebuilt from the saved frames (the session did not end normally)[/]")
+    con.print(f"frames {summ.get('frames', 0)}  detections {summ.get('detections', 0)}  "
+              f"fields with mature sperm {summ.get('fields_with_mature_sperm', 0)}")
+    for name, n in summ.get("counts_per_class", {}).items():
+        con.print(f"  {name:<22} {n}")
+    if summ.get("sperm_judged"):
+        con.print(f"sperm judged {summ['sperm_judged']}, abnormal {summ.get('sperm_abnormal', 0)}  "
+                  + "  ".join(f"{p}: {n}" for p, n in summ.get("abnormal_by_part", {}).items()))
+    if summ.get("frames_not_saved"):
+        con.print(f"[red]{summ['frames_not_saved']} frame(s) could not be saved (disk problem)[/]")
+
+
+def _export_csv(db: Path, session_id: int) -> str:
+    from smearsight.device.record import session_frames, session_parts
+
+    parts = session_parts(db, session_id)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["session_id", "frame_index", "timestamp", "det", "class_id", "class_name", "score",
+              "x1", "y1", "x2", "y2"]
+    for part in parts:
+        header += [f"{part or 'morphology'}_score", f"{part or 'morphology'}_abnormal"]
+    writer.writerow(header)
+    for frame in session_frames(db, session_id):
+        for d in frame["detections"]:
+            row = [session_id, frame["frame_index"], f"{frame['timestamp']:.6f}", d["det"], d["class_id"],
+                   d["class_name"], f"{d['score']:.5f}", *(f"{v:.2f}" for v in d["box"])]
+            for part in parts:
+                m = d["morphology"].get(part)
+                if m is None:
+                    row += ["", ""]
+                else:
+                    row += ["" if m["score"] is None else f"{m['score']:.5f}",
+                            "n/a" if m["abnormal"] is None else int(m["abnormal"])]
+            writer.writerow(row)
+    return buf.getvalue()
+
+
+@sessions_app.command("export")
+def sessions_export(
+    session_id: int = typer.Argument(..., help="Session id (see `smearsight sessions list`)."),
+    fmt: str = typer.Option("csv", "--format", help="csv (one row per detection) or json (session + frames)."),
+    out: Path | None = typer.Option(None, "--out", help="Output file (written atomically); default stdout."),
+    db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Export a session's detections and morphology results as CSV or JSON."""
+    from smearsight.device.record import get_session, session_frames
+    from smearsight.fileio import atomic_write_text
+
+    fmt = fmt.lower()
+    if fmt not in ("csv", "json"):
+        raise InputError(f"--format: expected csv or json, got {fmt!r}")
+    path = _db(db)
+    session = get_session(path, session_id)
+    if fmt == "csv":
+        text = _export_csv(path, session_id)
+    else:
+        session["frames"] = list(session_frames(path, session_id))
+        text = json.dumps(session, indent=1, default=str) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        atomic_write_text(out, text)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write the export ({exc.strerror or exc})") from exc
+    typer.echo(f"wrote {out}", err=True)
+
+
+# --------------------------------------------------------------------------------------------- device
+def device_report() -> dict[str, Any]:
+    """What this machine offers SmearSight: OpenCV build, display, ONNX Runtime, TensorRT, pycuda."""
+    import importlib.metadata as md
+    import importlib.util
+
+    from smearsight.opencv_setup import inspect_opencv
+
+    report: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
+    model = Path("/proc/device-tree/model")
+    try:
+        report["board"] = model.read_text(errors="replace").strip("\x00\n ") if model.exists() else ""
+    except OSError:
+        report["board"] = ""
+    cv = inspect_opencv()
+    report["opencv"] = {"installed": cv.importable, "version": cv.version, "origin": cv.origin,
+                        "gstreamer": cv.gstreamer, "gui": cv.gui, "problems": cv.problems}
+    display_env = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or ""
+    report["display"] = {"env": display_env, "window_possible": bool(display_env) and cv.gui}
+    ort: dict[str, Any] = {"installed": importlib.util.find_spec("onnxruntime") is not None}
+    if ort["installed"]:
+        try:
+            import onnxruntime
+
+            ort["version"] = onnxruntime.__version__
+            ort["providers"] = list(onnxruntime.get_available_providers())
+        except Exception as exc:  # a broken install should not stop the report
+            ort["error"] = str(exc)
+    report["onnxruntime"] = ort
+    for name in ("tensorrt", "pycuda"):
+        entry: dict[str, Any] = {"installed": importlib.util.find_spec(name) is not None}
+        if entry["installed"]:
+            try:
+                entry["version"] = md.version(name)
+            except md.PackageNotFoundError:
+                entry["version"] = "system package"
+        report[name] = entry
+    cams = sorted(str(p) for p in Path("/dev").glob("video*")) if Path("/dev").is_dir() else []
+    report["cameras"] = cams
+    return report
+
+
+@device_app.command("info")
+def device_info(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text.")) -> None:
+    """Show OpenCV (version, pip wheel or system build, GStreamer, GUI), display, ONNX Runtime providers,
+    TensorRT and pycuda presence, and the cameras found."""
+    rep = device_report()
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    con = _console()
+    yes = {True: "[green]yes[/]", False: "[yellow]no[/]"}
+    cv = rep["opencv"]
+    con.print(f"board: {rep['board'] or platform.node()} ({rep['machine']}), Python {rep['python']}")
+    if cv["installed"]:
+        con.print(f"OpenCV {cv['version']} from {cv['origin']}: GStreamer {yes[cv['gstreamer']]}, "
+                  f"windows {yes[cv['gui']]}")
+    else:
+        con.print("OpenCV: [red]not installed[/] (pip install 'smearsight[headless]' or '[gui]')")
+    for problem in cv["problems"]:
+        con.print(f"  [red]problem:[/] {problem}")
+    disp = rep["display"]
+    con.print(f"display: {disp['env'] or 'none'}; window possible {yes[disp['window_possible']]}"
+              + ("" if disp["window_possible"] else " (use http://:8080 or file://out.mp4)"))
+    ort = rep["onnxruntime"]
+    if ort["installed"]:
+        con.print(f"ONNX Runtime {ort.get('version', '?')}: providers {', '.join(ort.get('providers', []))}")
+    else:
+        con.print("ONNX Runtime: [red]not installed[/]")
+    for name in ("tensorrt", "pycuda"):
+        e = rep[name]
+        con.print(f"{name}: " + (f"[green]{e['version']}[/]" if e["installed"] else "[yellow]not installed[/]"))
+    con.print("cameras: " + (", ".join(rep["cameras"]) or "none found under /dev/video*"))

@@ -1,0 +1,534 @@
+"""Session record: every frame's detections and morphology results, and a per-session summary, in SQLite.
+
+Durability: WAL journal, ``synchronous=FULL``, and one transaction per ``batch_frames`` frames (plus one at
+``end_session``/``close``). In WAL mode ``synchronous=NORMAL`` already survives a killed process, but a power
+cut may roll back the last commits; ``FULL`` fsyncs the WAL at every commit, so a pulled plug (common beside
+a microscope) also loses at most the batch in progress. With commits batched every ~1-3 s the extra fsync
+is cheap (measured: 38 vs 29 ms per 30-frame x 300-detection commit, ~0.3 ms a frame). After ``kill -9`` at
+most the last uncommitted batch is lost (tested).
+
+``background=True`` moves the commits to a writer thread so that the frame loop never waits on the disk
+(a commit of 30 frames x 300 detections takes ~30-80 ms here, more on an SD card). The batch handed over
+is committed before the next one is, so a kill -9 then loses at most the batch being committed plus the
+frames buffered since. ``sync()`` waits for the writer.
+
+Failures after opening (a full disk, a card turned read-only, I/O errors) never raise: the batch is dropped,
+``.error`` holds a plain-words message for the screen, and recording resumes when writes succeed again.
+Opening a record that cannot be written raises :class:`RecordError` (an :class:`InputError`).
+
+Schema (``schema_version`` 1)::
+
+    sessions(id, started_at, ended_at, source, meta_json, class_names_json, summary_json)
+    frames(session_id, frame_index, timestamp, n_detections)
+    detections(session_id, frame_index, det, class_id, class_name, score, x1, y1, x2, y2)
+    morphology(session_id, frame_index, det, part, score, abnormal)   -- abnormal NULL = not judged (N/A)
+
+``det`` is the detection's row in the frame's ``[K, 6]`` array. Read helpers (:func:`list_sessions`,
+:func:`get_session`, :func:`session_frames`) back ``smearsight sessions``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from smearsight.errors import InputError
+from smearsight.runtime.annotate import morphology_flags
+
+SCHEMA_VERSION = 1
+DB_ENV = "SMEARSIGHT_SESSIONS_DB"
+MATURE_SPERM = "mature_sperm"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    source TEXT NOT NULL DEFAULT '',
+    meta_json TEXT NOT NULL DEFAULT '{}',
+    class_names_json TEXT NOT NULL DEFAULT '[]',
+    summary_json TEXT
+);
+CREATE TABLE IF NOT EXISTS frames (
+    session_id INTEGER NOT NULL,
+    frame_index INTEGER NOT NULL,
+    timestamp REAL NOT NULL,
+    n_detections INTEGER NOT NULL,
+    PRIMARY KEY (session_id, frame_index)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS detections (
+    session_id INTEGER NOT NULL,
+    frame_index INTEGER NOT NULL,
+    det INTEGER NOT NULL,
+    class_id INTEGER NOT NULL,
+    class_name TEXT NOT NULL,
+    score REAL NOT NULL,
+    x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
+    PRIMARY KEY (session_id, frame_index, det)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS morphology (
+    session_id INTEGER NOT NULL,
+    frame_index INTEGER NOT NULL,
+    det INTEGER NOT NULL,
+    part TEXT NOT NULL,
+    score REAL,
+    abnormal INTEGER,
+    PRIMARY KEY (session_id, frame_index, det, part)
+) WITHOUT ROWID;
+"""
+
+
+class RecordError(InputError):
+    """The session record cannot be opened or created."""
+
+
+def default_db_path() -> Path:
+    """``$SMEARSIGHT_SESSIONS_DB``, else ``$XDG_DATA_HOME/smearsight/sessions.db`` (~/.local/share/...)."""
+    env = os.environ.get(DB_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "smearsight" / "sessions.db"
+
+
+def explain_db_error(path: Path | str, exc: BaseException) -> str:
+    """Plain words for an SQLite/OS failure on the record."""
+    text = str(exc).lower()
+    if "full" in text or getattr(exc, "errno", None) == 28:
+        why = "the disk is full"
+    elif "readonly" in text or "read-only" in text or getattr(exc, "errno", None) in (13, 30):
+        why = "the disk or file is read-only"
+    elif "unable to open" in text or "no such file" in text:
+        why = "the file cannot be opened"
+    elif "i/o" in text:
+        why = "a disk read/write error happened"
+    elif "locked" in text or "busy" in text:
+        why = "another program holds the record locked"
+    elif "not a database" in text or "malformed" in text:
+        why = "the file is not a SmearSight record (or it is damaged)"
+    else:
+        why = str(exc)
+    return f"session record {path}: {why}"
+
+
+class _Summary:
+    """Running per-session summary."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.detections = 0
+        self.counts: dict[str, int] = {}
+        self.fields_with_mature = 0
+        self.sperm_judged = 0
+        self.sperm_abnormal = 0
+        self.abnormal_by_part: dict[str, int] = {}
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+
+    def add(self, timestamp: float, names: list[str], flags: dict[int, list[tuple[str, Any, Any]]]) -> None:
+        self.frames += 1
+        self.detections += len(names)
+        for name in names:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        if MATURE_SPERM in names:
+            self.fields_with_mature += 1
+        for parts in flags.values():
+            judged = [a for _, _, a in parts if a is not None]
+            if judged:
+                self.sperm_judged += 1
+                if any(judged):
+                    self.sperm_abnormal += 1
+            for part, _, abnormal in parts:
+                if abnormal:
+                    self.abnormal_by_part[part] = self.abnormal_by_part.get(part, 0) + 1
+        self.first_ts = timestamp if self.first_ts is None else self.first_ts
+        self.last_ts = timestamp
+
+    def to_dict(self, class_names: Sequence[str]) -> dict[str, Any]:
+        counts = {name: self.counts.get(name, 0) for name in class_names}
+        counts.update({k: v for k, v in self.counts.items() if k not in counts})
+        return {
+            "frames": self.frames,
+            "detections": self.detections,
+            "counts_per_class": counts,
+            "fields_with_mature_sperm": self.fields_with_mature,
+            "sperm_judged": self.sperm_judged,
+            "sperm_abnormal": self.sperm_abnormal,
+            "abnormal_by_part": dict(self.abnormal_by_part),
+            "duration_s": round((self.last_ts or 0.0) - (self.first_ts or 0.0), 3),
+        }
+
+
+class SessionRecorder:
+    """Append-only recorder of sessions into one SQLite file (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike[str], batch_frames: int = 30, *, background: bool = False) -> None:
+        if batch_frames < 1:
+            raise InputError(f"batch_frames: must be at least 1, got {batch_frames}")
+        self.path = Path(path).expanduser()
+        self.batch_frames = int(batch_frames)
+        self.background = bool(background)
+        self.error = ""
+        self.frames_lost = 0
+        self.commits = 0
+        self.session_id: int | None = None
+        self._class_names: list[str] = []
+        self._summary = _Summary()
+        self._last_index: int | None = None
+        self._frames: list[tuple] = []
+        self._dets: list[tuple] = []
+        self._morph: list[tuple] = []
+        self._pending = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                         timeout=5.0)
+        except (OSError, sqlite3.Error) as exc:
+            raise RecordError(explain_db_error(self.path, exc)) from exc
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+            if self._conn.execute("SELECT COUNT(*) FROM schema_info").fetchone()[0] == 0:
+                self._conn.execute("INSERT INTO schema_info(version) VALUES (?)", (SCHEMA_VERSION,))
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise RecordError(explain_db_error(self.path, exc)) from exc
+        self._db_lock = threading.Lock()
+        self._handoff: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._writer: threading.Thread | None = None
+        if self.background:
+            self._writer = threading.Thread(target=self._writer_loop, name="session-record", daemon=True)
+            self._writer.start()
+
+    # ---- writing
+    @property
+    def pending(self) -> int:
+        """Frames buffered since the last commit."""
+        return self._pending
+
+    def start_session(self, meta: dict[str, Any] | None = None) -> int:
+        """Start a session (committed at once) and return its id; ends an open one first.
+
+        ``meta`` is stored as JSON; ``meta["source"]`` and ``meta["class_names"]`` are also kept in columns.
+        Returns -1 (and sets ``.error``) if the record cannot be written.
+        """
+        if self.session_id is not None:
+            self.end_session()
+        meta = dict(meta or {})
+        self._class_names = [str(n) for n in meta.get("class_names", [])]
+        self._summary = _Summary()
+        self._last_index = None
+        try:
+            with self._db_lock:
+                cur = self._conn.execute(
+                    "INSERT INTO sessions(started_at, source, meta_json, class_names_json) VALUES (?, ?, ?, ?)",
+                    (time.time(), str(meta.get("source", "")), json.dumps(meta, default=str),
+                     json.dumps(self._class_names)),
+                )
+        except sqlite3.Error as exc:
+            self.error = explain_db_error(self.path, exc) + " — this session is not being recorded"
+            self.session_id = None
+            return -1
+        self.session_id = int(cur.lastrowid)
+        return self.session_id
+
+    def record_frame(
+        self,
+        frame_index: int,
+        timestamp: float,
+        detections: np.ndarray,
+        class_names: Sequence[str],
+        morphology: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Buffer one frame; commits every ``batch_frames`` frames. Never raises for disk problems.
+
+        Returns False when there is no open session, or the frame index is negative or repeats the previous
+        one (stale frames shown while a camera is lost), or the batch commit failed (see ``.error``).
+        """
+        if self.session_id is None or frame_index < 0:
+            return False
+        if self._last_index is not None and frame_index == self._last_index:
+            return False
+        self._last_index = int(frame_index)
+        sid = self.session_id
+        dets = np.asarray(detections, dtype=np.float64).reshape(-1, 6)
+        names_list = [str(n) for n in class_names]
+        if not self._class_names:
+            self._class_names = names_list
+        names: list[str] = []
+        for k, (x1, y1, x2, y2, score, cls) in enumerate(dets.tolist()):
+            c = int(cls)
+            if c < 0:
+                continue
+            name = names_list[c] if c < len(names_list) else f"class_{c}"
+            names.append(name)
+            self._dets.append((sid, int(frame_index), k, c, name, float(score), x1, y1, x2, y2))
+        flags = morphology_flags(morphology)
+        for det, parts in flags.items():
+            for part, score, abnormal in parts:
+                self._morph.append((sid, int(frame_index), int(det), part, score,
+                                    None if abnormal is None else int(abnormal)))
+        self._frames.append((sid, int(frame_index), float(timestamp), len(names)))
+        self._summary.add(float(timestamp), names, flags)
+        self._pending += 1
+        if self._pending >= self.batch_frames:
+            return self.flush()
+        return True
+
+    def flush(self) -> bool:
+        """Commit the buffered frames in one durable transaction; False (and ``.error``) on failure.
+
+        With ``background=True`` the batch goes to the writer thread instead (after the previous batch is
+        committed, so at most one batch is in flight) and the result reflects the batches before it.
+        """
+        if not self._pending:
+            return not self.error
+        batch = (self._frames, self._dets, self._morph)
+        self._frames, self._dets, self._morph = [], [], []
+        self._pending = 0
+        if self._writer is not None:
+            self._handoff.join()  # the previous batch is committed (or failed) before the next one goes
+            self._handoff.put(batch)
+            return not self.error
+        return self._commit(*batch)
+
+    def sync(self) -> bool:
+        """Wait until every batch handed to the writer thread is committed; False if the last one failed."""
+        if self._writer is not None:
+            self._handoff.join()
+        return not self.error
+
+    def _writer_loop(self) -> None:
+        while True:
+            batch = self._handoff.get()
+            try:
+                if batch is None:
+                    return
+                self._commit(*batch)
+            finally:
+                self._handoff.task_done()
+
+    def _commit(self, frames: list[tuple], dets: list[tuple], morph: list[tuple]) -> bool:
+        with self._db_lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN")
+                conn.executemany("INSERT OR REPLACE INTO frames VALUES (?, ?, ?, ?)", frames)
+                conn.executemany("INSERT OR REPLACE INTO detections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dets)
+                conn.executemany("INSERT OR REPLACE INTO morphology VALUES (?, ?, ?, ?, ?, ?)", morph)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                self.frames_lost += len(frames)
+                self.error = (explain_db_error(self.path, exc)
+                              + f" — {self.frames_lost} frame(s) not saved; the picture goes on")
+                return False
+            self.commits += 1
+            self.error = ""
+            return True
+
+    def summary(self) -> dict[str, Any]:
+        """The running summary of the open (or last) session."""
+        out = self._summary.to_dict(self._class_names)
+        out["frames_not_saved"] = self.frames_lost
+        return out
+
+    def end_session(self, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Commit what is buffered and store the summary (the running one, updated with ``summary``)."""
+        final = self.summary()
+        final.update(summary or {})
+        if self.session_id is None:
+            return final
+        self.flush()
+        self.sync()
+        final["frames_not_saved"] = self.frames_lost
+        try:
+            with self._db_lock:
+                self._conn.execute(
+                    "UPDATE sessions SET ended_at = ?, summary_json = ? WHERE id = ?",
+                    (time.time(), json.dumps(final, default=str), self.session_id),
+                )
+        except sqlite3.Error as exc:
+            self.error = explain_db_error(self.path, exc) + " — the session summary was not saved"
+        self.session_id = None
+        return final
+
+    def close(self) -> None:
+        """End an open session and close the file (idempotent; never raises for disk problems)."""
+        if getattr(self, "_conn", None) is None:
+            return
+        if self.session_id is not None:
+            self.end_session()
+        self.flush()
+        if self._writer is not None:
+            self._handoff.join()
+            self._handoff.put(None)
+            self._writer.join(timeout=30)
+            self._writer = None
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
+        self._conn.close()
+        self._conn = None  # type: ignore[assignment]
+
+    def __enter__(self) -> SessionRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------- reading
+def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """Open a record for reading; InputError naming the file when it is missing or not a record."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"{path}: no session record here (record one with smearsight run --record FILE)")
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=5.0)
+        conn.row_factory = sqlite3.Row
+        conn.execute("SELECT id FROM sessions LIMIT 1").fetchall()
+    except sqlite3.Error as exc:
+        raise InputError(explain_db_error(path, exc)) from exc
+    return conn
+
+
+def _session_dict(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+    sid = row["id"]
+    frames = conn.execute("SELECT COUNT(*) FROM frames WHERE session_id = ?", (sid,)).fetchone()[0]
+    dets = conn.execute("SELECT COUNT(*) FROM detections WHERE session_id = ?", (sid,)).fetchone()[0]
+    return {
+        "id": sid,
+        "started_at": row["started_at"],
+        "ended_at": row["ended_at"],
+        "status": "complete" if row["ended_at"] is not None else "interrupted or running",
+        "source": row["source"],
+        "frames_saved": int(frames),
+        "detections_saved": int(dets),
+    }
+
+
+def list_sessions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All sessions in a record, oldest first."""
+    conn = connect_readonly(path)
+    try:
+        rows = conn.execute("SELECT * FROM sessions ORDER BY id").fetchall()
+        return [_session_dict(conn, row) for row in rows]
+    finally:
+        conn.close()
+
+
+def summary_from_rows(conn: sqlite3.Connection, session_id: int, class_names: Sequence[str]) -> dict[str, Any]:
+    """Rebuild a summary from the saved rows (for sessions cut off before their end)."""
+    counts = {name: 0 for name in class_names}
+    for name, n in conn.execute(
+        "SELECT class_name, COUNT(*) FROM detections WHERE session_id = ? GROUP BY class_name", (session_id,)
+    ):
+        counts[name] = int(n)
+    frames, first, last = conn.execute(
+        "SELECT COUNT(*), MIN(timestamp), MAX(timestamp) FROM frames WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    mature = conn.execute(
+        "SELECT COUNT(DISTINCT frame_index) FROM detections WHERE session_id = ? AND class_name = ?",
+        (session_id, MATURE_SPERM),
+    ).fetchone()[0]
+    judged, abnormal = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(a), 0) FROM (SELECT MAX(abnormal) AS a FROM morphology "
+        "WHERE session_id = ? AND abnormal IS NOT NULL GROUP BY frame_index, det)",
+        (session_id,),
+    ).fetchone()
+    by_part = {
+        part: int(n)
+        for part, n in conn.execute(
+            "SELECT part, COUNT(*) FROM morphology WHERE session_id = ? AND abnormal = 1 GROUP BY part",
+            (session_id,),
+        )
+    }
+    return {
+        "frames": int(frames),
+        "detections": int(sum(counts.values())),
+        "counts_per_class": counts,
+        "fields_with_mature_sperm": int(mature),
+        "sperm_judged": int(judged),
+        "sperm_abnormal": int(abnormal),
+        "abnormal_by_part": by_part,
+        "duration_s": round((last or 0.0) - (first or 0.0), 3),
+        "rebuilt_from_saved_frames": True,
+    }
+
+
+def get_session(path: str | os.PathLike[str], session_id: int) -> dict[str, Any]:
+    """One session: columns, meta, class names and summary (rebuilt from rows if it never ended)."""
+    conn = connect_readonly(path)
+    try:
+        row = conn.execute("SELECT * FROM sessions WHERE id = ?", (int(session_id),)).fetchone()
+        if row is None:
+            ids = [r[0] for r in conn.execute("SELECT id FROM sessions ORDER BY id")]
+            known = ", ".join(map(str, ids[-10:])) or "none"
+            raise InputError(f"{path}: no session {session_id} (sessions: {known})")
+        out = _session_dict(conn, row)
+        out["meta"] = json.loads(row["meta_json"] or "{}")
+        out["class_names"] = json.loads(row["class_names_json"] or "[]")
+        if row["summary_json"]:
+            out["summary"] = json.loads(row["summary_json"])
+        else:
+            out["summary"] = summary_from_rows(conn, row["id"], out["class_names"])
+        return out
+    finally:
+        conn.close()
+
+
+def session_parts(path: str | os.PathLike[str], session_id: int) -> list[str]:
+    """Morphology parts present in a session, sorted."""
+    conn = connect_readonly(path)
+    try:
+        return [r[0] for r in conn.execute(
+            "SELECT DISTINCT part FROM morphology WHERE session_id = ? ORDER BY part", (int(session_id),))]
+    finally:
+        conn.close()
+
+
+def session_frames(path: str | os.PathLike[str], session_id: int) -> Iterator[dict[str, Any]]:
+    """Frames of a session in order, each with its detections and their morphology by part."""
+    conn = connect_readonly(path)
+    try:
+        morph: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+        for r in conn.execute(
+            "SELECT frame_index, det, part, score, abnormal FROM morphology WHERE session_id = ?", (int(session_id),)
+        ):
+            morph.setdefault((r[0], r[1]), {})[r[2]] = {
+                "score": r[3], "abnormal": None if r[4] is None else bool(r[4])}
+        dets: dict[int, list[dict[str, Any]]] = {}
+        for r in conn.execute(
+            "SELECT frame_index, det, class_id, class_name, score, x1, y1, x2, y2 FROM detections "
+            "WHERE session_id = ? ORDER BY frame_index, det", (int(session_id),)
+        ):
+            dets.setdefault(r[0], []).append({
+                "det": r[1], "class_id": r[2], "class_name": r[3], "score": r[4],
+                "box": [r[5], r[6], r[7], r[8]], "morphology": morph.get((r[0], r[1]), {}),
+            })
+        for r in conn.execute(
+            "SELECT frame_index, timestamp, n_detections FROM frames WHERE session_id = ? ORDER BY frame_index",
+            (int(session_id),),
+        ):
+            yield {"frame_index": r[0], "timestamp": r[1], "n_detections": r[2], "detections": dets.get(r[0], [])}
+    finally:
+        conn.close()

@@ -1,0 +1,494 @@
+"""Frame sinks behind one URI scheme (after jetson-utils).
+
+- ``display://0``: an OpenCV window (``fullscreen=True`` for the whole screen). A display server
+  (``DISPLAY``/``WAYLAND_DISPLAY``) and an OpenCV with GUI support are checked *before* any window is
+  created: without a display Qt aborts the whole process, and the headless wheel has no ``imshow``.
+- ``http://:PORT`` (all interfaces) or ``http://HOST:PORT``: ``/stream.mjpg`` (MJPEG of the latest frame,
+  encoded once per frame whoever watches), ``/snapshot.jpg``, ``/status.json`` (the latest status dict) and
+  ``/`` (a small page with the stream and the counts). Port 0 picks a free port (see ``.port``/``.url``).
+- ``file://out.mp4`` (or .avi/.mkv): a video (``mp4v``), written under a temporary name and renamed on close.
+- ``file://dir/``: numbered frames ``frame_000000.jpg`` (``ext="png"`` for PNG), each written atomically.
+- ``null://``: discards frames (benchmarks, ``--headless`` without output).
+
+The status dict given to ``write`` is served as-is by ``/status.json``; the page shows its ``error`` or
+``status`` (as a banner), ``frame``, ``fps`` and ``counts`` (class -> number) keys.
+
+``write`` never raises for a failing disk or a closed window; it records the problem in ``.error`` (plain
+words) for the pipeline to show, and ``.should_stop`` turns true when the user closes the window or
+presses q/Esc.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from smearsight.errors import InputError, require
+
+
+class FrameSink:
+    """Base class: ``write(image_rgb, status)`` then ``close()``."""
+
+    uri = ""
+
+    def __init__(self) -> None:
+        self.error = ""
+        self.frames = 0
+        self.should_stop = False
+
+    def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> FrameSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NullSink(FrameSink):
+    """Discards every frame."""
+
+    uri = "null://"
+
+    def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
+        self.frames += 1
+
+
+# --------------------------------------------------------------------------------------------- display
+def display_problem() -> str:
+    """Why a window cannot be opened here, in plain words, or "" when it can."""
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display is connected (DISPLAY and WAYLAND_DISPLAY are not set)"
+    from smearsight.opencv_setup import inspect_opencv
+
+    info = inspect_opencv()
+    if not info.importable:
+        return "OpenCV is not installed"
+    if not info.gui:
+        return f"this OpenCV ({info.origin}) has no window support (the headless build)"
+    return ""
+
+
+class DisplaySink(FrameSink):
+    """An OpenCV window; q or Esc (or closing the window) sets ``should_stop``."""
+
+    def __init__(self, uri: str, *, fullscreen: bool = False, title: str = "SmearSight") -> None:
+        super().__init__()
+        self.uri = uri
+        problem = display_problem()
+        if problem:
+            raise InputError(
+                f"{uri}: cannot open a window: {problem}; show the picture on another screen with "
+                "http://:8080 (then open http://<device>:8080 in a browser) or save it with file://out.mp4"
+            )
+        import cv2
+
+        self._cv2 = cv2
+        self.title = title
+        cv2.namedWindow(title, cv2.WINDOW_NORMAL)
+        if fullscreen:
+            cv2.setWindowProperty(title, cv2.WND_PROP_FULLSCREEN, cv2.WINDOW_FULLSCREEN)
+        self._open = True
+        self._seen_visible = False
+
+    def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
+        if not self._open:
+            return
+        cv2 = self._cv2
+        try:
+            cv2.imshow(self.title, cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+            key = cv2.waitKey(1) & 0xFF
+            visible = cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE)
+        except cv2.error as exc:
+            self.error = f"the window failed: {exc}"
+            self.should_stop = True
+            return
+        self.frames += 1
+        # Some GUI backends answer -1 (unsupported) for WND_PROP_VISIBLE: only a drop after a visible
+        # window means the user closed it.
+        closed = self._seen_visible and visible < 1
+        self._seen_visible = self._seen_visible or visible >= 1
+        if key in (ord("q"), 27) or closed:
+            self.should_stop = True
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            try:
+                self._cv2.destroyWindow(self.title)
+                self._cv2.waitKey(1)
+            except self._cv2.error:
+                pass
+
+
+# --------------------------------------------------------------------------------------------- http
+_BOUNDARY = "smearsightframe"
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>SmearSight</title>
+<style>body{{margin:0;background:#111;color:#eee;font:16px sans-serif}} img{{max-width:100%;display:block}}
+#s{{padding:8px}} .err{{color:#f66;font-weight:bold}} td{{padding:2px 10px}}</style></head>
+<body><img src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
+<script>
+const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;');
+async function tick(){{try{{const r=await fetch('/status.json');const s=await r.json();
+let h='';const msg=s.error||s.status||'';if(msg)h+='<p class="err">'+esc(msg)+'</p>';
+h+='<p>frame '+(s.frame??'-')+' &middot; '+(s.fps!=null?Number(s.fps).toFixed(1):'-')+' FPS</p>';
+if(s.counts){{h+='<table>';
+for(const[k,v]of Object.entries(s.counts))h+='<tr><td>'+esc(k)+'</td><td>'+esc(v)+'</td></tr>';
+h+='</table>';}}document.getElementById('s').innerHTML=h;}}catch(e){{}}}}
+setInterval(tick,1000);tick();
+</script></body></html>
+"""
+
+
+class _Latest:
+    """The latest frame (raw and JPEG-encoded once) and status, shared with the HTTP threads."""
+
+    def __init__(self, quality: int) -> None:
+        self.cond = threading.Condition()
+        self.seq = 0
+        self.raw: np.ndarray | None = None
+        self.jpeg: bytes | None = None
+        self.jpeg_seq = -1
+        self.status: dict[str, Any] = {}
+        self.status_json = b"{}"
+        self.clients = 0
+        self.closed = False
+        self.quality = quality
+        self.encodes = 0
+
+    def encode_locked(self) -> bytes | None:
+        if self.raw is None:
+            return None
+        if self.jpeg_seq != self.seq:
+            import cv2
+
+            ok, buf = cv2.imencode(
+                ".jpg", cv2.cvtColor(self.raw, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, self.quality]
+            )
+            if ok:
+                self.jpeg, self.jpeg_seq = buf.tobytes(), self.seq
+                self.encodes += 1
+        return self.jpeg
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "SmearSight"
+    latest: _Latest  # set on the per-server subclass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence per-request logging
+        pass
+
+    def _send(self, code: int, ctype: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path = urlsplit(self.path).path
+        latest = self.latest
+        if path == "/stream.mjpg":
+            self._stream()
+        elif path == "/status.json":
+            with latest.cond:
+                body = latest.status_json
+            self._send(200, "application/json", body)
+        elif path == "/snapshot.jpg":
+            with latest.cond:
+                jpeg = latest.encode_locked()
+            if jpeg is None:
+                self._send(503, "text/plain; charset=utf-8", b"no frame yet\n")
+            else:
+                self._send(200, "image/jpeg", jpeg)
+        elif path in ("/", "/index.html"):
+            with latest.cond:
+                status = dict(latest.status)
+            msg = status.get("error") or status.get("status") or ""
+            body = f'<p class="err">{html.escape(str(msg))}</p>' if msg else "<p>starting…</p>"
+            self._send(200, "text/html; charset=utf-8", _PAGE.format(body=body).encode("utf-8"))
+        else:
+            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n")
+
+    def _stream(self) -> None:
+        latest = self.latest
+        self.send_response(200)
+        self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        sent = -1
+        with latest.cond:
+            latest.clients += 1
+        try:
+            while True:
+                with latest.cond:
+                    if not latest.closed and (latest.raw is None or latest.seq == sent):
+                        latest.cond.wait(timeout=1.0)
+                    if latest.closed:
+                        return
+                    if latest.raw is None or latest.seq == sent:
+                        continue
+                    jpeg = latest.encode_locked()
+                    sent = latest.seq
+                if jpeg is None:
+                    continue
+                self.wfile.write(
+                    f"--{_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
+                )
+                self.wfile.write(jpeg)
+                self.wfile.write(b"\r\n")
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, OSError):
+            return
+        finally:
+            with latest.cond:
+                latest.clients -= 1
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class HttpSink(FrameSink):
+    """MJPEG stream + status page + JSON over HTTP; serves from a background thread."""
+
+    def __init__(self, uri: str, *, quality: int = 80) -> None:
+        super().__init__()
+        require("cv2", "JPEG encoding")
+        parts = urlsplit(uri)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise InputError(f"{uri}: the port must be a number from 0 to 65535") from exc
+        if port is None:
+            raise InputError(f"{uri}: expected http://:PORT such as http://:8080")
+        host = parts.hostname or ""
+        self._latest = _Latest(quality)
+        handler = type("Handler", (_Handler,), {"latest": self._latest})
+        try:
+            self._server = _Server((host, port), handler)
+        except OSError as exc:
+            raise InputError(f"{uri}: cannot listen on port {port} ({exc.strerror or exc})") from exc
+        self.host = host or "0.0.0.0"
+        self.port = int(self._server.server_address[1])
+        self.uri = f"http://{host}:{self.port}"
+        self.url = f"http://{host or '127.0.0.1'}:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"http-sink:{self.port}", daemon=True)
+        self._thread.start()
+
+    @property
+    def clients(self) -> int:
+        """Open MJPEG connections."""
+        return self._latest.clients
+
+    @property
+    def encodes(self) -> int:
+        """How many JPEG encodes happened so far (at most one per written frame)."""
+        return self._latest.encodes
+
+    def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
+        latest = self._latest
+        try:
+            status_json = json.dumps(status or {}, default=_json_default).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            status_json = json.dumps({"error": f"status not serialisable: {exc}"}).encode("utf-8")
+        with latest.cond:
+            latest.raw = np.array(image_rgb, dtype=np.uint8, copy=True)
+            latest.seq += 1
+            latest.status = dict(status or {})
+            latest.status_json = status_json
+            if latest.clients:
+                latest.encode_locked()  # once here, then shared by every client
+            latest.cond.notify_all()
+        self.frames += 1
+
+    def close(self) -> None:
+        with self._latest.cond:
+            if self._latest.closed:
+                return
+            self._latest.closed = True
+            self._latest.cond.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5.0)
+
+
+# --------------------------------------------------------------------------------------------- files
+_VIDEO_EXT = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
+
+
+def _check_writable_dir(directory: Path, uri: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{uri}: cannot create the folder {directory} ({exc.strerror or exc})") from exc
+    probe = directory / f".smearsight-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"{uri}: cannot write in {directory} ({exc.strerror or exc})") from exc
+
+
+class VideoFileSink(FrameSink):
+    """A video file written with ``cv2.VideoWriter``; appears under its name only once closed."""
+
+    def __init__(self, uri: str, path: Path, *, fps: float = 15.0, fourcc: str | None = None) -> None:
+        super().__init__()
+        require("cv2", "writing video files")
+        self.uri = uri
+        self.path = path
+        self.fps = float(fps)
+        self.fourcc = fourcc or _VIDEO_EXT.get(path.suffix.lower(), "mp4v")
+        _check_writable_dir(path.parent, uri)
+        self._tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+        self._writer: Any = None
+        self._size: tuple[int, int] | None = None
+
+    def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
+        import cv2
+
+        if self.error and self._writer is None and self._size is not None:
+            return
+        h, w = image_rgb.shape[:2]
+        if self._writer is None:
+            self._size = (w, h)
+            self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
+            if not self._writer.isOpened():
+                self._writer = None
+                self.error = f"{self.uri}: OpenCV cannot write {self.path.suffix} video with {self.fourcc}"
+                return
+        if (w, h) != self._size:
+            image_rgb = cv2.resize(image_rgb, self._size, interpolation=cv2.INTER_AREA)
+        self._writer.write(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.release()
+        self._writer = None
+        try:
+            if self._tmp.exists() and self._tmp.stat().st_size > 0:
+                os.replace(self._tmp, self.path)
+            else:
+                self.error = f"{self.uri}: nothing was written (is the disk full?)"
+                self._tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            self.error = f"{self.uri}: could not finish the video ({exc.strerror or exc})"
+
+
+class ImageDirSink(FrameSink):
+    """Numbered frames in a folder, each written under a temporary name and renamed (atomic for readers)."""
+
+    def __init__(self, uri: str, directory: Path, *, ext: str = "jpg", quality: int = 90, start: int = 0) -> None:
+        super().__init__()
+        require("cv2", "writing images")
+        ext = ext.lower().lstrip(".")
+        if ext not in ("jpg", "jpeg", "png"):
+            raise InputError(f"{uri}: ext must be jpg or png, got {ext!r}")
+        self.uri = uri
+        self.directory = directory
+        self.ext = ext
+        self.quality = quality
+        self.index = start
+        _check_writable_dir(directory, uri)
+
+    def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
+        import cv2
+
+        params = [cv2.IMWRITE_JPEG_QUALITY, self.quality] if self.ext in ("jpg", "jpeg") else []
+        ok, buf = cv2.imencode(f".{self.ext}", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), params)
+        name = f"frame_{self.index:06d}.{self.ext}"
+        self.index += 1
+        if not ok:
+            self.error = f"{self.uri}: could not encode {name}"
+            return
+        target = self.directory / name
+        tmp = self.directory / f".{name}.tmp"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(buf.tobytes())
+            os.replace(tmp, target)
+        except OSError as exc:
+            self.error = f"{self.uri}: could not save {name} ({exc.strerror or exc}); frames are not being saved"
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return
+        if self.error:
+            self.error = ""
+        self.frames += 1
+
+
+# --------------------------------------------------------------------------------------------- factory
+def open_sink(uri: str, *, headless: bool = False, **opts: Any) -> FrameSink:
+    """Open a sink from a URI (see the module docstring).
+
+    Options: ``fullscreen``/``title`` (display), ``quality`` (JPEG, http and image folders), ``fps``/``fourcc``
+    (video files), ``ext``/``start`` (image folders: jpg or png). Options that do not apply to the chosen
+    sink are ignored; unknown ones are refused. ``headless=True`` refuses ``display://``.
+    Raises :class:`InputError` with a plain message when the sink cannot be opened.
+    """
+    text = str(uri).strip()
+    unknown = set(opts) - _KNOWN_OPTS
+    if unknown:
+        raise InputError(f"{text}: unknown output option(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(_KNOWN_OPTS))})")
+
+    def pick(*names: str) -> dict[str, Any]:
+        return {k: opts[k] for k in names if k in opts and opts[k] is not None}
+
+    if text.startswith("display://"):
+        if headless:
+            raise InputError(
+                f"{text}: a window was asked for with --headless; use http://:8080 or file://out.mp4 instead"
+            )
+        return DisplaySink(text, **pick("fullscreen", "title"))
+    if text.startswith("http://"):
+        return HttpSink(text, **pick("quality"))
+    if text.startswith("file://"):
+        path = Path(text[len("file://") :]).expanduser()
+        if text.endswith("/") or path.is_dir() or not path.suffix:
+            return ImageDirSink(text, path, **pick("ext", "quality", "start"))
+        if path.suffix.lower() not in _VIDEO_EXT:
+            raise InputError(f"{text}: unknown video type {path.suffix!r} (expected .mp4, .avi or .mkv, "
+                             "or a folder ending in /)")
+        return VideoFileSink(text, path, **pick("fps", "fourcc"))
+    if text in ("null://", "null"):
+        return NullSink()
+    if "://" not in text and (text.endswith("/") or Path(text).suffix.lower() in _VIDEO_EXT):
+        return open_sink(f"file://{text}", headless=headless, **opts)
+    raise InputError(f"{text}: unknown output (expected display://0, http://:PORT, file://out.mp4, "
+                     "file://folder/ or null://)")
+
+
+_KNOWN_OPTS = {"fullscreen", "title", "quality", "fps", "fourcc", "ext", "start"}

@@ -1,0 +1,278 @@
+"""Session record on real SQLite files: batching, summary, kill -9 durability with a real subprocess,
+read-only and full disks (tmpfs mounts when running as root)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smearsight.catalog import TPS_CLASS_NAMES
+from smearsight.device.record import RecordError, SessionRecorder, get_session, list_sessions, session_frames
+
+MATURE = TPS_CLASS_NAMES.index("mature_sperm")
+
+
+def _dets(k: int, classes: list[int], max_det: int = 10) -> np.ndarray:
+    out = np.zeros((max_det, 6), np.float32)
+    out[:, 5] = -1
+    for i, c in enumerate(classes[:k]):
+        out[i] = (10 * i, 5, 10 * i + 8, 13, 0.9 - 0.01 * i, c)
+    return out
+
+
+def _saved_frames(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_batched_commits_and_summary(tmp_path: Path) -> None:
+    db = tmp_path / "rec" / "sessions.db"
+    rec = SessionRecorder(db, batch_frames=3)
+    sid = rec.start_session({"source": "synth://", "class_names": list(TPS_CLASS_NAMES)})
+    assert sid == 1
+    assert get_session(db, sid)["status"] == "interrupted or running"  # the start is durable at once
+    frames = [[0, MATURE], [MATURE, MATURE, 4], [], [1, 2, 3], [MATURE], [5, 5, 5, 0], [2]]
+    morph = [{"det": 1, "part": "head", "score": 0.9, "abnormal": True},
+             {"det": 0, "parts": {"head": {"score": 0.1, "abnormal": False}, "tail": {"score": 0.8, "abnormal": True}}},
+             {"det": 2, "status": "n/a"}]
+    for i, classes in enumerate(frames):
+        ok = rec.record_frame(i, 1000.0 + i, _dets(len(classes), classes), TPS_CLASS_NAMES,
+                              morph if i == 1 else None)
+        assert ok
+        assert _saved_frames(db) == 3 * ((i + 1) // 3), f"after frame {i}"
+    assert rec.pending == 1
+    assert rec.record_frame(6, 1006.5, _dets(1, [2]), TPS_CLASS_NAMES) is False  # a repeat (stale) frame
+    summary = rec.end_session({"fps": 11.5})
+    rec.close()
+    assert _saved_frames(db) == 7
+    assert summary["frames"] == 7 and summary["fps"] == 11.5
+    flat = [c for f in frames for c in f]
+    expected = {name: flat.count(i) for i, name in enumerate(TPS_CLASS_NAMES)}
+    assert summary["counts_per_class"] == expected
+    assert summary["fields_with_mature_sperm"] == sum(MATURE in f for f in frames) == 4
+    assert summary["sperm_judged"] == 2 and summary["sperm_abnormal"] == 2
+    assert summary["abnormal_by_part"] == {"head": 1, "tail": 1}
+    stored = get_session(db, sid)
+    assert stored["status"] == "complete" and stored["summary"] == summary
+    assert stored["class_names"] == list(TPS_CLASS_NAMES) and stored["meta"]["source"] == "synth://"
+    fr = list(session_frames(db, sid))
+    assert [f["frame_index"] for f in fr] == list(range(7))
+    d1 = fr[1]["detections"]
+    assert [d["class_name"] for d in d1] == ["mature_sperm", "mature_sperm", "immature_sperm"]
+    assert d1[1]["morphology"] == {"head": {"score": 0.9, "abnormal": True}}
+    assert d1[2]["morphology"] == {"": {"score": None, "abnormal": None}}
+    assert d1[0]["box"] == [0.0, 5.0, 8.0, 13.0]
+
+
+def test_multiple_sessions_and_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    with SessionRecorder(db, batch_frames=2) as rec:
+        rec.start_session({"source": "a"})
+        rec.record_frame(0, 1.0, _dets(1, [0]), TPS_CLASS_NAMES)
+        rec.start_session({"source": "b"})  # ends "a" first
+        rec.record_frame(0, 2.0, _dets(2, [1, 1]), TPS_CLASS_NAMES)
+    with SessionRecorder(db) as rec:
+        assert rec.start_session({"source": "c"}) == 3
+    rows = list_sessions(db)
+    assert [(r["source"], r["frames_saved"], r["status"]) for r in rows] == [
+        ("a", 1, "complete"), ("b", 1, "complete"), ("c", 0, "complete")]
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from smearsight.device.record import SessionRecorder
+    path, mode = sys.argv[1], sys.argv[2]
+    rec = SessionRecorder(path, batch_frames=5, background=mode == "background")
+    rec.start_session({"source": "child"})
+    names = ["a", "b"]
+    dets = np.array([[1, 1, 9, 9, 0.9, 0], [2, 2, 8, 8, 0.8, 1], [0, 0, 0, 0, 0, -1]], np.float32)
+    i = 0
+    reported = 0
+    while True:
+        rec.record_frame(i, time.time(), dets, names, [{"det": 1, "part": "head", "score": 0.7, "abnormal": True}])
+        i += 1
+        if mode == "background":
+            if rec.commits != reported:  # commits counts batches the writer thread has made durable
+                reported = rec.commits
+                print(f"committed {5 * reported}", flush=True)
+        elif rec.pending == 0:
+            print(f"committed {i}", flush=True)
+        if mode == "stop" and i == 23:
+            print("pending 3", flush=True)
+            time.sleep(60)
+    """
+)
+
+
+def _spawn(db: Path, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(db), mode], stdout=subprocess.PIPE, text=True)
+
+
+def test_kill9_loses_at_most_the_open_batch(tmp_path: Path) -> None:
+    db = tmp_path / "k.db"
+    proc = _spawn(db, "stop")
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line.strip())
+            if line.startswith("pending"):
+                break
+        assert lines[-2:] == ["committed 20", "pending 3"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    s = get_session(db, 1)
+    assert s["status"] == "interrupted or running"
+    assert s["frames_saved"] == 20 and s["detections_saved"] == 40
+    assert s["summary"]["rebuilt_from_saved_frames"] and s["summary"]["frames"] == 20
+    assert s["summary"]["counts_per_class"] == {"a": 20, "b": 20}
+    assert s["summary"]["sperm_abnormal"] == 20
+
+
+@pytest.mark.parametrize("mode", ["run", "background"])
+def test_kill9_while_writing_flat_out(tmp_path: Path, mode: str) -> None:
+    db = tmp_path / "k2.db"
+    proc = _spawn(db, mode)
+    committed = 0
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            committed = int(line.split()[1])
+            if committed >= 40:
+                break
+        time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    conn = sqlite3.connect(db)
+    try:
+        idx = [r[0] for r in conn.execute("SELECT frame_index FROM frames ORDER BY frame_index")]
+        per_frame = dict(conn.execute("SELECT frame_index, COUNT(*) FROM detections GROUP BY frame_index"))
+        morph = conn.execute("SELECT COUNT(*) FROM morphology").fetchone()[0]
+    finally:
+        conn.close()
+    assert len(idx) >= committed, "every batch reported as committed survives kill -9"
+    assert len(idx) % 5 == 0, "whole batches only: the interrupted batch is lost completely"
+    assert idx == list(range(len(idx)))
+    assert all(per_frame[i] == 2 for i in idx) and morph == len(idx)
+
+
+@contextlib.contextmanager
+def _tmpfs(tmp_path: Path, name: str, options: str) -> Iterator[Path]:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount to create a tmpfs")
+    target = tmp_path / name
+    target.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_read_only_location_gives_a_clear_error(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            with pytest.raises(RecordError, match="read-only|cannot be opened"):
+                SessionRecorder(ro / "s.db")
+        finally:
+            ro.chmod(0o755)
+        return
+    with _tmpfs(tmp_path, "ro", "ro,size=64k") as ro:
+        pattern = r"session record .*s\.db: (the disk or file is read-only|the file cannot be opened)"
+        with pytest.raises(RecordError, match=pattern):
+            SessionRecorder(ro / "s.db")
+
+
+def test_full_disk_is_reported_not_raised_and_recovers(tmp_path: Path) -> None:
+    with _tmpfs(tmp_path, "tiny", "size=256k") as tiny:
+        rec = SessionRecorder(tiny / "s.db", batch_frames=4)
+        rec.start_session({"source": "x"})
+        filler = tiny / "filler.bin"
+        with open(filler, "wb", buffering=0) as fh:  # take all of the remaining space
+            try:
+                while True:
+                    fh.write(b"\1" * 4096)
+            except OSError:
+                pass
+        big = _dets(300, [i % 6 for i in range(300)], max_det=300)
+        results = [rec.record_frame(i, float(i), big, TPS_CLASS_NAMES) for i in range(12)]
+        assert results[3] is False and "the disk is full" in rec.error
+        assert "frame(s) not saved" in rec.error and rec.frames_lost >= 4
+        filler.unlink()  # space comes back: recording resumes by itself
+        ok = [rec.record_frame(i, float(i), _dets(1, [0]), TPS_CLASS_NAMES) for i in range(12, 16)]
+        assert ok[-1] is True and rec.error == ""
+        summary = rec.end_session()
+        rec.close()
+        assert summary["frames"] == 16 and summary["frames_not_saved"] == rec.frames_lost
+        assert get_session(tiny / "s.db", 1)["frames_saved"] == 16 - rec.frames_lost
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    bad = tmp_path / "junk.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(RecordError, match="not a SmearSight record"):
+        SessionRecorder(bad)
+
+
+def test_background_writer_same_content_and_errors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    frames = [[int(c) for c in rng.integers(0, 6, rng.integers(0, 9))] for _ in range(11)]
+    morph = [{"det": 0, "part": "head", "score": 0.7, "abnormal": True}]
+    outputs = []
+    for background in (False, True):
+        db = tmp_path / f"bg{background}.db"
+        rec = SessionRecorder(db, batch_frames=3, background=background)
+        rec.start_session({"source": "x", "class_names": list(TPS_CLASS_NAMES)})
+        for i, classes in enumerate(frames):
+            rec.record_frame(i, 10.0 + i, _dets(len(classes), classes), TPS_CLASS_NAMES, morph)
+        assert rec.sync() and rec.commits == 3 and _saved_frames(db) == 9
+        summary = rec.end_session()
+        rec.close()
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            rows = [conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall()
+                    for t in ("frames", "detections", "morphology")]
+        outputs.append((summary, rows))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][0]["frames"] == 11
+
+
+def test_background_writer_reports_full_disk(tmp_path: Path) -> None:
+    with _tmpfs(tmp_path, "tiny_bg", "size=256k") as tiny:
+        rec = SessionRecorder(tiny / "s.db", batch_frames=4, background=True)
+        rec.start_session({"source": "x"})
+        with open(tiny / "filler.bin", "wb", buffering=0) as fh:
+            try:
+                while True:
+                    fh.write(b"\1" * 4096)
+            except OSError:
+                pass
+        big = _dets(300, [i % 6 for i in range(300)], max_det=300)
+        for i in range(8):
+            rec.record_frame(i, float(i), big, TPS_CLASS_NAMES)
+        assert rec.sync() is False and "the disk is full" in rec.error and rec.frames_lost == 8
+        summary = rec.end_session()
+        rec.close()
+        assert summary["frames"] == 8 and summary["frames_not_saved"] == 8

@@ -1,0 +1,123 @@
+"""`smearsight sessions list|show|export` and `smearsight device info` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smearsight.catalog import TPS_CLASS_NAMES
+from smearsight.cli import main
+from smearsight.device.record import SessionRecorder
+
+
+def _dets(classes: list[int]) -> np.ndarray:
+    out = np.zeros((8, 6), np.float32)
+    out[:, 5] = -1
+    for i, c in enumerate(classes):
+        out[i] = (10 * i, 5, 10 * i + 8, 13, 0.5 + 0.05 * i, c)
+    return out
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "sessions.db"
+    rec = SessionRecorder(path, batch_frames=2)
+    rec.start_session({"source": "file://a.mp4", "class_names": list(TPS_CLASS_NAMES)})
+    rec.record_frame(0, 100.0, _dets([5, 4]), TPS_CLASS_NAMES,
+                     [{"det": 0, "parts": {"head": {"score": 0.9, "abnormal": True},
+                                           "vacuole": {"score": 0.2, "abnormal": False}}},
+                      {"det": 1, "status": "n/a", "part": "head"}])
+    rec.record_frame(1, 100.1, _dets([0]), TPS_CLASS_NAMES)
+    rec.record_frame(2, 100.2, _dets([5, 5, 1]), TPS_CLASS_NAMES)
+    rec.end_session({"fps": 10.0})
+    rec.start_session({"source": "v4l2:///dev/video0"})  # cut off: never ended
+    rec.record_frame(0, 200.0, _dets([2, 3]), TPS_CLASS_NAMES)
+    rec.record_frame(1, 200.1, _dets([5]), TPS_CLASS_NAMES)
+    rec.session_id = None  # simulate the process dying after the commit (end_session never runs)
+    rec.close()
+    return path
+
+
+def test_list_and_show(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sessions", "list", "--db", str(db), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["frames_saved"], r["detections_saved"], r["status"]) for r in rows] == [
+        (1, 3, 6, "complete"), (2, 2, 3, "interrupted or running")]
+    assert main(["sessions", "list", "--db", str(db)]) == 0
+    table = capsys.readouterr().out
+    assert "file://a.mp4" in table and "interrupted" in table
+
+    assert main(["sessions", "show", "1", "--db", str(db), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["summary"]["counts_per_class"]["mature_sperm"] == 3
+    assert s["summary"]["fields_with_mature_sperm"] == 2 and s["summary"]["fps"] == 10.0
+    assert main(["sessions", "show", "2", "--db", str(db)]) == 0
+    text = capsys.readouterr().out
+    assert "rebuilt from the saved frames" in text and "fields with mature sperm 1" in text
+
+
+def test_export_csv_and_json(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_csv = tmp_path / "exports" / "s1.csv"
+    assert main(["sessions", "export", "1", "--format", "csv", "--out", str(out_csv), "--db", str(db)]) == 0
+    rows = list(csv.DictReader(io.StringIO(out_csv.read_text())))
+    assert len(rows) == 6
+    assert rows[0]["class_name"] == "mature_sperm" and rows[0]["head_abnormal"] == "1"
+    assert rows[0]["vacuole_abnormal"] == "0" and float(rows[0]["head_score"]) == pytest.approx(0.9)
+    assert rows[1]["head_abnormal"] == "n/a" and rows[2]["head_abnormal"] == ""
+    assert [r["frame_index"] for r in rows] == ["0", "0", "1", "2", "2", "2"]
+    assert float(rows[3]["x2"]) == pytest.approx(8.0)
+    assert not list(out_csv.parent.glob(".*tmp"))
+
+    assert main(["sessions", "export", "2", "--format", "json", "--db", str(db)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [f["frame_index"] for f in data["frames"]] == [0, 1]
+    assert [d["class_name"] for d in data["frames"][0]["detections"]] == ["round_spermatid", "elongated_spermatid"]
+
+
+def test_bad_input_exits_1(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sessions", "show", "99", "--db", str(db)]) == 1
+    assert "no session 99" in capsys.readouterr().err
+    assert main(["sessions", "export", "1", "--format", "xml", "--db", str(db)]) == 1
+    assert "--format" in capsys.readouterr().err
+    assert main(["sessions", "list", "--db", str(tmp_path / "none.db")]) == 1
+    assert "no session record here" in capsys.readouterr().err
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"nope" * 500)
+    assert main(["sessions", "list", "--db", str(junk)]) == 1
+    assert "not a SmearSight record" in capsys.readouterr().err
+
+
+def test_default_db_from_environment(db: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SMEARSIGHT_SESSIONS_DB", str(db))
+    assert main(["sessions", "list", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_device_info(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["device", "info", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    import cv2
+    import onnxruntime
+
+    assert rep["opencv"]["version"] == cv2.__version__
+    assert rep["onnxruntime"]["providers"] == onnxruntime.get_available_providers()
+    assert set(rep) >= {"tensorrt", "pycuda", "display", "cameras"}
+    assert main(["device", "info"]) == 0
+    text = capsys.readouterr().out
+    assert f"OpenCV {cv2.__version__}" in text and "CPUExecutionProvider" in text
+
+
+def test_cli_module_is_import_light() -> None:
+    code = ("import sys; import smearsight.device.cli; "
+            "bad = [m for m in ('cv2', 'torch', 'tensorrt', 'pycuda', 'onnxruntime') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -1,0 +1,265 @@
+"""Sinks for real: an HTTP client reading the MJPEG stream on 127.0.0.1, video files and image folders
+read back through the sources, and the display refusal without a display or GUI build."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2")
+
+from smearsight.device.sinks import HttpSink, open_sink  # noqa: E402
+from smearsight.device.sources import open_source  # noqa: E402
+from smearsight.errors import InputError  # noqa: E402
+
+
+def _solid(rgb: tuple[int, int, int], h: int = 120, w: int = 160) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = rgb
+    return img
+
+
+def _read_part(stream) -> tuple[dict[str, str], bytes]:
+    """Read one multipart/x-mixed-replace part: boundary line, headers, body of Content-Length bytes."""
+    line = stream.readline()
+    while line in (b"\r\n", b"\n"):
+        line = stream.readline()
+    assert line.startswith(b"--smearsightframe"), line
+    headers: dict[str, str] = {}
+    while True:
+        line = stream.readline().strip()
+        if not line:
+            break
+        key, value = line.decode().split(":", 1)
+        headers[key.strip().lower()] = value.strip()
+    body = stream.read(int(headers["content-length"]))
+    return headers, body
+
+
+@contextlib.contextmanager
+def _feeder(sink: HttpSink, colors: list[tuple[int, int, int]], period: float = 0.02) -> Iterator[None]:
+    stop = threading.Event()
+
+    def run() -> None:
+        i = 0
+        while not stop.is_set():
+            sink.write(_solid(colors[i % len(colors)]), {"frame": i, "fps": 12.5, "counts": {"sertoli": 3},
+                                                          "status": "", "score": np.float32(0.5)})
+            i += 1
+            time.sleep(period)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_http_mjpeg_stream_status_and_page() -> None:
+    sink = open_sink("http://127.0.0.1:0")
+    assert isinstance(sink, HttpSink) and sink.port > 0
+    try:
+        with _feeder(sink, [(200, 30, 30)]):
+            with urllib.request.urlopen(f"{sink.url}/stream.mjpg", timeout=10) as resp:
+                assert resp.headers["Content-Type"].startswith("multipart/x-mixed-replace; boundary=")
+                for _ in range(3):
+                    headers, body = _read_part(resp)
+                    assert headers["content-type"] == "image/jpeg"
+                    bgr = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+                    assert bgr.shape == (120, 160, 3)
+                    rgb = bgr[60, 80][::-1].astype(int)
+                    assert np.all(np.abs(rgb - [200, 30, 30]) < 12), rgb
+            with urllib.request.urlopen(f"{sink.url}/status.json", timeout=10) as resp:
+                status = json.loads(resp.read())
+            assert status["counts"] == {"sertoli": 3} and status["fps"] == 12.5 and status["score"] == 0.5
+            with urllib.request.urlopen(f"{sink.url}/", timeout=10) as resp:
+                page = resp.read().decode()
+            assert "/stream.mjpg" in page and "/status.json" in page
+            with urllib.request.urlopen(f"{sink.url}/snapshot.jpg", timeout=10) as resp:
+                assert resp.headers["Content-Type"] == "image/jpeg"
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"{sink.url}/nothing", timeout=10)
+            assert err.value.code == 404
+    finally:
+        sink.close()
+
+
+def test_http_encodes_once_per_frame_for_many_clients() -> None:
+    sink = open_sink("http://127.0.0.1:0")
+    try:
+        clients = [urllib.request.urlopen(f"{sink.url}/stream.mjpg", timeout=10) for _ in range(3)]
+        deadline = time.monotonic() + 5
+        while sink.clients < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.clients == 3
+        colors = [(10, 10, 240), (240, 240, 10)]
+        for i in range(6):
+            sink.write(_solid(colors[i % 2]), {"frame": i})
+            time.sleep(0.05)
+        for resp in clients:
+            _, body = _read_part(resp)
+            assert cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR) is not None
+        assert sink.encodes <= 6, "each frame is encoded at most once, whatever the number of clients"
+        for resp in clients:
+            resp.close()
+    finally:
+        sink.close()
+
+
+def test_http_port_in_use_is_an_input_error() -> None:
+    first = open_sink("http://127.0.0.1:0")
+    try:
+        with pytest.raises(InputError, match="cannot listen"):
+            open_sink(f"http://127.0.0.1:{first.port}")
+        with pytest.raises(InputError, match="http://:PORT"):
+            open_sink("http://127.0.0.1")
+    finally:
+        first.close()
+
+
+def test_video_file_sink_roundtrip(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "annotated.mp4"
+    colors = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
+    sink = open_sink(f"file://{out}", fps=10, fullscreen=True)  # fullscreen does not apply: ignored
+    for i in range(9):
+        sink.write(_solid(colors[i % 3]), {})
+    assert not out.exists(), "the video appears under its name only when complete"
+    sink.close()
+    assert out.exists() and not sink.error
+    assert not list(out.parent.glob(".*partial*"))
+    frames = list(open_source(f"file://{out}"))
+    assert len(frames) == 9
+    for i, f in enumerate(frames):
+        assert np.all(np.abs(f.image[60, 80].astype(int) - colors[i % 3]) < 25), (i, f.image[60, 80])
+
+
+def test_image_dir_sink_roundtrip(tmp_path: Path) -> None:
+    out = tmp_path / "frames"
+    sink = open_sink(f"file://{out}/", ext="png")
+    imgs = [_solid((i * 40, 255 - i * 40, 7)) for i in range(4)]
+    for img in imgs:
+        sink.write(img, {})
+    sink.close()
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"frame_{i:06d}.png" for i in range(4)]
+    back = [f.image for f in open_source(f"file://{out}/")]
+    assert all(np.array_equal(a, b) for a, b in zip(imgs, back, strict=True))
+
+
+@contextlib.contextmanager
+def _readonly_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory nobody can write into: chmod for ordinary users, a read-only tmpfs mount for root."""
+    target = tmp_path / "ro"
+    target.mkdir()
+    if os.geteuid() != 0:
+        target.chmod(0o555)
+        try:
+            yield target
+        finally:
+            target.chmod(0o755)
+        return
+    if shutil.which("mount") is None:
+        pytest.skip("running as root without mount: cannot make a read-only directory")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(target)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {res.stderr.decode().strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_file_sinks_refuse_read_only_folder(tmp_path: Path) -> None:
+    with _readonly_dir(tmp_path) as ro:
+        with pytest.raises(InputError, match="cannot write in"):
+            open_sink(f"file://{ro}/")
+        with pytest.raises(InputError, match="cannot create the folder"):
+            open_sink(f"file://{ro}/frames/")
+        with pytest.raises(InputError, match="cannot (write in|create)"):
+            open_sink(f"file://{ro}/out.mp4")
+
+
+def test_unknown_sinks_and_options(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="unknown output"):
+        open_sink("rtsp://0.0.0.0:8554")
+    with pytest.raises(InputError, match="unknown output option"):
+        open_sink("null://", colour="red")
+    with pytest.raises(InputError, match="unknown video type"):
+        open_sink(f"file://{tmp_path}/out.gif")
+    null = open_sink("null://")
+    null.write(_solid((1, 2, 3)), {})
+    assert null.frames == 1
+
+
+def test_display_refused_without_display(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(InputError, match=r"no display.*http://:8080"):
+        open_sink("display://0")
+    with pytest.raises(InputError, match="--headless"):
+        open_sink("display://0", headless=True)
+
+
+def test_display_refused_on_headless_opencv(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smearsight.opencv_setup import inspect_opencv
+
+    if inspect_opencv().gui:
+        pytest.skip("this OpenCV has GUI support")
+    monkeypatch.setenv("DISPLAY", ":99")  # a display is claimed, but the build cannot open windows
+    with pytest.raises(InputError, match="no window support"):
+        open_sink("display://0")
+
+
+def _can_open_window() -> str:
+    from smearsight.opencv_setup import inspect_opencv
+
+    if shutil.which("Xvfb") is None:
+        return "Xvfb is not installed"
+    if not inspect_opencv().gui:
+        return "OpenCV has no GUI support (opencv-python-headless)"
+    return ""
+
+
+@pytest.mark.hw
+@pytest.mark.skipif(bool(_can_open_window()), reason=_can_open_window() or "ok")
+def test_display_window_under_xvfb(tmp_path: Path) -> None:
+    proc = subprocess.Popen(["Xvfb", ":97", "-screen", "0", "1024x768x24"], stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        env_display = os.environ.get("DISPLAY")
+        os.environ["DISPLAY"] = ":97"
+        try:
+            sink = open_sink("display://0", fullscreen=True)
+            for _ in range(5):
+                sink.write(_solid((0, 128, 255)), {})
+            assert sink.frames == 5 and not sink.error and not sink.should_stop  # window visible
+            sink.close()
+        finally:
+            if env_display is None:
+                os.environ.pop("DISPLAY", None)
+            else:
+                os.environ["DISPLAY"] = env_display
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_plain_paths_mean_files(tmp_path: Path) -> None:
+    sink = open_sink(f"{tmp_path}/frames/")
+    sink.write(_solid((5, 6, 7)), {})
+    sink.close()
+    assert (tmp_path / "frames" / "frame_000000.jpg").exists()
+    assert open_sink(str(tmp_path / "v.mp4")).uri == f"file://{tmp_path}/v.mp4"

@@ -1,0 +1,344 @@
+"""Frame sources: real videos and image folders written with OpenCV, read back through file:// URIs;
+camera loss/reconnect through a fake ``cv2.VideoCapture`` (the hardware edge: no camera on CI)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2")
+
+from smearsight.device.sources import Frame, open_source, to_rgb_frame  # noqa: E402
+from smearsight.errors import InputError  # noqa: E402
+
+# RGB colours; frames are written as BGR by OpenCV and must come back as RGB.
+COLORS = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30), (30, 220, 220), (220, 30, 220)]
+
+
+def _frame_rgb(i: int, h: int = 96, w: int = 128) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = COLORS[i % len(COLORS)]
+    return img
+
+
+def _write_video(path: Path, n: int, fps: float = 10.0) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (128, 96))
+    assert writer.isOpened()
+    for i in range(n):
+        writer.write(cv2.cvtColor(_frame_rgb(i), cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def _close_to(img: np.ndarray, rgb: tuple[int, int, int], tol: int = 25) -> bool:
+    centre = img[img.shape[0] // 4 : 3 * img.shape[0] // 4, img.shape[1] // 4 : 3 * img.shape[1] // 4]
+    return bool(np.all(np.abs(centre.reshape(-1, 3).mean(0) - np.array(rgb)) < tol))
+
+
+def test_video_file_roundtrip_rgb_order(tmp_path: Path) -> None:
+    video = tmp_path / "clip.mp4"
+    _write_video(video, 12)
+    with open_source(f"file://{video}") as src:
+        frames = list(src)
+    assert len(frames) == 12
+    assert [f.index for f in frames] == list(range(12))
+    for i, f in enumerate(frames):
+        assert isinstance(f, Frame) and not f.stale
+        assert f.image.dtype == np.uint8 and f.image.shape == (96, 128, 3)
+        assert _close_to(f.image, COLORS[i % len(COLORS)]), (i, f.image[48, 64])
+    assert src.stats.dropped == 0
+    assert src.status == "end of stream"
+
+
+def test_video_file_loop(tmp_path: Path) -> None:
+    video = tmp_path / "clip.mp4"
+    _write_video(video, 5)
+    src = open_source(f"file://{video}", loop=True)
+    try:
+        frames = [next(src) for _ in range(13)]
+    finally:
+        src.close()
+    assert [f.index for f in frames] == list(range(13))
+    for i, f in enumerate(frames):
+        assert _close_to(f.image, COLORS[(i % 5) % len(COLORS)])
+
+
+def test_image_dir_sorted_with_corrupt_and_wrong_size(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / f"img_{i:03d}.png"), cv2.cvtColor(_frame_rgb(i), cv2.COLOR_RGB2BGR))
+    (folder / "img_002b.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    cv2.imwrite(str(folder / "img_003b.png"), np.zeros((50, 60, 3), np.uint8))  # wrong size
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    with open_source(f"file://{folder}/", expect_size=(96, 128)) as src:
+        frames = list(src)
+    assert len(frames) == 5
+    for i, f in enumerate(frames):
+        assert _close_to(f.image, COLORS[i], tol=2)
+    assert src.stats.skipped == 2
+    assert "img_002b.png" in src.status or "60x50" in src.status  # the last warning is still shown
+
+
+def test_image_dir_loop_and_grayscale(tmp_path: Path) -> None:
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((40, 50), 50 * (i + 1), np.uint8))
+    src = open_source(f"file://{folder}", loop=True)
+    frames = [next(src) for _ in range(7)]
+    src.close()
+    assert [int(f.image[0, 0, 0]) for f in frames] == [50, 100, 150, 50, 100, 150, 50]
+    assert all(f.image.shape == (40, 50, 3) for f in frames)
+
+
+def test_bad_uris_raise_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file"):
+        open_source(f"file://{tmp_path}/missing.mp4")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images found"):
+        open_source(f"file://{tmp_path}/empty/")
+    with pytest.raises(InputError, match="unknown source"):
+        open_source("rtsp://camera/stream")
+    with pytest.raises(InputError, match="csi://N"):
+        open_source("csi://front")
+    with pytest.raises(InputError, match="unknown parameter"):
+        open_source("synth://?seed=1&colour=red")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all")
+    with pytest.raises(InputError, match="cannot open it as a video"):
+        open_source(f"file://{bad}")
+
+
+def test_gstreamer_sources_refused_without_gstreamer() -> None:
+    from smearsight.opencv_setup import inspect_opencv
+
+    if inspect_opencv().gstreamer:
+        pytest.skip("this OpenCV has GStreamer; the refusal path cannot be exercised")
+    with pytest.raises(InputError, match="without GStreamer"):
+        open_source("csi://0")
+    with pytest.raises(InputError, match="without GStreamer"):
+        open_source("videotestsrc ! videoconvert ! appsink")
+
+
+def test_to_rgb_frame_validation() -> None:
+    from smearsight.device.sources import CorruptFrame
+
+    bgr = np.zeros((20, 20, 3), np.uint8)
+    bgr[..., 0] = 255  # blue in BGR
+    assert tuple(to_rgb_frame(bgr, bgr=True)[0, 0]) == (0, 0, 255)
+    assert to_rgb_frame(np.zeros((20, 20, 4), np.uint8), bgr=True).shape == (20, 20, 3)
+    assert to_rgb_frame(np.full((20, 20), 4096, np.uint16), bgr=True)[0, 0, 0] == 16
+    for bad in (np.zeros((0, 0, 3), np.uint8), np.zeros((20, 20, 2), np.uint8), np.zeros((8, 8, 3), np.uint8),
+                np.zeros((20, 20, 3), np.float32), None):
+        with pytest.raises(CorruptFrame):
+            to_rgb_frame(bad, bgr=True)
+
+
+# ------------------------------------------------------------------ live cameras (fake capture at the edge)
+class FakeCamera:
+    """Stands in for cv2.VideoCapture on a V4L2 device node: works while ``node`` exists."""
+
+    opens = 0
+
+    def __init__(self, node: Path, fail_first_opens: int = 0) -> None:
+        self.node = node
+        self.fail_first_opens = fail_first_opens
+        self.count = 0
+
+    def factory(self, target: object, api: int) -> FakeCamera.Handle:
+        assert api == cv2.CAP_V4L2
+        FakeCamera.opens += 1
+        return FakeCamera.Handle(self, ok=self.node.exists() and FakeCamera.opens > self.fail_first_opens)
+
+    class Handle:
+        def __init__(self, cam: FakeCamera, ok: bool) -> None:
+            self.cam, self.ok = cam, ok
+
+        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+            return self.ok
+
+        def set(self, prop: int, value: float) -> bool:
+            return True
+
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            time.sleep(0.005)
+            if not self.cam.node.exists():
+                return False, None
+            self.cam.count += 1
+            img = np.zeros((48, 64, 3), np.uint8)
+            img[..., 2] = min(self.cam.count, 255)  # red channel in BGR order = frame counter
+            return True, img
+
+        def release(self) -> None:
+            self.ok = False
+
+
+def test_camera_loss_and_reconnect(tmp_path: Path) -> None:
+    node = tmp_path / "video0"
+    node.write_text("")
+    FakeCamera.opens = 0
+    cam = FakeCamera(node)
+    src = open_source(f"v4l2://{node}", capture_factory=cam.factory, backoff_initial=0.05, backoff_max=0.2,
+                      stall_s=0.1)
+    try:
+        first = [next(src) for _ in range(3)]
+        assert all(not f.stale for f in first)
+        assert first[-1].image[0, 0, 0] > 0  # RGB: red carries the counter
+        node.unlink()  # the camera is unplugged
+        statuses, stale = set(), 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and stale < 3:
+            f = next(src)
+            statuses.add(src.status)
+            stale += f.stale
+        assert stale >= 3, "a lost camera must keep yielding stale frames for the screen"
+        assert src.lost
+        assert any(s.startswith("camera lost") and "retrying in" in s for s in statuses), statuses
+        assert any("not found" in s or "disconnected" in s for s in statuses), statuses
+        node.write_text("")  # plugged back in
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            f = next(src)
+            if not f.stale:
+                break
+        assert not f.stale and f.index >= 3
+        assert src.stats.reconnects == 1
+        assert not src.lost
+        assert src.status == "camera reconnected"
+    finally:
+        src.close()
+
+
+def test_camera_not_there_at_start_then_appears(tmp_path: Path) -> None:
+    node = tmp_path / "video1"
+    FakeCamera.opens = 0
+    cam = FakeCamera(node)
+    src = open_source(f"v4l2://{node}", capture_factory=cam.factory, backoff_initial=0.05, backoff_max=0.1,
+                      stall_s=0.05)
+    try:
+        f = next(src)
+        assert f.stale and f.index == -1 and f.image.shape == (480, 640, 3)
+        assert "not found" in src.status
+        threading.Timer(0.2, node.write_text, args=("",)).start()
+        deadline = time.monotonic() + 5
+        while f.stale and time.monotonic() < deadline:
+            f = next(src)
+        assert not f.stale and f.index == 0
+    finally:
+        src.close()
+
+
+def test_live_source_keeps_only_latest_and_counts_drops(tmp_path: Path) -> None:
+    node = tmp_path / "video2"
+    node.write_text("")
+    FakeCamera.opens = 0
+    cam = FakeCamera(node)
+    src = open_source(f"v4l2://{node}", capture_factory=cam.factory)
+    try:
+        a = next(src)
+        time.sleep(0.3)  # a slow consumer: ~60 frames were captured meanwhile
+        b = next(src)
+        assert b.index - a.index > 5
+        assert src.stats.dropped > 5
+        assert src.stats.captured >= b.index + 1
+    finally:
+        src.close()
+
+
+def test_gstreamer_pipeline_string_goes_to_cap_gstreamer() -> None:
+    seen: dict[str, object] = {}
+
+    class Pipe:
+        def __init__(self, target: str, api: int) -> None:
+            seen["target"], seen["api"] = target, api
+
+        def isOpened(self) -> bool:  # noqa: N802
+            return True
+
+        def read(self) -> tuple[bool, np.ndarray]:
+            time.sleep(0.01)
+            return True, np.zeros((32, 32, 3), np.uint8)
+
+        def release(self) -> None:
+            pass
+
+    src = open_source("videotestsrc ! videoconvert", capture_factory=Pipe)
+    try:
+        next(src)
+    finally:
+        src.close()
+    assert seen["api"] == cv2.CAP_GSTREAMER
+    assert str(seen["target"]).startswith("videotestsrc ! videoconvert") and "appsink" in str(seen["target"])
+
+
+def _synth_available() -> bool:
+    try:
+        from smearsight.train.datasets.synth import SyntheticSlide  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _synth_available(), reason="smearsight.train.datasets.synth.SyntheticSlide not present yet")
+def test_synth_source_moving_stage() -> None:
+    src = open_source("synth://?seed=3&speed=8&size=256x192&slide=1024x768")
+    try:
+        frames = [next(src) for _ in range(4)]
+    finally:
+        src.close()
+    assert all(f.image.shape == (192, 256, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert [f.index for f in frames] == [0, 1, 2, 3]
+    assert not np.array_equal(frames[0].image, frames[3].image), "the stage must move"
+    again = open_source("synth://?seed=3&speed=8&size=256x192&slide=1024x768")
+    try:
+        assert np.array_equal(next(again).image, frames[0].image), "same seed, same first frame"
+    finally:
+        again.close()
+
+
+def test_plain_paths_mean_files(tmp_path: Path) -> None:
+    video = tmp_path / "plain.mp4"
+    _write_video(video, 3)
+    with open_source(str(video)) as src:
+        assert src.uri == f"file://{video}"
+        assert len(list(src)) == 3
+    with pytest.raises(InputError, match="no such file"):
+        open_source(str(tmp_path / "missing.avi"))
+
+
+def test_read_with_timeout_and_finished(tmp_path: Path) -> None:
+    video = tmp_path / "r.mp4"
+    _write_video(video, 2)
+    src = open_source(f"file://{video}")
+    got = []
+    deadline = time.monotonic() + 10
+    while not src.finished and time.monotonic() < deadline:
+        f = src.read(timeout=0.5)
+        if f is not None:
+            got.append(f.index)
+    assert got == [0, 1] and src.finished
+    assert src.read(timeout=0.01) is None
+    with pytest.raises(StopIteration):
+        next(src)
+    src.close()
+
+
+def test_image_dir_natural_order(tmp_path: Path) -> None:
+    for i in (10, 2, 1):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((20, 20), i, np.uint8))
+    with open_source(f"file://{tmp_path}/") as src:
+        assert [int(f.image[0, 0, 0]) for f in src] == [1, 2, 10]
+
+
+def test_v4l2_device_names_map_to_indices(tmp_path: Path) -> None:
+    from smearsight.device.sources import v4l2_index
+
+    link = tmp_path / "usb-Microscope_Cam-video-index0"
+    link.symlink_to("/dev/video7")
+    assert v4l2_index(str(link)) == 7
+    assert v4l2_index("/dev/video12") == 12
+    assert v4l2_index(str(tmp_path)) is None
