@@ -1,0 +1,255 @@
+"""A TUF update repository on disk: init, publish bundles, refresh, serve over HTTP.
+
+Layout of a repository directory::
+
+    metadata/   1.root.json root.json  N.targets.json targets.json  N.snapshot.json snapshot.json  timestamp.json
+    targets/    bundles/<sha256>.<key>.tar.gz      (consistent snapshots: content-addressed names)
+    keys/       <role>.pem (0600) + <role>.pub.json  -- never served; keep root.pem offline
+    repository.json                                  -- expiry settings
+
+Bundles are published as targets ``bundles/<key>.tar.gz`` where ``key`` is a GPU key
+``sm_<compute capability>-trt<TensorRT major.minor>`` (engines only run where they were built) or
+``onnx`` (the fallback every device can run). Each target carries ``custom.smearsight.version``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import shutil
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.repository import Repository
+
+from smearsight.deploy.bundle import read_index, version_key
+from smearsight.deploy.keys import ROLES, generate_key, load_signer
+from smearsight.errors import InputError
+from smearsight.fileio import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+
+CONFIG_NAME = "repository.json"
+ONNX_KEY = "onnx"
+GPU_KEY_RE = re.compile(r"^sm_[0-9]{2,3}-trt[0-9]+\.[0-9]+$")
+DEFAULT_EXPIRY_DAYS: dict[str, float] = {"root": 365.0, "targets": 90.0, "snapshot": 30.0, "timestamp": 7.0}
+
+
+def gpu_key(compute_capability: str, tensorrt_version: str) -> str:
+    """``sm_87-trt10.3`` for compute capability ``8.7`` and TensorRT ``10.3.x``."""
+    major_minor = ".".join(tensorrt_version.split(".")[:2])
+    return f"sm_{compute_capability.replace('.', '')}-trt{major_minor}"
+
+
+def target_path(key: str) -> str:
+    """The TUF target path under which a bundle for ``key`` is published."""
+    if key != ONNX_KEY and not GPU_KEY_RE.match(key):
+        raise InputError(f"--gpu: '{key}' is not a GPU key like 'sm_87-trt10.3' (compute capability + TensorRT)")
+    return f"bundles/{key}.tar.gz"
+
+
+def _atomic_copy(source: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+
+
+def _expires(days: float) -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=days)
+
+
+class FileRepository(Repository):
+    """python-tuf's repository workflow (edit, snapshot, timestamp) over files in one directory."""
+
+    def __init__(self, repo_dir: str | Path, expiry_days: dict[str, float] | None = None):
+        self.dir = Path(repo_dir)
+        self.meta_dir = self.dir / "metadata"
+        self.targets_dir = self.dir / "targets"
+        self.keys_dir = self.dir / "keys"
+        config = self._read_config()
+        self.expiry_days = {**DEFAULT_EXPIRY_DAYS, **config.get("expiry_days", {}), **(expiry_days or {})}
+
+    def _read_config(self) -> dict[str, Any]:
+        path = self.dir / CONFIG_NAME
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: cannot read the repository settings ({exc})") from None
+
+    # -- storage -------------------------------------------------------------------------------
+    def _root_version(self) -> int:
+        versions = [int(p.name.split(".")[0]) for p in self.meta_dir.glob("*.root.json") if p.name[0].isdigit()]
+        if not versions:
+            raise InputError(f"{self.dir}: not an update repository (no metadata/1.root.json); run 'deploy repo init'")
+        return max(versions)
+
+    def open(self, role: str) -> Metadata:
+        """Load the newest metadata of ``role``."""
+        name = f"{self._root_version()}.root.json" if role == Root.type else f"{role}.json"
+        path = self.meta_dir / name
+        try:
+            return Metadata.from_bytes(path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - deserialisation raises several types
+            raise InputError(f"{path}: cannot read {role} metadata ({exc})") from None
+
+    def close(self, role: str, md: Metadata) -> None:
+        """Bump the version, renew the expiry, sign with the role's key and write atomically."""
+        md.signed.version += 1
+        self._sign_and_write(role, md)
+
+    def _sign_and_write(self, role: str, md: Metadata) -> None:
+        md.signed.expires = _expires(self.expiry_days[role])
+        md.sign(load_signer(self.keys_dir, role))
+        data = md.to_bytes()
+        version = md.signed.version
+        if role == Root.type:
+            atomic_write_bytes(self.meta_dir / f"{version}.root.json", data)
+            atomic_write_bytes(self.meta_dir / "root.json", data)
+        elif role == Timestamp.type:
+            atomic_write_bytes(self.meta_dir / "timestamp.json", data)
+        else:
+            atomic_write_bytes(self.meta_dir / f"{version}.{role}.json", data)
+            atomic_write_bytes(self.meta_dir / f"{role}.json", data)
+
+    @property
+    def targets_infos(self) -> dict[str, MetaFile]:
+        return {"targets.json": MetaFile(self.targets().version)}
+
+    @property
+    def snapshot_info(self) -> MetaFile:
+        return MetaFile(self.snapshot().version)
+
+    # -- operations ----------------------------------------------------------------------------
+    @classmethod
+    def init(cls, repo_dir: str | Path, expiry_days: dict[str, float] | None = None) -> FileRepository:
+        """Create keys and version-1 metadata for all four top-level roles."""
+        repo_dir = Path(repo_dir)
+        for role, days in (expiry_days or {}).items():
+            if role not in ROLES:
+                raise InputError(f"--expiry-days: unknown role '{role}' (expected one of {', '.join(ROLES)})")
+            if days <= 0:
+                raise InputError(f"--expiry-days: {role} must expire in a positive number of days, got {days}")
+        if (repo_dir / "metadata").exists() or (repo_dir / "keys").exists():
+            raise InputError(f"{repo_dir}: already holds a repository (metadata/ or keys/ exists)")
+        repo_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(repo_dir / CONFIG_NAME, {"expiry_days": {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}})
+        repo = cls(repo_dir)
+        repo.targets_dir.mkdir(exist_ok=True)
+        signers = {role: generate_key(repo.keys_dir, role) for role in ROLES}
+        root = Root(consistent_snapshot=True)
+        for role, signer in signers.items():
+            root.add_key(signer.public_key, role)
+        repo._sign_and_write(Root.type, Metadata(root))
+        repo._sign_and_write(Targets.type, Metadata(Targets()))
+        repo._sign_and_write(Snapshot.type, Metadata(Snapshot()))
+        repo._sign_and_write(Timestamp.type, Metadata(Timestamp()))
+        return repo
+
+    def published(self) -> dict[str, dict[str, Any]]:
+        """``{target path: {"version", "length", "sha256", ...}}`` of every published bundle."""
+        out = {}
+        for path, info in self.targets().targets.items():
+            out[path] = {**(info.custom or {}).get("smearsight", {}), "length": info.length, **info.hashes}
+        return out
+
+    def publish(self, bundle: str | Path, key: str = ONNX_KEY, allow_downgrade: bool = False) -> dict[str, Any]:
+        """Add ``bundle`` as the target for ``key``; re-sign targets, snapshot and timestamp."""
+        bundle = Path(bundle)
+        path = target_path(key)
+        index = read_index(bundle)
+        version = str(index["version"])
+        has_engines = any(m.get("engine") for m in index.get("models", []))
+        if key != ONNX_KEY and not has_engines:
+            raise InputError(f"{bundle}: has no TensorRT engines; publish it with --onnx-fallback instead of --gpu")
+        sha = sha256_file(bundle)
+        existing = self.targets().targets.get(path)
+        if existing is not None:
+            old = str((existing.custom or {}).get("smearsight", {}).get("version", ""))
+            if old == version:
+                if existing.hashes.get("sha256") == sha:
+                    return {"target": path, "version": version, "changed": False}
+                raise InputError(f"{bundle}: version {version} is already published for '{key}' with other content;"
+                                 " bump --version")
+            if version_key(version) < version_key(old) and not allow_downgrade:
+                raise InputError(f"{bundle}: version {version} is older than the published {old} for '{key}'"
+                                 " (use --allow-downgrade to publish it anyway)")
+        info = TargetFile.from_file(path, str(bundle), ["sha256"])
+        info.unrecognized_fields["custom"] = {
+            "smearsight": {"version": version, "key": key, "models": [m["name"] for m in index.get("models", [])]}
+        }
+        stored = self.targets_dir / "bundles" / f"{sha}.{key}.tar.gz"
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        if not stored.exists():
+            _atomic_copy(bundle, stored)
+        with self.edit_targets() as targets:
+            targets.targets[path] = info
+        self.do_snapshot()
+        self.do_timestamp()
+        return {"target": path, "version": version, "changed": True, "targets_version": self.targets().version}
+
+    def refresh(self, targets: bool = False, root: bool = False) -> dict[str, int]:
+        """Re-sign snapshot and timestamp (and optionally targets, root) with fresh expiries.
+
+        Run it regularly (see docs/deploy.md). Re-signing root needs the offline root key and publishes
+        ``N.root.json``, which devices pick up on their next update.
+        """
+        if root:
+            with self.edit_root():
+                pass
+        if targets:
+            with self.edit_targets():
+                pass
+        self.do_snapshot(force=True)
+        self.do_timestamp(force=True)
+        return {"root": self.root().version, "targets": self.targets().version,
+                "snapshot": self.snapshot().version, "timestamp": self.timestamp().version}
+
+
+# -------------------------------------------------------------------------------------------- serve
+
+
+class _RepoHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files from ``metadata/`` and ``targets/`` only: keys and settings are never served."""
+
+    quiet = True
+
+    def send_head(self):  # type: ignore[no-untyped-def]
+        path = self.path.split("?", 1)[0].split("#", 1)[0]
+        if not (path.startswith("/metadata/") or path.startswith("/targets/")) or path.endswith("/"):
+            self.send_error(404, "not found")
+            return None
+        return super().send_head()
+
+    def list_directory(self, path):  # type: ignore[no-untyped-def]
+        self.send_error(404, "not found")
+        return None
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        if not self.quiet:
+            super().log_message(format, *args)
+
+
+def make_server(
+    repo_dir: str | Path, host: str = "127.0.0.1", port: int = 0, quiet: bool = True
+) -> http.server.ThreadingHTTPServer:
+    """A threading HTTP server for ``repo_dir`` (call ``serve_forever``; ``server_address`` has the port)."""
+    repo_dir = Path(repo_dir)
+    if not (repo_dir / "metadata" / "1.root.json").is_file():
+        raise InputError(f"{repo_dir}: not an update repository (no metadata/1.root.json)")
+    handler = type("RepoHandler", (_RepoHandler,), {"quiet": quiet})
+    server = http.server.ThreadingHTTPServer((host, port), partial(handler, directory=str(repo_dir)))
+    server.daemon_threads = True
+    return server

@@ -1,0 +1,159 @@
+"""The TUF repository on disk: keys with tight permissions, signed metadata, publishing, serving."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+
+from smearsight.deploy.keys import load_signer
+from smearsight.deploy.repository import FileRepository, gpu_key, make_server, target_path
+from smearsight.errors import InputError
+
+
+def test_init_writes_private_keys_and_signed_metadata(repo):
+    keys = repo.keys_dir
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        assert stat.S_IMODE((keys / f"{role}.pem").stat().st_mode) == 0o600
+    root = Metadata[Root].from_file(str(repo.meta_dir / "1.root.json"))
+    root.signed.verify_delegate("root", root.signed_bytes, root.signatures)
+    for role, cls in (("targets", Targets), ("snapshot", Snapshot), ("timestamp", Timestamp)):
+        name = "timestamp.json" if role == "timestamp" else f"1.{role}.json"
+        md = Metadata.from_file(str(repo.meta_dir / name))
+        assert isinstance(md.signed, cls) and md.signed.version == 1
+        root.signed.verify_delegate(role, md.signed_bytes, md.signatures)  # raises when unsigned
+        assert not md.signed.is_expired()
+    assert root.signed.consistent_snapshot
+    # each role has its own key
+    assert len({root.signed.roles[r].keyids[0] for r in ("root", "targets", "snapshot", "timestamp")}) == 4
+
+
+def test_init_refuses_existing_repo_and_bad_expiry(repo, tmp_path):
+    with pytest.raises(InputError, match="already holds a repository"):
+        FileRepository.init(repo.dir)
+    with pytest.raises(InputError, match="unknown role 'bogus'"):
+        FileRepository.init(tmp_path / "r2", {"bogus": 3})
+    with pytest.raises(InputError, match="positive number of days"):
+        FileRepository.init(tmp_path / "r3", {"timestamp": 0})
+
+
+def test_expiry_settings_are_used(tmp_path):
+    repo = FileRepository.init(tmp_path / "r", {"timestamp": 2, "root": 30})
+    ts = repo.timestamp()
+    root = repo.root()
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    assert timedelta(days=1.9) < ts.expires - now <= timedelta(days=2)
+    assert timedelta(days=29.9) < root.expires - now <= timedelta(days=30)
+
+
+def test_key_with_open_permissions_is_refused(repo):
+    os.chmod(repo.keys_dir / "timestamp.pem", 0o644)
+    with pytest.raises(InputError, match="too open; run: chmod 600"):
+        load_signer(repo.keys_dir, "timestamp")
+
+
+def test_publish_bumps_and_resigns(repo, bundles):
+    result = repo.publish(bundles["1.0"])
+    assert result["changed"] and result["target"] == "bundles/onnx.tar.gz"
+    assert repo.targets().version == 2 and repo.snapshot().version == 2 and repo.timestamp().version == 2
+    assert repo.snapshot().meta["targets.json"].version == 2
+    assert repo.timestamp().snapshot_meta.version == 2
+    info = repo.targets().targets["bundles/onnx.tar.gz"]
+    assert info.custom["smearsight"]["version"] == "1.0"
+    stored = repo.targets_dir / "bundles" / f"{info.hashes['sha256']}.onnx.tar.gz"
+    assert stored.read_bytes() == bundles["1.0"].read_bytes()
+    assert (repo.meta_dir / "2.targets.json").is_file() and (repo.meta_dir / "2.snapshot.json").is_file()
+    # same bundle again: nothing to do; older version: refused; newer: accepted
+    assert repo.publish(bundles["1.0"])["changed"] is False
+    repo.publish(bundles["1.2"])
+    with pytest.raises(InputError, match="older than the published 1.2"):
+        repo.publish(bundles["1.1"])
+    assert repo.publish(bundles["1.1"], allow_downgrade=True)["changed"]
+    assert repo.published()["bundles/onnx.tar.gz"]["version"] == "1.1"
+
+
+def test_gpu_keys(repo, bundles):
+    assert gpu_key("8.7", "10.3.0") == "sm_87-trt10.3"
+    assert target_path("sm_87-trt10.3") == "bundles/sm_87-trt10.3.tar.gz"
+    with pytest.raises(InputError, match="not a GPU key"):
+        target_path("orin")
+    with pytest.raises(InputError, match="has no TensorRT engines"):
+        repo.publish(bundles["1.0"], "sm_87-trt10.3")
+
+
+def test_serve_only_metadata_and_targets(repo, bundles):
+    repo.publish(bundles["1.0"])
+    server = make_server(repo.dir)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with urllib.request.urlopen(f"{base}/metadata/timestamp.json") as response:
+            assert response.read() == (repo.meta_dir / "timestamp.json").read_bytes()
+        for secret in ("/keys/root.pem", "/repository.json", "/metadata/", "/targets/bundles/"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(base + secret)
+            assert info.value.code == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_cli_repo_commands(tmp_path, bundles, capsys):
+    from smearsight.cli import main
+
+    repo_dir = tmp_path / "r"
+    assert main(["deploy", "repo", "init", str(repo_dir), "--expiry-days", "timestamp=3"]) == 0
+    assert "offline" in capsys.readouterr().out
+    assert main(["deploy", "repo", "publish", str(repo_dir), str(bundles["1.0"]), "--onnx-fallback"]) == 0
+    assert main(["deploy", "repo", "publish", str(repo_dir), str(bundles["1.0"])]) == 1
+    assert "exactly one of --gpu" in capsys.readouterr().err
+    assert main(["deploy", "repo", "refresh", str(repo_dir)]) == 0
+    assert FileRepository(repo_dir).timestamp().version == 3
+    assert main(["deploy", "repo", "refresh", str(repo_dir), "--targets"]) == 0
+    assert FileRepository(repo_dir).targets().version == 3
+    assert main(["deploy", "repo", "init", str(repo_dir), "--expiry-days", "timestamp"]) == 1
+
+
+def test_refresh_root_and_targets_reaches_devices(repo, bundles, device_root):
+    from smearsight.deploy.updater import update
+
+    repo.publish(bundles["1.0"])
+    assert update(device_root, str(repo.dir))["version"] == "1.0"
+    versions = repo.refresh(targets=True, root=True)
+    assert versions["root"] == 2 and versions["targets"] == 3 and (repo.meta_dir / "2.root.json").is_file()
+    repo.publish(bundles["1.1"])
+    assert update(device_root, str(repo.dir))["version"] == "1.1"
+    assert (device_root / "tuf" / "root_history" / "2.root.json").is_file()  # the device now trusts root v2
+    os.unlink(repo.keys_dir / "root.pem")  # kept offline
+    with pytest.raises(InputError, match="keep root offline"):
+        repo.refresh(root=True)
+    assert repo.refresh()["timestamp"] == 5  # the online keys are enough for freshness
+
+
+def test_cli_serve_subprocess(repo, bundles):
+    import re
+    import subprocess
+    import sys
+
+    repo.publish(bundles["1.0"])
+    proc = subprocess.Popen([sys.executable, "-m", "smearsight.cli", "deploy", "repo", "serve", str(repo.dir),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata/2.targets.json", timeout=10) as response:
+            assert response.read() == (repo.meta_dir / "2.targets.json").read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
