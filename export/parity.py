@@ -160,17 +160,21 @@ def morphology_inputs(manifest: Manifest, count: int, data: Path | None, seed: i
 
 
 # ---------------------------------------------------------------------------------------- running
-def run_onnx(model: Any, inputs: np.ndarray, input_name: str, batch_one: bool) -> list[np.ndarray]:
-    """Run an ONNX model (path or ModelProto) over ``inputs``; returns the outputs stacked over inputs."""
+def run_onnx_batches(model: Any, inputs: np.ndarray, input_name: str, batch_one: bool) -> list[list[np.ndarray]]:
+    """Run an ONNX model (path or ModelProto) over ``inputs``; one list of outputs per batch run."""
     import onnxruntime as ort
 
-    data = model if isinstance(model, str | Path) else model.SerializeToString()
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(data) if isinstance(data, Path) else data, options,
-                                   providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, str | Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     batches = [inputs[i : i + 1] for i in range(len(inputs))] if batch_one else [inputs]
-    results = [session.run(None, {input_name: b}) for b in batches]
+    return [session.run(None, {input_name: b}) for b in batches]
+
+
+def run_onnx(model: Any, inputs: np.ndarray, input_name: str, batch_one: bool) -> list[np.ndarray]:
+    """Run an ONNX model over ``inputs``; returns each output stacked over the inputs."""
+    results = run_onnx_batches(model, inputs, input_name, batch_one)
     return [np.concatenate([r[k] for r in results], axis=0) for k in range(len(results[0]))]
 
 
@@ -204,10 +208,10 @@ def fp16_overflow_layers(
         if info.name not in existing and info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
             model.graph.output.append(info)
     names = [o.name for o in model.graph.output]
-    outputs = run_onnx(model, inputs, input_name, batch_one)
+    runs = run_onnx_batches(model, inputs, input_name, batch_one)
     overflow = []
-    for name, value in zip(names, outputs, strict=True):
-        peak = float(np.max(np.abs(value), initial=0.0))
+    for k, name in enumerate(names):
+        peak = max(float(np.max(np.abs(run[k]), initial=0.0)) for run in runs)
         if not np.isfinite(peak) or peak > FP16_MAX:
             overflow.append((producers.get(name, name), peak))
     return sorted(overflow, key=lambda item: -item[1])

@@ -18,6 +18,12 @@ def tiny_detector_checkpoint(tmp_path_factory):
     anchors = AnchorConfig(levels=[3, 4, 5], base_sizes=[12.0, 24.0, 48.0], scales=[1.0], aspect_ratios=[1.0, 2.0])
     cfg = model_config_for("test_efficientdet", len(TPS_CLASS_NAMES), anchors.levels, anchors.anchors_per_location)
     model = build_from_config(cfg).eval()
+    # Spread the untrained head's outputs so that scores and boxes differ clearly between anchors
+    # (an untrained head gives every anchor the prior score, and then NMS order is a coin toss).
+    with torch.no_grad():
+        for head, std in ((model.class_net, 2.0), (model.box_net, 0.3)):
+            for param in head.predict.parameters():
+                param.normal_(0.0, std)
     path = tmp_path_factory.mktemp("det") / "tiny_detector.pt"
     save_checkpoint(
         path,
@@ -29,8 +35,7 @@ def tiny_detector_checkpoint(tmp_path_factory):
             "image_size": [64, 96],
             "class_names": list(TPS_CLASS_NAMES),
             "anchors": anchors.to_dict(),
-            # a low threshold so that the untrained network still yields detections to compare
-            "thresholds": {"score": 0.005, "iou": 0.5, "pre_nms_topk": 1000, "max_detections": 1000},
+            "thresholds": {"score": 0.5, "iou": 0.5, "pre_nms_topk": 1000, "max_detections": 1000},
         },
     )
     return path

@@ -64,7 +64,8 @@ def test_export_check_fails_on_wrong_weights(detector_export, tiny_detector_chec
     from smearsight.train.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(tiny_detector_checkpoint)
-    ckpt["state_dict"] = {k: (v + 0.5 if v.is_floating_point() and v.ndim > 1 else v) for k, v in ckpt["state_dict"].items()}
+    state = ckpt["state_dict"]
+    ckpt["state_dict"] = {k: (v + 0.5 if v.is_floating_point() and v.ndim > 1 else v) for k, v in state.items()}
     other = tmp_path / "other.pt"
     save_checkpoint(other, ckpt)
     assert main(["export", "check", str(detector_export), "--weights", str(other), "--count", "1", "--no-fp16"]) == 1
