@@ -1,0 +1,50 @@
+import importlib.util
+
+import pytest
+
+from smearsight.cli import main
+from smearsight.manifest import load_manifest, verify_files
+
+pytest.importorskip("torch")
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_detector_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine_src")
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
+def test_engine_without_tensorrt_says_what_to_install(onnx_dir, tmp_path, capsys):
+    rc = main(["export", "engine", "--onnx", str(onnx_dir / "model.onnx"), "--out", str(tmp_path), "--fp16"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "tensorrt is not installed" in err and "TensorRT comes with the device's CUDA stack" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "model.engine").exists()
+
+
+def test_engine_missing_onnx_is_input_error(tmp_path):
+    assert main(["export", "engine", "--onnx", str(tmp_path / "nope.onnx"), "--out", str(tmp_path)]) == 1
+
+
+def test_engine_batch_profile_order_checked(onnx_dir, tmp_path):
+    args = ["export", "engine", "--onnx", str(onnx_dir / "model.onnx"), "--out", str(tmp_path)]
+    assert main([*args, "--min-batch", "4", "--opt-batch", "2"]) == 1
+
+
+@pytest.mark.trt
+def test_fp16_engine_build_records_environment(onnx_dir, tmp_path):
+    timing_cache = tmp_path / "timing.cache"
+    rc = main(["export", "engine", "--onnx", str(onnx_dir / "model.onnx"), "--out", str(tmp_path), "--fp16",
+               "--timing-cache", str(timing_cache)])
+    assert rc == 0
+    manifest = load_manifest(tmp_path)
+    assert manifest.precision == "fp16"
+    engine = manifest.engine
+    assert engine is not None and engine.tensorrt_version and engine.compute_capability
+    assert engine.build_flags["fp16"] is True
+    assert timing_cache.stat().st_size > 0
+    assert verify_files(tmp_path) == []
