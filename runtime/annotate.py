@@ -110,9 +110,8 @@ def morphology_flags(morphology: Iterable[dict[str, Any]] | None) -> dict[int, l
             det = int(det)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             continue
-        flags = out.setdefault(det, [])
         if str(item.get("status", "")).lower() in ("n/a", "na", "none", "skipped"):
-            flags.append((str(item.get("part", "")), None, None))
+            out.setdefault(det, []).append((str(item.get("part", "")), None, None))
             continue
         parts = item.get("parts")
         if isinstance(parts, dict):
@@ -122,7 +121,11 @@ def morphology_flags(morphology: Iterable[dict[str, Any]] | None) -> dict[int, l
         for part, v in entries:
             score = v.get("score")
             abnormal = v.get("abnormal")
-            flags.append((part, None if score is None else float(score), None if abnormal is None else bool(abnormal)))
+            try:
+                score = None if score is None else float(score)
+            except (TypeError, ValueError):
+                continue  # a malformed part entry is ignored, like a malformed item
+            out.setdefault(det, []).append((part, score, None if abnormal is None else bool(abnormal)))
     return out
 
 

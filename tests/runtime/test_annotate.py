@@ -107,6 +107,12 @@ def test_helpers() -> None:
                               {"det": "x"}, "junk", {"det": 4, "status": "N/A"}])
     assert flags == {3: [("tail", 0.5, False), ("head", 0.9, True)], 4: [("", None, None)]}
     assert plain_ascii("camera lost — retrying in 4 s") == "camera lost - retrying in 4 s"
+    # a score that is not a number is a malformed entry: ignored, not a crash of the frame loop
+    bad = [{"det": 5, "part": "head", "score": "high", "abnormal": True},
+           {"det": 6, "parts": {"head": {"score": [1], "abnormal": True}, "tail": {"score": 0.2}}}]
+    assert morphology_flags(bad) == {6: [("tail", 0.2, None)]}
+    img = _canvas(120, 160)
+    annotate(img, _dets([(10, 10, 50, 50, 0.9, 1)] * 7), TPS_CLASS_NAMES, bad, {})
 
 
 def test_non_contiguous_view_is_copied_not_failed() -> None:

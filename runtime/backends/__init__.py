@@ -1,0 +1,55 @@
+"""Inference backends behind one interface: ONNX Runtime and TensorRT (chosen by flag and manifest)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Literal
+
+from smearsight.errors import InputError, MissingDependencyError
+from smearsight.manifest import load_manifest
+from smearsight.runtime.backends.base import EngineMismatchError, InferenceBackend
+
+__all__ = ["EngineMismatchError", "InferenceBackend", "open_backend"]
+
+log = logging.getLogger("smearsight.runtime")
+
+
+def _tensorrt_importable() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("pycuda") is not None
+
+
+def open_backend(
+    model_dir: Path | str,
+    backend: Literal["auto", "onnx", "trt"] = "auto",
+    fallback_to_onnx: bool = True,
+) -> InferenceBackend:
+    """Open the model in ``model_dir`` (``manifest.json`` + ``model.onnx`` [+ engine]).
+
+    ``auto`` uses the TensorRT engine when the manifest names one, TensorRT is installed and the
+    engine matches this device, else ONNX Runtime. ``trt`` insists on the engine; when it cannot run
+    (missing, other TensorRT version or GPU) the ONNX model is used instead if ``fallback_to_onnx``,
+    and the reason is kept in ``backend.notes`` (and logged); otherwise the reason is raised.
+    """
+    from smearsight.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    model_dir = Path(model_dir)
+    if backend not in ("auto", "onnx", "trt"):
+        raise InputError(f"--backend: '{backend}' is not one of auto, onnx, trt")
+    manifest = load_manifest(model_dir)
+    notes: list[str] = []
+    want_trt = backend == "trt" or (backend == "auto" and manifest.engine is not None and _tensorrt_importable())
+    if want_trt:
+        from smearsight.runtime.backends.tensorrt import TensorRTBackend
+
+        try:
+            return TensorRTBackend(model_dir, manifest)
+        except (InputError, MissingDependencyError) as exc:
+            if not fallback_to_onnx:
+                raise
+            notes.append(f"TensorRT not used: {exc}; running the ONNX model instead")
+            log.warning(notes[-1])
+    result = OnnxRuntimeBackend(model_dir, manifest)
+    result.notes[:0] = notes
+    return result

@@ -1,0 +1,54 @@
+"""``smearsight run``: the device's main job (camera -> models -> annotated picture, recorded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from smearsight.cli_app import app
+
+
+@app.command("run")
+def run_command(
+    source: str = typer.Argument(
+        "synth://", help="Frame source: synth://, v4l2:///dev/video0, 0, csi://0, file://video.mp4, file://dir/, "
+        "or a GStreamer pipeline."
+    ),
+    sink: str = typer.Argument(
+        None, help="Output: display://0, http://:8080, file://out.mp4, file://dir/, null:// "
+        "(default: a window when a display is available, else file://smearsight-out.mp4).",
+        show_default=False,
+    ),
+    models: Path = typer.Option(None, "--models", help="Folder with detector/ and morphology_<part>/ "
+                                "(default: the demo models shipped in the package)."),
+    backend: str = typer.Option("auto", "--backend", help="trt | onnx | auto (TensorRT when its engine fits)."),
+    headless: bool = typer.Option(False, "--headless", help="Never open a window."),
+    max_frames: int = typer.Option(None, "--max-frames", min=1, help="Stop after N processed frames."),
+    record: Path = typer.Option(None, "--record", help="Record the session into this SQLite file."),
+    stats_json: Path = typer.Option(None, "--stats-json", help="Write frames, fps, per-stage latency medians "
+                                    "and per-class counts to this JSON file."),
+    loop: bool = typer.Option(False, "--loop", help="Restart a video or image folder at its end."),
+    fullscreen: bool = typer.Option(False, "--fullscreen", help="Full-screen window (display://)."),
+    no_morphology: bool = typer.Option(False, "--no-morphology", help="Skip the sperm morphology models."),
+) -> None:
+    """Run the detector (and the morphology models) on a source and show or save the annotated frames.
+
+    With no arguments: the synthetic smear slide through the built-in demo models.
+    """
+    import logging
+
+    from rich.console import Console
+
+    from smearsight.errors import InputError
+    from smearsight.runtime.pipeline import RunConfig, run, stats_text
+
+    if backend not in ("auto", "onnx", "trt"):
+        raise InputError(f"--backend: '{backend}' is not one of auto, onnx, trt")
+    console = Console(stderr=True, highlight=False)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = RunConfig(source=source, sink=sink, models=models, backend=backend, headless=headless,
+                    max_frames=max_frames, record=record, stats_json=stats_json, loop=loop, fullscreen=fullscreen,
+                    morphology=not no_morphology)
+    stats = run(cfg, echo=lambda msg: console.print(msg, markup=False))
+    console.print(stats_text(stats), markup=False)

@@ -1,0 +1,1 @@
+"""CUDA kernels (*.cu) shipped as package data, compiled at run time through pycuda."""

@@ -1,0 +1,482 @@
+"""The on-device pipeline: source -> preprocess -> detector -> decode + NMS -> morphology -> annotate -> sink.
+
+:class:`Pipeline` holds everything that is allocated once (backends, the pre-processing buffers, the
+anchors, the fixed ``[max_det, 6]`` detection arrays, the GPU decoder when TensorRT runs) and processes
+one frame at a time. :func:`run` drives it from a frame source into a sink, records the session and
+keeps per-stage latencies; problems (a lost camera, a corrupt frame, a full disk) become plain words on
+the picture and in the log, and the loop keeps going where it can.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smearsight.anchors import generate_anchors
+from smearsight.catalog import MORPHOLOGY_PARTS
+from smearsight.errors import InputError
+from smearsight.fileio import atomic_write_json
+from smearsight.manifest import MANIFEST_NAME
+from smearsight.runtime.backends import InferenceBackend, open_backend
+from smearsight.runtime.postprocess import EMPTY_ROW, decode_nms
+from smearsight.runtime.preprocess import Preprocessor
+
+log = logging.getLogger("smearsight.runtime")
+
+STAGES = ("capture", "preprocess", "infer", "decode_nms", "morphology", "annotate", "sink", "record")
+DEFAULT_SOURCE = "synth://"
+DEFAULT_FILE_SINK = "file://smearsight-out.mp4"
+
+
+# ------------------------------------------------------------------------------------------- models
+@dataclass
+class ModelSet:
+    """Where the detector and the morphology models live."""
+
+    detector: Path
+    morphology: list[Path] = field(default_factory=list)
+    packaged: bool = False
+
+
+def packaged_models_root() -> Path:
+    """The demo models shipped inside the package (``smearsight/models``)."""
+    return Path(str(resources.files("smearsight").joinpath("models")))
+
+
+def find_models(models: Path | str | None) -> ModelSet:
+    """Resolve ``--models DIR``: ``DIR/detector/`` + ``DIR/morphology_<part>/`` (or ``DIR`` itself a
+    detector directory). None = the demo models shipped in the package."""
+    packaged = models is None
+    root = packaged_models_root() if packaged else Path(models).expanduser()
+    if not packaged and not root.is_dir():
+        raise InputError(f"--models {root}: no such folder")
+    if (root / MANIFEST_NAME).is_file():
+        detector = root
+    elif (root / "detector" / MANIFEST_NAME).is_file():
+        detector = root / "detector"
+    elif packaged:
+        raise InputError(
+            f"{root / 'detector'}: the built-in demo models are not installed in this package "
+            "(expected detector/manifest.json + model.onnx); pass --models DIR with exported models"
+        )
+    else:
+        raise InputError(f"--models {root}: no detector model (expected {root}/detector/{MANIFEST_NAME})")
+    morph = []
+    for part in MORPHOLOGY_PARTS:
+        d = root / f"morphology_{part}"
+        if (d / MANIFEST_NAME).is_file():
+            morph.append(d)
+    return ModelSet(detector, morph, packaged)
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+class Pipeline:
+    """One detector (+ optional morphology models) with every buffer allocated once.
+
+    ``process(frame_rgb)`` returns ``(detections, count, morphology, timings)``: ``detections`` is the
+    fixed ``[max_det, 6]`` array in frame pixels (reused by the next call), ``timings`` seconds per stage.
+    """
+
+    def __init__(self, detector: InferenceBackend, morphology: list[InferenceBackend] | None = None) -> None:
+        from smearsight.runtime.morphology_stage import MorphologyStage
+
+        man = detector.manifest
+        if man.kind != "detector" or man.detector is None:
+            raise InputError(f"{detector.model_dir}: not a detector model (manifest kind '{man.kind}')")
+        self.detector = detector
+        self.spec = man.detector
+        self.class_names = list(self.spec.class_names)
+        self.image_size = man.image_size
+        self.anchors = generate_anchors(self.image_size, self.spec.anchors)
+        outs = {o.name: o.shape for o in man.outputs}
+        expected = outs[self.spec.class_output]
+        if len(expected) >= 2 and expected[-2] not in (-1, self.anchors.shape[0]):
+            raise InputError(
+                f"{detector.model_dir}: the manifest's anchors give {self.anchors.shape[0]} anchors but output "
+                f"'{self.spec.class_output}' has {expected[-2]}"
+            )
+        self.preprocess = Preprocessor(man.input)
+        self.max_det = self.spec.max_detections
+        self._dets = np.empty((self.max_det, 6), np.float32)
+        self._frame_dets = np.empty((self.max_det, 6), np.float32)
+        self._gpu_decoder = None
+        self._gpu_preprocess = None
+        self._decode_on_device = False
+        if detector.name == "tensorrt":
+            self._gpu_decoder = self._open_gpu_decoder()
+        self.morphology_backends = list(morphology or [])
+        self.morphology = (
+            MorphologyStage(self.morphology_backends, self.class_names) if self.morphology_backends else None
+        )
+        self.notes = list(detector.notes) + [n for b in self.morphology_backends for n in b.notes]
+
+    def _open_gpu_decoder(self) -> Any:
+        """The CUDA decoder, sharing the engine's context and stream so that the raw outputs never
+        leave the GPU (only when the engine's outputs are float32)."""
+        det = self.detector
+        try:
+            from smearsight.runtime.cuda_postprocess import CudaDecodeNMS
+
+            on_device = all(
+                det.output_dtype(n) == np.float32 for n in (self.spec.class_output, self.spec.box_output)
+            )
+            decoder = CudaDecodeNMS(
+                self.anchors, len(self.class_names), score_threshold=self.spec.score_threshold,
+                iou_threshold=self.spec.iou_threshold, pre_nms_topk=self.spec.pre_nms_topk,
+                max_detections=self.max_det, image_size=self.image_size,
+                context=det.context_handle, stream=det.stream,
+            )
+            self._decode_on_device = on_device
+            if on_device and det.manifest.input.shape[0] in (1, -1):
+                self._gpu_preprocess = self._open_gpu_preprocess()
+            return decoder
+        except Exception as exc:  # the NumPy reference gives the same detections
+            log.warning("GPU decode + NMS not available (%s); using the CPU reference", exc)
+            return None
+
+    def _open_gpu_preprocess(self) -> Any:
+        det = self.detector
+        det.context_handle.push()
+        try:
+            from smearsight.runtime.cuda_postprocess import CudaPreprocessor
+
+            return CudaPreprocessor(det.manifest.input, det.context_handle, det.stream)
+        except Exception as exc:  # the CPU pre-processing gives the same input
+            log.warning("GPU pre-processing not available (%s); pre-processing on the CPU", exc)
+            return None
+        finally:
+            det.context_handle.pop()
+
+    def _all_gpu(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, int, Any]:
+        """Upload the frame, pre-process, run the engine and decode + NMS on one stream."""
+        det = self.detector
+        ctx = det.context_handle
+        ctx.push()
+        try:
+            box = self._gpu_preprocess(frame_rgb, det.input_device())
+            det.execute()
+            dets, n = self._gpu_decoder.run_on_device(
+                det.device_output(self.spec.class_output), det.device_output(self.spec.box_output)
+            )
+            return dets, n, box
+        finally:
+            ctx.pop()
+
+    def _infer_decode_gpu(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        det = self.detector
+        ctx = det.context_handle
+        ctx.push()
+        try:
+            det.enqueue(x)
+            return self._gpu_decoder.run_on_device(
+                det.device_output(self.spec.class_output), det.device_output(self.spec.box_output)
+            )
+        finally:
+            ctx.pop()
+
+    def decode(self, outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
+        """Decode + NMS of the detector outputs into the fixed array (model-input pixels)."""
+        logits = outputs[self.spec.class_output]
+        deltas = outputs[self.spec.box_output]
+        if self._gpu_decoder is not None:
+            return self._gpu_decoder(logits, deltas)
+        return decode_nms(
+            logits, deltas, self.anchors, score_threshold=self.spec.score_threshold,
+            iou_threshold=self.spec.iou_threshold, pre_nms_topk=self.spec.pre_nms_topk,
+            max_detections=self.max_det, image_size=self.image_size, out=self._dets,
+        )
+
+    def process(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, int, list[dict[str, Any]], dict[str, float]]:
+        """Run one RGB uint8 frame through the models."""
+        t0 = time.perf_counter()
+        if self._gpu_preprocess is not None:  # upload, preprocess, engine, decode + NMS: one GPU stream
+            if frame_rgb.dtype != np.uint8 or frame_rgb.ndim != 3 or frame_rgb.shape[2] != 3:
+                raise InputError(f"frame: expected an RGB uint8 image HxWx3, got {frame_rgb.dtype} "
+                                 f"of shape {frame_rgb.shape}")
+            t1 = t0
+            dets, n, box = self._all_gpu(np.ascontiguousarray(frame_rgb))
+            t2 = time.perf_counter()
+        else:
+            x, box = self.preprocess(frame_rgb)
+            t1 = time.perf_counter()
+            if self._decode_on_device:  # TensorRT + CUDA decode: one stream, the fixed array comes back
+                dets, n = self._infer_decode_gpu(x)
+                t2 = time.perf_counter()
+            else:
+                outputs = self.detector.infer(x)
+                t2 = time.perf_counter()
+                dets, n = self.decode(outputs)
+        out = self._frame_dets
+        out[:] = EMPTY_ROW
+        if n:
+            h, w = box.frame_size
+            out[:n, 4:6] = dets[:n, 4:6]
+            np.subtract(dets[:n, 0:4:2], box.offset_x, out=out[:n, 0:4:2])
+            out[:n, 0:4:2] /= box.scale_x
+            np.subtract(dets[:n, 1:4:2], box.offset_y, out=out[:n, 1:4:2])
+            out[:n, 1:4:2] /= box.scale_y
+            np.clip(out[:n, 0:4:2], 0, w, out=out[:n, 0:4:2])
+            np.clip(out[:n, 1:4:2], 0, h, out=out[:n, 1:4:2])
+        t3 = time.perf_counter()
+        morph = self.morphology(frame_rgb, out, n) if self.morphology is not None else []
+        t4 = time.perf_counter()
+        return out, n, morph, {"preprocess": t1 - t0, "infer": t2 - t1, "decode_nms": t3 - t2, "morphology": t4 - t3}
+
+    def close(self) -> None:
+        if self._gpu_preprocess is not None:
+            self.detector.context_handle.push()
+            try:
+                self._gpu_preprocess.close()
+            finally:
+                self.detector.context_handle.pop()
+        if self._gpu_decoder is not None:
+            self._gpu_decoder.close()
+        self.detector.close()
+        for b in self.morphology_backends:
+            b.close()
+
+
+def open_pipeline(models: Path | str | None, backend: str = "auto", *, morphology: bool = True) -> Pipeline:
+    """Open the detector and morphology models found by :func:`find_models` as a :class:`Pipeline`."""
+    found = find_models(models)
+    detector = open_backend(found.detector, backend)  # type: ignore[arg-type]
+    morph = []
+    if morphology:
+        for d in found.morphology:
+            try:
+                morph.append(open_backend(d, backend))  # type: ignore[arg-type]
+            except InputError as exc:
+                detector.notes.append(f"morphology model skipped: {exc}")
+                log.warning("morphology model skipped: %s", exc)
+    return Pipeline(detector, morph)
+
+
+# ------------------------------------------------------------------------------------------- run loop
+@dataclass
+class RunConfig:
+    """What ``smearsight run`` was asked to do."""
+
+    source: str = DEFAULT_SOURCE
+    sink: str | None = None
+    models: Path | None = None
+    backend: str = "auto"
+    headless: bool = False
+    max_frames: int | None = None
+    record: Path | None = None
+    stats_json: Path | None = None
+    loop: bool = False
+    fullscreen: bool = False
+    morphology: bool = True
+
+
+class StageTimer:
+    """Bounded per-stage latency history (seconds); medians in ms."""
+
+    def __init__(self, keep: int = 2000) -> None:
+        self.samples: dict[str, deque[float]] = {s: deque(maxlen=keep) for s in STAGES}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.samples[stage].append(seconds)
+
+    def last_ms(self) -> dict[str, float]:
+        return {s: round(v[-1] * 1e3, 1) for s, v in self.samples.items() if v}
+
+    def medians_ms(self) -> dict[str, float]:
+        return {s: round(statistics.median(v) * 1e3, 3) for s, v in self.samples.items() if v}
+
+
+class _Problems:
+    """Plain-words problems: logged once each, the latest shown on screen for a few seconds."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+        self.current = ""
+        self.until = 0.0
+
+    def report(self, message: str, hold_s: float = 5.0) -> None:
+        if not message:
+            return
+        if message not in self.seen:
+            log.warning(message)
+            self.seen[message] = 0
+        self.seen[message] += 1
+        self.current = message
+        self.until = time.monotonic() + hold_s
+
+    def active(self) -> str:
+        return self.current if time.monotonic() < self.until else ""
+
+
+def choose_sink(sink: str | None, headless: bool) -> tuple[str, str]:
+    """The sink URI to use and a plain-words note when it was chosen for the user."""
+    if sink:
+        return sink, ""
+    if not headless:
+        from smearsight.device.sinks import display_problem
+
+        problem = display_problem()
+        if not problem:
+            return "display://0", ""
+        return DEFAULT_FILE_SINK, f"{problem}: writing the annotated video to {DEFAULT_FILE_SINK[7:]} instead"
+    return DEFAULT_FILE_SINK, f"--headless: writing the annotated video to {DEFAULT_FILE_SINK[7:]}"
+
+
+def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -> dict[str, Any]:
+    """Run the pipeline from ``cfg.source`` to ``cfg.sink``; returns (and optionally writes) the stats.
+
+    Raises InputError only when nothing can run at all (no models, an unknown source or sink).
+    """
+    from smearsight.device.sinks import open_sink
+    from smearsight.device.sources import open_source
+    from smearsight.runtime.annotate import annotate
+
+    say = echo or (lambda msg: log.info(msg))
+    own_pipeline = pipeline is None
+    pipe = pipeline or open_pipeline(cfg.models, cfg.backend, morphology=cfg.morphology)
+    problems = _Problems()
+    for note in pipe.notes:
+        problems.report(note, hold_s=10.0)
+        say(note)
+    sink_uri, sink_note = choose_sink(cfg.sink, cfg.headless)
+    if sink_note:
+        say(sink_note)
+    source = sink = recorder = None
+    timer = StageTimer()
+    totals = dict.fromkeys(pipe.class_names, 0)
+    frames = 0
+    session_id = None
+    t_start = time.perf_counter()
+    try:
+        source = open_source(cfg.source, loop=cfg.loop)
+        sink = open_sink(sink_uri, headless=cfg.headless, fullscreen=cfg.fullscreen)
+        if cfg.record is not None:
+            from smearsight.device.record import RecordError, SessionRecorder
+
+            try:
+                recorder = SessionRecorder(cfg.record)
+                session_id = recorder.start_session(
+                    {"source": cfg.source, "class_names": pipe.class_names, "backend": pipe.detector.name,
+                     "model": pipe.detector.manifest.name, "model_version": pipe.detector.manifest.model_version}
+                )
+            except RecordError as exc:
+                problems.report(f"not recording: {exc}", hold_s=30.0)
+                recorder = None
+        say(f"running {cfg.source} -> {sink_uri} with {pipe.detector.name}"
+            + (f" + {len(pipe.morphology_backends)} morphology model(s)" if pipe.morphology_backends else ""))
+        t_start = time.perf_counter()
+        t_prev = t_start
+        fps = 0.0
+        it = iter(source)
+        while cfg.max_frames is None or frames < cfg.max_frames:
+            t_wait = time.perf_counter()
+            try:
+                frame = next(it)
+            except StopIteration:
+                break
+            t_cap = time.perf_counter()
+            problems.report(source.status)
+            if frame.stale:  # camera lost: keep the message on screen, no inference
+                img = frame.image.copy()
+                annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
+                         {"error": problems.active() or "camera lost", "title": "SmearSight"})
+                sink.write(img, {"error": problems.active(), "frames": frames})
+                continue
+            try:
+                dets, n, morph, times = pipe.process(frame.image)
+            except Exception as exc:  # a corrupt or odd frame must not stop the device
+                problems.report(f"frame {frame.index} skipped: {exc}")
+                log.debug("frame failed", exc_info=True)
+                continue
+            frames += 1
+            timer.add("capture", t_cap - t_wait)
+            for stage, secs in times.items():
+                timer.add(stage, secs)
+            valid = dets[:n]
+            counts = np.bincount(valid[:, 5].astype(np.int64), minlength=len(pipe.class_names)) if n else None
+            frame_counts = {name: int(counts[i]) if counts is not None else 0
+                            for i, name in enumerate(pipe.class_names)}
+            for name, c in frame_counts.items():
+                totals[name] += c
+            now = time.perf_counter()
+            dt = now - t_prev
+            t_prev = now
+            fps = 1.0 / dt if fps == 0.0 else 0.9 * fps + 0.1 / max(dt, 1e-6)
+            for err in (getattr(sink, "error", ""), getattr(recorder, "error", "") if recorder else ""):
+                problems.report(err, hold_s=10.0)
+            overlay = {"fps": fps, "latency_ms": timer.last_ms(), "counts": frame_counts, "frame": frame.index,
+                       "title": "SmearSight"}
+            active = problems.active()
+            if active:
+                overlay["status"] = active
+            t5 = time.perf_counter()
+            try:
+                img = annotate(frame.image, valid, pipe.class_names, morph, overlay)
+                t6 = time.perf_counter()
+                sink.write(img, {"frame": frame.index, "fps": round(fps, 2), "counts": frame_counts,
+                                 "status": active, "backend": pipe.detector.name})
+                t7 = time.perf_counter()
+                if recorder is not None:
+                    recorder.record_frame(frame.index, frame.timestamp, valid, pipe.class_names, morph)
+            except Exception as exc:  # showing or recording one frame failed: keep going
+                problems.report(f"frame {frame.index}: could not show or record it ({exc})")
+                log.debug("output failed", exc_info=True)
+                continue
+            t8 = time.perf_counter()
+            timer.add("annotate", t6 - t5)
+            timer.add("sink", t7 - t6)
+            timer.add("record", t8 - t7)
+            if getattr(sink, "should_stop", False):
+                break
+    except KeyboardInterrupt:
+        say("stopped")
+    finally:
+        elapsed = time.perf_counter() - t_start
+        summary = None
+        if recorder is not None:
+            summary = recorder.end_session()
+            recorder.close()
+        if sink is not None:
+            sink.close()
+        if source is not None:
+            source.close()
+        stats = {
+            "frames": frames,
+            "fps": round(frames / elapsed, 3) if elapsed > 0 and frames else 0.0,
+            "latency_ms": timer.medians_ms(),
+            "counts": totals,
+            "backend": pipe.detector.name,
+            "model": pipe.detector.manifest.name,
+            "morphology_parts": [b.manifest.morphology.part for b in pipe.morphology_backends],
+            "source": cfg.source,
+            "sink": sink_uri,
+            "problems": {msg: n for msg, n in problems.seen.items()},
+        }
+        if session_id is not None and session_id >= 0:
+            stats["session_id"] = session_id
+            stats["record"] = str(cfg.record)
+        if summary is not None:
+            stats["session_summary"] = summary
+        if own_pipeline:
+            pipe.close()
+    if cfg.stats_json is not None:
+        atomic_write_json(Path(cfg.stats_json), stats)
+    return stats
+
+
+def stats_text(stats: dict[str, Any]) -> str:
+    """A short plain-text summary of a run's stats."""
+    lat = ", ".join(f"{k} {v:.1f}" for k, v in stats["latency_ms"].items())
+    counts = ", ".join(f"{k} {v}" for k, v in stats["counts"].items() if v)
+    return (f"{stats['frames']} frames at {stats['fps']:.1f} FPS ({stats['backend']}); median ms: {lat}"
+            + (f"; cells: {counts}" if counts else ""))
+
+
+__all__ = ["ModelSet", "Pipeline", "RunConfig", "find_models", "open_pipeline", "run", "stats_text"]

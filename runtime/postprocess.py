@@ -1,0 +1,352 @@
+"""Small-anchor decode + class-aware NMS: the NumPy reference (no torch).
+
+:func:`decode_nms` turns the detector's raw outputs into a fixed ``[max_detections, 6]`` array of
+``(x1, y1, x2, y2, score, class)`` rows. The CUDA kernels in ``runtime/kernels/decode_nms.cu``
+implement the same steps and are tested against this function.
+
+Exact semantics (the contract in ``notes/INTERFACES.md``):
+
+1. ``scores = sigmoid(logits)`` as float32: ``1 / (1 + exp(-x))`` evaluated in float64 and rounded
+   once to float32 (the correctly rounded sigmoid in practice, and what the CUDA kernel computes bit
+   for bit, whereas float32 ``exp`` implementations differ in the last bit and would reorder near-equal
+   scores). Candidates are the (anchor, class) pairs with ``score > score_threshold`` (compared as float32).
+2. Per class, keep the ``pre_nms_topk`` highest scores (ties: lower anchor index first).
+3. Decode those boxes in float32 (:func:`smearsight.anchors.decode_boxes`), clip to ``image_size``
+   (H, W) when given.
+4. Greedy NMS per class, in (score desc, anchor asc) order: a box is suppressed when a kept box of
+   the same class overlaps it with IoU > ``iou_threshold``. IoU is computed in float32 exactly as
+   torchvision's kernels do: ``inter / ((area_i + area_j) - inter)``.
+5. Sort the kept boxes by score desc (ties: lower class, then lower anchor index) and keep
+   ``max_detections``; unused rows are ``(0, 0, 0, 0, 0, -1)``.
+
+Speed: the score threshold is applied in logit space first (one comparison per element, no
+``exp`` over all anchors); candidates are ordered with one sort of packed 64-bit integer keys; NMS
+finds overlapping pairs with a sweep over x and resolves greedy suppression in a few vectorised rounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from smearsight.anchors import BBOX_LOG_CLAMP
+
+EMPTY_ROW = np.array([0, 0, 0, 0, 0, -1], dtype=np.float32)
+_ANCHOR_BITS = 24  # up to 16.7M anchors
+_MAX_CLASSES = 128
+_SCORE_MASK = np.int64(0x7FFFFFFF)
+
+
+def sigmoid32(x: np.ndarray) -> np.ndarray:
+    """The float32 score every stage uses: ``1 / (1 + exp(-x))`` in float64, rounded once to float32."""
+    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def empty_detections(max_detections: int) -> np.ndarray:
+    """A fixed ``[max_detections, 6]`` array filled with empty rows."""
+    out = np.empty((max_detections, 6), dtype=np.float32)
+    out[:] = EMPTY_ROW
+    return out
+
+
+def _logit_floor(score_threshold: float) -> float:
+    """A logit below which no score can pass the threshold (conservative by a margin)."""
+    t = float(np.float32(score_threshold))
+    if t <= 0.0:
+        return -math.inf
+    if t >= 1.0:
+        return math.inf
+    return math.log(t / (1.0 - t)) - 1e-3 - 1e-3 * abs(math.log(t / (1.0 - t)))
+
+
+def _score_bits(scores: np.ndarray) -> np.ndarray:
+    """Bit patterns of positive float32 scores as int64 (monotone in the score)."""
+    return np.ascontiguousarray(scores, dtype=np.float32).view(np.int32).astype(np.int64)
+
+
+def decode_nms(
+    class_logits: np.ndarray,
+    box_regression: np.ndarray,
+    anchors: np.ndarray,
+    *,
+    score_threshold: float,
+    iou_threshold: float,
+    pre_nms_topk: int,
+    max_detections: int,
+    image_size: tuple[int, int] | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """Decode + class-aware NMS of one image's raw detector outputs.
+
+    Args:
+        class_logits: ``[A, C]`` (or ``[1, A, C]``) raw class logits.
+        box_regression: ``[A, 4]`` (or ``[1, A, 4]``) (dx, dy, dw, dh).
+        anchors: ``[A, 4]`` float32 xyxy anchors in the same order.
+        image_size: (H, W) to clip boxes to, or None for no clipping.
+        out: optional preallocated ``[max_detections, 6]`` float32 array to fill (hot path).
+
+    Returns:
+        ``(detections [max_detections, 6] float32, count)``: rows ``(x1, y1, x2, y2, score, class)``
+        sorted by score, unused rows ``(0, 0, 0, 0, 0, -1)``.
+    """
+    logits = np.asarray(class_logits)
+    deltas = np.asarray(box_regression)
+    if logits.ndim == 3:
+        logits = logits[0]
+    if deltas.ndim == 3:
+        deltas = deltas[0]
+    num_anchors, num_classes = logits.shape
+    if deltas.shape != (num_anchors, 4) or anchors.shape != (num_anchors, 4):
+        raise ValueError(
+            f"decode_nms: shapes disagree: class_logits {logits.shape}, box_regression {deltas.shape}, "
+            f"anchors {anchors.shape}"
+        )
+    if num_classes > _MAX_CLASSES or num_anchors >= 1 << _ANCHOR_BITS:
+        raise ValueError(f"decode_nms: at most {_MAX_CLASSES} classes and 2^24 anchors are supported")
+    if out is None:
+        out = np.empty((max_detections, 6), dtype=np.float32)
+    elif out.shape != (max_detections, 6) or out.dtype != np.float32:
+        raise ValueError(f"decode_nms: out must be float32 [{max_detections}, 6]")
+    out[:] = EMPTY_ROW
+
+    # 1. threshold: a cheap logit-space pre-filter, then the exact float32 score test.
+    flat = logits.reshape(-1)
+    floor = _logit_floor(score_threshold)
+    if floor == math.inf:
+        return out, 0
+    cand = np.flatnonzero(flat > floor) if floor > -math.inf else np.arange(flat.size)
+    if cand.size == 0:
+        return out, 0
+    scores = sigmoid32(flat[cand])
+    passed = scores > np.float32(score_threshold)
+    if not passed.all():
+        cand = cand[passed]
+        scores = scores[passed]
+    if cand.size == 0:
+        return out, 0
+    anchor_idx = cand // num_classes
+    cls = cand - anchor_idx * num_classes
+
+    # 2. per-class top-k: one sort of packed keys (class, -score, anchor), all unique.
+    inv_bits = _SCORE_MASK - _score_bits(scores)
+    key = (cls << 55) | (inv_bits << _ANCHOR_BITS) | anchor_idx
+    order = _class_topk_order(key, cls, num_classes, pre_nms_topk)
+    anchor_idx = anchor_idx[order]
+    cls = cls[order]
+    scores = scores[order]
+    inv_bits = inv_bits[order]
+
+    # 3. decode in float32 (same operations as smearsight.anchors.decode_boxes), optional clip.
+    boxes = _decode(deltas[anchor_idx], anchors[anchor_idx])
+    if image_size is not None:
+        h, w = image_size
+        np.clip(boxes[:, 0::2], np.float32(0), np.float32(w), out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], np.float32(0), np.float32(h), out=boxes[:, 1::2])
+
+    # 4. class-aware greedy NMS (boxes are grouped by class, score-ordered within each class).
+    keep = _nms_sorted(boxes, cls, np.float32(iou_threshold))
+
+    # 5. global order: score desc, class asc, anchor asc; truncate to max_detections.
+    kb = boxes[keep]
+    final_key = (inv_bits[keep] << 32) | (cls[keep] << _ANCHOR_BITS) | anchor_idx[keep]
+    final = np.argsort(final_key, kind="stable")[:max_detections]
+    n = int(final.size)
+    out[:n, 0:4] = kb[final]
+    out[:n, 4] = scores[keep][final]
+    out[:n, 5] = cls[keep][final]
+    return out, n
+
+
+def _class_topk_order(key: np.ndarray, cls: np.ndarray, num_classes: int, k: int) -> np.ndarray:
+    """Indices of the per-class top-k candidates, sorted by key (class-major, best first)."""
+    if key.size <= k or np.bincount(cls, minlength=num_classes).max() <= k:
+        return np.argsort(key, kind="stable")
+    parts = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(cls == c)
+        if idx.size > k:
+            idx = idx[np.argpartition(key[idx], k - 1)[:k]]
+        parts.append(idx[np.argsort(key[idx], kind="stable")])
+    return np.concatenate(parts)
+
+
+def _decode(deltas: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """Float32 decode with the operation order of :func:`smearsight.anchors.decode_boxes`."""
+    d = deltas.astype(np.float32, copy=False)
+    a = anchors.astype(np.float32, copy=False)
+    half = np.float32(0.5)
+    awh = a[:, 2:4] - a[:, 0:2]
+    actr = a[:, 0:2] + half * awh
+    centre = actr + d[:, 0:2] * awh
+    size = awh * np.exp(np.minimum(d[:, 2:4], np.float32(BBOX_LOG_CLAMP)))
+    hs = half * size
+    return np.concatenate([centre - hs, centre + hs], axis=1).astype(np.float32, copy=False)
+
+
+def pair_iou(boxes: np.ndarray, i: np.ndarray, j: np.ndarray, areas: np.ndarray | None = None) -> np.ndarray:
+    """Float32 IoU of box pairs ``(i, j)`` in torchvision's operation order."""
+    x1, y1, x2, y2 = (np.ascontiguousarray(boxes[:, k]) for k in range(4))
+    if areas is None:
+        areas = (x2 - x1) * (y2 - y1)
+    zero = np.float32(0)
+    iw = np.minimum(x2[i], x2[j])
+    iw -= np.maximum(x1[i], x1[j])
+    np.maximum(iw, zero, out=iw)
+    ih = np.minimum(y2[i], y2[j])
+    ih -= np.maximum(y1[i], y1[j])
+    np.maximum(ih, zero, out=ih)
+    inter = iw * ih
+    union = areas[i] + areas[j]
+    union -= inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inter / union
+
+
+def _overlap_pairs(
+    boxes: np.ndarray, cls: np.ndarray, iou_threshold: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Same-class pairs (a < b) that may have IoU > ``iou_threshold`` (a superset of them).
+
+    IoU > t needs the intersection to be longer than t times each box's width and height, so boxes
+    shrunk by t/2 of their size on every side (with a safety margin) still overlap: only those pairs
+    are generated. Boxes are copied into every horizontal band their y-range touches; within each
+    (class, band) an x-sweep finds boxes whose x-ranges overlap; a pair is reported only in the band
+    holding the top of its y-intersection, so each pair appears once.
+    """
+    n = boxes.shape[0]
+    b64 = boxes.astype(np.float64)
+    shrink = 0.5 * min(max(float(iou_threshold), 0.0), 1.0) * 0.999
+    if shrink > 0:
+        wh = np.maximum(b64[:, 2:4] - b64[:, 0:2], 0.0) * shrink
+        b64[:, 0:2] += wh
+        b64[:, 2:4] -= wh
+    x1, y1, x2, y2 = b64[:, 0], b64[:, 1], b64[:, 2], b64[:, 3]
+    ylo = float(min(y1.min(), y2.min()))
+    heights = np.abs(y2 - y1)
+    band_h = max(2.0 * float(np.median(heights)), 1.0)
+    while True:
+        b1 = np.floor((y1 - ylo) / band_h).astype(np.int64)
+        b2 = np.floor((np.maximum(y1, y2) - ylo) / band_h).astype(np.int64)
+        nrep = b2 - b1 + 1
+        if nrep.sum() <= 6 * n:
+            break
+        band_h *= 2.0
+    nbands = int(b2.max()) + 1
+    total = int(nrep.sum())
+    box = np.repeat(np.arange(n, dtype=np.int32), nrep)
+    starts = np.cumsum(nrep) - nrep
+    copy_no = np.arange(total, dtype=np.int64) - starts[box]
+    first = copy_no == 0
+    band = b1[box] + copy_no
+    lo = float(min(x1.min(), x2.min()))
+    span = float(max(x1.max(), x2.max())) - lo + 2.0
+    group = (cls[box] * nbands + band).astype(np.float64) * span
+    sx1 = group + (x1[box] - lo)
+    sx2 = group + (x2[box] - lo)
+    by_x = np.argsort(sx1).astype(np.int32)
+    sorted_x1 = sx1[by_x]
+    first_s = first[by_x]
+    box_s = box[by_x]
+    slack = 1e-9 * span * (cls.max() * nbands + nbands + 2)
+    hi = np.searchsorted(sorted_x1, sx2[by_x] + slack, side="right").astype(np.int32)
+    pos = np.arange(total, dtype=np.int32)
+    counts = hi - pos - 1
+    np.maximum(counts, 0, out=counts)
+    npairs = int(counts.sum())
+    if npairs == 0:
+        empty = np.zeros(0, dtype=np.int32)
+        return empty, empty
+    # pair k of sorted copy p: (p, p + 1 + k - start_p)
+    src = np.repeat(pos, counts)
+    dst = np.arange(npairs, dtype=np.int32)
+    dst += np.repeat(pos + 1 - (np.cumsum(counts, dtype=np.int32) - counts), counts)
+    # both copies share a band; report the pair only in the band of the lower box's top edge,
+    # i.e. where one of the two copies is its box's first copy
+    once = first_s[src]
+    once |= first_s[dst]
+    a = box_s[src[once]]
+    b = box_s[dst[once]]
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def _nms_sorted(boxes: np.ndarray, cls: np.ndarray, iou_threshold: np.float32) -> np.ndarray:
+    """Greedy NMS over boxes already in (class, score desc, anchor asc) order; kept indices ascending."""
+    n = boxes.shape[0]
+    if n <= 1:
+        return np.arange(n)
+    sup, vic = _overlap_pairs(boxes, cls, float(iou_threshold))
+    if sup.size:
+        iou = pair_iou(boxes, sup, vic)
+        hit = iou > iou_threshold
+        sup = sup[hit]
+        vic = vic[hit]
+    if sup.size == 0:
+        return np.arange(n)
+    # state: 0 undecided, 1 kept, -1 suppressed. A box is kept iff none of its suppressors is kept.
+    state = np.ones(n, dtype=np.int8)
+    state[vic] = 0
+    for _ in range(64):
+        st = state[sup]
+        state[vic[st == 1]] = -1
+        pending = vic[state[sup] != -1]
+        blocked = np.zeros(n, dtype=bool)
+        blocked[pending] = True
+        state[(state == 0) & ~blocked] = 1
+        live = state[vic] == 0
+        if not live.any():
+            return np.flatnonzero(state == 1)
+        sup = sup[live]
+        vic = vic[live]
+    # Long suppression chains (adversarial input): finish sequentially, in order.
+    order = np.argsort(vic, kind="stable")
+    vic_s = vic[order]
+    sup_s = sup[order]
+    for i in np.flatnonzero(state == 0):
+        lo, hi = np.searchsorted(vic_s, [i, i + 1])
+        state[i] = -1 if (state[sup_s[lo:hi]] == 1).any() else 1
+    return np.flatnonzero(state == 1)
+
+
+def synthetic_raw_outputs(
+    anchors: np.ndarray,
+    num_classes: int,
+    num_objects: int,
+    image_size: tuple[int, int],
+    seed: int = 0,
+    background_logit: float = -6.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Detector-like raw outputs for tests and benchmarks (no model needed).
+
+    Background logits ~ N(background_logit, 1.5); for each of ``num_objects`` random boxes (8-60 px)
+    the anchors overlapping it (IoU > 0.25) get a high logit for its class and regressions pointing
+    at it (plus noise), so NMS has realistic clusters to resolve.
+
+    Returns ``(class_logits [A, C], box_regression [A, 4], gt_boxes, gt_labels)``.
+    """
+    from smearsight.anchors import box_iou, encode_boxes
+
+    rng = np.random.default_rng(seed)
+    a = anchors.shape[0]
+    h, w = image_size
+    logits = rng.normal(background_logit, 1.5, size=(a, num_classes)).astype(np.float32)
+    deltas = rng.normal(0.0, 0.3, size=(a, 4)).astype(np.float32)
+    sizes = rng.uniform(8, 60, size=(num_objects, 2))
+    ctr = rng.uniform([0, 0], [w, h], size=(num_objects, 2))
+    gt = np.concatenate([ctr - sizes / 2, ctr + sizes / 2], axis=1).astype(np.float32)
+    labels = rng.integers(0, num_classes, size=num_objects)
+    if num_objects:
+        small = np.flatnonzero((anchors[:, 2] - anchors[:, 0]) <= 160)
+        for start in range(0, num_objects, 64):
+            g = gt[start : start + 64]
+            iou = box_iou(g, anchors[small])
+            gi, ai = np.nonzero(iou > 0.25)
+            idx = small[ai]
+            q = iou[gi, ai]
+            logits[idx, labels[start + gi]] = (8.0 * q - 2.0 + rng.normal(0, 0.5, size=q.size)).astype(np.float32)
+            deltas[idx] = encode_boxes(g[gi], anchors[idx]) + rng.normal(0, 0.05, size=(q.size, 4)).astype(
+                np.float32
+            )
+    return logits, deltas, gt, labels

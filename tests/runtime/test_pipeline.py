@@ -1,0 +1,180 @@
+"""The pipeline end to end on tiny real ONNX models: detections, morphology, run loop, stats, record."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from smearsight.errors import InputError
+from smearsight.runtime import pipeline as pl
+from smearsight.runtime.backends import open_backend
+from smearsight.runtime.morphology_stage import crop_square
+from smearsight.runtime.postprocess import decode_nms
+from smearsight.runtime.preprocess import geometry
+
+pytest.importorskip("onnx")
+_spec = importlib.util.spec_from_file_location("ss_tiny_models", Path(__file__).with_name("tiny_models.py"))
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+SIZE = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=SIZE, seed=1, score_threshold=0.2)
+
+
+def frames(n=4, hw=(120, 180), seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = np.full((*hw, 3), 200, np.uint8)
+        for _ in range(12):
+            x, y = rng.integers(0, hw[1] - 20), rng.integers(0, hw[0] - 20)
+            img[y : y + 16, x : x + 16] = rng.integers(0, 256, size=3)
+        out.append(img)
+    return out
+
+
+def test_find_models_layout_and_missing_demo(models, tmp_path, monkeypatch):
+    found = pl.find_models(models)
+    assert found.detector == models / "detector"
+    assert [p.name for p in found.morphology] == ["morphology_head", "morphology_vacuole"]
+    assert pl.find_models(models / "detector").detector == models / "detector"
+    with pytest.raises(InputError, match="no detector model"):
+        pl.find_models(tmp_path)
+    with pytest.raises(InputError, match="no such folder"):
+        pl.find_models(tmp_path / "missing")
+    monkeypatch.setattr(pl, "packaged_models_root", lambda: tmp_path / "empty")
+    with pytest.raises(InputError, match="demo models are not installed"):
+        pl.find_models(None)
+
+
+def test_detections_match_independent_computation(models):
+    pipe = pl.open_pipeline(models, "onnx")
+    try:
+        spec = pipe.detector.manifest
+        for img in frames(2):
+            dets, n, morph, times = pipe.process(img)
+            # independent: NumPy model outputs + decode_nms + inverse letterbox
+            x = np.zeros((1, 3, *SIZE), np.float32)
+            box, (nh, nw) = geometry(img.shape[:2], spec.input)
+            resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+            canvas = np.zeros((*SIZE, 3), np.uint8)
+            canvas[:nh, :nw] = resized
+            x[0] = ((canvas / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+            logits, deltas = tiny.reference_detector_outputs(x, seed=1, num_classes=6)
+            d = spec.detector
+            want, m = decode_nms(logits, deltas, pipe.anchors, score_threshold=d.score_threshold,
+                                 iou_threshold=d.iou_threshold, pre_nms_topk=d.pre_nms_topk,
+                                 max_detections=d.max_detections, image_size=SIZE)
+            assert n == m and n > 0
+            # ONNX Runtime and NumPy logits differ in the last bits: near-equal scores may swap rows
+            got = dets[:n][np.lexsort(np.round(dets[:n, [3, 2, 1, 0, 5]], 2).T)]
+            ref = box.to_original(want[:n])
+            ref = ref[np.lexsort(np.round(ref[:, [3, 2, 1, 0, 5]], 2).T)]
+            np.testing.assert_array_equal(got[:, 5], ref[:, 5])
+            np.testing.assert_allclose(got[:, :5], ref[:, :5], rtol=1e-4, atol=1e-3)
+            assert (dets[n:, 5] == -1).all()
+            assert set(times) == {"preprocess", "infer", "decode_nms", "morphology"}
+    finally:
+        pipe.close()
+
+
+def test_morphology_scores_each_sperm_detection(models):
+    pipe = pl.open_pipeline(models, "onnx")
+    try:
+        for seed in range(30):  # a frame where the tiny detector finds sperm-class boxes
+            img = frames(1, seed=seed)[0]
+            dets, n, morph, _ = pipe.process(img)
+            sperm = [r for r in range(n) if pipe.class_names[int(dets[r, 5])] in ("immature_sperm", "mature_sperm")]
+            if sperm:
+                break
+        assert sperm and [m["det"] for m in morph] == sperm
+        gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        for m in morph:
+            crop = crop_square(gray, dets[m["det"]], 1.5, 16.0)
+            interp = cv2.INTER_AREA if crop.shape[0] > 64 else cv2.INTER_LINEAR
+            mean = ((cv2.resize(crop, (64, 64), interpolation=interp) / 255.0 - 0.5) / 0.5).mean()
+            assert m["parts"]["head"]["score"] == pytest.approx(mean, abs=1e-4)
+            assert m["parts"]["vacuole"]["score"] == pytest.approx(2 * mean, abs=1e-4)
+            assert m["parts"]["head"]["abnormal"] == (m["parts"]["head"]["score"] >= 0.0)
+    finally:
+        pipe.close()
+
+
+def test_crop_square_replicates_edges():
+    img = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    crop = crop_square(img, np.array([0, 0, 4, 4]), 1.0, 6)
+    assert crop.shape == (6, 6)
+    assert crop[0, 0] == img[0, 0]  # replicated corner
+
+
+def test_run_folder_with_corrupt_and_odd_frames(models, tmp_path):
+    src = tmp_path / "frames"
+    src.mkdir()
+    for i, img in enumerate(frames(4)):
+        cv2.imwrite(str(src / f"f{i:02d}.png"), img[..., ::-1])
+    (src / "f02b.png").write_bytes(b"this is not a png")
+    cv2.imwrite(str(src / "f03b.png"), np.zeros((50, 70, 3), np.uint8))  # another size: still processed
+    db = tmp_path / "rec.sqlite"
+    stats_path = tmp_path / "stats.json"
+    cfg = pl.RunConfig(source=f"file://{src}/", sink=f"file://{tmp_path / 'out'}/", models=models, backend="onnx",
+                       headless=True, record=db, stats_json=stats_path)
+    stats = pl.run(cfg)
+    assert stats["frames"] == 5
+    saved = json.loads(stats_path.read_text())
+    assert saved["frames"] == 5 and saved["fps"] > 0
+    assert {"capture", "preprocess", "infer", "decode_nms", "morphology", "annotate", "sink"} <= set(
+        saved["latency_ms"])
+    from smearsight.catalog import TPS_CLASS_NAMES
+
+    assert list(saved["counts"]) == list(TPS_CLASS_NAMES)
+    assert sum(saved["counts"].values()) > 0
+    assert any("f02b.png" in p for p in saved["problems"]), saved["problems"]
+    assert len(list((tmp_path / "out").glob("*.jpg"))) == 5
+    from smearsight.device.record import list_sessions
+
+    sessions = list_sessions(db)
+    assert len(sessions) == 1
+
+
+def test_run_refuses_unknown_source_in_plain_words(models):
+    with pytest.raises(InputError, match="unknown source"):
+        pl.run(pl.RunConfig(source="bogus://x", sink="null://", models=models, headless=True))
+
+
+def test_choose_sink_without_display(monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    uri, note = pl.choose_sink(None, headless=False)
+    assert uri == pl.DEFAULT_FILE_SINK and "no display" in note
+    assert pl.choose_sink(None, headless=True)[0] == pl.DEFAULT_FILE_SINK
+    assert pl.choose_sink("null://", headless=True) == ("null://", "")
+
+
+def test_backend_notes_reach_the_screen(models, tmp_path):
+    det = open_backend(models / "detector", "onnx")
+    det.notes.append("TensorRT not used: test note")
+    pipe = pl.Pipeline(det, [])
+    stats = pl.run(pl.RunConfig(source="synth://?size=96x64", sink="null://", headless=True, max_frames=2), pipe)
+    pipe.close()
+    assert stats["frames"] == 2
+    assert "TensorRT not used: test note" in stats["problems"]
+
+
+def test_unwritable_record_keeps_running(models, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a folder should be")
+    cfg = pl.RunConfig(source="synth://?size=96x64", sink="null://", models=models, backend="onnx", headless=True,
+                       max_frames=2, record=blocker / "rec.sqlite")
+    stats = pl.run(cfg)
+    assert stats["frames"] == 2
+    assert any(p.startswith("not recording:") for p in stats["problems"]), stats["problems"]
+    assert "session_id" not in stats
