@@ -10,14 +10,28 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; atomically written files get the permissions a plain open() would give.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
+
+    ``mode`` defaults to what ``open()`` would create under the process umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            os.fchmod(handle.fileno(), _FILE_MODE if mode is None else mode)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

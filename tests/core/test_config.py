@@ -63,3 +63,25 @@ def test_assignment_is_validated():
     cfg = Outer()
     with pytest.raises(ValidationError):
         cfg.epochs = "many"
+
+
+def test_atomic_write_permissions_follow_umask(tmp_path):
+    import os
+    import stat
+
+    from smearsight.fileio import atomic_write_bytes, atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import smearsight.fileio as fileio
+
+        importlib.reload(fileio)
+        path = fileio.atomic_write_json(tmp_path / "a.json", {"x": 1})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        secret = atomic_write_bytes(tmp_path / "s.bin", b"k", mode=0o600)
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+        assert atomic_write_json(tmp_path / "b.json", [1]).read_text().strip().startswith("[")
+    finally:
+        os.umask(old)
