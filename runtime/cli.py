@@ -31,6 +31,8 @@ def run_command(
     loop: bool = typer.Option(False, "--loop", help="Restart a video or image folder at its end."),
     fullscreen: bool = typer.Option(False, "--fullscreen", help="Full-screen window (display://)."),
     no_morphology: bool = typer.Option(False, "--no-morphology", help="Skip the sperm morphology models."),
+    panel: str = typer.Option(None, "--panel", help="Serial port of an attached panel (e.g. /dev/ttyUSB0, loop://)."),
+    captures: Path = typer.Option(Path("captures"), "--captures", help="Folder for fields captured from the panel."),
 ) -> None:
     """Run the detector (and the morphology models) on a source and show or save the annotated frames.
 
@@ -49,6 +51,6 @@ def run_command(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig(source=source, sink=sink, models=models, backend=backend, headless=headless,
                     max_frames=max_frames, record=record, stats_json=stats_json, loop=loop, fullscreen=fullscreen,
-                    morphology=not no_morphology)
+                    morphology=not no_morphology, panel=panel, captures=captures)
     stats = run(cfg, echo=lambda msg: console.print(msg, markup=False))
     console.print(stats_text(stats), markup=False)

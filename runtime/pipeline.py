@@ -275,6 +275,8 @@ class RunConfig:
     loop: bool = False
     fullscreen: bool = False
     morphology: bool = True
+    panel: str | None = None
+    captures: Path = Path("captures")
 
 
 class StageTimer:
@@ -334,6 +336,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
 
     Raises InputError only when nothing can run at all (no models, an unknown source or sink).
     """
+    from smearsight.deploy.sdnotify import Watchdog
     from smearsight.device.sinks import open_sink
     from smearsight.device.sources import open_source
     from smearsight.runtime.annotate import annotate
@@ -348,7 +351,11 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     sink_uri, sink_note = choose_sink(cfg.sink, cfg.headless)
     if sink_note:
         say(sink_note)
-    source = sink = recorder = None
+    source = sink = recorder = bridge = None
+    watchdog = Watchdog()
+    last_img: np.ndarray | None = None
+    last_counts: dict[str, int] = {}
+    captures = 0
     timer = StageTimer()
     totals = dict.fromkeys(pipe.class_names, 0)
     frames = 0
@@ -369,6 +376,11 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             except RecordError as exc:
                 problems.report(f"not recording: {exc}", hold_s=30.0)
                 recorder = None
+        if cfg.panel:
+            from smearsight.runtime.panel_bridge import PanelBridge
+
+            bridge = PanelBridge(cfg.panel)
+        watchdog.ready(f"running {cfg.source} -> {sink_uri}")
         say(f"running {cfg.source} -> {sink_uri} with {pipe.detector.name}"
             + (f" + {len(pipe.morphology_backends)} morphology model(s)" if pipe.morphology_backends else ""))
         t_start = time.perf_counter()
@@ -382,7 +394,15 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             except StopIteration:
                 break
             t_cap = time.perf_counter()
+            watchdog.ping()
             problems.report(source.status)
+            if bridge is not None:
+                problems.report(bridge.status_line())
+                session_id = _apply_panel_requests(bridge.take_requests(), recorder, session_id, cfg, pipe, say)
+                if bridge.frozen and last_img is not None:  # hold the field the technician froze
+                    sink.write(last_img, {"frozen": True, "frame": frames})
+                    bridge.publish(frame.index, fps, last_counts, "", str(session_id or ""))
+                    continue
             if frame.stale:  # camera lost: keep the message on screen, no inference
                 img = frame.image.copy()
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
@@ -425,6 +445,15 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 t7 = time.perf_counter()
                 if recorder is not None:
                     recorder.record_frame(frame.index, frame.timestamp, valid, pipe.class_names, morph)
+                if bridge is not None:  # keep a copy for freeze: the annotated frame's buffer is reused
+                    if last_img is None or last_img.shape != img.shape:
+                        last_img = np.empty_like(img)
+                    np.copyto(last_img, img)
+                    last_counts = frame_counts
+                    for _ in range(bridge.take_captures()):
+                        captures += 1
+                        say(f"captured {save_capture(img, cfg.captures, frame.index)}")
+                    bridge.publish(frame.index, fps, frame_counts, active, str(session_id or ""))
             except Exception as exc:  # showing or recording one frame failed: keep going
                 problems.report(f"frame {frame.index}: could not show or record it ({exc})")
                 log.debug("output failed", exc_info=True)
@@ -447,6 +476,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             sink.close()
         if source is not None:
             source.close()
+        if bridge is not None:
+            bridge.close(str(session_id or ""), elapsed, frames, captures, totals)
         stats = {
             "frames": frames,
             "fps": round(frames / elapsed, 3) if elapsed > 0 and frames else 0.0,
@@ -469,6 +500,39 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     if cfg.stats_json is not None:
         atomic_write_json(Path(cfg.stats_json), stats)
     return stats
+
+
+def _apply_panel_requests(req: Any, recorder: Any, session_id: int | None, cfg: RunConfig, pipe: Pipeline,
+                          say: Any) -> int | None:
+    """Start/stop recorded sessions as the panel asks; returns the current session id."""
+    if recorder is None:
+        if req.start_session is not None or req.stop_session:
+            say("panel asked to start/stop a session, but nothing is being recorded (use --record FILE)")
+        return session_id
+    if req.stop_session and session_id is not None and session_id >= 0:
+        recorder.end_session()
+        say(f"session {session_id} stopped from the panel")
+        session_id = None
+    if req.start_session is not None:
+        if session_id is not None and session_id >= 0:
+            recorder.end_session()
+        session_id = recorder.start_session({"source": cfg.source, "class_names": pipe.class_names,
+                                             "label": req.start_session, "backend": pipe.detector.name})
+        say(f"session {session_id} started from the panel ({req.start_session or 'no label'})")
+    return session_id
+
+
+def save_capture(image_rgb: np.ndarray, directory: Path, frame_index: int) -> Path:
+    """Write a captured annotated field as PNG (atomically); returns its path."""
+    import cv2
+
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise InputError(f"{directory}: could not encode the captured frame")
+    name = f"capture_{time.strftime('%Y%m%d-%H%M%S')}_{frame_index:06d}.png"
+    from smearsight.fileio import atomic_write_bytes
+
+    return atomic_write_bytes(Path(directory) / name, data.tobytes())
 
 
 def stats_text(stats: dict[str, Any]) -> str:

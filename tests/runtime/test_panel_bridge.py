@@ -1,0 +1,73 @@
+"""The run loop driven by a panel over a real pseudo-terminal pair: sessions, capture, freeze, status."""
+
+from __future__ import annotations
+
+import importlib.util
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from smearsight.device.panel.link import SerialLink
+from smearsight.device.panel.nullmodem import VirtualNullModem
+from smearsight.device.panel.protocol import Capture, Freeze, FreezeMode, MsgType, StartSession
+from smearsight.runtime import pipeline as pl
+
+pytest.importorskip("onnx")
+_spec = importlib.util.spec_from_file_location("ss_tiny_models_panel", Path(__file__).with_name("tiny_models.py"))
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+
+@pytest.fixture()
+def modem():
+    pair = VirtualNullModem().start()
+    yield pair
+    pair.close()
+
+
+def test_panel_commands_drive_the_run(tmp_path, modem):
+    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), seed=1, score_threshold=0.2)
+    received: dict[int, list] = {}
+    panel = SerialLink(modem.b, name="test-panel")
+    panel.on_any(lambda frame: received.setdefault(frame.message.TYPE, []).append(frame.message))
+    panel.start()
+
+    def operator() -> None:
+        deadline = time.monotonic() + 10
+        while MsgType.STATUS not in received and time.monotonic() < deadline:
+            time.sleep(0.02)
+        panel.send(StartSession("slide-7"))
+        panel.send(Capture())
+        time.sleep(0.3)
+        panel.send(Freeze(FreezeMode.ON))
+        while not any(s.state.name == "FROZEN" for s in received.get(MsgType.STATUS, [])):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        panel.send(Freeze(FreezeMode.OFF))  # a frozen field holds the run until it is released
+
+    thread = threading.Thread(target=operator)
+    thread.start()
+    db = tmp_path / "rec.sqlite"
+    cfg = pl.RunConfig(source="synth://?size=96x64&fps=25", sink="null://", models=models, backend="onnx",
+                       headless=True, max_frames=40, record=db, panel=modem.a, captures=tmp_path / "captures")
+    try:
+        stats = pl.run(cfg)
+    finally:
+        thread.join()
+        panel.flush(1.0)
+        time.sleep(0.2)
+        panel.close()
+
+    assert len(list((tmp_path / "captures").glob("capture_*.png"))) == 1
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+    assert rows == 2  # the session started with --record, then the one the panel started
+    statuses = received[MsgType.STATUS]
+    assert statuses and any(s.state.name == "FROZEN" for s in statuses)
+    assert received[MsgType.COUNTS][-1].counts.keys() >= {"mature_sperm"}
+    summary = received[MsgType.SUMMARY][-1]
+    assert summary.captures == 1 and summary.frames == stats["frames"]
