@@ -17,6 +17,7 @@ On a device a release directory is a bundle unpacked by :func:`safe_extract`, ch
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -24,10 +25,11 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -174,32 +176,42 @@ def build_bundle(
     return index
 
 
-def _write_archive(out: Path, entries: list[_Entry]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+@contextlib.contextmanager
+def atomic_output(dest: Path) -> Iterator[BinaryIO]:
+    """A binary file that appears as ``dest`` only once the block ends without error (temp name in the
+    same folder, fsynced, renamed over ``dest``, folder fsynced); on error nothing is left behind."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
-                with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    for entry in sorted(entries, key=lambda e: e.name):
-                        info = tarfile.TarInfo(entry.name)
-                        info.size = entry.size
-                        info.mtime = FIXED_MTIME
-                        info.mode = 0o644
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        if entry.data is not None:
-                            tar.addfile(info, io.BytesIO(entry.data))
-                        else:
-                            with open(entry.path, "rb") as handle:  # type: ignore[arg-type]
-                                tar.addfile(info, handle)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(out.parent)
+    fsync_dir(dest.parent)
+
+
+def _write_archive(out: Path, entries: list[_Entry]) -> None:
+    with atomic_output(out) as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    info = tarfile.TarInfo(entry.name)
+                    info.size = entry.size
+                    info.mtime = FIXED_MTIME
+                    info.mode = 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    if entry.data is not None:
+                        tar.addfile(info, io.BytesIO(entry.data))
+                    else:
+                        with open(entry.path, "rb") as handle:  # type: ignore[arg-type]
+                            tar.addfile(info, handle)
 
 
 def read_index(bundle: str | Path) -> dict[str, Any]:
@@ -269,7 +281,10 @@ def safe_extract(archive: str | Path, dest: str | Path, max_total_bytes: int = 1
                 source = tar.extractfile(member)
                 if source is None:
                     raise InputError(f"bundle entry '{member.name}': cannot be read")
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                try:
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                except FileExistsError:
+                    raise InputError(f"bundle entry '{member.name}': appears twice in the archive") from None
                 with os.fdopen(fd, "wb") as handle:
                     while block := source.read(1 << 20):
                         faults.count_write(len(block))

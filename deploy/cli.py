@@ -172,10 +172,14 @@ def status_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show the current release, previous releases, trial state and the last update events."""
-    from smearsight.deploy.install import Device
+    from smearsight.deploy.install import Device, UpdateError
 
     device = Device(root_dir or _root_default())
-    device.recover()
+    try:
+        with device.lock():  # never clean up under an install in progress (its staging directory)
+            device.recover()
+    except UpdateError:
+        pass  # an update or health check holds the lock: report the state as it is
     status = device.status()
     if as_json:
         _echo_json(status)

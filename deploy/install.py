@@ -83,6 +83,7 @@ class Device:
         return Path(target).name
 
     def current_dir(self) -> Path | None:
+        """``releases/<current version>``, or ``None`` when nothing is installed."""
         version = self.current()
         return self.releases / version if version else None
 
@@ -93,6 +94,7 @@ class Device:
         return sorted(p.name for p in self.releases.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def load_state(self) -> dict[str, Any]:
+        """``state.json`` with every key present (an unreadable file counts as empty; ``recover`` rebuilds it)."""
         try:
             state = json.loads(self.state_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -106,9 +108,11 @@ class Device:
         return state
 
     def save_state(self, state: dict[str, Any]) -> None:
+        """Write ``state.json`` atomically."""
         atomic_write_json(self.state_path, state)
 
     def events(self) -> list[dict[str, Any]]:
+        """The event log, oldest first (empty when missing or unreadable)."""
         try:
             events = json.loads(self.events_path.read_text(encoding="utf-8"))
             return events if isinstance(events, list) else []
@@ -153,7 +157,9 @@ class Device:
 
     # -- crash recovery ------------------------------------------------------------------------
     def recover(self) -> None:
-        """Clean up after an interrupted install and reconcile ``state.json`` with ``current``."""
+        """Clean up after an interrupted install and reconcile ``state.json`` with ``current``.
+
+        Call it with :meth:`lock` held: it deletes staging directories, which an install in progress owns."""
         try:
             self._recover()
         except OSError:

@@ -16,21 +16,22 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
+import posixpath
 import re
 import shutil
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.repository import Repository
 
-from smearsight.deploy.bundle import read_index, version_key
+from smearsight.deploy.bundle import atomic_output, read_index, version_key
 from smearsight.deploy.keys import ROLES, generate_key, load_signer
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+from smearsight.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 CONFIG_NAME = "repository.json"
 ONNX_KEY = "onnx"
@@ -49,20 +50,6 @@ def target_path(key: str) -> str:
     if key != ONNX_KEY and not GPU_KEY_RE.match(key):
         raise InputError(f"--gpu: '{key}' is not a GPU key like 'sm_87-trt10.3' (compute capability + TensorRT)")
     return f"bundles/{key}.tar.gz"
-
-
-def _atomic_copy(source: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dest.parent)
 
 
 def _expires(days: float) -> datetime:
@@ -193,7 +180,8 @@ class FileRepository(Repository):
         stored = self.targets_dir / "bundles" / f"{sha}.{key}.tar.gz"
         stored.parent.mkdir(parents=True, exist_ok=True)
         if not stored.exists():
-            _atomic_copy(bundle, stored)
+            with open(bundle, "rb") as src, atomic_output(stored) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
         with self.edit_targets() as targets:
             targets.targets[path] = info
         self.do_snapshot()
@@ -227,8 +215,16 @@ class _RepoHandler(http.server.SimpleHTTPRequestHandler):
     quiet = True
 
     def send_head(self):  # type: ignore[no-untyped-def]
-        path = self.path.split("?", 1)[0].split("#", 1)[0]
-        if not (path.startswith("/metadata/") or path.startswith("/targets/")) or path.endswith("/"):
+        raw = self.path.split("?", 1)[0].split("#", 1)[0]
+        # Judge the path the way translate_path will resolve it (percent-decoded, '..' folded), or
+        # /metadata/../keys/root.pem would hand out the signing keys.
+        path = posixpath.normpath(unquote(raw))
+        if (
+            raw.endswith("/")
+            or "\\" in path
+            or "\x00" in path
+            or not (path.startswith("/metadata/") or path.startswith("/targets/"))
+        ):
             self.send_error(404, "not found")
             return None
         return super().send_head()

@@ -43,6 +43,7 @@ def sessions_list(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List the recorded sessions: id, start, end, source, frames and detections saved."""
+    from rich.markup import escape
     from rich.table import Table
 
     from smearsight.device.record import list_sessions
@@ -59,7 +60,7 @@ def sessions_list(
         table.add_column(col, justify="right" if col in ("id", "frames", "detections") else "left")
     for s in sessions:
         ended = _when(s["ended_at"]) if s["ended_at"] else "[yellow]interrupted / running[/]"
-        table.add_row(str(s["id"]), _when(s["started_at"]), ended, s["source"] or "-",
+        table.add_row(str(s["id"]), _when(s["started_at"]), ended, escape(s["source"] or "-"),
                       str(s["frames_saved"]), str(s["detections_saved"]))
     _console().print(table)
 
@@ -71,6 +72,8 @@ def sessions_show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     """Show one session's summary: counts per class, frames, fields with mature sperm, abnormal sperm."""
+    from rich.markup import escape
+
     from smearsight.device.record import get_session
 
     s = get_session(_db(db), session_id)
@@ -79,17 +82,17 @@ def sessions_show(
         return
     summ = s["summary"]
     con = _console()
-    con.print(f"[bold]session {s['id']}[/]  source {s['source'] or '-'}  started {_when(s['started_at'])}  "
+    con.print(f"[bold]session {s['id']}[/]  source {escape(s['source'] or '-')}  started {_when(s['started_at'])}  "
               f"ended {_when(s['ended_at']) if s['ended_at'] else 'never (interrupted or still running)'}")
     if summ.get("rebuilt_from_saved_frames"):
         con.print("[yellow]summary rebuilt from the saved frames (the session did not end normally)[/]")
     con.print(f"frames {summ.get('frames', 0)}  detections {summ.get('detections', 0)}  "
               f"fields with mature sperm {summ.get('fields_with_mature_sperm', 0)}")
     for name, n in summ.get("counts_per_class", {}).items():
-        con.print(f"  {name:<22} {n}")
+        con.print(f"  {name:<22} {n}", markup=False)
     if summ.get("sperm_judged"):
         con.print(f"sperm judged {summ['sperm_judged']}, abnormal {summ.get('sperm_abnormal', 0)}  "
-                  + "  ".join(f"{p}: {n}" for p, n in summ.get("abnormal_by_part", {}).items()))
+                  + "  ".join(f"{p}: {n}" for p, n in summ.get("abnormal_by_part", {}).items()), markup=False)
     if summ.get("frames_not_saved"):
         con.print(f"[red]{summ['frames_not_saved']} frame(s) could not be saved (disk problem)[/]")
 

@@ -270,10 +270,13 @@ class SessionRecorder:
         if not self._class_names:
             self._class_names = names_list
         names: list[str] = []
+        finite = np.isfinite(dets).all(axis=1).tolist()
         for k, (x1, y1, x2, y2, score, cls) in enumerate(dets.tolist()):
-            c = int(cls)
-            if c < 0:
+            # unused rows (class -1) and rows a broken model filled with NaN/Inf are not detections;
+            # a NaN would also fail the NOT NULL columns and lose the whole batch
+            if not finite[k] or cls < 0:
                 continue
+            c = int(cls)
             name = names_list[c] if c < len(names_list) else f"class_{c}"
             names.append(name)
             self._dets.append((sid, int(frame_index), k, c, name, float(score), x1, y1, x2, y2))
@@ -404,9 +407,13 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
         raise InputError(f"{path}: no session record here (record one with smearsight run --record FILE)")
     try:
         conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error as exc:
+        raise InputError(explain_db_error(path, exc)) from exc
+    try:
         conn.row_factory = sqlite3.Row
         conn.execute("SELECT id FROM sessions LIMIT 1").fetchall()
     except sqlite3.Error as exc:
+        conn.close()
         raise InputError(explain_db_error(path, exc)) from exc
     return conn
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,10 +47,11 @@ class FrameSink:
         self.should_stop = False
 
     def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
+        """Show or store one RGB uint8 frame with its status dict; problems go to ``.error``, never raised."""
         raise NotImplementedError
 
     def close(self) -> None:
-        pass
+        """Finish and release the output (idempotent)."""
 
     def __enter__(self) -> FrameSink:
         return self
@@ -79,7 +81,36 @@ def display_problem() -> str:
         return "OpenCV is not installed"
     if not info.gui:
         return f"this OpenCV ({info.origin}) has no window support (the headless build)"
-    return ""
+    display = os.environ.get("DISPLAY")
+    return x_display_problem(display) if display else ""
+
+
+def x_display_problem(display: str, timeout: float = 1.0) -> str:
+    """Plain words when no X server accepts connections for ``display`` (e.g. ``:0``), else "".
+
+    A set DISPLAY is not enough: with no server behind it (a kiosk session not started yet, a
+    stale variable) OpenCV's Qt backend aborts the whole process instead of raising.
+    """
+    host, sep, rest = display.rpartition(":")
+    number = rest.split(".")[0]
+    if not sep or not number.isdigit():
+        return f"DISPLAY={display!r} is not a display name such as :0"
+    if host.startswith("/"):  # a socket path (XQuartz)
+        targets: list[tuple[int, Any]] = [(socket.AF_UNIX, display)]
+    elif host in ("", "unix"):
+        path = f"/tmp/.X11-unix/X{number}"
+        targets = [(socket.AF_UNIX, "\0" + path), (socket.AF_UNIX, path)]  # abstract socket first, like Xlib
+    else:
+        targets = [(socket.AF_INET, (host, 6000 + int(number)))]
+    for family, address in targets:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(address)
+            return ""
+        except OSError:
+            continue
+    return f"no X server answers on DISPLAY={display} (is the screen's session running?)"
 
 
 class DisplaySink(FrameSink):
@@ -146,7 +177,7 @@ _PAGE = """<!doctype html>
 const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;');
 async function tick(){{try{{const r=await fetch('/status.json');const s=await r.json();
 let h='';const msg=s.error||s.status||'';if(msg)h+='<p class="err">'+esc(msg)+'</p>';
-h+='<p>frame '+(s.frame??'-')+' &middot; '+(s.fps!=null?Number(s.fps).toFixed(1):'-')+' FPS</p>';
+h+='<p>frame '+esc(s.frame??'-')+' &middot; '+(s.fps!=null?Number(s.fps).toFixed(1):'-')+' FPS</p>';
 if(s.counts){{h+='<table>';
 for(const[k,v]of Object.entries(s.counts))h+='<tr><td>'+esc(k)+'</td><td>'+esc(v)+'</td></tr>';
 h+='</table>';}}document.getElementById('s').innerHTML=h;}}catch(e){{}}}}
@@ -197,6 +228,9 @@ def _json_default(obj: Any) -> Any:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "SmearSight"
     latest: _Latest  # set on the per-server subclass
+    # A client that stops reading (a tablet gone to sleep) must not pin a thread and a socket forever:
+    # a send blocked this long raises TimeoutError and ends that stream (HttpSink's client_timeout).
+    timeout = 15.0
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence per-request logging
         pass
@@ -278,7 +312,7 @@ class _Server(ThreadingHTTPServer):
 class HttpSink(FrameSink):
     """MJPEG stream + status page + JSON over HTTP; serves from a background thread."""
 
-    def __init__(self, uri: str, *, quality: int = 80) -> None:
+    def __init__(self, uri: str, *, quality: int = 80, client_timeout: float = 15.0) -> None:
         super().__init__()
         require("cv2", "JPEG encoding")
         parts = urlsplit(uri)
@@ -290,7 +324,7 @@ class HttpSink(FrameSink):
             raise InputError(f"{uri}: expected http://:PORT such as http://:8080")
         host = parts.hostname or ""
         self._latest = _Latest(quality)
-        handler = type("Handler", (_Handler,), {"latest": self._latest})
+        handler = type("Handler", (_Handler,), {"latest": self._latest, "timeout": float(client_timeout)})
         try:
             self._server = _Server((host, port), handler)
         except OSError as exc:

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -274,7 +274,6 @@ class SourceStats:
     skipped: int = 0
     reconnects: int = 0
     last_problem: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def to_rgb_frame(image: Any, *, bgr: bool, expect_size: tuple[int, int] | None = None) -> np.ndarray:

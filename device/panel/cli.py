@@ -23,7 +23,7 @@ def _check_common(port: str, baud: int, duration: float | None) -> None:
 def serial_monitor(
     port: str = typer.Argument(..., help="Serial device (/dev/ttyUSB0) or pyserial URL (loop://, socket://h:p)."),
     baud: int = typer.Option(115200, "--baud", help="Baud rate."),
-    duration: float = typer.Option(None, "--duration", help="Stop after this many seconds (default: Ctrl-C)."),
+    duration: float | None = typer.Option(None, "--duration", help="Stop after this many seconds (default: Ctrl-C)."),
     jsonl: bool = typer.Option(False, "--jsonl", help="One JSON object per event instead of pretty output."),
     stats_every: float = typer.Option(0.0, "--stats-every", help="Print the error counters every N seconds."),
     require_connect: bool = typer.Option(
@@ -43,15 +43,15 @@ def serial_monitor(
 def panel_sim(
     port: str = typer.Argument(..., help="Serial device or pyserial URL the simulated panel talks on."),
     baud: int = typer.Option(115200, "--baud", help="Baud rate."),
-    script: str = typer.Option(
+    script: str | None = typer.Option(
         None,
         "--script",
         help="Comma-separated commands sent one per interval: ping,start,stop,freeze,unfreeze,toggle,capture,wait.",
     ),
     interval: float = typer.Option(0.5, "--interval", help="Seconds between scripted commands."),
-    duration: float = typer.Option(None, "--duration", help="Stop after this many seconds."),
+    duration: float | None = typer.Option(None, "--duration", help="Stop after this many seconds."),
     repeat: bool = typer.Option(False, "--repeat", help="Loop the script until --duration (or Ctrl-C)."),
-    interactive: bool = typer.Option(
+    interactive: bool | None = typer.Option(
         None,
         "--interactive/--no-interactive",
         help="Single-key commands (p ping, s start, x stop, f freeze, c capture, q quit); default: on when "

@@ -79,6 +79,7 @@ def cobs_decode(data: bytes) -> bytes:
 
 
 def crc32(data: bytes) -> int:
+    """CRC32 (zlib polynomial) as an unsigned 32-bit integer."""
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
@@ -134,6 +135,8 @@ class DecodeError:
 
 @dataclass
 class DecoderStats:
+    """Receive counters of a stream decoder (good frames, each kind of error, bytes)."""
+
     frames: int = 0
     bytes: int = 0
     crc_errors: int = 0

@@ -49,6 +49,8 @@ FrameHandler = Callable[[Frame], None]
 
 
 class LinkState(str, enum.Enum):
+    """Where a :class:`SerialLink` stands; shown on screen through :meth:`SerialLink.status_line`."""
+
     STOPPED = "stopped"
     CONNECTING = "connecting"
     CONNECTED = "connected"
@@ -58,6 +60,8 @@ class LinkState(str, enum.Enum):
 
 @dataclass
 class LinkStats:
+    """Send, reconnection and handler counters of a link; ``rx`` holds the decoder's receive counters."""
+
     enqueued: int = 0
     sent: int = 0
     sent_bytes: int = 0
@@ -246,6 +250,7 @@ class SerialLink:
         self.close()
 
     def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the port to be open; True when it is."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._state is LinkState.CONNECTED:
@@ -425,15 +430,19 @@ class PanelLink(SerialLink):
         self.send(Pong(frame.message.nonce))
 
     def send_status(self, state: RunState, fps: float, frame: int = 0, session_id: str = "", text: str = "") -> bool:
+        """Queue a :class:`Status` (coalesced: only the newest waiting one is sent)."""
         return self.send(Status(state, fps, frame, session_id, text))
 
     def send_counts(self, counts: dict[str, int], session_id: str = "", frame: int = 0) -> bool:
+        """Queue per-class :class:`Counts` (coalesced); ValueError for more classes or longer names than fit."""
         return self.send(Counts(dict(counts), session_id, frame))
 
     def send_summary(self, summary: Summary) -> bool:
+        """Queue a session :class:`Summary`."""
         return self.send(summary)
 
     def send_alert(self, text: str, level: AlertLevel = AlertLevel.WARNING, code: int = 0) -> bool:
+        """Queue an :class:`Alert` (text longer than its field is cut)."""
         return self.send(Alert(level, text, code))
 
 

@@ -136,7 +136,8 @@ def run_monitor(
     def on_state(state: LinkState, detail: str) -> None:
         style = "green" if state is LinkState.CONNECTED else "yellow"
         why = f": {escape(detail)}" if detail else ""
-        emit(f"[{style}]{port}: {state.value}{why}[/]", {"event": "state", "state": state.value, "detail": detail})
+        record = {"event": "state", "state": state.value, "detail": detail}
+        emit(f"[{style}]{escape(port)}: {state.value}{why}[/]", record)
 
     link.on_state(on_state)
     if not jsonl:

@@ -380,6 +380,7 @@ def type_code(message: Message) -> int:
 
 
 def type_name(code: int) -> str:
+    """The message type's name (``STATUS``), or ``0x..`` for a code this side does not know."""
     try:
         return MsgType(code).name
     except ValueError:

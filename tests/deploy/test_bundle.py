@@ -151,6 +151,7 @@ def _add(tar, name, data=b"x", **fields):
         (lambda t: _add(t, "link", b"", type=tarfile.SYMTYPE, linkname="/etc/passwd"), "only plain files"),
         (lambda t: (_add(t, "a"), _add(t, "b", b"", type=tarfile.LNKTYPE, linkname="a")), "only plain files"),
         (lambda t: _add(t, "dev", b"", type=tarfile.CHRTYPE), "only plain files"),
+        (lambda t: (_add(t, "models/a", b"good"), _add(t, "models/a", b"evil")), "appears twice"),
     ],
 )
 def test_safe_extract_refuses_escapes_and_links(tmp_path, build, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import stat
 import threading
@@ -102,6 +103,19 @@ def test_serve_only_metadata_and_targets(repo, bundles):
             with pytest.raises(urllib.error.HTTPError) as info:
                 urllib.request.urlopen(base + secret)
             assert info.value.code == 404
+        # '..' and its percent-encoded forms must not climb out of metadata/ or targets/ (sent raw:
+        # a client is free not to fold them)
+        for sneaky in ("/metadata/../keys/root.pem", "/targets/%2e%2e/keys/timestamp.pem",
+                       "/metadata/%2E%2E/repository.json", "/metadata/..%2fkeys/root.pem"):
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+            try:
+                conn.request("GET", sneaky)
+                response = conn.getresponse()
+                body = response.read()
+            finally:
+                conn.close()
+            assert response.status == 404, sneaky
+            assert b"PRIVATE KEY" not in body
     finally:
         server.shutdown()
         server.server_close()

@@ -244,6 +244,19 @@ def test_concurrent_update_is_refused(repo, bundles, device_root):
     assert update(device_root, str(repo.dir))["version"] == "1.0"
 
 
+def test_status_does_not_clean_up_under_a_running_install(repo, bundles, device_root, capsys):
+    repo.publish(bundles["1.0"])
+    assert update(device_root, str(repo.dir))["version"] == "1.0"
+    device = Device(device_root)
+    staging = device.releases / ".staging-1.1-abcd"  # what an install in progress is writing
+    staging.mkdir()
+    with device.lock():
+        assert _status(device_root, capsys)["current"] == "1.0"
+        assert staging.is_dir(), "deploy status deleted the staging directory of a running install"
+    _status(device_root, capsys)  # no install running: a left-over staging directory is cleaned up
+    assert not staging.exists()
+
+
 def _doc_commands():
     import re
     import shlex

@@ -40,6 +40,18 @@ def _saved_frames(path: Path) -> int:
         conn.close()
 
 
+def _fill_disk(directory: Path) -> Path:
+    """Take all of the remaining space of the file system under ``directory``; return the filler file."""
+    filler = directory / "filler.bin"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\1" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
 def test_batched_commits_and_summary(tmp_path: Path) -> None:
     db = tmp_path / "rec" / "sessions.db"
     rec = SessionRecorder(db, batch_frames=3)
@@ -77,6 +89,22 @@ def test_batched_commits_and_summary(tmp_path: Path) -> None:
     assert d1[1]["morphology"] == {"head": {"score": 0.9, "abnormal": True}}
     assert d1[2]["morphology"] == {"": {"score": None, "abnormal": None}}
     assert d1[0]["box"] == [0.0, 5.0, 8.0, 13.0]
+
+
+def test_non_finite_rows_are_skipped_not_losing_the_batch(tmp_path: Path) -> None:
+    db = tmp_path / "nan.db"
+    with SessionRecorder(db, batch_frames=2) as rec:
+        sid = rec.start_session({"class_names": list(TPS_CLASS_NAMES)})
+        assert rec.record_frame(0, 1.0, _dets(2, [0, 1]), TPS_CLASS_NAMES)
+        broken = _dets(3, [0, 1, 2])
+        broken[0, 0] = np.nan
+        broken[2, 5] = np.nan  # a NaN class too
+        assert rec.record_frame(1, 2.0, broken, TPS_CLASS_NAMES)  # the batch commits
+        assert rec.error == "" and rec.frames_lost == 0
+        assert rec.summary()["detections"] == 3
+    fr = list(session_frames(db, sid))
+    assert [f["n_detections"] for f in fr] == [2, 1]
+    assert [d["det"] for d in fr[1]["detections"]] == [1]
 
 
 def test_multiple_sessions_and_reopen(tmp_path: Path) -> None:
@@ -210,13 +238,7 @@ def test_full_disk_is_reported_not_raised_and_recovers(tmp_path: Path) -> None:
     with _tmpfs(tmp_path, "tiny", "size=256k") as tiny:
         rec = SessionRecorder(tiny / "s.db", batch_frames=4)
         rec.start_session({"source": "x"})
-        filler = tiny / "filler.bin"
-        with open(filler, "wb", buffering=0) as fh:  # take all of the remaining space
-            try:
-                while True:
-                    fh.write(b"\1" * 4096)
-            except OSError:
-                pass
+        filler = _fill_disk(tiny)
         big = _dets(300, [i % 6 for i in range(300)], max_det=300)
         results = [rec.record_frame(i, float(i), big, TPS_CLASS_NAMES) for i in range(12)]
         assert results[3] is False and "the disk is full" in rec.error
@@ -263,12 +285,7 @@ def test_background_writer_reports_full_disk(tmp_path: Path) -> None:
     with _tmpfs(tmp_path, "tiny_bg", "size=256k") as tiny:
         rec = SessionRecorder(tiny / "s.db", batch_frames=4, background=True)
         rec.start_session({"source": "x"})
-        with open(tiny / "filler.bin", "wb", buffering=0) as fh:
-            try:
-                while True:
-                    fh.write(b"\1" * 4096)
-            except OSError:
-                pass
+        _fill_disk(tiny)
         big = _dets(300, [i % 6 for i in range(300)], max_det=300)
         for i in range(8):
             rec.record_frame(i, float(i), big, TPS_CLASS_NAMES)

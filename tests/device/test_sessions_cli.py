@@ -63,6 +63,18 @@ def test_list_and_show(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "rebuilt from the saved frames" in text and "fields with mature sperm 1" in text
 
 
+def test_sources_with_brackets_are_printed_verbatim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "b.db"
+    with SessionRecorder(db) as rec:  # a file name rich would otherwise read as markup
+        rec.start_session({"source": "a[/b][red]", "class_names": ["[bold]odd"]})
+        rec.record_frame(0, 1.0, _dets([0]), ["[bold]odd"])
+    assert main(["sessions", "list", "--db", str(db)]) == 0
+    assert "a[/b][red]" in capsys.readouterr().out
+    assert main(["sessions", "show", "1", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "source a[/b][red]" in out and "[bold]odd" in out
+
+
 def test_export_csv_and_json(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_csv = tmp_path / "exports" / "s1.csv"
     assert main(["sessions", "export", "1", "--format", "csv", "--out", str(out_csv), "--db", str(db)]) == 0

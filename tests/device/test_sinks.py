@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -19,7 +20,7 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
-from smearsight.device.sinks import HttpSink, open_sink  # noqa: E402
+from smearsight.device.sinks import HttpSink, open_sink, x_display_problem  # noqa: E402
 from smearsight.device.sources import open_source  # noqa: E402
 from smearsight.errors import InputError  # noqa: E402
 
@@ -116,6 +117,32 @@ def test_http_encodes_once_per_frame_for_many_clients() -> None:
         for resp in clients:
             resp.close()
     finally:
+        sink.close()
+
+
+def test_http_client_that_stops_reading_is_dropped() -> None:
+    """A viewer that never reads (a sleeping tablet) must not pin a server thread and socket forever."""
+    sink = HttpSink("http://127.0.0.1:0", client_timeout=0.5)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.connect(("127.0.0.1", sink.port))
+        sock.sendall(b"GET /stream.mjpg HTTP/1.0\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while sink.clients < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.clients == 1
+        noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)  # ~300 kB JPEGs
+        deadline = time.monotonic() + 10
+        i = 0
+        while sink.clients and time.monotonic() < deadline:
+            noise[0, 0] = i % 256
+            sink.write(noise, {"frame": i})
+            i += 1
+            time.sleep(0.02)
+        assert sink.clients == 0, "the stalled stream was not ended"
+    finally:
+        sock.close()
         sink.close()
 
 
@@ -221,6 +248,24 @@ def test_display_refused_on_headless_opencv(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("DISPLAY", ":99")  # a display is claimed, but the build cannot open windows
     with pytest.raises(InputError, match="no window support"):
         open_sink("display://0")
+
+
+def test_x_display_problem_probes_the_server() -> None:
+    """A DISPLAY with no X server behind it is reported in words (Qt would abort the process)."""
+    number = 4000 + os.getpid() % 1000
+    assert f"no X server answers on DISPLAY=:{number}" in x_display_problem(f":{number}", timeout=0.2)
+    assert "not a display name" in x_display_problem("nonsense")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:  # a listening X socket, abstract namespace
+        server.bind(f"\0/tmp/.X11-unix/X{number}")
+        server.listen(1)
+        assert x_display_problem(f":{number}") == ""
+        assert x_display_problem(f"unix:{number}.0") == ""
+    with socket.socket() as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(1)
+        port = tcp.getsockname()[1]
+        if port > 6000:
+            assert x_display_problem(f"127.0.0.1:{port - 6000}") == ""
 
 
 def _can_open_window() -> str:

@@ -103,6 +103,24 @@ def test_coco_bad_records(tmp_path: Path) -> None:
     assert ds.images[0].boxes.tolist() == [[1, 2, 11, 12]] and ds.images[1].labels.tolist() == [1]
 
 
+def test_coco_ill_typed_ids_are_problems_not_crashes(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _image(root / "images" / "ok.png")
+    anns = [
+        {"id": 1, "image_id": [1], "category_id": 1, "bbox": [1, 1, 4, 4]},  # unhashable image_id
+        {"id": 2, "image_id": 1, "category_id": [1], "bbox": [1, 1, 4, 4]},  # unhashable category_id
+        {"id": 3, "image_id": "1", "category_id": 1, "bbox": [1, 1, 4, 4]},  # string image_id
+        {"id": 4, "image_id": 1, "category_id": 2, "bbox": [1, 1, 4, 4]},  # good
+    ]
+    _coco(tmp_path, [{"id": 1, "file_name": "ok.png", "width": 64, "height": 48}], anns)
+    ds, problems = read_dataset(root, "coco", "train")
+    _find(problems, "train.json", "'image_id' must be an integer, got [1]", "annotations[0] (id 1) image_id")
+    _find(problems, "train.json", "unknown class: category_id [1]", "annotations[1] (id 2)")
+    _find(problems, "train.json", "'image_id' must be an integer, got '1'", "annotations[2] (id 3)")
+    assert len(problems) == 3
+    assert ds.images[0].labels.tolist() == [1]
+
+
 def test_coco_truncated_image_found_only_when_verifying(tmp_path: Path) -> None:
     root = tmp_path / "coco"
     _truncated_png(root / "images" / "broken.png")
@@ -192,6 +210,19 @@ def test_voc_bad_records(tmp_path: Path) -> None:
     assert len(problems) == 10
     assert [r.path.name for r in ds.images] == ["a.png", "b.png"]
     assert ds.images[0].boxes.tolist() == [[0, 0, 64, 48], [6, 6, 7, 7]]
+
+
+def test_voc_non_finite_size_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    root = tmp_path / "voc"
+    _image(root / "JPEGImages" / "a.png")
+    (root / "classes.txt").write_text("cell\n")
+    (root / "Annotations").mkdir(parents=True)
+    (root / "Annotations" / "a.xml").write_text(
+        "<annotation><filename>a.png</filename><size><width>inf</width><height>48</height></size></annotation>"
+    )
+    ds, problems = read_dataset(root, "voc", None)
+    _find(problems, "a.xml", "size width/height must be numbers, got 'inf'x'48'", "size")
+    assert len(problems) == 1 and [r.path.name for r in ds.images] == ["a.png"]
 
 
 def test_voc_missing_split_list_raises(tmp_path: Path) -> None:

@@ -167,6 +167,22 @@ def test_writer_refuses_a_different_class_list_in_the_same_folder(tmp_path: Path
         write_dataset(other, tmp_path / "yolo", "yolo", "val")
 
 
+def test_unreadable_split_list_and_data_yaml_are_one_line_input_errors(tmp_path: Path) -> None:
+    ds = make_dataset(tmp_path / "src")
+    write_dataset(ds, tmp_path / "yolo", "yolo", "train")
+    (tmp_path / "yolo" / "train.txt").write_bytes(b"\xff\xfe images/a.png\n")  # not UTF-8
+    with pytest.raises(InputError, match=r"train\.txt: cannot read the split list") as info:
+        read_dataset(tmp_path / "yolo", "yolo", "train")
+    assert "\n" not in str(info.value)
+    write_dataset(ds, tmp_path / "voc", "voc", "train")
+    (tmp_path / "voc" / "ImageSets" / "Main" / "train.txt").write_bytes(b"a\n\xff\n")
+    with pytest.raises(InputError, match=r"train\.txt: cannot read the split list"):
+        read_dataset(tmp_path / "voc", "voc", "train")
+    (tmp_path / "yolo" / "data.yaml").write_text("names: [a, b\n")  # malformed YAML
+    with pytest.raises(InputError, match=r"data\.yaml: cannot update the existing file"):
+        write_dataset(ds, tmp_path / "yolo", "yolo", "val")
+
+
 def test_read_image_rgb_channel_order_and_errors(tmp_path: Path) -> None:
     rgb = np.zeros((4, 6, 3), np.uint8)
     rgb[..., 0] = 200  # red

@@ -18,11 +18,19 @@ Rules (all readers, boxes in 0-based continuous pixel coordinates ``x1, y1, x2, 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from smearsight.errors import InputError
+
 from .records import DetectionDataset, Problem
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 BOX_TOLERANCE_PX = 0.01
 
@@ -49,6 +57,22 @@ def validate_box(
         [max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))], dtype=np.float32
     )
     return clipped, None
+
+
+def f32_value(value: float) -> float:
+    """The shortest decimal that reads back as the same float32 (12.3, not 12.300000190734863).
+
+    Writers store boxes through it so that float32 boxes round-trip exactly and files stay readable.
+    """
+    return float(str(np.float32(value)))
+
+
+def read_list_file(path: Path, what: str) -> str:
+    """Text of a file the dataset as a whole depends on (split list); InputError naming it when unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the {what} ({exc})") from None
 
 
 def _fmt_box(box: Sequence[float]) -> str:
@@ -114,7 +138,7 @@ def summarize(ds: DetectionDataset) -> dict:
     }
 
 
-def render_summary(ds: DetectionDataset, title: str):
+def render_summary(ds: DetectionDataset, title: str) -> Table:
     """A rich Table of :func:`summarize`'s figures."""
     from rich.table import Table
 
@@ -142,15 +166,13 @@ def render_summary(ds: DetectionDataset, title: str):
 
 
 def probe_image(
-    path, verify: bool, problems: list[Problem], file: str, where: str = ""
+    path: str | os.PathLike[str], verify: bool, problems: list[Problem], file: str, where: str = ""
 ) -> tuple[int, int] | None:
     """``(width, height)`` of an image, or None after appending a Problem (missing / unreadable).
 
     ``verify=True`` decodes the whole image with OpenCV (what ``data check`` does); otherwise only the
     header is read where the format allows it.
     """
-    from smearsight.errors import InputError
-
     from .images import image_size
 
     try:
@@ -164,7 +186,7 @@ def probe_image(
         return None
 
 
-def read_class_names_file(path, problems: list[Problem]) -> list[str] | None:
+def read_class_names_file(path: Path, problems: list[Problem]) -> list[str] | None:
     """Class names from a text file, one per line (blank lines ignored); None after a Problem."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -178,9 +200,8 @@ def read_class_names_file(path, problems: list[Problem]) -> list[str] | None:
     return names
 
 
-def write_class_names_file(path, class_names: list[str]) -> None:
+def write_class_names_file(path: Path, class_names: list[str]) -> None:
     """Write ``classes.txt``; refuse to change an existing, different list (label indices would shift)."""
-    from smearsight.errors import InputError
     from smearsight.fileio import atomic_write_text
 
     if path.is_file():

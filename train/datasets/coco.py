@@ -19,14 +19,14 @@ import numpy as np
 from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_json
 
-from .check import ProgressFn, probe_image, size_mismatch_problem, validate_box
+from .check import ProgressFn, f32_value, probe_image, size_mismatch_problem, validate_box
 from .images import place_images
 from .records import DetectionDataset, ImageRecord, Problem
 
 
 def _clean(v: float) -> float | int:
-    """Shortest decimal of a float32 value (so 12.3 is written as 12.3, not 12.300000190734863)."""
-    f = float(str(np.float32(v)))
+    """Shortest decimal of a float32 value, as an int when integral (12.3 not 12.300000190734863)."""
+    f = f32_value(v)
     return int(f) if f.is_integer() else f
 
 
@@ -208,12 +208,15 @@ def read_coco(
         if ann.get("iscrowd", 0):
             continue
         image_id = ann.get("image_id")
+        if not isinstance(image_id, int):
+            problems.append(Problem(file, f"'image_id' must be an integer, got {image_id!r}", where + " image_id"))
+            continue
         if image_id in bad_images:
             continue
         if image_id not in records:
             problems.append(Problem(file, f"image_id {image_id!r} is not in 'images'", where + " image_id"))
             continue
-        if ann.get("category_id") not in class_of:
+        if not isinstance(ann.get("category_id"), int) or ann["category_id"] not in class_of:
             problems.append(Problem(file, f"unknown class: category_id {ann.get('category_id')!r}", where))
             continue
         bbox = ann.get("bbox")

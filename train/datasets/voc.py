@@ -19,15 +19,15 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
-
 from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_text
 
 from .check import (
     ProgressFn,
+    f32_value,
     probe_image,
     read_class_names_file,
+    read_list_file,
     size_mismatch_problem,
     validate_box,
     write_class_names_file,
@@ -96,7 +96,7 @@ def read_voc(
         split_file = root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise InputError(f"{split_file}: split list for {split!r} not found")
-        for n, line in enumerate(split_file.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(read_list_file(split_file, "split list").splitlines(), start=1):
             tokens = line.split()
             if not tokens:
                 continue
@@ -138,7 +138,7 @@ def read_voc(
         if w_text is not None or h_text is not None:
             try:
                 declared = (int(float(w_text)), int(float(h_text)))  # type: ignore[arg-type]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 problems.append(Problem(file, f"size width/height must be numbers, got {w_text!r}x{h_text!r}", "size"))
             else:
                 if (p := size_mismatch_problem(file, "size", declared, size)) is not None:
@@ -176,26 +176,13 @@ def read_voc(
                 continue
             boxes.append(box)
             labels.append(class_of[name])
-        images.append(
-            ImageRecord(
-                image_path,
-                size[0],
-                size[1],
-                boxes=np.stack(boxes) if boxes else np.zeros((0, 4), np.float32),
-                labels=labels,
-                image_id=image_id,
-            )
-        )
+        images.append(ImageRecord(image_path, size[0], size[1], boxes=boxes, labels=labels, image_id=image_id))
     return DetectionDataset(class_names, images, root=root, split=split), problems
 
 
 def _num_text(value: float) -> str:
     v = round(float(value), 6)
     return str(int(v)) if v.is_integer() else repr(v)
-
-
-def _f32(value: float) -> float:
-    return float(str(np.float32(value)))
 
 
 def voc_xml(rec: ImageRecord, file_name: str, class_names: list[str]) -> str:
@@ -215,7 +202,7 @@ def voc_xml(rec: ImageRecord, file_name: str, class_names: list[str]) -> str:
         ET.SubElement(obj, "truncated").text = "0"
         ET.SubElement(obj, "difficult").text = "0"
         bnd = ET.SubElement(obj, "bndbox")
-        x1, y1, x2, y2 = (_f32(v) for v in box)
+        x1, y1, x2, y2 = (f32_value(v) for v in box)
         for field, value in zip(_FIELDS, (x1 + 1.0, y1 + 1.0, x2, y2), strict=True):
             ET.SubElement(bnd, field).text = _num_text(value)
     ET.indent(ann, space="\t")

@@ -24,7 +24,15 @@ import numpy as np
 from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_text
 
-from .check import ProgressFn, probe_image, read_class_names_file, validate_box, write_class_names_file
+from .check import (
+    ProgressFn,
+    f32_value,
+    probe_image,
+    read_class_names_file,
+    read_list_file,
+    validate_box,
+    write_class_names_file,
+)
 from .images import IMAGE_SUFFIXES, list_images, place_images
 from .records import DetectionDataset, ImageRecord, Problem
 
@@ -103,7 +111,7 @@ def _split_images(
     if not list_file.is_file():
         raise InputError(f"{list_file}: split list for {split!r} not found")
     out: list[tuple[Path, Problem | None]] = []
-    for n, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_list_file(list_file, "split list").splitlines(), start=1):
         entry = line.strip()
         if not entry:
             continue
@@ -197,16 +205,7 @@ def read_yolo(
         labels: list[int] = []
         if label_path.is_file():
             boxes, labels = _parse_labels(label_path, size[0], size[1], len(class_names), problems)
-        images.append(
-            ImageRecord(
-                image_path,
-                size[0],
-                size[1],
-                boxes=np.stack(boxes) if boxes else np.zeros((0, 4), np.float32),
-                labels=labels,
-                image_id=image_id,
-            )
-        )
+        images.append(ImageRecord(image_path, size[0], size[1], boxes=boxes, labels=labels, image_id=image_id))
     return DetectionDataset(class_names, images, root=root, split=split), problems
 
 
@@ -219,7 +218,7 @@ def yolo_lines(rec: ImageRecord) -> str:
     lines = []
     w, h = float(rec.width), float(rec.height)
     for box, label in zip(rec.boxes, rec.labels, strict=True):
-        x1, y1, x2, y2 = (float(str(np.float32(v))) for v in box)
+        x1, y1, x2, y2 = (f32_value(v) for v in box)
         cx, cy = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h
         bw, bh = (x2 - x1) / w, (y2 - y1) / h
         lines.append(f"{int(label)} {_g(cx)} {_g(cy)} {_g(bw)} {_g(bh)}\n")
@@ -252,7 +251,10 @@ def write_yolo(ds: DetectionDataset, root: Path, split: str | None, *, image_mod
     yaml_path = root / "data.yaml"
     data: dict[str, Any] = {}
     if yaml_path.is_file():
-        loaded = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        try:
+            loaded = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise InputError(f"{yaml_path}: cannot update the existing file ({str(exc).splitlines()[0]})") from None
         data = loaded if isinstance(loaded, dict) else {}
     if split is not None:
         atomic_write_text(root / f"{split}.txt", "".join(f"{s}\n" for s in listed))
