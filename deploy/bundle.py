@@ -17,7 +17,6 @@ On a device a release directory is a bundle unpacked by :func:`safe_extract`, ch
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -25,18 +24,17 @@ import json
 import os
 import re
 import tarfile
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from smearsight.deploy import faults
 from smearsight.deploy.inference import Backend, frame_to_input, reference_frame, run_model
 from smearsight.errors import InputError
-from smearsight.fileio import fsync_dir, sha256_file
+from smearsight.fileio import atomic_open, fsync_dir, sha256_file
 from smearsight.manifest import MANIFEST_NAME, load_manifest, verify_files
 
 INDEX_NAME = "bundle.json"
@@ -176,28 +174,8 @@ def build_bundle(
     return index
 
 
-@contextlib.contextmanager
-def atomic_output(dest: Path) -> Iterator[BinaryIO]:
-    """A binary file that appears as ``dest`` only once the block ends without error (temp name in the
-    same folder, fsynced, renamed over ``dest``, folder fsynced); on error nothing is left behind."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(dest.parent)
-
-
 def _write_archive(out: Path, entries: list[_Entry]) -> None:
-    with atomic_output(out) as raw:
+    with atomic_open(out) as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
             with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for entry in sorted(entries, key=lambda e: e.name):

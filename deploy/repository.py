@@ -28,10 +28,10 @@ from urllib.parse import unquote
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.repository import Repository
 
-from smearsight.deploy.bundle import atomic_output, read_index, version_key
+from smearsight.deploy.bundle import read_index, version_key
 from smearsight.deploy.keys import ROLES, generate_key, load_signer
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from smearsight.fileio import atomic_open, atomic_write_bytes, atomic_write_json, sha256_file
 
 CONFIG_NAME = "repository.json"
 ONNX_KEY = "onnx"
@@ -180,7 +180,7 @@ class FileRepository(Repository):
         stored = self.targets_dir / "bundles" / f"{sha}.{key}.tar.gz"
         stored.parent.mkdir(parents=True, exist_ok=True)
         if not stored.exists():
-            with open(bundle, "rb") as src, atomic_output(stored) as dst:
+            with open(bundle, "rb") as src, atomic_open(stored) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         with self.edit_targets() as targets:
             targets.targets[path] = info

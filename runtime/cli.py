@@ -16,7 +16,8 @@ def run_command(
         "or a GStreamer pipeline."
     ),
     sink: str = typer.Argument(
-        None, help="Output: display://0, http://:8080, file://out.mp4, file://dir/, null:// "
+        None, help="Output: display://0, http://127.0.0.1:8080 (this host) or http://:8080 (every network "
+        "interface: a tablet on the lab network), file://out.mp4, file://dir/, null:// "
         "(default: a window when a display is available, else file://smearsight-out.mp4).",
         show_default=False,
     ),

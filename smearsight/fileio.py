@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def _current_umask() -> int:
@@ -20,17 +22,19 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[BinaryIO]:
+    """A binary file that appears as ``path`` only when the block ends without error.
 
-    ``mode`` defaults to what ``open()`` would create under the process umask.
+    Written under a temporary name in the same folder, fsynced, renamed over ``path`` and the folder
+    fsynced; on error nothing is left behind. ``mode`` defaults to what ``open()`` would create.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             os.fchmod(handle.fileno(), _FILE_MODE if mode is None else mode)
             handle.flush()
             os.fsync(handle.fileno())
@@ -39,7 +43,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    with atomic_open(path, mode) as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

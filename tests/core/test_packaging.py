@@ -1,5 +1,6 @@
 """The built wheel must contain every sub-package of the re-mapped folders and the kernel sources."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,11 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")
+    # Build from a clean copy: setuptools leaves build/ in the source tree, whose stale files would
+    # otherwise end up in later wheels.
+    src = tmp_path_factory.mktemp("src") / "smearsight"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".ci-venv", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
         check=True,
-        cwd=build,
         capture_output=True,
     )
     wheels = list(out.glob("smearsight-*.whl"))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from smearsight.errors import InputError, require
+from smearsight.fileio import atomic_open
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -156,29 +157,18 @@ def _source_image_root(root: Path | None, path: Path) -> Path | None:
 
 def _copy_atomic(src: Path, dest: Path, link: bool) -> None:
     import shutil
-    import tempfile
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        done = False
-        if link:
-            tmp_path.unlink()
-            try:
-                os.link(src, tmp_path)
-                done = True
-            except OSError:
-                pass
-        if not done:
-            shutil.copyfile(src, tmp_path)
-            with open(tmp_path, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.replace(tmp_path, dest)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    if link:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, dest)
+            return
+        except OSError:
+            tmp.unlink(missing_ok=True)  # another filesystem: fall back to a copy
+    with open(src, "rb") as source, atomic_open(dest) as target:
+        shutil.copyfileobj(source, target)
 
 
 def place_images(
