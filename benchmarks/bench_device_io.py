@@ -1,6 +1,6 @@
 """Device I/O timings at 768x1024: annotation, MJPEG encode, session record, sources and file sinks.
 
-    python benchmarks/device_io.py [--boxes 300] [--frames 60]
+    python benchmarks/bench_device_io.py [--boxes 300] [--frames 60]
 
 Prints one table: median and best (min) milliseconds per frame. On a shared, loaded machine the
 median swings with the load; the min is the uncontended cost.

@@ -4,7 +4,7 @@ Uses a synthetic detector with real-sized tensors (768x1024 input, 147,312 ancho
 expected outputs and weights are as large as the real model's outputs) and a 64x64 morphology model.
 Needs the ``onnx`` package (``pip install 'smearsight[train]'``) to build the synthetic models.
 
-    python benchmarks/deploy_update.py [--workdir DIR] [--repeat 3]
+    python benchmarks/bench_deploy_update.py [--workdir DIR] [--repeat 3]
 """
 
 from __future__ import annotations
