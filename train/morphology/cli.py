@@ -1,0 +1,93 @@
+"""CLI: ``smearsight train morphology`` and ``smearsight eval morphology``.
+
+Import-light: torch and timm are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from smearsight.cli_app import eval_app, train_app
+
+
+@train_app.command("morphology")
+def train_morphology_cmd(
+    data: Path = typer.Option(
+        ..., "--data", help="MHSMA folder (x_64_<split>.npy, y_<part>_<split>.npy) or PNGs + labels.csv."
+    ),
+    part: str = typer.Option(..., "--part", help="head | acrosome | vacuole | tail"),
+    out: Path = typer.Option(..., "--out", help="Run folder: best.pt, metrics.json, history.json, curves.png."),
+    supervised: bool = typer.Option(False, "--supervised", help="Add a classifier over discrepancy features."),
+    teacher: str | None = typer.Option(None, "--teacher", help="Teacher: timm name or vgg16 (default Lite0)."),
+    teacher_weights: str | None = typer.Option(None, "--teacher-weights", help="Teacher weights file path."),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    config: Path | None = typer.Option(None, "--config", help="YAML MorphologyTrainConfig."),
+    train_split: str = typer.Option("train", "--train-split"),
+    valid_split: str = typer.Option("valid", "--valid-split", help="Model selection and threshold split."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+    seed: int | None = typer.Option(None, "--seed"),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Start from this checkpoint's student (with --epochs 0: only fit the classifier)."
+    ),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Train a knowledge-distillation morphology model for one part on normal crops only.
+
+    The student is selected and the threshold chosen on the validation split (F0.5, normal positive).
+    """
+    from smearsight.train.morphology.config import MorphologyTrainConfig
+    from smearsight.train.morphology.data import check_part
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    check_part(part)
+    cfg = MorphologyTrainConfig.from_yaml(config) if config else MorphologyTrainConfig()
+    data_cfg = cfg.to_dict()
+    if epochs is not None:
+        data_cfg["epochs"] = epochs
+    if threads is not None:
+        data_cfg["threads"] = threads
+    if seed is not None:
+        data_cfg["seed"] = seed
+    if supervised:
+        data_cfg["model"]["supervised"] = True
+    if teacher is not None:
+        data_cfg["model"]["teacher"]["name"] = teacher
+        if teacher in ("vgg16", "vgg16_bn") and config is None:
+            data_cfg["model"]["teacher"]["layers"] = [2, 3, 4, 5]  # pool2..pool5, the published choice
+    if teacher_weights is not None:
+        data_cfg["model"]["teacher"]["weights"] = teacher_weights
+    cfg = MorphologyTrainConfig.from_dict(data_cfg, source=str(config) if config else "options")
+    metrics = train_morphology(data, part, out, cfg, train_split, valid_split, log=typer.echo,
+                               progress=not no_progress, init_from=init_from)
+    valid = metrics["valid"]
+    typer.echo(
+        f"{part} ({metrics['mode']}): valid AUC {valid['auc']:.4f} accuracy {valid['accuracy']:.4f} "
+        f"F0.5 {valid['f05']:.4f} at threshold {metrics['threshold']:.4g}; wrote {out / 'best.pt'}"
+    )
+
+
+@eval_app.command("morphology")
+def eval_morphology_cmd(
+    weights: Path = typer.Option(..., "--weights", help="Morphology checkpoint (best.pt)."),
+    data: Path = typer.Option(..., "--data", help="MHSMA folder or PNGs+labels.csv."),
+    part: str = typer.Option(..., "--part"),
+    split: str = typer.Option(..., "--split"),
+    out: Path = typer.Option(..., "--out", help="Report folder: metrics.json, roc.png, score_hist.png, localisation/."),
+    localise: int = typer.Option(8, "--localise", help="Number of localisation examples."),
+    threads: int | None = typer.Option(None, "--threads"),
+) -> None:
+    """Evaluate a morphology checkpoint on a split (normal = positive class for precision/recall/F0.5)."""
+    from smearsight.train.morphology.data import check_part
+    from smearsight.train.morphology.evaluate import evaluate_morphology
+
+    check_part(part)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    report = evaluate_morphology(weights, data, part, split, out, n_localise=localise)
+    keys = ("accuracy", "precision", "recall", "f05", "gmean", "auc", "mcc")
+    typer.echo(json.dumps({k: round(report[k], 4) for k in keys}))

@@ -1,0 +1,136 @@
+"""Morphology crops: the MHSMA layout (``x_64_<split>.npy`` + ``y_<part>_<split>.npy``) or PNG crops + CSV.
+
+CSV layout: ``DIR/labels.csv`` with columns ``file`` (path relative to DIR), ``split`` and one column per
+part (0 = normal, 1 = abnormal); the images are 64x64 grayscale (colour images are converted).
+Every problem raises :class:`InputError` naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smearsight.catalog import MORPHOLOGY_PARTS
+from smearsight.errors import InputError
+
+CROP_SIZE = 64
+
+
+@dataclass
+class CropSet:
+    """Grayscale crops ``images`` uint8 [N,64,64] and labels int64 [N] (0 normal, 1 abnormal)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def check_part(part: str) -> str:
+    if part not in MORPHOLOGY_PARTS:
+        raise InputError(f"part: unknown part {part!r}, expected one of {', '.join(MORPHOLOGY_PARTS)}")
+    return part
+
+
+def validate_images(images: np.ndarray, source: str) -> np.ndarray:
+    """Accept [N,64,64] or [N,64,64,1] uint8 (or float in 0..255); return uint8 [N,64,64]."""
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3 or images.shape[1:] != (CROP_SIZE, CROP_SIZE):
+        raise InputError(f"{source}: expected an array of shape [N, 64, 64] (gray crops), got {list(images.shape)}")
+    if images.dtype == np.uint8:
+        return images
+    if np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer):
+        if images.size and (np.nanmin(images) < 0 or np.nanmax(images) > 255 or np.isnan(images).any()):
+            raise InputError(f"{source}: pixel values must lie in 0..255, got {images.min()}..{images.max()}")
+        return np.round(images).astype(np.uint8)
+    raise InputError(f"{source}: expected uint8 pixels, got dtype {images.dtype}")
+
+
+def validate_labels(labels: np.ndarray, source: str) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise InputError(f"{source}: expected a 1-D label array, got shape {list(labels.shape)}")
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
+        if not np.issubdtype(labels.dtype, np.floating) or not np.all(np.isin(labels, (0.0, 1.0))):
+            raise InputError(f"{source}: expected integer labels 0/1, got dtype {labels.dtype}")
+    values = set(np.unique(labels).tolist())
+    if not values <= {0, 1}:
+        raise InputError(f"{source}: labels must be 0 (normal) or 1 (abnormal), found {sorted(values)}")
+    return labels.astype(np.int64)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
+
+
+def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
+    """Load one split of one part from an MHSMA folder or a PNG+CSV folder."""
+    check_part(part)
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: data folder not found")
+    x_path = root / f"x_64_{split}.npy"
+    if x_path.is_file() or (root / f"y_{part}_{split}.npy").is_file():
+        y_path = root / f"y_{part}_{split}.npy"
+        images = validate_images(_load_npy(x_path), str(x_path))
+        labels = validate_labels(_load_npy(y_path), str(y_path))
+        if len(images) != len(labels):
+            raise InputError(f"{y_path}: {len(labels)} labels for {len(images)} images in {x_path.name}")
+        return CropSet(images, labels, str(x_path))
+    csv_path = root / "labels.csv"
+    if csv_path.is_file():
+        return _load_csv(root, csv_path, part, split)
+    raise InputError(f"{root}: no {x_path.name} (MHSMA layout) and no labels.csv (PNG crops) found")
+
+
+def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
+    import cv2
+
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields = reader.fieldnames or []
+        for column in ("file", "split", part):
+            if column not in fields:
+                raise InputError(f"{csv_path}: missing column '{column}' (columns: {', '.join(fields)})")
+        rows = [row for row in reader if row["split"] == split]
+    if not rows:
+        raise InputError(f"{csv_path}: no rows with split '{split}'")
+    images, labels = [], []
+    for row in rows:
+        path = root / row["file"]
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise InputError(f"{path}: missing or unreadable image (listed in {csv_path.name})")
+        if image.shape != (CROP_SIZE, CROP_SIZE):
+            raise InputError(f"{path}: expected a 64x64 crop, got {image.shape[1]}x{image.shape[0]}")
+        value = row[part].strip()
+        if value not in ("0", "1"):
+            raise InputError(f"{csv_path}: column '{part}' must be 0 or 1, got {value!r} for {row['file']}")
+        images.append(image)
+        labels.append(int(value))
+    return CropSet(np.stack(images), np.asarray(labels, dtype=np.int64), str(csv_path))
+
+
+def require_two_classes(crops: CropSet, what: str) -> None:
+    """Raise when a split holds one class only (AUC and F0.5 are undefined there)."""
+    counts = np.bincount(crops.labels, minlength=2)
+    if counts.min() == 0:
+        only = "normal" if counts[0] else "abnormal"
+        raise InputError(f"{crops.source}: {what} needs both classes, but the split holds {only} samples only")
+
+
+def to_tensor_input(images: np.ndarray, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
+    """uint8 [N,64,64] -> float32 [N,1,64,64] normalised as ``(pixel/255 - mean)/std``."""
+    return ((images.astype(np.float32) / 255.0 - mean) / std)[:, None]

@@ -1,0 +1,95 @@
+"""Evaluate a morphology checkpoint on one split: metrics.json, ROC PNG, score histograms, localisation."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smearsight.errors import InputError
+from smearsight.fileio import atomic_write_bytes, atomic_write_json
+from smearsight.train.morphology.data import check_part, load_crops, require_two_classes
+from smearsight.train.morphology.metrics import binary_metrics, roc_curve
+
+
+def load_model(weights: str | Path) -> tuple[Any, dict[str, Any]]:
+    from smearsight.train.checkpoint import load_checkpoint
+    from smearsight.train.morphology.torch_model import build_from_checkpoint
+
+    ckpt = load_checkpoint(weights, kind="morphology")
+    return build_from_checkpoint(ckpt), ckpt
+
+
+def evaluate_morphology(
+    weights: str | Path, data_dir: str | Path, part: str, split: str, out_dir: str | Path, n_localise: int = 8
+) -> dict[str, Any]:
+    """Score ``split`` with the checkpoint's threshold and write the report files into ``out_dir``."""
+    from smearsight.train.morphology.localise import write_localisation_panels
+    from smearsight.train.morphology.train_loop import score_crops
+
+    check_part(part)
+    model, ckpt = load_model(weights)
+    trained_part = ckpt["morphology"].get("part")
+    if trained_part != part:
+        raise InputError(f"{weights}: checkpoint was trained for part '{trained_part}', not '{part}'")
+    crops = load_crops(data_dir, part, split)
+    require_two_classes(crops, "evaluation")
+    threshold = float(ckpt["morphology"]["threshold"])
+    started = time.perf_counter()
+    scores = score_crops(model, crops.images)
+    seconds = time.perf_counter() - started
+    metrics = binary_metrics(crops.labels, scores, threshold)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "part": part, "split": split, "mode": ckpt["morphology"].get("mode"), "n": len(crops),
+        "n_abnormal": int(crops.labels.sum()), **metrics, "positive_class": "normal",
+        "scoring_seconds": seconds, "crops_per_second": len(crops) / seconds if seconds > 0 else None,
+        "weights": str(weights),
+    }
+    _plots(out, crops.labels, scores, threshold, metrics["auc"], part, split)
+    order = np.argsort(-scores)
+    pick = list(order[: n_localise // 2]) + list(order[::-1][: n_localise - n_localise // 2])
+    names = [f"{rank:02d}_idx{idx}_{'abnormal' if crops.labels[idx] else 'normal'}" for rank, idx in enumerate(pick)]
+    captions = [f"score {scores[i]:.3g} label {'abn' if crops.labels[i] else 'nor'}" for i in pick]
+    write_localisation_panels(model, crops.images[pick], names, out / "localisation", captions)
+    atomic_write_json(out / "metrics.json", report)
+    return report
+
+
+def _plots(out: Path, labels: np.ndarray, scores: np.ndarray, threshold: float, auc: float, part: str, split: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr = roc_curve(labels, scores)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot(fpr, tpr, label=f"AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey")
+    ax.set_xlabel("false-positive rate (normal flagged)")
+    ax.set_ylabel("true-positive rate (abnormal flagged)")
+    ax.set_title(f"{part} / {split}")
+    ax.legend(loc="lower right")
+    _save(fig, out / "roc.png")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-9, 31)
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="normal")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="abnormal")
+    ax.axvline(threshold, color="k", linestyle="--", label="threshold")
+    ax.set_xlabel("anomaly score")
+    ax.legend()
+    _save(fig, out / "score_hist.png")
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

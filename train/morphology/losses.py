@@ -1,0 +1,66 @@
+"""Teacher-student discrepancy: per critical layer (1 - cosine over channels) + lambda * MSE.
+
+The same function is the training loss (batch mean) and the anomaly score (per image). Written with
+elementwise ops only, so that it exports to ONNX opset 17 unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-8
+
+
+def layer_terms(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image: mean (1 - cos) map [B,H,W], mean squared error [B], and (1 - cos) map itself."""
+    dot = (teacher * student).sum(dim=1)
+    norms = torch.sqrt((teacher * teacher).sum(dim=1) * (student * student).sum(dim=1) + EPS)
+    cos_map = 1.0 - dot / norms
+    mse = ((teacher - student) ** 2).mean(dim=(1, 2, 3))
+    return cos_map.mean(dim=(1, 2)), mse, cos_map
+
+
+def discrepancy(
+    teacher_feats: list[torch.Tensor],
+    student_feats: list[torch.Tensor],
+    lambda_mse: float,
+    layers: list[int] | None = None,
+    reduce: str = "mean",
+) -> torch.Tensor:
+    """Per-image score [B] = sum over ``layers`` (positions in the lists) of (1 - cos) + lambda * MSE.
+
+    ``reduce="mean"`` averages both terms over positions (the training loss); ``"max"`` takes the maximum
+    over positions of the per-position (1 - cos) + lambda * squared error (for small, local defects).
+    """
+    chosen = range(len(teacher_feats)) if layers is None else layers
+    total = None
+    for index in chosen:
+        t, s = teacher_feats[index], student_feats[index]
+        if reduce == "max":
+            cos_term, mse, cos_map = layer_terms(t, s)
+            term = (cos_map + lambda_mse * ((t - s) ** 2).mean(dim=1)).flatten(1).amax(dim=1)
+        else:
+            cos_term, mse, _ = layer_terms(t, s)
+            term = cos_term + lambda_mse * mse
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def discrepancy_features(
+    teacher_feats: list[torch.Tensor], student_feats: list[torch.Tensor], layers: list[int], with_teacher: bool
+) -> torch.Tensor:
+    """Feature vector per image for the supervised classifier.
+
+    Per scoring layer: mean and max of the (1 - cos) map, the MSE, and the per-channel mean squared
+    difference (C values); optionally the teacher's per-channel mean activation (C values).
+    """
+    parts = []
+    for index in layers:
+        t, s = teacher_feats[index], student_feats[index]
+        cos_mean, mse, cos_map = layer_terms(t, s)
+        parts += [cos_mean[:, None], cos_map.flatten(1).amax(dim=1, keepdim=True), mse[:, None]]
+        parts.append(((t - s) ** 2).mean(dim=(2, 3)))
+        if with_teacher:
+            parts.append(t.mean(dim=(2, 3)))
+    return torch.cat(parts, dim=1)

@@ -1,0 +1,379 @@
+"""Training one part's KD model: normal train crops only, flips/rotations, FGSM, selection on valid."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smearsight.errors import InputError
+from smearsight.fileio import atomic_write_bytes, atomic_write_json
+from smearsight.train.morphology.config import MorphologyTrainConfig
+from smearsight.train.morphology.data import CropSet, check_part, load_crops, to_tensor_input
+from smearsight.train.morphology.metrics import binary_metrics, roc_auc
+from smearsight.train.morphology.threshold import choose_threshold
+
+NORMALIZATION = {"color": "gray", "mean": [0.5], "std": [0.5]}
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False,
+    )
+
+
+def augment(x: Any, generator: Any, degrees: float, flips: bool) -> Any:
+    """Random flips + transposes (the dihedral group) and rotations by up to ``degrees`` (reflection padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    batch = x.shape[0]
+    if flips:
+        hflip = torch.rand(batch, generator=generator) < 0.5
+        vflip = torch.rand(batch, generator=generator) < 0.5
+        x = torch.where(hflip[:, None, None, None], x.flip(-1), x)
+        x = torch.where(vflip[:, None, None, None], x.flip(-2), x)
+        if x.shape[-1] == x.shape[-2]:  # with both flips: the whole dihedral group (rot90 multiples)
+            swap = torch.rand(batch, generator=generator) < 0.5
+            x = torch.where(swap[:, None, None, None], x.transpose(-1, -2), x)
+    if degrees > 0:
+        angle = (torch.rand(batch, generator=generator) * 2 - 1) * math.radians(degrees)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        zeros = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return x
+
+
+def fgsm(model: Any, x: Any, epsilon: float) -> Any:
+    """One FGSM step that increases the teacher-student discrepancy; epsilon in [0,1] pixel units."""
+    import torch
+
+    from smearsight.train.morphology.teacher import INPUT_STD
+
+    x_att = x.detach().clone().requires_grad_(True)
+    loss = model.kd_score(x_att).mean()
+    (grad,) = torch.autograd.grad(loss, x_att)
+    return (x_att + (epsilon / INPUT_STD) * grad.sign()).clamp(-1.0, 1.0).detach()
+
+
+def score_crops(model: Any, images: np.ndarray, batch_size: int = 128, kd_only: bool = False) -> np.ndarray:
+    """Scores [N] for uint8 crops [N,64,64] (model in eval mode, no gradients)."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
+            out.append((model.kd_score(x) if kd_only else model(x)).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def layer_scores(model: Any, images: np.ndarray, reduce: str = "mean", batch_size: int = 128) -> np.ndarray:
+    """Per image and critical layer: the discrepancy with ``reduce`` over positions, as [N, L]."""
+    import torch
+
+    from smearsight.train.morphology.losses import discrepancy
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            t, s = model.pair(torch.from_numpy(to_tensor_input(images[start : start + batch_size])))
+            cols = [discrepancy(t, s, model.lambda_mse, [i], reduce).numpy() for i in range(len(t))]
+            out.append(np.stack(cols, axis=1))
+    return np.concatenate(out)
+
+
+def best_subset(per_layer: np.ndarray, labels: np.ndarray, search: bool, default: list[int]) -> tuple[list[int], float]:
+    """The non-empty subset of critical layers whose summed score has the best valid AUC (or ``default``)."""
+    import itertools
+
+    two_classes = len(set(labels.tolist())) == 2
+    if not search or not two_classes:
+        subset = list(default) or list(range(per_layer.shape[1]))
+        return subset, roc_auc(labels, per_layer[:, subset].sum(1)) if two_classes else float("nan")
+    best: tuple[list[int], float] = ([], -1.0)
+    for size in range(1, per_layer.shape[1] + 1):
+        for combo in itertools.combinations(range(per_layer.shape[1]), size):
+            auc = roc_auc(labels, per_layer[:, list(combo)].sum(1))
+            if auc > best[1] + 1e-9:
+                best = (list(combo), auc)
+    return best
+
+
+def _features(model: Any, images: np.ndarray, flips: bool, batch_size: int = 128) -> tuple[np.ndarray, int]:
+    import torch
+
+    model.eval()
+    variants = [(False, False), (True, False), (False, True), (True, True)] if flips else [(False, False)]
+    feats = []
+    with torch.no_grad():
+        for hflip, vflip in variants:
+            for start in range(0, len(images), batch_size):
+                x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
+                if hflip:
+                    x = x.flip(-1)
+                if vflip:
+                    x = x.flip(-2)
+                feats.append(model.features(x).numpy())
+    return np.concatenate(feats), len(variants)
+
+
+def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: MorphologyTrainConfig, log: Any) -> dict:
+    """Fit the supervised head on discrepancy features of all train crops; keep the best valid-AUC state."""
+    import torch
+    import torch.nn.functional as F
+
+    assert model.classifier is not None
+    feats, repeats = _features(model, train.images, cfg.flips)
+    labels = np.tile(train.labels, repeats).astype(np.float32)
+    valid_feats, _ = _features(model, valid.images, False)
+    head = model.classifier
+    head.feat_mean.copy_(torch.from_numpy(feats.mean(0)))
+    head.feat_std.copy_(torch.from_numpy(feats.std(0) + 1e-6))
+    x, y = torch.from_numpy(feats), torch.from_numpy(labels)
+    xv = torch.from_numpy(valid_feats)
+    pos_weight = torch.tensor((y == 0).sum().item() / max(1.0, (y == 1).sum().item()))
+    opt = torch.optim.AdamW(head.net.parameters(), lr=cfg.classifier_lr, weight_decay=cfg.classifier_weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    best = {"auc": -1.0, "epoch": 0, "state": copy.deepcopy(head.state_dict())}
+    history = []
+    for epoch in range(1, cfg.classifier_epochs + 1):
+        head.train()
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 256):
+            idx = order[start : start + 256]
+            loss = F.binary_cross_entropy_with_logits(head(x[idx]), y[idx], pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if epoch % cfg.classifier_eval_every == 0 or epoch == cfg.classifier_epochs:
+            head.eval()
+            with torch.no_grad():
+                auc = roc_auc(valid.labels, head(xv).numpy()) if len(set(valid.labels.tolist())) == 2 else -float(
+                    head(xv).mean()
+                )
+            history.append({"epoch": epoch, "loss": loss.item(), "valid_auc": auc})
+            if auc > best["auc"]:
+                best = {"auc": auc, "epoch": epoch, "state": copy.deepcopy(head.state_dict())}
+    head.load_state_dict(best["state"])
+    head.eval()
+    log(f"classifier: best valid AUC {best['auc']:.4f} at epoch {best['epoch']}")
+    return {"history": history, "best_epoch": best["epoch"], "best_valid_auc": best["auc"]}
+
+
+def train_morphology(
+    data_dir: str | Path,
+    part: str,
+    out_dir: str | Path,
+    cfg: MorphologyTrainConfig,
+    train_split: str = "train",
+    valid_split: str = "valid",
+    log: Any = print,
+    progress: bool = True,
+    init_from: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train, select on valid, choose the threshold and write ``out_dir/best.pt`` + metrics + curves.
+
+    ``init_from``: a morphology checkpoint whose student weights start the training (with ``epochs=0`` the
+    KD stage is skipped, e.g. to fit only the ``--supervised`` classifier on an existing KD model).
+    """
+    import torch
+
+    from smearsight.train.checkpoint import save_checkpoint
+    from smearsight.train.morphology.losses import discrepancy
+    from smearsight.train.morphology.student import count_flops
+    from smearsight.train.morphology.torch_model import build_model
+
+    check_part(part)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train = load_crops(data_dir, part, train_split)
+    valid = load_crops(data_dir, part, valid_split)
+    normal = train.images[train.labels == 0]
+    if len(normal) == 0:
+        raise InputError(f"{train.source}: the train split holds no normal sample for part '{part}'")
+    if cfg.model.supervised and len(set(train.labels.tolist())) < 2:
+        raise InputError(f"{train.source}: --supervised needs both classes in the train split for part '{part}'")
+    valid_two_classes = len(set(valid.labels.tolist())) == 2
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    if init_from is not None:
+        _load_student(model, init_from)
+    elif cfg.epochs == 0:
+        raise InputError("epochs: 0 epochs is only allowed when starting from a checkpoint (--init-from)")
+    sizes = model.sizes()
+    example = torch.zeros(1, 1, 64, 64)
+    sizes.update(teacher_flops=count_flops(model.teacher, example), student_flops=count_flops(model.student, example))
+    log(
+        f"teacher {cfg.model.teacher.name} layers {cfg.model.teacher.layers}: {sizes['teacher_params']:,} params, "
+        f"{sizes['teacher_flops'] / 1e6:.1f} MFLOPs; student {sizes['student_params']:,} params, "
+        f"{sizes['student_flops'] / 1e6:.1f} MFLOPs; {len(normal)} normal train crops"
+    )
+    opt = torch.optim.AdamW(model.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(normal) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.1
+    )
+    data = torch.from_numpy(to_tensor_input(normal))
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"key": -math.inf, "epoch": 0, "state": copy.deepcopy(model.student.state_dict()),
+                            "subset": list(model.score_positions)}
+    started = time.perf_counter()
+    bar = _progress() if progress else None
+    task = bar.add_task(f"train {part}", total=cfg.epochs * steps_per_epoch, info="") if bar else None
+    if bar:
+        bar.start()
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            model.student.train()
+            order = torch.randperm(len(data), generator=generator)
+            losses = []
+            for start in range(0, len(data), cfg.batch_size):
+                x = augment(data[order[start : start + cfg.batch_size]], generator, cfg.rotate_degrees, cfg.flips)
+                n_att = int(round(cfg.fgsm_fraction * len(x))) if cfg.fgsm_epsilon > 0 else 0
+                if n_att:
+                    x = torch.cat([x[n_att:], fgsm(model, x[:n_att], cfg.fgsm_epsilon)])
+                with torch.no_grad():
+                    t_feats = model.teacher(x)
+                s_feats = model.student(x)
+                loss = discrepancy(t_feats, s_feats, model.lambda_mse).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                if bar:
+                    bar.update(task, advance=1, info=f"loss {loss.item():.4f}")
+            per_layer = layer_scores(model, valid.images, cfg.model.score_reduce)
+            subset, auc = best_subset(per_layer, valid.labels, cfg.select_scoring_layers, model.score_positions)
+            scores = per_layer[:, subset].sum(axis=1)
+            normal_mean = float(scores[valid.labels == 0].mean()) if np.any(valid.labels == 0) else float("nan")
+            key = auc if valid_two_classes else -normal_mean
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_auc": auc,
+                            "scoring_layers": [cfg.model.teacher.layers[i] for i in subset],
+                            "valid_normal_score": normal_mean, "seconds": time.perf_counter() - started})
+            if bar:
+                bar.update(task, info=f"loss {np.mean(losses):.4f} valid AUC {auc:.4f}")
+            else:
+                log(f"epoch {epoch}/{cfg.epochs}: loss {np.mean(losses):.4f} valid AUC {auc:.4f} "
+                    f"normal score {normal_mean:.4f} ({time.perf_counter() - started:.0f} s)")
+            if key > best["key"]:
+                best = {"key": key, "epoch": epoch, "state": copy.deepcopy(model.student.state_dict()),
+                        "subset": subset}
+    finally:
+        if bar:
+            bar.stop()
+    train_seconds = time.perf_counter() - started
+    model.student.load_state_dict(best["state"])
+    model.eval()
+    if cfg.epochs == 0 and cfg.select_scoring_layers and valid_two_classes:
+        per_layer = layer_scores(model, valid.images, cfg.model.score_reduce)
+        best["subset"], best["key"] = best_subset(per_layer, valid.labels, True, [])
+    if cfg.select_score_reduce and valid_two_classes and cfg.select_scoring_layers:
+        other = "max" if cfg.model.score_reduce == "mean" else "mean"
+        subset, auc = best_subset(layer_scores(model, valid.images, other), valid.labels, True, [])
+        log(f"valid AUC with {other} over positions: {auc:.4f} (layers {subset}) vs {best['key']:.4f}")
+        if auc > best["key"] + 1e-9:
+            cfg.model.score_reduce = other
+            best["subset"], best["key"] = subset, auc
+    if best["subset"] != model.score_positions:
+        cfg.model.scoring_layers = [cfg.model.teacher.layers[i] for i in best["subset"]]
+        model.score_positions = list(best["subset"])
+        model.cfg = cfg.model
+        log(f"scoring layers chosen on valid: {cfg.model.scoring_layers}")
+    log(f"student: best epoch {best['epoch']} (valid {'AUC' if valid_two_classes else '-normal score'} "
+        f"{best['key']:.4f}), {train_seconds:.0f} s")
+    classifier_info = None
+    if cfg.model.supervised:
+        t0 = time.perf_counter()
+        classifier_info = train_classifier(model, train, valid, cfg, log)
+        classifier_info["seconds"] = time.perf_counter() - t0
+        train_seconds += classifier_info["seconds"]
+
+    valid_scores = score_crops(model, valid.images)
+    choice = choose_threshold(valid_scores, valid.labels, cfg.fallback_quantile)
+    log(choice.note)
+    valid_metrics = binary_metrics(valid.labels, valid_scores, choice.threshold)
+    mode = "supervised" if cfg.model.supervised else "unsupervised"
+    metrics = {
+        "part": part, "mode": mode, "valid": valid_metrics, "threshold": choice.threshold,
+        "threshold_method": choice.method, "threshold_note": choice.note, "best_epoch": best["epoch"],
+        "train_seconds": train_seconds, "sizes": sizes, "size_ratio": sizes["teacher_params"] / sizes["student_params"],
+        "n_train_normal": int(len(normal)), "n_valid": int(len(valid)), "classifier": classifier_info,
+    }
+    payload = {
+        "kind": "morphology",
+        "model_config": cfg.model.to_dict(),
+        "state_dict": model.state_dict(),
+        "normalization": NORMALIZATION,
+        "image_size": [64, 64],
+        "morphology": {"part": part, "threshold": float(choice.threshold), "mode": mode},
+        "threshold_info": {"method": choice.method, "note": choice.note, "f05": choice.f05},
+        "train_config": cfg.to_dict(),
+        "metrics": metrics,
+    }
+    save_checkpoint(out / "best.pt", payload)
+    atomic_write_json(out / "metrics.json", _finite(metrics))
+    atomic_write_json(out / "history.json", _finite({"student": history, "classifier": classifier_info}))
+    _plot_curves(out / "curves.png", history)
+    return metrics
+
+
+def _plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [h["train_loss"] for h in history])
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train KD loss")
+    ax2.plot(epochs, [h["valid_auc"] for h in history], label="valid AUC")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("valid ROC AUC")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_student(model: Any, path: str | Path) -> None:
+    from smearsight.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, kind="morphology")
+    state = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    own = model.student.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise InputError(f"{path}: its student does not fit this model config (teacher layers/student widths differ)")
+    model.student.load_state_dict(state)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf floats become None."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
