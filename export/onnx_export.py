@@ -69,6 +69,8 @@ def make_manifest(
     norm = checkpoint["normalization"]
     version = str(checkpoint.get("model_version") or f"{__version__}+{checkpoint_sha256[:8]}")
     if checkpoint["kind"] == "detector":
+        from smearsight.train.detector.augment import PAD_VALUE
+
         thresholds = checkpoint["thresholds"]
         detector = DetectorSpec(
             class_names=list(checkpoint["class_names"]),
@@ -83,7 +85,8 @@ def make_manifest(
             name=name,
             model_version=version,
             input=InputSpec(name=DETECTOR_INPUT, shape=shape, color=norm.get("color", "rgb"),
-                            mean=list(norm["mean"]), std=list(norm["std"]), resize="letterbox"),
+                            mean=list(norm["mean"]), std=list(norm["std"]), resize="letterbox",
+                            pad_value=float(norm.get("pad_value", PAD_VALUE))),  # the trainer's letterbox grey
             outputs=[TensorSpec(name=n, shape=s) for n, s in output_shapes.items()],
             detector=detector,
             source_checkpoint_sha256=checkpoint_sha256,

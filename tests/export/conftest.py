@@ -39,3 +39,34 @@ def tiny_detector_checkpoint(tmp_path_factory):
         },
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_morphology_checkpoint(tmp_path_factory):
+    """An untrained tiny KD model (Lite0 teacher truncated after layer 2, random weights) with a threshold
+    at the median score of some crops, so that decisions go both ways."""
+    import numpy as np
+
+    from smearsight.train.checkpoint import save_checkpoint
+    from smearsight.train.morphology.config import MorphologyModelConfig
+    from smearsight.train.morphology.torch_model import build_model
+
+    torch.manual_seed(0)
+    cfg = MorphologyModelConfig.from_dict({
+        "teacher": {"name": "tf_efficientnet_lite0", "layers": [1, 2], "weights": "none", "input_size": 64},
+        "student": {"widths": [4, 8, 16, 16], "convs_per_stage": 1},
+    })
+    model = build_model(cfg, load_teacher_weights=False).eval()
+    crops = torch.from_numpy(np.random.default_rng(1).normal(size=(16, 1, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        threshold = float(model(crops).median())
+    path = tmp_path_factory.mktemp("morph") / "tiny_morphology.pt"
+    save_checkpoint(path, {
+        "kind": "morphology",
+        "model_config": cfg.to_dict(),
+        "state_dict": model.state_dict(),
+        "normalization": {"color": "gray", "mean": [0.5], "std": [0.5]},
+        "image_size": [64, 64],
+        "morphology": {"part": "head", "threshold": threshold, "mode": "unsupervised"},
+    })
+    return path

@@ -24,6 +24,7 @@ def test_detector_graph_contract(detector_export, tiny_detector_checkpoint):
     manifest = load_manifest(detector_export)
     assert manifest.kind == "detector"
     assert manifest.input.shape == [1, 3, 64, 96]
+    assert manifest.input.resize == "letterbox" and manifest.input.pad_value == 127  # as the trainer pads
     anchors = AnchorConfig(**manifest.detector.anchors.to_dict())
     a = anchors.num_anchors((64, 96))
     assert {o.name: o.shape for o in manifest.outputs} == {"class_logits": [1, a, 6], "box_regression": [1, a, 4]}

@@ -1,0 +1,60 @@
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from smearsight.cli import main
+from smearsight.manifest import load_manifest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def morphology_export(tiny_morphology_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("morph_onnx")
+    assert main(["export", "onnx", "--weights", str(tiny_morphology_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+def test_morphology_graph_contract(morphology_export, tiny_morphology_checkpoint):
+    from smearsight.train.checkpoint import load_checkpoint
+
+    manifest = load_manifest(morphology_export)
+    assert manifest.kind == "morphology" and manifest.input.color == "gray"
+    assert manifest.input.shape == [-1, 1, 64, 64]
+    assert [(o.name, o.shape) for o in manifest.outputs] == [("scores", [-1])]
+    ckpt = load_checkpoint(tiny_morphology_checkpoint)
+    assert manifest.morphology.part == "head"
+    assert manifest.morphology.threshold == pytest.approx(ckpt["morphology"]["threshold"])
+    session = ort.InferenceSession(str(morphology_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):  # dynamic batch
+        x = np.random.default_rng(batch).normal(size=(batch, 1, 64, 64)).astype(np.float32)
+        (scores,) = session.run(None, {"crops": x})
+        assert scores.shape == (batch,)
+
+
+def test_morphology_parity_on_mhsma_like_crops(morphology_export, tiny_morphology_checkpoint, tmp_path, capsys):
+    data = tmp_path / "mhsma"
+    data.mkdir()
+    np.save(data / "x_64_valid.npy", np.random.default_rng(3).integers(40, 200, (24, 64, 64)).astype(np.uint8))
+    report = tmp_path / "r.json"
+    rc = main(["export", "check", str(morphology_export), "--weights", str(tiny_morphology_checkpoint),
+               "--data", str(data), "--count", "24", "--json", str(report)])
+    assert rc == 0, capsys.readouterr().out
+    result = json.loads(report.read_text())
+    agreement = result["fp32"]["agreement"]
+    assert agreement["reference"] == 24 and agreement["matched"] + agreement["borderline"] == 24
+
+
+def test_check_refuses_kind_mismatch(morphology_export, tiny_detector_checkpoint, capsys):
+    rc = main(["export", "check", str(morphology_export), "--weights", str(tiny_detector_checkpoint)])
+    assert rc == 1
+    assert "cannot be checked against a morphology model" in capsys.readouterr().err
+
+
+def test_check_reports_missing_mhsma_file(morphology_export, tiny_morphology_checkpoint, tmp_path, capsys):
+    rc = main(["export", "check", str(morphology_export), "--weights", str(tiny_morphology_checkpoint),
+               "--data", str(tmp_path)])
+    assert rc == 1
+    assert "x_64_valid.npy" in capsys.readouterr().err
