@@ -98,3 +98,23 @@ def test_scoring_layer_subset_selection() -> None:
     assert best_subset(per_layer, labels, False, [0, 2])[0] == [0, 2]
     fixed, auc_nan = best_subset(per_layer, np.zeros(40, int), True, [0, 1, 2])
     assert fixed == [0, 1, 2] and math.isnan(auc_nan)
+
+
+def test_cosine_term_matches_reference_and_stays_in_fp16_range():
+    import torch
+
+    from smearsight.train.morphology.losses import layer_terms, unit_channels
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 48, 5, 5, generator=g) * 400.0  # large activations: squared norms ~ 1e7
+    s = torch.randn(3, 48, 5, 5, generator=g) * 300.0
+    s[0, :, 0, 0] = 0.0  # a zero vector has cosine 0, so a (1 - cos) of 1
+    cos_mean, mse, cos_map = layer_terms(t, s)
+    reference = 1.0 - torch.nn.functional.cosine_similarity(t.double(), s.double(), dim=1, eps=1e-12)
+    torch.testing.assert_close(cos_map.double(), reference, atol=1e-4, rtol=0)
+    assert cos_map[0, 0, 0] == 1.0
+    torch.testing.assert_close(mse, ((t - s) ** 2).mean(dim=(1, 2, 3)))
+    assert unit_channels(t).abs().max() <= 1.0
+    half = layer_terms(t.half(), s.half())[2]  # the same in float16: finite and close
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), cos_map, atol=2e-3, rtol=0)

@@ -9,13 +9,23 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-8
+UNIT_EPS = 1e-4  # representable in float16 (1e-8 is not): a zero vector stays 0 instead of 0/0
+
+
+def unit_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` divided by its L2 norm over channels, computed without squaring large values.
+
+    Scaling each position by its largest magnitude first keeps every intermediate within [-C, C], so an
+    FP16 engine cannot overflow here (squared norms of raw activations reach 1e6 and more); the cosine
+    is unchanged because it is invariant to positive scaling.
+    """
+    x = x / (x.abs().amax(dim=1, keepdim=True) + UNIT_EPS)
+    return x / torch.sqrt((x * x).sum(dim=1, keepdim=True) + UNIT_EPS)
 
 
 def layer_terms(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image: mean (1 - cos) map [B,H,W], mean squared error [B], and (1 - cos) map itself."""
-    dot = (teacher * student).sum(dim=1)
-    norms = torch.sqrt((teacher * teacher).sum(dim=1) * (student * student).sum(dim=1) + EPS)
-    cos_map = 1.0 - dot / norms
+    cos_map = 1.0 - (unit_channels(teacher) * unit_channels(student)).sum(dim=1)
     mse = ((teacher - student) ** 2).mean(dim=(1, 2, 3))
     return cos_map.mean(dim=(1, 2)), mse, cos_map
 

@@ -1,0 +1,1 @@
+"""Demo morphology model (head part)."""
