@@ -1,0 +1,190 @@
+"""Detector building blocks against independent references: box coding (NumPy core), decode+NMS (runtime
+NumPy reference), anchor coverage (brute-force IoU), the matcher (hand-computed case), the focal loss
+(torchvision), and COCO evaluation (a case with known AP)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+
+from smearsight.anchors import AnchorConfig, box_iou, decode_boxes, encode_boxes, generate_anchors  # noqa: E402
+from smearsight.train.datasets.records import DetectionDataset, ImageRecord  # noqa: E402
+from smearsight.train.detector import boxes as tboxes  # noqa: E402
+from smearsight.train.detector.anchor_stats import best_anchor_iou, coverage_report  # noqa: E402
+from smearsight.train.detector.config import MatcherConfig, default_detector_anchors  # noqa: E402
+from smearsight.train.detector.matcher import IGNORE, NEGATIVE, match_anchors  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _random_boxes(rng: np.random.Generator, n: int, size: float = 200.0) -> np.ndarray:
+    xy = rng.uniform(0, size, (n, 2))
+    wh = rng.uniform(4, 80, (n, 2))
+    return np.concatenate([xy, xy + wh], 1).astype(np.float32)
+
+
+def test_encode_decode_round_trip_matches_numpy_core() -> None:
+    rng = np.random.default_rng(0)
+    anchors = generate_anchors((128, 160), default_detector_anchors())
+    idx = rng.integers(0, len(anchors), 300)
+    a = anchors[idx]
+    b = _random_boxes(rng, 300)
+    t_np = encode_boxes(b, a)
+    t_torch = tboxes.encode(torch.from_numpy(b), torch.from_numpy(a)).numpy()
+    np.testing.assert_allclose(t_torch, t_np, rtol=1e-4, atol=1e-4)
+    back_np = decode_boxes(t_np, a)
+    back_torch = tboxes.decode(torch.from_numpy(t_np), torch.from_numpy(a)).numpy()
+    np.testing.assert_allclose(back_np, b, atol=2e-3)
+    np.testing.assert_allclose(back_torch, back_np, atol=1e-3)
+
+
+def test_decode_nms_twin_equals_runtime_reference() -> None:
+    postprocess = pytest.importorskip("smearsight.runtime.postprocess")
+    rng = np.random.default_rng(1)
+    cfg = AnchorConfig(levels=[3, 4, 5])
+    anchors = generate_anchors((96, 128), cfg)
+    a, c = len(anchors), 3
+    logits = rng.normal(-3, 2, (a, c)).astype(np.float32)
+    deltas = rng.normal(0, 0.3, (a, 4)).astype(np.float32)
+    kw = dict(score_threshold=0.2, iou_threshold=0.5, pre_nms_topk=200, max_detections=150, image_size=(96, 128))
+    ref, n_ref = postprocess.decode_nms(logits, deltas, anchors, **kw)
+    got, n = tboxes.decode_nms(torch.from_numpy(logits), torch.from_numpy(deltas), torch.from_numpy(anchors), **kw)
+    got = got.numpy()
+    assert n_ref > 20 and n == n_ref
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert (got[n:, 5] == -1).all()
+
+
+def test_best_anchor_iou_is_exact_against_brute_force() -> None:
+    rng = np.random.default_rng(2)
+    cfg = default_detector_anchors()
+    b = _random_boxes(rng, 60, size=150)
+    brute = box_iou(b, generate_anchors((160, 192), cfg)).max(1)
+    np.testing.assert_allclose(best_anchor_iou(b, (160, 192), cfg), brute, atol=1e-5)
+    rows = coverage_report(b, (160, 192), cfg, 0.5)
+    assert rows[-1]["count"] == 60
+    assert rows[-1]["covered"] == pytest.approx(float((brute >= 0.5).mean()))
+
+
+def test_default_anchors_cover_8px_cells_but_p3_p7_do_not() -> None:
+    # Worst case for an 8 px cell: centred between two stride-4 anchor centres in x and y (IoU 0.44 with the
+    # 11.3 px anchor), still above the matcher's lowered positive threshold (0.4).
+    boxes = np.array([[100, 100, 108, 108], [41, 63, 50, 72], [200, 10, 212, 20]], np.float32)
+    assert (best_anchor_iou(boxes, (768, 1024), default_detector_anchors()) >= MatcherConfig().positive_iou).all()
+    assert (best_anchor_iou(boxes, (768, 1024), AnchorConfig()) < 0.2).all()
+
+
+def test_matcher_hand_computed_case_with_topk() -> None:
+    # One GT box [0,0,10,10] and six 10x10 anchors shifted right by 0..5 px: IoU = (10-s)/(10+s).
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    shifts = [0, 1, 2, 3, 4, 5]
+    anchors = torch.tensor([[s, 0.0, 10.0 + s, 10.0] for s in shifts])
+    # IoUs: 1.0, 0.818, 0.667, 0.538, 0.429, 0.333
+    cfg = MatcherConfig(positive_iou=0.5, negative_iou=0.4, topk=None)
+    assert match_anchors(anchors, gt, cfg).tolist() == [0, 0, 0, 0, IGNORE, NEGATIVE]
+    cfg = MatcherConfig(positive_iou=0.5, negative_iou=0.4, topk=2)
+    assert match_anchors(anchors, gt, cfg).tolist() == [0, 0, IGNORE, IGNORE, IGNORE, NEGATIVE]
+    # Random sampling keeps the forced best anchor plus K-1 others from the positives.
+    cfg = MatcherConfig(positive_iou=0.5, negative_iou=0.4, topk=2, sampling="random")
+    out = match_anchors(anchors, gt, cfg, torch.Generator().manual_seed(0)).tolist()
+    assert out[0] == 0 and sum(v == 0 for v in out) == 2 and out[4:] == [IGNORE, NEGATIVE]
+
+
+def test_matcher_forces_best_anchor_for_small_box() -> None:
+    # A tiny GT that no anchor reaches at the positive threshold still gets its best anchor.
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [32.0, 0.0, 64.0, 32.0]])
+    gt = torch.tensor([[36.0, 4.0, 44.0, 12.0], [0.0, 0.0, 31.0, 31.0]])
+    out = match_anchors(anchors, gt, MatcherConfig(positive_iou=0.4, negative_iou=0.3)).tolist()
+    assert out == [1, 0]
+    off = match_anchors(anchors, gt, MatcherConfig(positive_iou=0.4, negative_iou=0.3, force_match=False)).tolist()
+    assert off == [1, NEGATIVE]
+    assert match_anchors(anchors, torch.zeros((0, 4)), MatcherConfig()).tolist() == [NEGATIVE, NEGATIVE]
+
+
+def test_focal_loss_matches_torchvision() -> None:
+    from torchvision.ops import sigmoid_focal_loss
+
+    from smearsight.train.detector.loss import focal_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 3, generator=g) * 3
+    targets = (torch.rand(50, 3, generator=g) > 0.7).float()
+    ours = focal_loss(logits, targets, 0.25, 1.5)
+    ref = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=1.5, reduction="none")
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def _dataset(tmp_path, records) -> DetectionDataset:
+    return DetectionDataset(["a", "b"], [ImageRecord(tmp_path / f"{i}.jpg", 100, 100, b, lab, i)
+                                         for i, (b, lab) in enumerate(records)])
+
+
+def test_coco_evaluation_known_ap(tmp_path) -> None:
+    pytest.importorskip("pycocotools")
+    from smearsight.train.detector.evaluate import coco_evaluate, confusion_matrix
+
+    gt = np.array([[10, 10, 30, 30], [50, 50, 80, 80]], np.float32)
+    ds = _dataset(tmp_path, [(gt, [0, 0])])
+    # TP (0.9), FP far away (0.8), TP (0.7): precision 1 up to recall 0.5, then 2/3 up to recall 1.
+    det = np.array([[10, 10, 30, 30, 0.9, 0], [0, 60, 8, 70, 0.8, 0], [50, 50, 80, 80, 0.7, 0]], np.float32)
+    metrics, raw = coco_evaluate(ds, [det], max_dets=1000)
+    expected = (51 * 1.0 + 50 * (2 / 3)) / 101  # COCO 101-point interpolation
+    assert metrics["per_class"]["a"]["ap50"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["map50"] == pytest.approx(expected, abs=1e-6)  # class "b" has no GT: not averaged
+    assert metrics["map"] == pytest.approx(expected, abs=1e-6)  # exact boxes: same at every IoU
+    assert metrics["recall"] == pytest.approx(1.0)
+    assert metrics["per_class"]["b"]["gt"] == 0
+    cm = confusion_matrix(ds, [det], score_threshold=0.5)
+    assert cm[0, 0] == 2 and cm[2, 0] == 1 and cm.sum() == 3
+
+
+def test_coco_evaluation_respects_max_dets(tmp_path) -> None:
+    pytest.importorskip("pycocotools")
+    from smearsight.train.detector.evaluate import coco_evaluate
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 900, (300, 2)).astype(np.float32)
+    gt = np.concatenate([xy, xy + 8], 1)
+    ds = DetectionDataset(["c"], [ImageRecord(tmp_path / "x.jpg", 1000, 1000, gt, np.zeros(300, np.int64))])
+    det = np.concatenate([gt, np.linspace(0.9, 0.5, 300, dtype=np.float32)[:, None], np.zeros((300, 1))], 1)
+    full, _ = coco_evaluate(ds, [det.astype(np.float32)], max_dets=1000)
+    capped, _ = coco_evaluate(ds, [det.astype(np.float32)], max_dets=100)
+    assert full["recall"] == pytest.approx(1.0) and full["map50"] > 0.99
+    assert capped["recall"] == pytest.approx(100 / 300, abs=1e-6)
+
+
+def test_lr_schedule_warmup_and_cosine() -> None:
+    from smearsight.train.detector.train_loop import lr_factor
+
+    assert lr_factor(0.0, 0, 10, 0.02) == pytest.approx(0.1)
+    assert lr_factor(0.0, 9, 10, 0.02) == pytest.approx(1.0)
+    assert lr_factor(0.5, 50, 10, 0.02) == pytest.approx(0.02 + 0.98 * 0.5)
+    assert lr_factor(1.0, 99, 10, 0.02) == pytest.approx(0.02)
+
+
+def test_recipe_picks_anchors_and_size_from_the_data(tmp_path) -> None:
+    from smearsight.train.detector.config import TrainConfig
+    from smearsight.train.detector.train_loop import resolve_recipe
+
+    rng = np.random.default_rng(0)
+    def big_boxes() -> np.ndarray:
+        xy = rng.uniform(0, 300, (10, 2))
+        return np.concatenate([xy, xy + rng.uniform(40, 150, (10, 2))], 1).astype(np.float32)
+
+    big = [ImageRecord(tmp_path / f"{i}.jpg", 640, 480, big_boxes(), np.zeros(10, np.int64)) for i in range(5)]
+    size, anchors, backbone = resolve_recipe(TrainConfig(), DetectionDataset(["a"], big))
+    assert backbone == "tf_efficientnet_lite0"
+    assert size[0] % anchors.max_stride == 0 and size[1] % anchors.max_stride == 0
+    assert max(size) <= 384  # Lite0: 320 px long side for data with large boxes
+    tiny = np.array([[10, 10, 18, 18], [40, 40, 49, 50], [100, 100, 140, 130]], np.float32)
+    small = [ImageRecord(tmp_path / "s.jpg", 1024, 768, tiny, np.zeros(3, np.int64))]
+    size, anchors, _ = resolve_recipe(TrainConfig(), DetectionDataset(["a"], small))
+    assert size == [768, 1024]  # 8 px cells keep their native resolution
+    assert anchors.levels[0] == 2
+    assert (best_anchor_iou(tiny, (768, 1024), anchors) >= 0.5).all()

@@ -1,0 +1,114 @@
+"""Detector configuration: the model (what gets exported) apart from the training recipe (how it is trained)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from smearsight.anchors import AnchorConfig
+from smearsight.config import StrictConfig
+
+
+def default_detector_anchors() -> AnchorConfig:
+    """Default anchors for TPS cells of 8-64 px in a 768x1024 frame.
+
+    P2-P6 with base sizes 8/16/32/64/128 px (two octave scales, three ratios): an 8 px cell meets an 8 px
+    anchor on the stride-4 grid at IoU >= 0.5, unlike the usual P3-P7 layout whose smallest anchor is 32 px
+    (IoU 0.06 for an 8 px box). ``smearsight data anchors`` reports the coverage per size bucket.
+    """
+    return AnchorConfig(
+        levels=[2, 3, 4, 5, 6],
+        base_sizes=[8.0, 16.0, 32.0, 64.0, 128.0],
+        scales=[1.0, 2**0.5],
+        aspect_ratios=[0.5, 1.0, 2.0],
+    )
+
+
+class DetectorModelConfig(StrictConfig):
+    """The network: rebuilt from a checkpoint's ``model_config`` by :func:`torch_model.build_from_config`."""
+
+    variant: str = "efficientdet_lite0"
+    backbone: str = "tf_efficientnet_lite0"
+    num_classes: int = Field(6, ge=1)
+    levels: list[int] = Field(default_factory=lambda: [3, 4, 5, 6, 7])
+    anchors_per_location: int = Field(9, ge=1)
+    fpn_channels: int = Field(64, ge=4)
+    fpn_repeats: int = Field(3, ge=1)
+    head_repeats: int = Field(3, ge=1)
+    act: Literal["silu", "relu6", "relu"] = "silu"
+    separable: bool = True
+    prior_prob: float = 0.01
+
+
+class MatcherConfig(StrictConfig):
+    """Anchor assignment as in the original work: lowered IoU thresholds, forced best anchor, K per GT."""
+
+    positive_iou: float = Field(0.4, gt=0, le=1)
+    negative_iou: float = Field(0.3, ge=0, le=1)
+    force_match: bool = True
+    topk: int | None = Field(20, ge=1)
+    sampling: Literal["topk", "random"] = "topk"
+
+
+class LossConfig(StrictConfig):
+    """Sigmoid focal loss + Huber on encoded deltas + GIoU on decoded boxes (see loss.py)."""
+
+    focal_alpha: float = 0.25
+    focal_gamma: float = 1.5
+    huber_delta: float = 0.1
+    box_weight: float = 50.0
+    giou_weight: float = 1.0
+
+
+class AugmentConfig(StrictConfig):
+    """Microscopy augmentation probabilities and ranges."""
+
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: float = 0.25
+    scale_min: float = 0.75
+    scale_max: float = 1.25
+    color: float = 0.8
+    hue: float = 0.04
+    saturation: float = 0.3
+    brightness: float = 0.2
+    contrast: float = 0.2
+    stain: float = 0.08
+    blur: float = 0.2
+    noise: float = 0.1
+
+
+class TrainConfig(StrictConfig):
+    """The training recipe. ``anchors: auto`` picks the anchor layout from the training boxes."""
+
+    variant: str = "efficientdet_lite0"
+    backbone: str | None = None
+    pretrained: bool = True
+    backbone_weights: str | None = None
+    image_size: list[int] | None = None  # [H, W]; None = the variant's default (rounded to max stride)
+    anchors: AnchorConfig | Literal["auto", "default"] = "auto"
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    backbone_lr_mult: float = Field(0.5, gt=0)
+    freeze_stages: int = Field(3, ge=0)  # pretrained backbones only: stem + first N stages stay frozen (BN too)
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.02
+    time_budget_min: float | None = Field(40.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = 10.0
+    amp: bool = True
+    eval_every: int = Field(2, ge=1)
+    workers: int = Field(0, ge=0)
+    seed: int = 0
+    threads: int | None = None
+    matcher: MatcherConfig = Field(default_factory=MatcherConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    score_threshold: float = 0.3
+    eval_score_threshold: float = 0.01
+    iou_threshold: float = 0.5
+    pre_nms_topk: int = Field(1000, ge=1)
+    max_detections: int = Field(1000, ge=1)
