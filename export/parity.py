@@ -182,14 +182,16 @@ def run_torch(module: Any, inputs: np.ndarray, dtype: str = "float32") -> list[n
     """Run the PyTorch module one input at a time (as the runtime does) in float32 or bfloat16."""
     torch = require("torch", "parity checks")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    module = module.to(torch_dtype)
+    if torch_dtype is not torch.float32:  # a cast copy: casting in place would round the caller's weights
+        import copy
+
+        module = copy.deepcopy(module).to(torch_dtype)
     outs: list[list[np.ndarray]] = []
     with torch.no_grad():
         for i in range(len(inputs)):
             result = module(torch.from_numpy(inputs[i : i + 1]).to(torch_dtype))
             result = result if isinstance(result, tuple | list) else (result,)
             outs.append([r.float().numpy() for r in result])
-    module.to(torch.float32)
     return [np.concatenate([o[k] for o in outs], axis=0) for k in range(len(outs[0]))]
 
 
