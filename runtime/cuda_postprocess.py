@@ -25,7 +25,7 @@ from smearsight.errors import InputError, require
 
 KERNEL_FILE = "decode_nms.cu"
 SORT_CAP = 4096
-_MODULES: dict[int, Any] = {}
+_MODULES: dict[int, tuple[Any, Any]] = {}
 
 
 def kernel_source() -> str:
@@ -69,6 +69,9 @@ class CudaDecodeNMS:
         if pre_nms_topk > SORT_CAP:
             raise InputError(f"pre_nms_topk: {pre_nms_topk} is above the GPU kernel's limit {SORT_CAP}")
         self._cuda = cuda
+        anchors = np.ascontiguousarray(anchors, dtype=np.float32)
+        if anchors.shape[0] >= 1 << 24 or num_classes > 255:
+            raise InputError("decode + NMS on the GPU supports fewer than 2^24 anchors and 255 classes")
         if context is None:
             cuda.init()
             self._ctx = cuda.Device(device_index).retain_primary_context()
@@ -76,9 +79,6 @@ class CudaDecodeNMS:
         else:
             self._ctx = context
             self._owns_ctx = False
-        anchors = np.ascontiguousarray(anchors, dtype=np.float32)
-        if anchors.shape[0] >= 1 << 24 or num_classes > 255:
-            raise InputError("decode + NMS on the GPU supports fewer than 2^24 anchors and 255 classes")
         self.num_anchors = int(anchors.shape[0])
         self.num_classes = int(num_classes)
         self.topk = int(pre_nms_topk)
@@ -89,6 +89,14 @@ class CudaDecodeNMS:
         self.logit_floor = np.float32(_logit_floor(score_threshold))
         self.clip = np.int32(image_size is not None)
         self.img_h, self.img_w = (np.float32(v) for v in (image_size or (0, 0)))
+        try:
+            self._allocate(anchors, stream)
+        except BaseException:
+            self.close()  # frees what was allocated; releases a retained primary context
+            raise
+
+    def _allocate(self, anchors: np.ndarray, stream: Any) -> None:
+        cuda = self._cuda
         a, c, k = self.num_anchors, self.num_classes, self.topk
         self._ctx.push()
         try:
@@ -122,14 +130,16 @@ class CudaDecodeNMS:
             self._ctx.pop()
 
     def _module(self) -> Any:
-        key = id(self._ctx)
-        if key not in _MODULES:
+        # keyed by id() but holding the context object, so a later context cannot reuse a dead one's id
+        entry = _MODULES.get(id(self._ctx))
+        if entry is None or entry[0] is not self._ctx:
             from pycuda.compiler import SourceModule
 
-            _MODULES[key] = SourceModule(
+            module = SourceModule(
                 kernel_source(), no_extern_c=True, options=[f"-DSORT_CAP={SORT_CAP}", "--fmad=false"]
             )
-        return _MODULES[key]
+            entry = _MODULES[id(self._ctx)] = (self._ctx, module)
+        return entry[1]
 
     def __call__(self, class_logits: np.ndarray, box_regression: np.ndarray) -> tuple[np.ndarray, int]:
         """Host arrays in; returns ``(detections, count)``. The array is reused by the next call."""

@@ -130,7 +130,8 @@ def read_weights_file(path: str | Path) -> dict[str, Any]:
         else:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch.load's unpickling errors span many lines
+        raise InputError(f"{path}: not a readable weights file ({type(exc).__name__}: {first})") from None
     for nest in ("state_dict", "model", "state_dict_ema", "ema"):
         if isinstance(payload, Mapping) and nest in payload and isinstance(payload[nest], Mapping):
             payload = payload[nest]

@@ -53,8 +53,20 @@ class TensorRTBackend(InferenceBackend):
         cuda = require("pycuda.driver", "running TensorRT engines")
         self._trt = trt
         self._cuda = cuda
+        self.inputs: dict[str, tuple[Any, Any]] = {}
+        self.outputs: dict[str, tuple[Any, Any]] = {}
+        self._dynamic: set[str] = set()
+        self.context = self.engine = None
         cuda.init()
         self._ctx = cuda.Device(device_index).retain_primary_context()
+        try:
+            self._load(path)
+        except BaseException:
+            self.close()  # frees what was allocated and releases the retained context (open_backend may fall back)
+            raise
+
+    def _load(self, path: Path) -> None:
+        trt, cuda, manifest = self._trt, self._cuda, self.manifest
         self._ctx.push()
         try:
             self._logger = trt.Logger(trt.Logger.WARNING)
@@ -64,9 +76,6 @@ class TensorRTBackend(InferenceBackend):
                 raise InputError(f"{path}: TensorRT could not deserialise the engine")
             self.context = self.engine.create_execution_context()
             self.stream = cuda.Stream()
-            self.inputs: dict[str, tuple[Any, Any]] = {}
-            self.outputs: dict[str, tuple[Any, Any]] = {}
-            self._dynamic: set[str] = set()
             for i in range(self.engine.num_io_tensors):
                 name = self.engine.get_tensor_name(i)
                 is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
@@ -155,9 +164,10 @@ class TensorRTBackend(InferenceBackend):
             return
         self._ctx.push()
         try:
+            self.context = None
             for _, device in list(self.inputs.values()) + list(self.outputs.values()):
                 device.free()
-            self.context = None
+            self.inputs, self.outputs = {}, {}
             self.engine = None
         finally:
             self._ctx.pop()

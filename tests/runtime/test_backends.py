@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,63 @@ def test_mismatched_engine_is_refused_and_falls_back(detector_dir, monkeypatch):
     monkeypatch.setattr(trt_backend, "device_facts", lambda device_index=0: ("10.0.1", "7.2", "Xavier"))
     with pytest.raises(EngineMismatchError, match="compute capability 8.7"):
         open_backend(detector_dir, "trt", fallback_to_onnx=False)
+
+
+def test_unloadable_engine_releases_the_cuda_context(detector_dir, monkeypatch):
+    # tensorrt + pycuda are absent here: stand in for that hardware edge only (a GPU context that counts
+    # push/pop/detach and a runtime that cannot deserialise the file), then fall back to ONNX Runtime.
+    import types
+
+    import smearsight.runtime.backends.tensorrt as trt_backend
+
+    calls: list[str] = []
+
+    class _Ctx:
+        def push(self):
+            calls.append("push")
+
+        def pop(self):
+            calls.append("pop")
+
+        def detach(self):
+            calls.append("detach")
+
+    class _Device:
+        def __init__(self, index):
+            pass
+
+        def retain_primary_context(self):
+            calls.append("retain")
+            return _Ctx()
+
+    class _Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return None
+
+    fake_trt = types.ModuleType("tensorrt")
+    fake_trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    fake_trt.Runtime = _Runtime
+    fake_pycuda = types.ModuleType("pycuda")
+    fake_driver = types.ModuleType("pycuda.driver")
+    fake_driver.init = lambda: None
+    fake_driver.Device = _Device
+    fake_pycuda.driver = fake_driver
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
+    monkeypatch.setitem(sys.modules, "pycuda", fake_pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", fake_driver)
+    _add_engine(detector_dir, trt_version="10.3.0", capability="8.7")
+    monkeypatch.setattr(trt_backend, "device_facts", lambda device_index=0: ("10.3.0", "8.7", "Orin"))
+    with pytest.raises(InputError, match="could not deserialise"):
+        open_backend(detector_dir, "trt", fallback_to_onnx=False)
+    assert calls[0] == "retain" and calls[-1] == "detach"
+    assert calls.count("push") == calls.count("pop") >= 1
+    calls.clear()
+    backend = open_backend(detector_dir, "trt", fallback_to_onnx=True)
+    assert backend.name == "onnxruntime-cpu"
+    assert calls[-1] == "detach" and calls.count("push") == calls.count("pop")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

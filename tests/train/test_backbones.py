@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -73,6 +75,12 @@ def test_weights_by_path_nested_and_mismatch(tmp_path) -> None:
         create_backbone("tf_efficientnet_lite0", pretrained=bad, features_only=False)
     with pytest.raises(InputError, match="not found"):
         create_backbone("tf_efficientnet_lite0", pretrained=tmp_path / "nope.pt")
+    # A pickle weights_only refuses: torch's many-line explanation is cut to one line.
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"conv_stem.weight": Path}, unsafe)
+    with pytest.raises(InputError, match="not a readable weights file") as info:
+        create_backbone("tf_efficientnet_lite0", pretrained=unsafe)
+    assert str(info.value).startswith(str(unsafe)) and "\n" not in str(info.value)
 
 
 def test_vgg_features_only_loads_flat_keys(tmp_path) -> None:

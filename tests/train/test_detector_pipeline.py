@@ -231,6 +231,21 @@ def test_bad_input_errors(synth_data, trained_run, tmp_path, capsys) -> None:
     # Missing weights.
     rc = main(["predict", "detector", str(victim), "--weights", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
     assert rc == 1 and "not found" in capsys.readouterr().err
+    # Two inputs whose outputs (named after the stem) would overwrite each other.
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "a.png").write_bytes(b"x")
+    (twin / "a.jpg").write_bytes(b"x")
+    out_dir = tmp_path / "e4"
+    rc = main(["predict", "detector", str(twin), "--weights", str(trained_run / "best.pt"), "--out", str(out_dir)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "same file name stem" in err and "a.png" in err
+    assert not out_dir.exists()
+    # A device torch does not know.
+    rc = main(["predict", "detector", str(victim), "--weights", str(trained_run / "best.pt"), "--out",
+               str(tmp_path / "e5"), "--device", "tpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--device: 'tpu' is not a torch device" in err
 
 
 def test_data_anchors_cli(synth_data, capsys) -> None:

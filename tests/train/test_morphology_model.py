@@ -235,6 +235,10 @@ def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         load_crops(root, "head", "train")
     with pytest.raises(InputError, match="unknown part 'nose'"):
         load_crops(root, "nose", "train")
+    np.savez(root / "x_64_train.npy.npz", a=np.zeros((5, 64, 64), np.uint8))
+    (root / "x_64_train.npy.npz").replace(root / "x_64_train.npy")  # an .npz archive under a .npy name
+    with pytest.raises(InputError, match="x_64_train.npy: expected a single .npy array"):
+        load_crops(root, "head", "train")
 
     data = write_mhsma(tmp_path / "data", n_train=8, n_valid=8)
     np.save(data / "y_head_valid.npy", np.zeros(8, np.uint8))  # one class only
@@ -268,3 +272,10 @@ def test_png_csv_layout(tmp_path: Path) -> None:
         load_crops(tmp_path, "acrosome", "valid")
     with pytest.raises(InputError, match="no rows with split 'train'"):
         load_crops(tmp_path, "head", "train")
+    with (tmp_path / "labels.csv").open("a", newline="") as handle:
+        handle.write("c0.png,valid\n")  # short row: no 'head' cell
+    with pytest.raises(InputError, match=r"labels.csv: a 'valid' row lacks its 'file' or 'head' value"):
+        load_crops(tmp_path, "head", "valid")
+    (tmp_path / "labels.csv").write_bytes(b"file,split,head\n\xff\xfe.png,valid,1\n")
+    with pytest.raises(InputError, match="labels.csv: not a readable UTF-8 CSV"):
+        load_crops(tmp_path, "head", "valid")

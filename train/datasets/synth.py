@@ -43,6 +43,7 @@ from smearsight.train.datasets.synth_render import (
     to_uint8,
     window_annotations,
 )
+from smearsight.train.progress import make_progress
 
 __all__ = ["SmearSynthesizer", "SyntheticSlide", "generate_dataset", "make_preview", "parse_size"]
 
@@ -340,7 +341,7 @@ def generate_dataset(
     counts = np.zeros(len(TPS_CLASS_NAMES), np.int64)
     keep: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     render_s = 0.0
-    with _progress(progress) as bar:
+    with make_progress(enabled=progress) as bar:
         task = bar.add_task("rendering smears", total=n_images)
         for i in range(n_images):
             t0 = time.perf_counter()
@@ -373,28 +374,6 @@ def generate_dataset(
         "render_ms_per_frame": 1000.0 * render_s / n_images,
         "size": [h, w],
     }
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 # --------------------------------------------------------------------------------------------- preview

@@ -414,18 +414,19 @@ def _elongated_batch(cx, cy, size, ang, u, dens, max_side) -> list[CellPatch]:
     return g.patches(nuc, cyto, box_cov, tails)
 
 
-def _round_batch(size, ang, u, max_side):
+def _round_batch(cx, cy, size, ang, u, max_side) -> tuple[np.ndarray, _Batch, np.ndarray]:
+    """Semi-axis a, the cells' grids and the whole-cell coverage of nearly round cells."""
     ecc = 0.88 + 0.12 * u[:, 4]
     f = _fit_batch(_points(0.0, 0.0, 0.5, 0.5 * ecc), ang, size, max_side)
-    return 0.5 * f, 0.5 * ecc * f
+    a, b = 0.5 * f, 0.5 * ecc * f
+    g = _Batch(cx, cy, ang, a + 1)
+    return a, g, _cov_ellipse(g.U, g.V, _col(a), _col(b))
 
 
 def _round_spermatid_batch(cx, cy, size, ang, u, tex, dens, max_side) -> list[CellPatch]:
     N = len(cx)
-    a, b = _round_batch(size, ang, u, max_side)
-    g = _Batch(cx, cy, ang, a + 1)
+    a, g, cell = _round_batch(cx, cy, size, ang, u, max_side)
     U, V = g.U, g.V
-    cell = _cov_ellipse(U, V, _col(a), _col(b))
     rn = a * (0.58 + 0.1 * u[:, 5])
     off = a * 0.12 * u[:, 6]
     Un = U - _col(off * np.cos(6.28 * u[:, 7]))
@@ -448,10 +449,8 @@ def _round_spermatid_batch(cx, cy, size, ang, u, tex, dens, max_side) -> list[Ce
 
 def _spermatocyte_batch(cx, cy, size, ang, u, tex, dens, max_side) -> list[CellPatch]:
     N = len(cx)
-    a, b = _round_batch(size, ang, u, max_side)
-    g = _Batch(cx, cy, ang, a + 1)
+    a, g, cell = _round_batch(cx, cy, size, ang, u, max_side)
     U, V = g.U, g.V
-    cell = _cov_ellipse(U, V, _col(a), _col(b))
     rn = _col(a * (0.72 + 0.1 * u[:, 5]))
     off = a * 0.1 * u[:, 6]
     nucleus = _cov_ellipse(U - _col(off * np.cos(6.28 * u[:, 7])), V - _col(off * np.sin(6.28 * u[:, 7])), rn, rn)

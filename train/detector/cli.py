@@ -45,6 +45,20 @@ def _setup_torch(threads: int | None) -> None:
     os.environ.setdefault("KMP_WARNINGS", "0")
 
 
+def _check_device(device: str | None) -> None:
+    """One-line InputError for a --device torch cannot parse or a CUDA device this machine lacks."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device: {device!r} is not a torch device (expected cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device: {device!r} requested but no CUDA GPU is available to torch here")
+
+
 @train_app.command("detector")
 def train_detector_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset root (or COCO JSON)."),
@@ -72,6 +86,7 @@ def train_detector_cmd(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _setup_torch(threads)
+    _check_device(device)
     base = TrainConfig.from_yaml(config) if config else TrainConfig()
     updates = {
         "variant": variant, "backbone": backbone,
@@ -121,6 +136,7 @@ def eval_detector_cmd(
 ) -> None:
     """Evaluate a detector checkpoint: COCO mAP@[.5:.95], mAP@0.5, recall per class (pycocotools)."""
     _setup_torch(threads)
+    _check_device(device)
     from smearsight.train.detector.data import check_class_names, load_split
     from smearsight.train.detector.evaluate import run_evaluation
     from smearsight.train.detector.predictor import Predictor
@@ -149,6 +165,7 @@ def predict_detector_cmd(
 ) -> None:
     """Detect cells in images; writes annotated images and one JSON per image (plus detections.json)."""
     _setup_torch(threads)
+    _check_device(device)
     import cv2
 
     from smearsight.fileio import atomic_write_bytes, atomic_write_json
@@ -168,6 +185,11 @@ def predict_detector_cmd(
             raise InputError(f"{p}: no such image file or folder")
     if not files:
         raise InputError("no images given (folders held no image files)")
+    by_stem: dict[str, Path] = {}
+    for f in files:  # outputs are named after the stem: two inputs must not write the same files
+        if f.stem in by_stem and by_stem[f.stem] != f:
+            raise InputError(f"{f}: same file name stem as {by_stem[f.stem]}; their outputs would overwrite each other")
+        by_stem[f.stem] = f
     ckpt = _load(weights)
     names = list(ckpt["class_names"])
     pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, resize=resize, device=device)

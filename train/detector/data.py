@@ -41,6 +41,7 @@ def check_class_names(expected: list[str], found: list[str], source: str) -> Non
 
 
 def round_up(value: float, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``."""
     return int(math.ceil(value / multiple) * multiple)
 
 
@@ -60,6 +61,7 @@ def auto_image_size(ds: DetectionDataset, variant_size: int, multiple: int = 32,
 
 
 def fit_scale(height: int, width: int, size: tuple[int, int]) -> float:
+    """Letterbox scale that fits a ``height`` x ``width`` frame into ``size`` (H, W)."""
     return min(size[0] / height, size[1] / width)
 
 
@@ -124,6 +126,7 @@ class DetectorDataset:
 
 
 def collate(batch: list[tuple[Any, Any, Any, int]]) -> tuple[Any, list[Any], list[Any], list[int]]:
+    """Stack the images of a batch; boxes, labels and indices stay per-image lists."""
     import torch
 
     images = torch.stack([b[0] for b in batch])

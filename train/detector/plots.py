@@ -70,6 +70,7 @@ def pr_curves(raw: dict[str, Any], path: Path) -> None:
 
 
 def confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
+    """Save the confusion matrix (rows true class + background, columns predicted + missed) as a PNG."""
     plt = _plt()
     labels = [*names, "background"]
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.0 * len(labels) + 2))
@@ -109,6 +110,7 @@ def draw(image: np.ndarray, dets: np.ndarray, names: list[str], score_threshold:
 
 def example_image(image: np.ndarray, dets: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray,
                   names: list[str], score_threshold: float, path: Path) -> None:
+    """Save ``image`` as a JPEG with detections above ``score_threshold`` and the ground-truth boxes drawn."""
     import cv2
 
     out = draw(image, dets, names, score_threshold, gt_boxes)

@@ -21,6 +21,7 @@ def register_variant(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str,
 
 
 def list_variants() -> list[str]:
+    """Names of the registered detector variants, sorted."""
     return sorted(_REGISTRY)
 
 

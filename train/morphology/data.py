@@ -32,6 +32,7 @@ class CropSet:
 
 
 def check_part(part: str) -> str:
+    """``part`` if it is one of MORPHOLOGY_PARTS, else InputError."""
     if part not in MORPHOLOGY_PARTS:
         raise InputError(f"part: unknown part {part!r}, expected one of {', '.join(MORPHOLOGY_PARTS)}")
     return part
@@ -53,6 +54,7 @@ def validate_images(images: np.ndarray, source: str) -> np.ndarray:
 
 
 def validate_labels(labels: np.ndarray, source: str) -> np.ndarray:
+    """Accept [N] or [N,1] labels 0 (normal) / 1 (abnormal) of any integer, bool or 0.0/1.0 float dtype."""
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
@@ -70,9 +72,14 @@ def _load_npy(path: Path) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise InputError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise InputError(f"{path}: not a readable .npy array ({type(exc).__name__}: {first})") from None
+    if not isinstance(array, np.ndarray):  # e.g. an .npz archive saved under a .npy name
+        array.close()
+        raise InputError(f"{path}: expected a single .npy array, got {type(array).__name__}")
+    return array
 
 
 def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
@@ -98,17 +105,22 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
 def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
     import cv2
 
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        fields = reader.fieldnames or []
-        for column in ("file", "split", part):
-            if column not in fields:
-                raise InputError(f"{csv_path}: missing column '{column}' (columns: {', '.join(fields)})")
-        rows = [row for row in reader if row["split"] == split]
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            fields = reader.fieldnames or []
+            for column in ("file", "split", part):
+                if column not in fields:
+                    raise InputError(f"{csv_path}: missing column '{column}' (columns: {', '.join(fields)})")
+            rows = [row for row in reader if row["split"] == split]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{csv_path}: not a readable UTF-8 CSV file ({type(exc).__name__}: {exc})") from None
     if not rows:
         raise InputError(f"{csv_path}: no rows with split '{split}'")
     images, labels = [], []
     for row in rows:
+        if not row["file"] or row[part] is None:  # short row: DictReader fills missing cells with None
+            raise InputError(f"{csv_path}: a '{split}' row lacks its 'file' or '{part}' value (file={row['file']!r})")
         path = root / row["file"]
         image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if image is None:

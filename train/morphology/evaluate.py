@@ -16,6 +16,7 @@ from smearsight.train.morphology.metrics import binary_metrics, roc_curve
 
 
 def load_model(weights: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The eval-mode morphology module and its checkpoint dict from a ``.pt`` file."""
     from smearsight.train.checkpoint import load_checkpoint
     from smearsight.train.morphology.torch_model import build_from_checkpoint
 

@@ -55,6 +55,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def fbeta(precision: float, recall: float, beta: float) -> float:
+    """F-beta score (0 when precision and recall are both 0)."""
     b2 = beta * beta
     denom = b2 * precision + recall
     return 0.0 if denom == 0 else (1 + b2) * precision * recall / denom

@@ -12,6 +12,8 @@ from smearsight.train.morphology.metrics import confusion, fbeta
 
 @dataclass
 class ThresholdChoice:
+    """The chosen threshold, how it was chosen, its validation F0.5 (if any) and a note for the report."""
+
     threshold: float
     method: str  # "max_f05" | "normal_quantile"
     f05: float | None
