@@ -1,0 +1,1 @@
+"""Demo cell detector (EfficientDet-Lite0, synthetic smears)."""
