@@ -44,6 +44,12 @@ def test_wheel_contains_every_subpackage(wheel):
     assert not missing, missing
     for cu in (ROOT / "runtime").rglob("*.cu"):
         assert "smearsight/runtime/" + cu.relative_to(ROOT / "runtime").as_posix() in names
+    # the demo models that `smearsight run` uses by default, and the systemd units
+    for model in (ROOT / "smearsight" / "models").glob("*/manifest.json"):
+        for name in ("manifest.json", "model.onnx"):
+            assert (model.parent / name).relative_to(ROOT).as_posix() in names
+    for unit in (ROOT / "deploy" / "systemd").glob("*.service"):
+        assert "smearsight/deploy/systemd/" + unit.name in names
 
 
 def test_wheel_has_console_script(wheel):
