@@ -188,3 +188,12 @@ def test_recipe_picks_anchors_and_size_from_the_data(tmp_path) -> None:
     assert size == [768, 1024]  # 8 px cells keep their native resolution
     assert anchors.levels[0] == 2
     assert (best_anchor_iou(tiny, (768, 1024), anchors) >= 0.5).all()
+
+
+def test_matcher_thresholds_must_be_ordered():
+    from smearsight.errors import InputError
+    from smearsight.train.detector.config import MatcherConfig
+
+    with pytest.raises(InputError, match="negative_iou 0.5 must not exceed positive_iou 0.4"):
+        MatcherConfig.from_dict({"positive_iou": 0.4, "negative_iou": 0.5}, source="recipe.yaml")
+    assert MatcherConfig.from_dict({"positive_iou": 0.4, "negative_iou": 0.4}).negative_iou == 0.4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from smearsight.anchors import AnchorConfig
 from smearsight.config import StrictConfig
@@ -50,12 +50,20 @@ class MatcherConfig(StrictConfig):
     topk: int | None = Field(20, ge=1)
     sampling: Literal["topk", "random"] = "topk"
 
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> MatcherConfig:
+        if self.negative_iou > self.positive_iou:
+            raise ValueError(
+                f"negative_iou {self.negative_iou} must not exceed positive_iou {self.positive_iou}"
+            )
+        return self
+
 
 class LossConfig(StrictConfig):
     """Sigmoid focal loss + Huber on encoded deltas + GIoU on decoded boxes (see loss.py)."""
 
-    focal_alpha: float = 0.25
-    focal_gamma: float = 1.5
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    focal_gamma: float = Field(1.5, ge=0)
     huber_delta: float = 0.1
     box_weight: float = 50.0
     giou_weight: float = 1.0

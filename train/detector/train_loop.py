@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from smearsight.anchors import AnchorConfig
-from smearsight.errors import InputError
+from smearsight.errors import InputError, SmearSightError
 from smearsight.train.detector.config import TrainConfig, default_detector_anchors
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,10 @@ def train_detector(
                     losses = wrapper(images, boxes, labels)
                 loss = losses["loss"]
                 if not torch.isfinite(loss):
-                    raise RuntimeError(f"training diverged at step {state['step']} (loss {loss.item()})")
+                    raise SmearSightError(
+                        f"training diverged at step {state['step']} (loss {loss.item()}): lower --lr or "
+                        "check the data"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
