@@ -18,16 +18,11 @@ default (spinning) waits.
 from __future__ import annotations
 
 import os
-import sys
 
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
-_SPIN = "--spin" in sys.argv[1:]
-_START_ENV = _MALLOC_ENV if _SPIN else {**_MALLOC_ENV, "OMP_WAIT_POLICY": "PASSIVE"}
+from _torch_env import reexec_with_torch_env  # noqa: E402
 
-if __name__ == "__main__" and any(k not in os.environ for k in _START_ENV):
-    # glibc and libgomp read these only at start-up: re-exec before torch is imported.
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
-              {**os.environ, **{k: os.environ.get(k, v) for k, v in _START_ENV.items()}})
+if __name__ == "__main__":
+    reexec_with_torch_env(__file__)  # before torch is imported
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402

@@ -23,14 +23,10 @@ from __future__ import annotations
 import os
 import sys
 
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
-_SPIN = "--spin" in sys.argv[1:]
-_START_ENV = _MALLOC_ENV if _SPIN else {**_MALLOC_ENV, "OMP_WAIT_POLICY": "PASSIVE"}
+from _torch_env import START_KEYS, reexec_with_torch_env  # noqa: E402
 
-if __name__ == "__main__" and any(k not in os.environ for k in _START_ENV):
-    # glibc and libgomp read these only at start-up: re-exec before torch is imported.
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
-              {**os.environ, **{k: os.environ.get(k, v) for k, v in _START_ENV.items()}})
+if __name__ == "__main__":
+    reexec_with_torch_env(__file__)  # before torch is imported
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -337,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "threads": THREADS,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "loadavg_before": load_before, "loadavg_after": load_after,
-        "start_env": {k: os.environ.get(k) for k in (*_MALLOC_ENV, "OMP_WAIT_POLICY")}, "spin": args.spin,
+        "start_env": {k: os.environ.get(k) for k in START_KEYS}, "spin": args.spin,
         "anchors": args.anchors, "detector_size": list(size), "morph_batch": args.morph_batch,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
