@@ -1,4 +1,4 @@
-"""``smearsight export``: onnx, check, engine, inspect."""
+"""``smearsight export``: onnx, check, int8, engine, inspect."""
 
 from __future__ import annotations
 
@@ -119,6 +119,42 @@ def export_engine_cmd(
     typer.echo(
         f"wrote {out / spec.file}: TensorRT {spec.tensorrt_version}, {spec.gpu_name} (sm {spec.compute_capability}), "
         f"CUDA {spec.cuda_version}"
+    )
+
+
+@export_app.command("int8")
+def export_int8_cmd(
+    model_dir: Path = typer.Argument(..., help="Float32 detector folder (model.onnx + manifest.json)."),
+    out: Path = typer.Option(..., "--out", help="New folder for the int8 model.onnx and its manifest."),
+    calibration: str | None = typer.Option(
+        None, "--calibration", help="Frame source for calibration (synth://, file://folder/, video); "
+        "default: independent synthetic smears."),
+    count: int = typer.Option(16, "--count", min=1, help="Calibration frames."),
+    check_count: int = typer.Option(8, "--check-count", min=1, help="Synthetic frames to compare float vs int8."),
+    min_agreement: float = typer.Option(0.9, "--min-agreement", help="Refuse below this detection agreement."),
+    keep_stem_float: bool = typer.Option(True, "--keep-stem-float/--quantize-stem",
+                                         help="Leave the first convolution in float."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the report as JSON."),
+) -> None:
+    """Quantize a detector to int8 for CPU devices (ONNX Runtime static QDQ) and check it against the float model."""
+    from rich.progress import Progress
+
+    from smearsight.export.quantize import quantize_detector
+    from smearsight.fileio import atomic_write_json
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("quantizing", total=count + check_count)
+        report = quantize_detector(
+            model_dir, out, calibration=calibration, count=count, check_count=check_count,
+            keep_stem_float=keep_stem_float, min_agreement=min_agreement,
+            on_frame=lambda label: progress.update(task, advance=1, description=label),
+        )
+    if json_out is not None:
+        atomic_write_json(json_out, report.to_dict())
+    typer.echo(
+        f"wrote {out / 'model.onnx'} ({report.int8_mb:.1f} MB, float {report.float_mb:.1f} MB): on "
+        f"{report.check_frames} check frames the int8 model finds {report.matched}/{report.float_detections} "
+        f"float detections (recall {report.recall:.3f}, precision {report.precision:.3f})"
     )
 
 

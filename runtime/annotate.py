@@ -10,6 +10,7 @@ are a list of dicts, one per judged sperm detection, ``det`` being the row in ``
     {"det": 3, "part": "head", "score": 0.82, "abnormal": True}            # one part
     {"det": 3, "parts": {"head": {"score": 0.82, "abnormal": True}, ...}}   # several parts
     {"det": 3, "status": "n/a"}                                             # not judged (N/A badge)
+    {"det": 4, "status": "pending"}                                         # queued for a later frame (N/A)
 
 (``index``, ``det_index`` or ``detection`` are accepted for ``det``.)
 
@@ -110,7 +111,7 @@ def morphology_flags(morphology: Iterable[dict[str, Any]] | None) -> dict[int, l
             det = int(det)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             continue
-        if str(item.get("status", "")).lower() in ("n/a", "na", "none", "skipped"):
+        if str(item.get("status", "")).lower() in ("n/a", "na", "none", "skipped", "pending"):
             out.setdefault(det, []).append((str(item.get("part", "")), None, None))
             continue
         parts = item.get("parts")

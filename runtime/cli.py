@@ -32,6 +32,11 @@ def run_command(
     loop: bool = typer.Option(False, "--loop", help="Restart a video or image folder at its end."),
     fullscreen: bool = typer.Option(False, "--fullscreen", help="Full-screen window (display://)."),
     no_morphology: bool = typer.Option(False, "--no-morphology", help="Skip the sperm morphology models."),
+    morphology_every_frame: bool = typer.Option(
+        False, "--morphology-every-frame", help="Judge every sperm on every frame instead of carrying each cell's "
+        "result along with the stage's motion."),
+    precision: str = typer.Option("auto", "--precision", help="Detector: fp32 | int8 (detector_int8/) | auto "
+                                  "(int8 when present on a CPU-only device)."),
     panel: str = typer.Option(None, "--panel", help="Serial port of an attached panel (e.g. /dev/ttyUSB0, loop://)."),
     captures: Path = typer.Option(Path("captures"), "--captures", help="Folder for fields captured from the panel."),
 ) -> None:
@@ -52,6 +57,7 @@ def run_command(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig(source=source, sink=sink, models=models, backend=backend, headless=headless,
                     max_frames=max_frames, record=record, stats_json=stats_json, loop=loop, fullscreen=fullscreen,
-                    morphology=not no_morphology, panel=panel, captures=captures)
+                    morphology=not no_morphology, morphology_reuse=not morphology_every_frame, precision=precision,
+                    panel=panel, captures=captures)
     stats = run(cfg, echo=lambda msg: console.print(msg, markup=False))
     console.print(stats_text(stats), markup=False)

@@ -8,7 +8,16 @@ score is at or above ``manifest.morphology.threshold``.
 
 Results use the format :func:`smearsight.runtime.annotate.annotate` and the session recorder read::
 
-    {"det": row, "parts": {"head": {"score": 0.82, "abnormal": True}, ...}}
+    {"det": row, "parts": {"head": {"score": 0.82, "abnormal": True}, ...}, "tracked": 3}
+    {"det": row, "status": "pending"}    # new this frame, judged on a later one (over max_new)
+
+A smear is fixed on the slide: between frames only the stage moves. With ``reuse`` on, the stage's
+shift since the previous frame is measured by phase correlation of downscaled grayscale frames, the
+previous frame's judged sperm are moved by it, and a sperm detection overlapping one of them (same
+cell: IoU >= ``match_iou``) keeps that cell's result (``tracked`` counts the frames it was carried)
+instead of being judged again. Only sperm new to the view go through the models, at most ``max_new``
+a frame; so the cost follows what enters the field, not how many sperm it holds. When the shift cannot
+be measured (a jump, a focus change, an empty field) every sperm counts as new.
 """
 
 from __future__ import annotations
@@ -43,6 +52,37 @@ def crop_square(frame: np.ndarray, box: np.ndarray, scale: float, min_side: floa
     return crop
 
 
+class StageShift:
+    """The stage's translation between consecutive frames, by phase correlation at 1/``downscale``."""
+
+    def __init__(self, downscale: int = 4, min_response: float = 0.05) -> None:
+        self.cv2 = require("cv2", "stage motion")
+        self.downscale = max(int(downscale), 1)
+        self.min_response = min_response
+        self._prev: np.ndarray | None = None
+        self._window: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self._prev = None
+
+    def __call__(self, gray: np.ndarray) -> tuple[float, float] | None:
+        """Shift (dx, dy) in frame pixels that maps the previous frame's content onto ``gray``; None for the
+        first frame, a frame of another size, or a correlation too weak to trust."""
+        cv2 = self.cv2
+        h, w = gray.shape[:2]
+        small = cv2.resize(gray, (max(w // self.downscale, 8), max(h // self.downscale, 8)),
+                           interpolation=cv2.INTER_AREA).astype(np.float32)
+        prev, self._prev = self._prev, small
+        if prev is None or prev.shape != small.shape:
+            return None
+        if self._window is None or self._window.shape != small.shape:
+            self._window = cv2.createHanningWindow((small.shape[1], small.shape[0]), cv2.CV_32F)
+        (dx, dy), response = cv2.phaseCorrelate(prev, small, self._window)
+        if not response >= self.min_response:
+            return None
+        return dx * w / small.shape[1], dy * h / small.shape[0]
+
+
 class MorphologyStage:
     """Judges the sperm detections of a frame with one morphology backend per part.
 
@@ -51,6 +91,8 @@ class MorphologyStage:
         class_names: the detector's class names (to find the sperm classes).
         max_batch: crops per inference call; ``max_sperm`` caps how many sperm a frame judges (the best
             scoring first), the rest get an "n/a" status.
+        reuse: carry results along with the stage's motion (module docstring); ``max_new`` sperm at most
+            are judged per frame then, the others are "pending" until a later frame.
     """
 
     def __init__(
@@ -62,6 +104,9 @@ class MorphologyStage:
         min_side: float = 16.0,
         max_batch: int = 64,
         max_sperm: int = 256,
+        reuse: bool = False,
+        max_new: int = 48,
+        match_iou: float = 0.5,
     ) -> None:
         self.cv2 = require("cv2", "morphology crops")
         self.backends = list(backends)
@@ -76,6 +121,13 @@ class MorphologyStage:
         self.min_side = min_side
         self.max_batch = max_batch
         self.max_sperm = max_sperm
+        self.reuse = reuse
+        self.max_new = max(int(max_new), 1)
+        self.match_iou = match_iou
+        self.shift = StageShift() if reuse else None
+        self._known_boxes = np.zeros((0, 4), np.float32)
+        self._known: list[dict[str, Any]] = []  # {"parts": ..., "tracked": n} per row of _known_boxes
+        self.judged_last = 0  # crops that went through the models on the last call
         # one input buffer per distinct input spec (all MHSMA models share 1x64x64)
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for b in self.backends:
@@ -95,20 +147,74 @@ class MorphologyStage:
 
     def __call__(self, frame_rgb: np.ndarray, detections: np.ndarray, count: int) -> list[dict[str, Any]]:
         """Judge the sperm among ``detections[:count]`` (frame pixels) in ``frame_rgb``."""
-        rows = self.sperm_rows(detections, count)
-        if rows.size == 0 or not self.backends:
+        self.judged_last = 0
+        if not self.backends:
             return []
-        judged, skipped = rows[: self.max_sperm], rows[self.max_sperm :]
-        gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
-        crops = [crop_square(gray, detections[r], self.crop_scale, self.min_side) for r in judged]
-        results = [{"det": int(r), "parts": {}} for r in judged]
-        for backend, part in zip(self.backends, self.parts, strict=True):
-            scores = self._scores(backend, crops)
-            threshold = float(backend.manifest.morphology.threshold)
-            for res, s in zip(results, scores.tolist(), strict=True):
-                res["parts"][part] = {"score": float(s), "abnormal": bool(s >= threshold)}
+        rows = self.sperm_rows(detections, count)
+        gray, shift = None, None
+        if self.reuse:
+            gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
+            shift = self.shift(gray)  # type: ignore[misc]
+        if rows.size == 0:
+            self._remember(np.zeros((0, 4), np.float32), [])
+            return []
+        rows, skipped = rows[: self.max_sperm], rows[self.max_sperm :]
+        results: list[dict[str, Any]] = [{"det": int(r)} for r in rows]
+        carried = self._carry(detections[rows, :4], shift) if self.reuse else [None] * len(rows)
+        new = [i for i, c in enumerate(carried) if c is None]
+        judge = new[: self.max_new] if self.reuse else new
+        for i, c in enumerate(carried):
+            if c is not None:
+                results[i].update(parts=c["parts"], tracked=c["tracked"] + 1)
+        for i in new[len(judge):]:
+            results[i]["status"] = "pending"
+        if judge:
+            if gray is None:
+                gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
+            crops = [crop_square(gray, detections[rows[i]], self.crop_scale, self.min_side) for i in judge]
+            for i in judge:
+                results[i]["parts"] = {}
+                if self.reuse:
+                    results[i]["tracked"] = 0
+            for backend, part in zip(self.backends, self.parts, strict=True):
+                scores = self._scores(backend, crops)
+                threshold = float(backend.manifest.morphology.threshold)
+                for i, s in zip(judge, scores.tolist(), strict=True):
+                    results[i]["parts"][part] = {"score": float(s), "abnormal": bool(s >= threshold)}
+            self.judged_last = len(judge)
+        if self.reuse:
+            done = [i for i, r in enumerate(results) if "parts" in r]
+            self._remember(detections[rows[done], :4],
+                           [{"parts": results[i]["parts"], "tracked": results[i]["tracked"]} for i in done])
         results.extend({"det": int(r), "status": "n/a"} for r in skipped)
         return results
+
+    def reset(self) -> None:
+        """Forget carried results (a new slide or session)."""
+        self._remember(np.zeros((0, 4), np.float32), [])
+        if self.shift is not None:
+            self.shift.reset()
+
+    def _remember(self, boxes: np.ndarray, entries: list[dict[str, Any]]) -> None:
+        self._known_boxes = np.array(boxes, np.float32).reshape(-1, 4)
+        self._known = entries
+
+    def _carry(self, boxes: np.ndarray, shift: tuple[float, float] | None) -> list[dict[str, Any] | None]:
+        """The remembered result of the same cell for each box (greedy by IoU), None for new cells."""
+        out: list[dict[str, Any] | None] = [None] * len(boxes)
+        if shift is None or not self._known:
+            return out
+        from smearsight.anchors import box_iou
+
+        moved = self._known_boxes + np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)
+        iou = box_iou(np.asarray(boxes, np.float32), moved)
+        pairs = np.argwhere(iou >= self.match_iou)
+        taken: set[int] = set()
+        for i, j in pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")].tolist():
+            if out[i] is None and j not in taken:
+                out[i] = self._known[j]
+                taken.add(j)
+        return out
 
     def _scores(self, backend: InferenceBackend, crops: list[np.ndarray]) -> np.ndarray:
         cv2 = self.cv2

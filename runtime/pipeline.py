@@ -25,7 +25,7 @@ from smearsight.catalog import MORPHOLOGY_PARTS
 from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_json
 from smearsight.manifest import MANIFEST_NAME
-from smearsight.runtime.backends import InferenceBackend, open_backend
+from smearsight.runtime.backends import InferenceBackend, cpu_only, open_backend
 from smearsight.runtime.postprocess import EMPTY_ROW, decode_nms
 from smearsight.runtime.preprocess import Preprocessor
 
@@ -51,15 +51,30 @@ def packaged_models_root() -> Path:
     return Path(str(resources.files("smearsight").joinpath("models")))
 
 
-def find_models(models: Path | str | None) -> ModelSet:
-    """Resolve ``--models DIR``: ``DIR/detector/`` + ``DIR/morphology_<part>/`` (or ``DIR`` itself a
-    detector directory). None = the demo models shipped in the package."""
+def find_models(models: Path | str | None, precision: str = "auto", backend: str = "auto") -> ModelSet:
+    """Resolve ``--models DIR``: ``DIR/detector/`` (float; its TensorRT engine if any) or ``DIR/detector_int8/``
+    (``smearsight export int8``), + ``DIR/morphology_<part>/`` (or ``DIR`` itself a detector directory).
+    None = the demo models shipped in the package.
+
+    ``precision``: ``fp32`` the float detector, ``int8`` the int8 one, ``auto`` the int8 one when it exists and
+    this device runs ONNX Runtime on the CPU only (no TensorRT, no CUDA provider, ``backend`` not ``trt``).
+    """
+    if precision not in ("auto", "fp32", "int8"):
+        raise InputError(f"--precision: '{precision}' is not one of auto, fp32, int8")
     packaged = models is None
     root = packaged_models_root() if packaged else Path(models).expanduser()
     if not packaged and not root.is_dir():
         raise InputError(f"--models {root}: no such folder")
+    int8 = root / "detector_int8"
+    has_int8 = (int8 / MANIFEST_NAME).is_file()
     if (root / MANIFEST_NAME).is_file():
         detector = root
+    elif precision == "int8":
+        if not has_int8:
+            raise InputError(f"--precision int8: no {int8 / MANIFEST_NAME} (make one with smearsight export int8)")
+        detector = int8
+    elif precision == "auto" and has_int8 and backend != "trt" and cpu_only():
+        detector = int8
     elif (root / "detector" / MANIFEST_NAME).is_file():
         detector = root / "detector"
     elif packaged:
@@ -85,7 +100,8 @@ class Pipeline:
     fixed ``[max_det, 6]`` array in frame pixels (reused by the next call), ``timings`` seconds per stage.
     """
 
-    def __init__(self, detector: InferenceBackend, morphology: list[InferenceBackend] | None = None) -> None:
+    def __init__(self, detector: InferenceBackend, morphology: list[InferenceBackend] | None = None, *,
+                 reuse_morphology: bool = False) -> None:
         from smearsight.runtime.morphology_stage import MorphologyStage
 
         man = detector.manifest
@@ -114,7 +130,8 @@ class Pipeline:
             self._gpu_decoder = self._open_gpu_decoder()
         self.morphology_backends = list(morphology or [])
         self.morphology = (
-            MorphologyStage(self.morphology_backends, self.class_names) if self.morphology_backends else None
+            MorphologyStage(self.morphology_backends, self.class_names, reuse=reuse_morphology)
+            if self.morphology_backends else None
         )
         self.notes = list(detector.notes) + [n for b in self.morphology_backends for n in b.notes]
 
@@ -244,9 +261,10 @@ class Pipeline:
             b.close()
 
 
-def open_pipeline(models: Path | str | None, backend: str = "auto", *, morphology: bool = True) -> Pipeline:
+def open_pipeline(models: Path | str | None, backend: str = "auto", *, morphology: bool = True,
+                  precision: str = "auto", reuse_morphology: bool = True) -> Pipeline:
     """Open the detector and morphology models found by :func:`find_models` as a :class:`Pipeline`."""
-    found = find_models(models)
+    found = find_models(models, precision, backend)
     detector = open_backend(found.detector, backend)  # type: ignore[arg-type]
     morph = []
     if morphology:
@@ -256,7 +274,7 @@ def open_pipeline(models: Path | str | None, backend: str = "auto", *, morpholog
             except InputError as exc:
                 detector.notes.append(f"morphology model skipped: {exc}")
                 log.warning("morphology model skipped: %s", exc)
-    return Pipeline(detector, morph)
+    return Pipeline(detector, morph, reuse_morphology=reuse_morphology)
 
 
 # ------------------------------------------------------------------------------------------- run loop
@@ -275,6 +293,8 @@ class RunConfig:
     loop: bool = False
     fullscreen: bool = False
     morphology: bool = True
+    morphology_reuse: bool = True
+    precision: str = "auto"
     panel: str | None = None
     captures: Path = Path("captures")
 
@@ -343,7 +363,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
 
     say = echo or (lambda msg: log.info(msg))
     own_pipeline = pipeline is None
-    pipe = pipeline or open_pipeline(cfg.models, cfg.backend, morphology=cfg.morphology)
+    pipe = pipeline or open_pipeline(cfg.models, cfg.backend, morphology=cfg.morphology, precision=cfg.precision,
+                                     reuse_morphology=cfg.morphology_reuse)
     problems = _Problems()
     for note in pipe.notes:
         problems.report(note, hold_s=10.0)
@@ -359,6 +380,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     timer = StageTimer()
     totals = dict.fromkeys(pipe.class_names, 0)
     frames = 0
+    judged = 0
     session_id = None
     t_start = time.perf_counter()
     try:
@@ -416,6 +438,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 log.debug("frame failed", exc_info=True)
                 continue
             frames += 1
+            judged += pipe.morphology.judged_last if pipe.morphology is not None else 0
             timer.add("capture", t_cap - t_wait)
             for stage, secs in times.items():
                 timer.add(stage, secs)
@@ -485,7 +508,10 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "counts": totals,
             "backend": pipe.detector.name,
             "model": pipe.detector.manifest.name,
+            "precision": pipe.detector.manifest.precision,
             "morphology_parts": [b.manifest.morphology.part for b in pipe.morphology_backends],
+            "morphology_crops_judged": judged,
+            "morphology_reuse": bool(pipe.morphology is not None and pipe.morphology.reuse),
             "source": cfg.source,
             "sink": sink_uri,
             "problems": {msg: n for msg, n in problems.seen.items()},

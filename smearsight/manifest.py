@@ -89,6 +89,17 @@ class EngineSpec(StrictConfig):
     build_flags: dict[str, object] = Field(default_factory=dict)
 
 
+class QuantizationSpec(StrictConfig):
+    """How an int8 model was made from its float32 original (``smearsight export int8``)."""
+
+    method: Literal["static-qdq"] = "static-qdq"
+    calibration: str
+    frames: int = Field(ge=1)
+    float_onnx_sha256: str
+    excluded_nodes: list[str] = Field(default_factory=list)
+    agreement: float | None = Field(None, ge=0.0, le=1.0)
+
+
 class Manifest(StrictConfig):
     """Everything the runtime needs to run an exported model, and what it was made from."""
 
@@ -101,12 +112,13 @@ class Manifest(StrictConfig):
     outputs: list[TensorSpec]
     detector: DetectorSpec | None = None
     morphology: MorphologySpec | None = None
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     source_checkpoint_sha256: str = ""
     onnx_file: str = "model.onnx"
     onnx_sha256: str = ""
     opset: int = 17
     engine: EngineSpec | None = None
+    quantization: QuantizationSpec | None = None
 
     @model_validator(mode="after")
     def _kind_section(self) -> Manifest:

@@ -11,13 +11,24 @@ from smearsight.errors import InputError, MissingDependencyError
 from smearsight.manifest import load_manifest
 from smearsight.runtime.backends.base import EngineMismatchError, InferenceBackend
 
-__all__ = ["EngineMismatchError", "InferenceBackend", "open_backend"]
+__all__ = ["EngineMismatchError", "InferenceBackend", "cpu_only", "open_backend"]
 
 log = logging.getLogger("smearsight.runtime")
 
 
 def _tensorrt_importable() -> bool:
     return importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("pycuda") is not None
+
+
+def cpu_only() -> bool:
+    """True when neither TensorRT nor ONNX Runtime's CUDA provider can run here (a CPU-only device)."""
+    if _tensorrt_importable():
+        return False
+    try:
+        import onnxruntime
+    except ImportError:
+        return True
+    return "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
 
 
 def open_backend(

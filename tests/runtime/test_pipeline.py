@@ -178,3 +178,33 @@ def test_unwritable_record_keeps_running(models, tmp_path):
     assert stats["frames"] == 2
     assert any(p.startswith("not recording:") for p in stats["problems"]), stats["problems"]
     assert "session_id" not in stats
+
+
+def test_find_models_precision(models, tmp_path, monkeypatch):
+    import shutil
+
+    from smearsight.manifest import load_manifest
+
+    root = tmp_path / "set"
+    shutil.copytree(models, root)
+    with pytest.raises(InputError, match="no .*detector_int8"):
+        pl.find_models(root, "int8")
+    assert pl.find_models(root, "auto").detector == root / "detector"  # no int8 model: the float one
+    shutil.copytree(root / "detector", root / "detector_int8")
+    manifest = load_manifest(root / "detector_int8")
+    manifest.precision = "int8"
+    manifest.save(root / "detector_int8")
+    assert pl.find_models(root, "int8").detector == root / "detector_int8"
+    assert pl.find_models(root, "fp32").detector == root / "detector"
+    monkeypatch.setattr(pl, "cpu_only", lambda: True)
+    assert pl.find_models(root, "auto").detector == root / "detector_int8"
+    assert pl.find_models(root, "auto", "trt").detector == root / "detector"
+    monkeypatch.setattr(pl, "cpu_only", lambda: False)  # a GPU device: the float model (engine or CUDA)
+    assert pl.find_models(root, "auto").detector == root / "detector"
+    with pytest.raises(InputError, match="--precision: 'fp8'"):
+        pl.find_models(root, "fp8")
+    pipe = pl.open_pipeline(root, "onnx", precision="int8")
+    try:
+        assert pipe.detector.manifest.precision == "int8" and pipe.morphology.reuse
+    finally:
+        pipe.close()

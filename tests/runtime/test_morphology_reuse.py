@@ -1,0 +1,106 @@
+"""Carrying morphology results along with the stage's motion: real slide frames, real ONNX models."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smearsight.catalog import SPERM_CLASS_NAMES, TPS_CLASS_NAMES
+from smearsight.runtime.backends import open_backend
+from smearsight.runtime.morphology_stage import MorphologyStage, StageShift
+
+pytest.importorskip("onnx")
+SyntheticSlide = pytest.importorskip("smearsight.train.datasets.synth").SyntheticSlide
+_spec = importlib.util.spec_from_file_location("ss_tiny_models", Path(__file__).with_name("tiny_models.py"))
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+FRAME = (384, 512)
+
+
+@pytest.fixture(scope="module")
+def slide():
+    return SyntheticSlide(seed=11, slide_size=(1024, 2048), frame_size=FRAME)
+
+
+@pytest.fixture(scope="module")
+def head_backend(tmp_path_factory):
+    models = tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=(64, 96), seed=1)
+    backend = open_backend(models / "morphology_head", "onnx")
+    yield backend
+    backend.close()
+
+
+def sperm_detections(slide, x, y):
+    """Ground-truth sperm boxes of the frame at (x, y) as detector rows (score, class), best first."""
+    image, boxes, labels = slide.frame_at(x, y, with_boxes=True)
+    sperm = np.array([TPS_CLASS_NAMES[int(k)] in SPERM_CLASS_NAMES for k in labels], bool)
+    dets = np.zeros((int(sperm.sum()), 6), np.float32)
+    dets[:, :4] = boxes[sperm]
+    dets[:, 4] = np.linspace(0.99, 0.5, len(dets))
+    dets[:, 5] = labels[sperm]
+    return image, dets
+
+
+def slide_key(det, x, y):
+    """The cell's position on the slide (independent of the frame), rounded."""
+    return (round(float(det[0] + x)), round(float(det[1] + y)))
+
+
+def test_stage_shift_matches_the_camera_move(slide):
+    shift = StageShift()
+    assert shift(slide.frame_at(200, 300)[..., 1]) is None  # first frame
+    dx, dy = shift(slide.frame_at(206, 297)[..., 1])  # camera right 6, up 3: content moves left 6, down 3
+    assert dx == pytest.approx(-6, abs=0.75) and dy == pytest.approx(3, abs=0.75)
+
+
+def test_same_cells_keep_their_result_and_only_new_ones_are_judged(slide, head_backend):
+    stage = MorphologyStage([head_backend], TPS_CLASS_NAMES, reuse=True)
+    x0, y0 = 300, 300
+    img1, d1 = sperm_detections(slide, x0, y0)
+    assert len(d1) >= 20
+    r1 = stage(img1, d1, len(d1))
+    assert stage.judged_last == len(d1) and all(r["tracked"] == 0 for r in r1)
+    first = {slide_key(d1[r["det"]], x0, y0): r["parts"]["head"] for r in r1}
+
+    img2, d2 = sperm_detections(slide, x0 + 5, y0)
+    r2 = stage(img2, d2, len(d2))
+    keys2 = [slide_key(d2[r["det"]], x0 + 5, y0) for r in r2]
+    carried = [r for r, k in zip(r2, keys2, strict=True) if r["tracked"] == 1]
+    fresh = [r for r in r2 if r["tracked"] == 0]
+    assert len(carried) >= len(d2) - 3 and stage.judged_last == len(fresh)
+    for r, k in zip(r2, keys2, strict=True):
+        if r["tracked"] == 1:
+            # a clipped edge cell's box changes with the frame; interior cells keep their slide position
+            assert any(abs(k[0] - a) <= 6 and abs(k[1] - b) <= 1 for a, b in first)
+            near = min(first, key=lambda q: abs(q[0] - k[0]) + abs(q[1] - k[1]))
+            assert r["parts"]["head"] == first[near]
+
+
+def test_max_new_leaves_the_rest_pending_for_later_frames(slide, head_backend):
+    stage = MorphologyStage([head_backend], TPS_CLASS_NAMES, reuse=True, max_new=3)
+    img, dets = sperm_detections(slide, 900, 100)
+    r1 = stage(img, dets, len(dets))
+    assert stage.judged_last == 3
+    assert [r.get("status") for r in r1].count("pending") == len(dets) - 3
+    img2, dets2 = sperm_detections(slide, 900, 100)  # the stage stopped: same frame again
+    r2 = stage(img2, dets2, len(dets2))
+    assert stage.judged_last == min(3, len(dets) - 3)
+    assert sum(r.get("tracked") == 1 for r in r2) == 3
+
+
+def test_a_jump_or_reuse_off_judges_everything(slide, head_backend):
+    stage = MorphologyStage([head_backend], TPS_CLASS_NAMES, reuse=True)
+    img, dets = sperm_detections(slide, 0, 0)
+    stage(img, dets, len(dets))
+    img_far, dets_far = sperm_detections(slide, 1200, 500)  # another field: nothing to carry
+    stage(img_far, dets_far, len(dets_far))
+    assert stage.judged_last == len(dets_far)
+
+    plain = MorphologyStage([head_backend], TPS_CLASS_NAMES)
+    for _ in range(2):
+        res = plain(img, dets, len(dets))
+        assert plain.judged_last == len(dets) and all("tracked" not in r for r in res)
