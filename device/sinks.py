@@ -25,6 +25,7 @@ import json
 import os
 import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -85,6 +86,10 @@ def display_problem() -> str:
     return x_display_problem(display) if display else ""
 
 
+def _permanent_display_problem(problem: str) -> bool:
+    return problem.startswith("OpenCV is not installed") or "no window support" in problem
+
+
 def x_display_problem(display: str, timeout: float = 1.0) -> str:
     """Plain words when no X server accepts connections for ``display`` (e.g. ``:0``), else "".
 
@@ -114,28 +119,63 @@ def x_display_problem(display: str, timeout: float = 1.0) -> str:
 
 
 class DisplaySink(FrameSink):
-    """An OpenCV window; q or Esc (or closing the window) sets ``should_stop``."""
+    """An OpenCV window; q or Esc (or closing the window) sets ``should_stop``.
 
-    def __init__(self, uri: str, *, fullscreen: bool = False, title: str = "SmearSight") -> None:
+    With ``wait`` a screen that is not up yet (no DISPLAY, no X server answering: a kiosk session still
+    starting at boot) is not an error: frames are dropped, ``error`` says the sink is waiting, and the
+    display is probed again every ``retry_s`` seconds until the window can open. A build of OpenCV
+    without window support is refused either way (that never gets better).
+    """
+
+    def __init__(self, uri: str, *, fullscreen: bool = False, title: str = "SmearSight", wait: bool = False,
+                 retry_s: float = 2.0) -> None:
         super().__init__()
         self.uri = uri
+        self.title = title
+        self.fullscreen = fullscreen
+        self.retry_s = retry_s
+        self._open = False
+        self._seen_visible = False
+        self._next_probe = 0.0
+        self.waiting = False
         problem = display_problem()
-        if problem:
+        if problem and (not wait or _permanent_display_problem(problem)):
             raise InputError(
                 f"{uri}: cannot open a window: {problem}; show the picture on another screen with "
                 "http://:8080 (then open http://<device>:8080 in a browser) or save it with file://out.mp4"
             )
+        if problem:
+            self.waiting = True
+            self.error = f"waiting for the screen: {problem}"
+            self._next_probe = time.monotonic() + retry_s
+        else:
+            self._open_window()
+
+    def _open_window(self) -> None:
         import cv2
 
         self._cv2 = cv2
-        self.title = title
-        cv2.namedWindow(title, cv2.WINDOW_NORMAL)
-        if fullscreen:
-            cv2.setWindowProperty(title, cv2.WND_PROP_FULLSCREEN, cv2.WINDOW_FULLSCREEN)
+        cv2.namedWindow(self.title, cv2.WINDOW_NORMAL)
+        if self.fullscreen:
+            cv2.setWindowProperty(self.title, cv2.WND_PROP_FULLSCREEN, cv2.WINDOW_FULLSCREEN)
         self._open = True
-        self._seen_visible = False
+        self.waiting = False
+        self.error = ""
+
+    def _probe(self) -> None:
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + self.retry_s
+        problem = display_problem()
+        if problem:
+            self.error = f"waiting for the screen: {problem}"
+        else:
+            self._open_window()
 
     def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
+        if self.waiting:
+            self._probe()
         if not self._open:
             return
         cv2 = self._cv2
@@ -487,7 +527,8 @@ class ImageDirSink(FrameSink):
 def open_sink(uri: str, *, headless: bool = False, **opts: Any) -> FrameSink:
     """Open a sink from a URI (see the module docstring).
 
-    Options: ``fullscreen``/``title`` (display), ``quality`` (JPEG, http and image folders), ``fps``/``fourcc``
+    Options: ``fullscreen``/``title``/``wait`` (display; ``wait``: keep running until the screen is up),
+    ``quality`` (JPEG, http and image folders), ``fps``/``fourcc``
     (video files), ``ext``/``start`` (image folders: jpg or png). Options that do not apply to the chosen
     sink are ignored; unknown ones are refused. ``headless=True`` refuses ``display://``.
     Raises :class:`InputError` with a plain message when the sink cannot be opened.
@@ -506,7 +547,7 @@ def open_sink(uri: str, *, headless: bool = False, **opts: Any) -> FrameSink:
             raise InputError(
                 f"{text}: a window was asked for with --headless; use http://:8080 or file://out.mp4 instead"
             )
-        return DisplaySink(text, **pick("fullscreen", "title"))
+        return DisplaySink(text, **pick("fullscreen", "title", "wait"))
     if text.startswith("http://"):
         return HttpSink(text, **pick("quality"))
     if text.startswith("file://"):
@@ -525,4 +566,4 @@ def open_sink(uri: str, *, headless: bool = False, **opts: Any) -> FrameSink:
                      "file://folder/ or null://)")
 
 
-_KNOWN_OPTS = {"fullscreen", "title", "quality", "fps", "fourcc", "ext", "start"}
+_KNOWN_OPTS = {"fullscreen", "title", "wait", "quality", "fps", "fourcc", "ext", "start"}

@@ -31,6 +31,9 @@ def run_command(
                                     "and per-class counts to this JSON file."),
     loop: bool = typer.Option(False, "--loop", help="Restart a video or image folder at its end."),
     fullscreen: bool = typer.Option(False, "--fullscreen", help="Full-screen window (display://)."),
+    wait_for_display: bool = typer.Option(
+        False, "--wait-for-display", help="display://: when the screen is not up yet (boot), keep running and "
+        "open the window once it is, instead of exiting."),
     no_morphology: bool = typer.Option(False, "--no-morphology", help="Skip the sperm morphology models."),
     morphology_every_frame: bool = typer.Option(
         False, "--morphology-every-frame", help="Judge every sperm on every frame instead of carrying each cell's "
@@ -57,6 +60,7 @@ def run_command(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig(source=source, sink=sink, models=models, backend=backend, headless=headless,
                     max_frames=max_frames, record=record, stats_json=stats_json, loop=loop, fullscreen=fullscreen,
+                    wait_display=wait_for_display,
                     morphology=not no_morphology, morphology_reuse=not morphology_every_frame, precision=precision,
                     panel=panel, captures=captures)
     stats = run(cfg, echo=lambda msg: console.print(msg, markup=False))

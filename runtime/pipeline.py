@@ -292,6 +292,7 @@ class RunConfig:
     stats_json: Path | None = None
     loop: bool = False
     fullscreen: bool = False
+    wait_display: bool = False
     morphology: bool = True
     morphology_reuse: bool = True
     precision: str = "auto"
@@ -385,7 +386,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     t_start = time.perf_counter()
     try:
         source = open_source(cfg.source, loop=cfg.loop)
-        sink = open_sink(sink_uri, headless=cfg.headless, fullscreen=cfg.fullscreen)
+        sink = open_sink(sink_uri, headless=cfg.headless, fullscreen=cfg.fullscreen,
+                         wait=cfg.wait_display or None)
         if cfg.record is not None:
             from smearsight.device.record import RecordError, SessionRecorder
 

@@ -4,6 +4,7 @@ read back through the sources, and the display refusal without a display or GUI 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -266,6 +267,37 @@ def test_x_display_problem_probes_the_server() -> None:
         port = tcp.getsockname()[1]
         if port > 6000:
             assert x_display_problem(f"127.0.0.1:{port - 6000}") == ""
+
+
+def test_display_waits_for_the_screen_then_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--wait-for-display at boot: no X server yet -> frames dropped with a plain status; once a server
+    answers on the socket the window opens. The OpenCV window itself is replaced here (this OpenCV may be
+    the headless build; the real window is opened under Xvfb in test_display_window_under_xvfb)."""
+    import smearsight.opencv_setup as ocv
+    from smearsight.device.sinks import DisplaySink
+
+    real = ocv.inspect_opencv()
+    monkeypatch.setattr(ocv, "inspect_opencv", lambda: dataclasses.replace(real, importable=True, gui=True))
+    opened: list[str] = []
+    monkeypatch.setattr(DisplaySink, "_open_window", lambda self: (opened.append(self.title),
+                                                                  setattr(self, "waiting", False)))
+    number = 5000 + os.getpid() % 1000
+    monkeypatch.setenv("DISPLAY", f":{number}")
+    with pytest.raises(InputError, match="no X server answers"):
+        open_sink("display://0")  # without wait: refused at once
+    sink = open_sink("display://0", wait=True)
+    sink.retry_s = sink._next_probe = 0.0  # probe on every frame
+    sink.write(_solid((1, 2, 3)), {})
+    assert sink.waiting and not opened and sink.frames == 0
+    assert sink.error.startswith(f"waiting for the screen: no X server answers on DISPLAY=:{number}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(f"\0/tmp/.X11-unix/X{number}")
+        server.listen(1)
+        sink.write(_solid((1, 2, 3)), {})
+    assert opened == ["SmearSight"] and not sink.waiting
+    monkeypatch.setattr(ocv, "inspect_opencv", lambda: dataclasses.replace(real, importable=True, gui=False))
+    with pytest.raises(InputError, match="no window support"):  # that never gets better: no waiting
+        open_sink("display://0", wait=True)
 
 
 def _can_open_window() -> str:
