@@ -62,7 +62,9 @@ def geometry(frame_hw: tuple[int, int], spec: InputSpec) -> tuple[Letterbox, tup
         return Letterbox(1.0, 1.0, 0.0, 0.0, (h, w)), (h, w)
     scale = min(H / h, W / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    return Letterbox(scale, scale, 0.0, 0.0, (h, w)), (nh, nw)
+    # the per-axis scales of the pixels as resized (nw / w, nh / h), not ``scale``: they differ by the
+    # rounding of the resized size, up to half a pixel at the far edge
+    return Letterbox(nw / w, nh / h, 0.0, 0.0, (h, w)), (nh, nw)
 
 
 class Preprocessor:

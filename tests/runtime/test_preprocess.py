@@ -34,8 +34,8 @@ def test_letterbox_upscale_and_pad(frame):
     s = spec(96, 128, pad_value=127)
     x, box = preprocess_frame(frame, s)
     scale = min(96 / 60, 128 / 100)  # 1.28 -> 77 x 128
-    assert box == Letterbox(scale, scale, 0.0, 0.0, (60, 100))
     nh, nw = round(60 * scale), round(100 * scale)
+    assert box == Letterbox(nw / 100, nh / 60, 0.0, 0.0, (60, 100))  # the resized pixels' scales
     content = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR)
     want = np.empty((3, 96, 128), np.float32)
     pad = np.full((96, 128, 3), 127, np.uint8)
@@ -80,7 +80,9 @@ def test_inverse_box_mapping_round_trip():
     box, _ = geometry((600, 1000), s)
     boxes = np.array([[10, 20, 30, 40, 0.9, 2], [0, 0, 1000, 600, 0.5, 0]], np.float32)
     model = box.to_model(boxes)
-    np.testing.assert_allclose(model[0, :4], np.array([10, 20, 30, 40]) * 0.128, rtol=1e-6)
+    # 600x1000 -> 77x128 pixels (600 * 0.128 = 76.8 rounds to 77): boxes follow the pixels per axis
+    np.testing.assert_allclose(model[0, :4], np.array([10 * 0.128, 20 * 77 / 600, 30 * 0.128, 40 * 77 / 600]),
+                               rtol=1e-6)
     back = box.to_original(model)
     np.testing.assert_allclose(back, boxes, rtol=1e-5, atol=1e-4)
     outside = box.to_original(np.array([[-5, -5, 500, 500]], np.float32))  # beyond the canvas: clipped

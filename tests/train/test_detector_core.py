@@ -197,3 +197,22 @@ def test_matcher_thresholds_must_be_ordered():
     with pytest.raises(InputError, match="negative_iou 0.5 must not exceed positive_iou 0.4"):
         MatcherConfig.from_dict({"positive_iou": 0.4, "negative_iou": 0.5}, source="recipe.yaml")
     assert MatcherConfig.from_dict({"positive_iou": 0.4, "negative_iou": 0.4}).negative_iou == 0.4
+
+
+def test_letterbox_boxes_follow_the_resized_pixels() -> None:
+    """600x1000 -> 128 wide at scale 0.128 is 76.8 rows, rounded to 77: a box on the frame's edges must
+    land on the pasted image's edges (77, not 76.8), in training and in the runtime's geometry alike."""
+    from smearsight.manifest import InputSpec
+    from smearsight.runtime.preprocess import geometry
+    from smearsight.train.detector.augment import letterbox
+
+    image = np.full((600, 1000, 3), 200, np.uint8)
+    frame_box = np.array([[0, 0, 1000, 600], [100, 300, 500, 450]], np.float32)
+    canvas, boxes = letterbox(image, frame_box, (96, 128), 0.128)
+    rows = np.flatnonzero((canvas != 127).any(axis=(1, 2)))
+    assert rows.max() + 1 == 77
+    np.testing.assert_allclose(boxes[0], [0, 0, 128, 77], atol=1e-4)
+    spec = InputSpec(name="images", shape=[1, 3, 96, 128], mean=[0.5] * 3, std=[0.5] * 3, pad_value=127)
+    lb, (nh, nw) = geometry((600, 1000), spec)
+    assert (nh, nw) == (77, 128)
+    np.testing.assert_allclose(lb.to_model(frame_box), boxes, atol=1e-4)

@@ -97,9 +97,9 @@ def letterbox(
     ch = min(nh - sy0, size[0] - dy0)
     if cw > 0 and ch > 0:
         canvas[dy0 : dy0 + ch, dx0 : dx0 + cw] = img[sy0 : sy0 + ch, sx0 : sx0 + cw]
-    out = boxes.astype(np.float32) * np.float32(scale)
-    out[:, 0::2] += ox
-    out[:, 1::2] += oy
+    out = boxes.astype(np.float32)  # scaled as the pixels were: by the rounded size, per axis
+    out[:, 0::2] = out[:, 0::2] * np.float32(nw / w) + ox
+    out[:, 1::2] = out[:, 1::2] * np.float32(nh / h) + oy
     return canvas, out
 
 

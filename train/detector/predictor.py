@@ -75,18 +75,17 @@ class Predictor:
             **kwargs,
         )
 
-    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """Canvas (uint8) and the scale from frame pixels to canvas pixels."""
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+        """Canvas (uint8) and the (x, y) scales from frame pixels to canvas pixels (the resized size's)."""
         h, w = image.shape[:2]
         empty = np.zeros((0, 4), np.float32)
         if self.resize == "letterbox":
             scale = fit_scale(h, w, self.image_size)
             canvas, _ = letterbox(image, empty, self.image_size, scale)
-        else:
-            stride = self.anchor_cfg.max_stride
-            canvas, _ = letterbox(image, empty, (round_up(h, stride), round_up(w, stride)), 1.0)
-            scale = 1.0
-        return canvas, scale
+            return canvas, (max(1, round(w * scale)) / w, max(1, round(h * scale)) / h)
+        stride = self.anchor_cfg.max_stride
+        canvas, _ = letterbox(image, empty, (round_up(h, stride), round_up(w, stride)), 1.0)
+        return canvas, (1.0, 1.0)
 
     @torch.no_grad()
     def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -109,9 +108,10 @@ class Predictor:
                 )
                 results.append(dets[:n].cpu().numpy())
         out = []
-        for (_, scale), img, det in zip(prepared, images, results, strict=True):
+        for (_, (sx, sy)), img, det in zip(prepared, images, results, strict=True):
             det = det.copy()
-            det[:, :4] /= scale
+            det[:, 0:4:2] /= sx
+            det[:, 1:4:2] /= sy
             h, w = img.shape[:2]
             det[:, 0:4:2] = np.clip(det[:, 0:4:2], 0, w)
             det[:, 1:4:2] = np.clip(det[:, 1:4:2], 0, h)

@@ -205,6 +205,8 @@ def train_detector(
         model.load_state_dict(resumed["model_state"])
         optimizer.load_state_dict(resumed["optimizer"])
         ema.load_state_dict(resumed["ema"])
+        if resumed.get("scaler"):  # AMP loss scale (CUDA); empty when AMP is off
+            scaler.load_state_dict(resumed["scaler"])
         for key in ("epoch", "step", "history", "best_map50"):
             state[key] = resumed[key]
         state["elapsed"] = resumed["elapsed_s"]
@@ -313,7 +315,8 @@ def train_detector(
                 )
             payload = _checkpoint_payload(state, ema.module.state_dict())
             payload.update({"model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "ema": ema.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+                            "ema": ema.state_dict(), "scaler": scaler.state_dict(),
+                            "rng": {"torch": torch.get_rng_state()}})
             save_checkpoint(last_path, payload)
             if val_ds is None:
                 save_checkpoint(out / "best.pt", _checkpoint_payload(state, ema.module.state_dict()))
