@@ -13,10 +13,11 @@ Results use the format :func:`smearsight.runtime.annotate.annotate` and the sess
 
 A smear is fixed on the slide: between frames only the stage moves. With ``reuse`` on, the stage's
 shift since the previous frame is measured by phase correlation of downscaled grayscale frames, the
-previous frame's judged sperm are moved by it, and a sperm detection overlapping one of them (same
+sperm judged on recent frames are moved by it, and a sperm detection overlapping one of them (same
 cell: IoU >= ``match_iou``) keeps that cell's result (``tracked`` counts the frames it was carried)
-instead of being judged again. Only sperm new to the view go through the models, at most ``max_new``
-a frame; so the cost follows what enters the field, not how many sperm it holds. When the shift cannot
+instead of being judged again; a cell the detector missed for a few frames is still remembered. Only
+sperm new to the view go through the models, at most ``max_new`` a frame; so the cost follows what
+enters the field, not how many sperm it holds. When the shift cannot
 be measured (a jump, a focus change, an empty field) every sperm counts as new.
 """
 
@@ -92,7 +93,8 @@ class MorphologyStage:
         max_batch: crops per inference call; ``max_sperm`` caps how many sperm a frame judges (the best
             scoring first), the rest get an "n/a" status.
         reuse: carry results along with the stage's motion (module docstring); ``max_new`` sperm at most
-            are judged per frame then, the others are "pending" until a later frame.
+            are judged per frame then, the others are "pending" until a later frame. A judged cell is
+            remembered while unseen for up to ``memory_frames`` frames (the detector may miss it in one).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class MorphologyStage:
         reuse: bool = False,
         max_new: int = 48,
         match_iou: float = 0.5,
+        memory_frames: int = 8,
     ) -> None:
         self.cv2 = require("cv2", "morphology crops")
         self.backends = list(backends)
@@ -124,9 +127,10 @@ class MorphologyStage:
         self.reuse = reuse
         self.max_new = max(int(max_new), 1)
         self.match_iou = match_iou
+        self.memory_frames = memory_frames
         self.shift = StageShift() if reuse else None
         self._known_boxes = np.zeros((0, 4), np.float32)
-        self._known: list[dict[str, Any]] = []  # {"parts": ..., "tracked": n} per row of _known_boxes
+        self._known: list[dict[str, Any]] = []  # {"parts", "tracked", "unseen"} per row of _known_boxes
         self.judged_last = 0  # crops that went through the models on the last call
         # one input buffer per distinct input spec (all MHSMA models share 1x64x64)
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -151,21 +155,21 @@ class MorphologyStage:
         if not self.backends:
             return []
         rows = self.sperm_rows(detections, count)
-        gray, shift = None, None
+        gray = None
         if self.reuse:
             gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
-            shift = self.shift(gray)  # type: ignore[misc]
-        if rows.size == 0:
-            self._remember(np.zeros((0, 4), np.float32), [])
-            return []
+            self._follow_stage(self.shift(gray), gray.shape[:2])  # type: ignore[misc]
         rows, skipped = rows[: self.max_sperm], rows[self.max_sperm :]
         results: list[dict[str, Any]] = [{"det": int(r)} for r in rows]
-        carried = self._carry(detections[rows, :4], shift) if self.reuse else [None] * len(rows)
-        new = [i for i, c in enumerate(carried) if c is None]
+        boxes = detections[rows, :4]
+        carried = self._carry(boxes) if self.reuse else [-1] * len(rows)
+        new = [i for i, j in enumerate(carried) if j < 0]
         judge = new[: self.max_new] if self.reuse else new
-        for i, c in enumerate(carried):
-            if c is not None:
-                results[i].update(parts=c["parts"], tracked=c["tracked"] + 1)
+        for i, j in enumerate(carried):
+            if j >= 0:
+                entry = self._known[j]
+                entry["tracked"] += 1
+                results[i].update(parts=entry["parts"], tracked=entry["tracked"])
         for i in new[len(judge):]:
             results[i]["status"] = "pending"
         if judge:
@@ -183,38 +187,61 @@ class MorphologyStage:
                     results[i]["parts"][part] = {"score": float(s), "abnormal": bool(s >= threshold)}
             self.judged_last = len(judge)
         if self.reuse:
-            done = [i for i, r in enumerate(results) if "parts" in r]
-            self._remember(detections[rows[done], :4],
-                           [{"parts": results[i]["parts"], "tracked": results[i]["tracked"]} for i in done])
+            self._update_memory(boxes, carried, judge, results)
         results.extend({"det": int(r), "status": "n/a"} for r in skipped)
         return results
 
     def reset(self) -> None:
         """Forget carried results (a new slide or session)."""
-        self._remember(np.zeros((0, 4), np.float32), [])
+        self._known_boxes = np.zeros((0, 4), np.float32)
+        self._known = []
         if self.shift is not None:
             self.shift.reset()
 
-    def _remember(self, boxes: np.ndarray, entries: list[dict[str, Any]]) -> None:
-        self._known_boxes = np.array(boxes, np.float32).reshape(-1, 4)
-        self._known = entries
+    def _follow_stage(self, shift: tuple[float, float] | None, frame_hw: tuple[int, int]) -> None:
+        """Move the remembered cells with the stage; forget them all when the shift is unknown, and those
+        unseen for more than ``memory_frames`` frames or gone out of view."""
+        if shift is None:
+            self._known_boxes, self._known = np.zeros((0, 4), np.float32), []
+            return
+        if not self._known:
+            return
+        self._known_boxes += np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)
+        h, w = frame_hw
+        b = self._known_boxes
+        keep = [k for k, e in enumerate(self._known)
+                if e["unseen"] <= self.memory_frames and b[k, 2] > 0 and b[k, 3] > 0 and b[k, 0] < w and b[k, 1] < h]
+        self._known_boxes = b[keep]
+        self._known = [self._known[k] for k in keep]
 
-    def _carry(self, boxes: np.ndarray, shift: tuple[float, float] | None) -> list[dict[str, Any] | None]:
-        """The remembered result of the same cell for each box (greedy by IoU), None for new cells."""
-        out: list[dict[str, Any] | None] = [None] * len(boxes)
-        if shift is None or not self._known:
+    def _carry(self, boxes: np.ndarray) -> list[int]:
+        """Index of the remembered cell each box is (greedy by IoU), -1 for a cell new to the view."""
+        out = [-1] * len(boxes)
+        if not self._known or not len(boxes):
             return out
         from smearsight.anchors import box_iou
 
-        moved = self._known_boxes + np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)
-        iou = box_iou(np.asarray(boxes, np.float32), moved)
+        iou = box_iou(np.asarray(boxes, np.float32), self._known_boxes)
         pairs = np.argwhere(iou >= self.match_iou)
         taken: set[int] = set()
         for i, j in pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")].tolist():
-            if out[i] is None and j not in taken:
-                out[i] = self._known[j]
+            if out[i] < 0 and j not in taken:
+                out[i] = j
                 taken.add(j)
         return out
+
+    def _update_memory(self, boxes: np.ndarray, carried: list[int], judged: list[int],
+                       results: list[dict[str, Any]]) -> None:
+        """Seen cells take this frame's box; unseen ones age; newly judged ones join."""
+        for entry in self._known:
+            entry["unseen"] += 1
+        for i, j in enumerate(carried):
+            if j >= 0:
+                self._known_boxes[j] = boxes[i]
+                self._known[j]["unseen"] = 0
+        if judged:
+            self._known_boxes = np.concatenate([self._known_boxes, np.asarray(boxes, np.float32)[judged]])
+            self._known.extend({"parts": results[i]["parts"], "tracked": 0, "unseen": 0} for i in judged)
 
     def _scores(self, backend: InferenceBackend, crops: list[np.ndarray]) -> np.ndarray:
         cv2 = self.cv2

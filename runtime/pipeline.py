@@ -34,6 +34,8 @@ log = logging.getLogger("smearsight.runtime")
 STAGES = ("capture", "preprocess", "infer", "decode_nms", "morphology", "annotate", "sink", "record")
 DEFAULT_SOURCE = "synth://"
 DEFAULT_FILE_SINK = "file://smearsight-out.mp4"
+# stats' fps_steady leaves out the first frames (model warm-up, the first field's morphology, caches)
+WARMUP_FRAMES = 5
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -381,6 +383,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     timer = StageTimer()
     totals = dict.fromkeys(pipe.class_names, 0)
     frames = 0
+    t_warm: float | None = None
     judged = 0
     session_id = None
     t_start = time.perf_counter()
@@ -440,6 +443,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 log.debug("frame failed", exc_info=True)
                 continue
             frames += 1
+            if frames == WARMUP_FRAMES:
+                t_warm = time.perf_counter()
             judged += pipe.morphology.judged_last if pipe.morphology is not None else 0
             timer.add("capture", t_cap - t_wait)
             for stage, secs in times.items():
@@ -492,7 +497,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     except KeyboardInterrupt:
         say("stopped")
     finally:
-        elapsed = time.perf_counter() - t_start
+        t_end = time.perf_counter()
+        elapsed = t_end - t_start
         summary = None
         if recorder is not None:
             summary = recorder.end_session()
@@ -506,6 +512,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         stats = {
             "frames": frames,
             "fps": round(frames / elapsed, 3) if elapsed > 0 and frames else 0.0,
+            "fps_steady": (round((frames - WARMUP_FRAMES) / (t_end - t_warm), 3)
+                           if t_warm is not None and frames > 2 * WARMUP_FRAMES and t_end > t_warm else None),
             "latency_ms": timer.medians_ms(),
             "counts": totals,
             "backend": pipe.detector.name,

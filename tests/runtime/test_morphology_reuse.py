@@ -104,3 +104,17 @@ def test_a_jump_or_reuse_off_judges_everything(slide, head_backend):
     for _ in range(2):
         res = plain(img, dets, len(dets))
         assert plain.judged_last == len(dets) and all("tracked" not in r for r in res)
+
+
+def test_a_cell_missed_for_a_frame_keeps_its_result(slide, head_backend):
+    stage = MorphologyStage([head_backend], TPS_CLASS_NAMES, reuse=True, memory_frames=2)
+    img, dets = sperm_detections(slide, 900, 100)
+    first = stage(img, dets, len(dets))
+    stage(img, dets[::2], len(dets[::2]))  # the detector misses every other sperm on one frame
+    again = stage(img, dets, len(dets))
+    assert stage.judged_last == 0
+    assert [r["parts"] for r in again] == [r["parts"] for r in first]
+    for _ in range(3):  # unseen for longer than memory_frames: forgotten, judged afresh
+        stage(img, dets[::2], len(dets[::2]))
+    stage(img, dets, len(dets))
+    assert stage.judged_last == len(dets[1::2])

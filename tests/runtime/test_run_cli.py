@@ -71,3 +71,22 @@ def test_headless_refuses_a_window(models, capfd):
     rc = main(["run", "synth://", "display://0", "--models", str(models), "--headless", "--max-frames", "1"])
     assert rc == 1
     assert "--headless" in capfd.readouterr().err
+
+
+def test_builtin_demo_models_int8_and_carried_morphology(tmp_path):
+    """The shipped demo pair on synth:// for real: the int8 detector on a CPU-only machine, and each sperm
+    judged about once while the stage moves (far fewer crops than sperm detections)."""
+    from smearsight.runtime.backends import cpu_only
+
+    stats = tmp_path / "s.json"
+    assert main(["run", "synth://", "null://", "--max-frames", "12", "--stats-json", str(stats)]) == 0
+    data = json.loads(stats.read_text())
+    assert data["frames"] == 12 and data["fps_steady"] > 0
+    assert data["precision"] == ("int8" if cpu_only() else "fp32")
+    sperm = data["counts"]["immature_sperm"] + data["counts"]["mature_sperm"]
+    assert data["morphology_reuse"] and 0 < data["morphology_crops_judged"] < sperm / 3
+    assert main(["run", "synth://", "null://", "--max-frames", "3", "--precision", "fp32",
+                 "--morphology-every-frame", "--stats-json", str(stats)]) == 0
+    data = json.loads(stats.read_text())
+    sperm = data["counts"]["immature_sperm"] + data["counts"]["mature_sperm"]
+    assert data["precision"] == "fp32" and data["morphology_crops_judged"] == sperm and data["fps_steady"] is None
