@@ -111,6 +111,10 @@ def build_bundle(
         problems = verify_files(model_dir, manifest)
         if problems:
             raise InputError(problems[0])
+        if manifest.precision == "int8":
+            raise InputError(f"{model_dir / MANIFEST_NAME}: int8 models are not bundled: integer kernels round "
+                             "differently on other CPUs than the smoke test's tolerance allows; bundle the float "
+                             "model (and run smearsight export int8 where it will run)")
         # the runtime's --models layout: detector/ and morphology_<part>/
         name = "detector" if manifest.kind == "detector" else f"morphology_{manifest.morphology.part}"  # type: ignore[union-attr]
         if name in seen:

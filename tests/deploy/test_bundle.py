@@ -122,6 +122,12 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path, factory):
     assert "\n" not in str(info.value)
     with pytest.raises(InputError, match="not a directory"):
         build_bundle([tmp_path / "nope"], "1", tmp_path / "x.tar.gz")
+    int8 = factory.detector(tmp_path / "int8", seed=2)
+    manifest = load_manifest(int8)
+    manifest.precision = "int8"
+    manifest.save(int8)
+    with pytest.raises(InputError, match="int8 models are not bundled"):
+        build_bundle([int8], "1", tmp_path / "x.tar.gz")
     assert not (tmp_path / "x.tar.gz").exists()
     assert not list(tmp_path.glob(".x.tar.gz*"))  # nothing half-written
 
