@@ -550,6 +550,8 @@ def _apply_panel_requests(req: Any, recorder: Any, session_id: int | None, cfg: 
         say(f"session {session_id} stopped from the panel")
         session_id = None
     if req.start_session is not None:
+        if pipe.morphology is not None:  # a new session is a new slide: nothing carries over
+            pipe.morphology.reset()
         if session_id is not None and session_id >= 0:
             recorder.end_session()
         session_id = recorder.start_session({"source": cfg.source, "class_names": pipe.class_names,

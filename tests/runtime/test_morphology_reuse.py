@@ -118,3 +118,14 @@ def test_a_cell_missed_for_a_frame_keeps_its_result(slide, head_backend):
         stage(img, dets[::2], len(dets[::2]))
     stage(img, dets, len(dets))
     assert stage.judged_last == len(dets[1::2])
+
+
+def test_reset_forgets_everything(slide, head_backend):
+    stage = MorphologyStage([head_backend], TPS_CLASS_NAMES, reuse=True)
+    img, dets = sperm_detections(slide, 900, 100)
+    stage(img, dets, len(dets))
+    stage(img, dets, len(dets))
+    assert stage.judged_last == 0
+    stage.reset()  # a new session (slide) from the panel
+    stage(img, dets, len(dets))
+    assert stage.judged_last == len(dets)
