@@ -81,7 +81,7 @@ def main() -> None:
         metrics, _ = coco_evaluate(ds, detections, max_dets=1000)
         per = metrics["per_class"]
         model_dir = args.float_dir if name == "fp32" else args.int8_dir
-        mb = (model_dir / pipe.detector.manifest.onnx_file).stat().st_size / 2**20
+        mb = (model_dir / pipe.detector.manifest.onnx_file).stat().st_size / 1e6
         print(f"| {name} | {mb:.1f} | {statistics.median(times[name]):.1f} | {min(times[name]):.1f} | "
               f"{metrics['map50']:.3f} | {metrics['map']:.3f} | {metrics['recall']:.3f} | "
               + " | ".join(f"{per[c]['ap50']:.3f} / {per[c]['recall']:.3f}" for c in small) + " |")

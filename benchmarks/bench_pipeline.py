@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink", default="null://")
     parser.add_argument("--backend", default="onnx")
     parser.add_argument("--no-morphology", action="store_true")
+    parser.add_argument("--precision", default="auto", help="auto | fp32 | int8 (detector_int8/ of --models)")
+    parser.add_argument("--morphology-every-frame", action="store_true",
+                        help="judge every sperm on every frame (default: results carried with the stage)")
     parser.add_argument("--variant", default="efficientdet_lite0")
     parser.add_argument("--size", default="768x1024", help="HxW for an exported untrained detector")
     parser.add_argument("--out", type=Path, default=None, help="also write the stats JSON here")
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             label = f"untrained {args.variant} exported at {h}x{w} ({time.perf_counter() - t0:.0f} s)"
     else:
         label = str(models)
-    pipe = pl.open_pipeline(models, args.backend, morphology=not args.no_morphology)
+    pipe = pl.open_pipeline(models, args.backend, morphology=not args.no_morphology, precision=args.precision,
+                            reuse_morphology=not args.morphology_every_frame)
     try:
         if args.warmup:  # first runs pay for allocations and ORT's lazy initialisation
             pl.run(pl.RunConfig(source=args.source, sink="null://", headless=True, max_frames=args.warmup), pipe)
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             tmp.cleanup()
     man = pipe.detector.manifest
     print(f"models: {label}; detector input {man.input.shape}, anchors {pipe.anchors.shape[0]:,}, "
-          f"backend {stats['backend']}, morphology {stats['morphology_parts'] or 'none'}")
+          f"backend {stats['backend']} ({stats['precision']}), morphology {stats['morphology_parts'] or 'none'}"
+          + (f" (carried: {stats['morphology_crops_judged']} crops judged)" if stats["morphology_reuse"] else ""))
     print(f"source {args.source} -> {args.sink}, {stats['frames']} frames, Python {sys.version.split()[0]}")
     print(f"{'stage':>12} {'median ms':>10}")
     for stage, ms in stats["latency_ms"].items():

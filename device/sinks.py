@@ -24,6 +24,8 @@ import html
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -73,6 +75,12 @@ class NullSink(FrameSink):
 # --------------------------------------------------------------------------------------------- display
 def display_problem() -> str:
     """Why a window cannot be opened here, in plain words, or "" when it can."""
+    display = os.environ.get("DISPLAY")
+    return _fixed_display_problem() or (x_display_problem(display) if display else "")
+
+
+def _fixed_display_problem() -> str:
+    """Problems no waiting can cure in this process: no display variable, an OpenCV without windows."""
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         return "no display is connected (DISPLAY and WAYLAND_DISPLAY are not set)"
     from smearsight.opencv_setup import inspect_opencv
@@ -82,12 +90,25 @@ def display_problem() -> str:
         return "OpenCV is not installed"
     if not info.gui:
         return f"this OpenCV ({info.origin}) has no window support (the headless build)"
-    display = os.environ.get("DISPLAY")
-    return x_display_problem(display) if display else ""
+    return ""
 
 
-def _permanent_display_problem(problem: str) -> bool:
-    return problem.startswith("OpenCV is not installed") or "no window support" in problem
+def window_probe(timeout: float = 20.0) -> str:
+    """Open and close a test window in a child process: "" when that works, else why not, in words.
+
+    An X server that accepts connections may still refuse this user (the kiosk session's ``xhost`` has not
+    run yet), and OpenCV's Qt backend then aborts the whole process: a child takes that risk instead.
+    """
+    code = "import cv2; cv2.namedWindow('smearsight-probe'); cv2.waitKey(1); cv2.destroyAllWindows()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return f"a test window did not open within {timeout:.0f} s"
+    if proc.returncode == 0:
+        return ""
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    return f"a test window could not open ({(lines[-1] if lines else f'exit code {proc.returncode}')[:160]})"
 
 
 def x_display_problem(display: str, timeout: float = 1.0) -> str:
@@ -121,10 +142,13 @@ def x_display_problem(display: str, timeout: float = 1.0) -> str:
 class DisplaySink(FrameSink):
     """An OpenCV window; q or Esc (or closing the window) sets ``should_stop``.
 
-    With ``wait`` a screen that is not up yet (no DISPLAY, no X server answering: a kiosk session still
-    starting at boot) is not an error: frames are dropped, ``error`` says the sink is waiting, and the
-    display is probed again every ``retry_s`` seconds until the window can open. A build of OpenCV
-    without window support is refused either way (that never gets better).
+    Before the window opens, the X server must answer on its socket and a test window must open in a
+    child process (:func:`window_probe`: an X server that refuses this user makes OpenCV's Qt backend
+    abort the whole process). With ``wait`` a screen that is not up yet (a kiosk session still starting
+    at boot, its ``xhost`` not run yet) is not an error: frames are dropped, ``error`` says the sink is
+    waiting, and both checks run again every ``retry_s`` seconds until the window opens. No DISPLAY /
+    WAYLAND_DISPLAY variable or an OpenCV without window support is refused either way (waiting cannot
+    cure those).
     """
 
     def __init__(self, uri: str, *, fullscreen: bool = False, title: str = "SmearSight", wait: bool = False,
@@ -138,18 +162,27 @@ class DisplaySink(FrameSink):
         self._seen_visible = False
         self._next_probe = 0.0
         self.waiting = False
-        problem = display_problem()
-        if problem and (not wait or _permanent_display_problem(problem)):
+        fixed = _fixed_display_problem()
+        problem = fixed or self._screen_problem()
+        if problem and (not wait or fixed):
             raise InputError(
                 f"{uri}: cannot open a window: {problem}; show the picture on another screen with "
                 "http://:8080 (then open http://<device>:8080 in a browser) or save it with file://out.mp4"
             )
         if problem:
-            self.waiting = True
-            self.error = f"waiting for the screen: {problem}"
-            self._next_probe = time.monotonic() + retry_s
+            self._wait_for_screen(problem)
         else:
             self._open_window()
+
+    @staticmethod
+    def _screen_problem() -> str:
+        display = os.environ.get("DISPLAY")
+        return (x_display_problem(display) if display else "") or window_probe()
+
+    def _wait_for_screen(self, problem: str) -> None:
+        self.waiting = True
+        self.error = f"waiting for the screen: {problem}"
+        self._next_probe = time.monotonic() + self.retry_s
 
     def _open_window(self) -> None:
         import cv2
@@ -163,15 +196,22 @@ class DisplaySink(FrameSink):
         self.error = ""
 
     def _probe(self) -> None:
-        now = time.monotonic()
-        if now < self._next_probe:
+        if time.monotonic() < self._next_probe:
             return
-        self._next_probe = now + self.retry_s
-        problem = display_problem()
+        problem = self._screen_problem()
         if problem:
-            self.error = f"waiting for the screen: {problem}"
-        else:
+            self._wait_for_screen(problem)
+            return
+        try:
             self._open_window()
+        except self._cv2_error() as exc:
+            self._wait_for_screen(f"the window failed to open ({str(exc).strip()[:160]})")
+
+    @staticmethod
+    def _cv2_error() -> type[Exception]:
+        import cv2
+
+        return cv2.error
 
     def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
         if self.waiting:

@@ -10,9 +10,10 @@ detector several times faster than float32 (docs/benchmarks.md). This module:
    ``quantize_static``). The stem convolution is left in float (with three input channels ONNX
    Runtime's integer convolution is no faster, and the stem sees the raw image), and so are the
    BiFPN's Resize nodes and their consumers (ONNX Runtime's uint8 Resize is slower than the float one);
-3. checks the result against the float model on *other* frames: every float detection must be found by
-   the int8 model (same class, IoU >= 0.5) and vice versa, at the manifest's score threshold. Below
-   ``min_agreement`` nothing is written.
+3. checks the result against the float model on *other* frames: detections are matched one to one
+   (same class, IoU >= 0.5) at the manifest's score threshold; the agreement is the smaller of the share
+   of float detections the int8 model finds and the share of int8 detections the float model made.
+   Below ``min_agreement`` nothing is written.
 
 The output is a complete model folder (``model.onnx`` + ``manifest.json`` with ``precision: int8`` and a
 ``quantization`` section) written through a staging folder, so an interrupted run leaves nothing half
@@ -22,6 +23,7 @@ student features, which integer rounding swamps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -118,8 +120,8 @@ def match_detections(ref: np.ndarray, got: np.ndarray, iou_min: float = MATCH_IO
 def _float_nodes(model: Any, keep_stem_float: bool) -> list[str]:
     """Nodes left in float: the Conv nodes reading the graph input (with ``keep_stem_float``), and every
     Resize with the nodes reading its output. ONNX Runtime turns a Resize between DequantizeLinear and
-    QuantizeLinear into a uint8 Resize, which took 17 % of the int8 detector's time against 9 % for the
-    float one; keeping its consumer in float prevents that fusion."""
+    QuantizeLinear into a uint8 Resize, which took 17 % of the int8 detector's time; run in float inside
+    the int8 graph it took 9 % (docs/benchmarks.md). Keeping its consumer in float prevents that fusion."""
     inputs = {i.name for i in model.graph.input}
     readers: dict[str, list[str]] = {}
     for node in model.graph.node:
@@ -234,24 +236,25 @@ def quantize_detector(
         })
         int8_manifest.save(staged)
 
-        ref = Pipeline(OnnxRuntimeBackend(model_dir, manifest))
-        test = Pipeline(OnnxRuntimeBackend(staged, int8_manifest))
         n_ref = n_got = matched = 0
-        for i, frame in enumerate(synthetic_frames(manifest.image_size, check_count, seed + 7919)):
-            a, na, _, _ = ref.process(frame)
-            a = a[:na].copy()
-            b, nb, _, _ = test.process(frame)
-            n_ref, n_got = n_ref + na, n_got + nb
-            matched += match_detections(a, b[:nb])
-            if on_frame:
-                on_frame(f"check frame {i + 1}/{check_count}")
-        ref.close()
-        test.close()
+        with contextlib.ExitStack() as pipes:
+            ref = Pipeline(OnnxRuntimeBackend(model_dir, manifest))
+            pipes.callback(ref.close)
+            test = Pipeline(OnnxRuntimeBackend(staged, int8_manifest))
+            pipes.callback(test.close)
+            for i, frame in enumerate(synthetic_frames(manifest.image_size, check_count, seed + 7919)):
+                a, na, _, _ = ref.process(frame)
+                a = a[:na].copy()
+                b, nb, _, _ = test.process(frame)
+                n_ref, n_got = n_ref + na, n_got + nb
+                matched += match_detections(a, b[:nb])
+                if on_frame:
+                    on_frame(f"check frame {i + 1}/{check_count}")
         report = QuantizeReport(
             out_dir=str(out_dir), calibration=int8_manifest.quantization.calibration,  # type: ignore[union-attr]
             calibration_frames=len(calib), check_frames=check_count, float_detections=n_ref,
             int8_detections=n_got, matched=matched, excluded_nodes=excluded,
-            float_mb=src.stat().st_size / 2**20, int8_mb=target.stat().st_size / 2**20,
+            float_mb=src.stat().st_size / 1e6, int8_mb=target.stat().st_size / 1e6,
         )
         if report.agreement < min_agreement:
             raise SmearSightError(

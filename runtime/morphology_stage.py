@@ -18,7 +18,8 @@ cell: IoU >= ``match_iou``) keeps that cell's result (``tracked`` counts the fra
 instead of being judged again; a cell the detector missed for a few frames is still remembered. Only
 sperm new to the view go through the models, at most ``max_new`` a frame; so the cost follows what
 enters the field, not how many sperm it holds. When the shift cannot
-be measured (a jump, a focus change, an empty field) every sperm counts as new.
+be measured (a jump, a focus change, an empty field) every sperm counts as new and is judged
+(no ``max_new`` cap on such a frame).
 """
 
 from __future__ import annotations
@@ -156,15 +157,18 @@ class MorphologyStage:
             return []
         rows = self.sperm_rows(detections, count)
         gray = None
+        tracking = False
         if self.reuse:
             gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
-            self._follow_stage(self.shift(gray), gray.shape[:2])  # type: ignore[misc]
+            tracking = self._follow_stage(self.shift(gray), gray.shape[:2])  # type: ignore[misc]
         rows, skipped = rows[: self.max_sperm], rows[self.max_sperm :]
         results: list[dict[str, Any]] = [{"det": int(r)} for r in rows]
         boxes = detections[rows, :4]
         carried = self._carry(boxes) if self.reuse else [-1] * len(rows)
         new = [i for i, j in enumerate(carried) if j < 0]
-        judge = new[: self.max_new] if self.reuse else new
+        # the max_new cap only while the stage is followed: without a shift nothing can be carried, so a
+        # capped frame would leave the same cells pending on every frame
+        judge = new[: self.max_new] if tracking else new
         for i, j in enumerate(carried):
             if j >= 0:
                 entry = self._known[j]
@@ -198,21 +202,25 @@ class MorphologyStage:
         if self.shift is not None:
             self.shift.reset()
 
-    def _follow_stage(self, shift: tuple[float, float] | None, frame_hw: tuple[int, int]) -> None:
-        """Move the remembered cells with the stage; forget them all when the shift is unknown, and those
-        unseen for more than ``memory_frames`` frames or gone out of view."""
+    def _follow_stage(self, shift: tuple[float, float] | None, frame_hw: tuple[int, int]) -> bool:
+        """Move the remembered cells with the stage (clipped to the frame, as detections are); forget them
+        all when the shift is unknown (returns False then), and those unseen for more than
+        ``memory_frames`` frames or gone out of view."""
         if shift is None:
             self._known_boxes, self._known = np.zeros((0, 4), np.float32), []
-            return
+            return False
         if not self._known:
-            return
-        self._known_boxes += np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)
+            return True
         h, w = frame_hw
-        b = self._known_boxes
+        b = self._known_boxes + np.array([shift[0], shift[1], shift[0], shift[1]], np.float32)
         keep = [k for k, e in enumerate(self._known)
                 if e["unseen"] <= self.memory_frames and b[k, 2] > 0 and b[k, 3] > 0 and b[k, 0] < w and b[k, 1] < h]
-        self._known_boxes = b[keep]
+        b = b[keep]
+        np.clip(b[:, 0::2], 0, w, out=b[:, 0::2])
+        np.clip(b[:, 1::2], 0, h, out=b[:, 1::2])
+        self._known_boxes = b
         self._known = [self._known[k] for k in keep]
+        return True
 
     def _carry(self, boxes: np.ndarray) -> list[int]:
         """Index of the remembered cell each box is (greedy by IoU), -1 for a cell new to the view."""

@@ -24,7 +24,7 @@ from smearsight.anchors import generate_anchors
 from smearsight.catalog import MORPHOLOGY_PARTS
 from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_json
-from smearsight.manifest import MANIFEST_NAME
+from smearsight.manifest import MANIFEST_NAME, load_manifest
 from smearsight.runtime.backends import InferenceBackend, cpu_only, open_backend
 from smearsight.runtime.postprocess import EMPTY_ROW, decode_nms
 from smearsight.runtime.preprocess import Preprocessor
@@ -46,6 +46,7 @@ class ModelSet:
     detector: Path
     morphology: list[Path] = field(default_factory=list)
     packaged: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def packaged_models_root() -> Path:
@@ -69,13 +70,21 @@ def find_models(models: Path | str | None, precision: str = "auto", backend: str
         raise InputError(f"--models {root}: no such folder")
     int8 = root / "detector_int8"
     has_int8 = (int8 / MANIFEST_NAME).is_file()
+    notes: list[str] = []
     if (root / MANIFEST_NAME).is_file():
         detector = root
+        own = load_manifest(root).precision
+        if precision != "auto" and (own == "int8") != (precision == "int8"):
+            raise InputError(f"{root / MANIFEST_NAME}: this detector's precision is '{own}', not the "
+                             f"--precision {precision} asked for")
     elif precision == "int8":
         if not has_int8:
             raise InputError(f"--precision int8: no {int8 / MANIFEST_NAME} (make one with smearsight export int8)")
+        stale = _stale_int8(root)
+        if stale:
+            raise InputError(stale)
         detector = int8
-    elif precision == "auto" and has_int8 and backend != "trt" and cpu_only():
+    elif precision == "auto" and has_int8 and cpu_only(backend) and not _stale_int8(root):
         detector = int8
     elif (root / "detector" / MANIFEST_NAME).is_file():
         detector = root / "detector"
@@ -86,12 +95,27 @@ def find_models(models: Path | str | None, precision: str = "auto", backend: str
         )
     else:
         raise InputError(f"--models {root}: no detector model (expected {root}/detector/{MANIFEST_NAME})")
+    if precision == "auto" and has_int8 and detector != int8 and cpu_only(backend):
+        notes.append(f"{int8}: not used: {_stale_int8(root)}")
     morph = []
     for part in MORPHOLOGY_PARTS:
         d = root / f"morphology_{part}"
         if (d / MANIFEST_NAME).is_file():
             morph.append(d)
-    return ModelSet(detector, morph, packaged)
+    return ModelSet(detector, morph, packaged, notes)
+
+
+def _stale_int8(root: Path) -> str:
+    """Why ``root/detector_int8`` was not made from ``root/detector`` (re-exported since), or ""."""
+    int8 = load_manifest(root / "detector_int8")
+    if not (root / "detector" / MANIFEST_NAME).is_file():
+        return ""
+    source = load_manifest(root / "detector").onnx_sha256
+    made_from = int8.quantization.float_onnx_sha256 if int8.quantization else ""
+    if made_from and source and made_from != source:
+        return (f"{root / 'detector_int8' / MANIFEST_NAME}: quantized from another float model than "
+                f"{root / 'detector'} (field 'quantization.float_onnx_sha256'); run smearsight export int8 again")
+    return ""
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -268,6 +292,7 @@ def open_pipeline(models: Path | str | None, backend: str = "auto", *, morpholog
     """Open the detector and morphology models found by :func:`find_models` as a :class:`Pipeline`."""
     found = find_models(models, precision, backend)
     detector = open_backend(found.detector, backend)  # type: ignore[arg-type]
+    detector.notes.extend(found.notes)
     morph = []
     if morphology:
         for d in found.morphology:

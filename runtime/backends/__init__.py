@@ -20,9 +20,13 @@ def _tensorrt_importable() -> bool:
     return importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("pycuda") is not None
 
 
-def cpu_only() -> bool:
-    """True when neither TensorRT nor ONNX Runtime's CUDA provider can run here (a CPU-only device)."""
-    if _tensorrt_importable():
+def cpu_only(backend: str = "auto") -> bool:
+    """True when ``backend`` will run the detector on the CPU: no TensorRT (or ``backend`` is ``onnx``) and no
+    ONNX Runtime CUDA provider. (onnxruntime-gpu lists its CUDA provider even on a machine without a GPU:
+    such a machine counts as a GPU machine here.)"""
+    if backend == "trt":
+        return False
+    if backend != "onnx" and _tensorrt_importable():
         return False
     try:
         import onnxruntime

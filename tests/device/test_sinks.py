@@ -270,9 +270,12 @@ def test_x_display_problem_probes_the_server() -> None:
 
 
 def test_display_waits_for_the_screen_then_opens(monkeypatch: pytest.MonkeyPatch) -> None:
-    """--wait-for-display at boot: no X server yet -> frames dropped with a plain status; once a server
-    answers on the socket the window opens. The OpenCV window itself is replaced here (this OpenCV may be
-    the headless build; the real window is opened under Xvfb in test_display_window_under_xvfb)."""
+    """--wait-for-display at boot: no X server yet -> frames dropped with a plain status; a server that
+    answers but where no window opens (here: a bare listening socket, and the real test window in a child
+    process fails) -> still waiting; once the test window opens, the sink opens its own. The sink's own
+    OpenCV window is replaced here (this OpenCV may be the headless build; a real window opens under Xvfb
+    in test_display_window_under_xvfb)."""
+    import smearsight.device.sinks as sinks
     import smearsight.opencv_setup as ocv
     from smearsight.device.sinks import DisplaySink
 
@@ -292,11 +295,21 @@ def test_display_waits_for_the_screen_then_opens(monkeypatch: pytest.MonkeyPatch
     assert sink.error.startswith(f"waiting for the screen: no X server answers on DISPLAY=:{number}")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(f"\0/tmp/.X11-unix/X{number}")
-        server.listen(1)
+        server.listen(8)
+        sink._next_probe = 0.0
+        sink.write(_solid((1, 2, 3)), {})  # the socket answers, but the child's test window cannot open
+        assert sink.waiting and not opened
+        assert sink.error.startswith("waiting for the screen: a test window")  # failed, or timed out
+        monkeypatch.setattr(sinks, "window_probe", lambda timeout=20.0: "")
+        sink._next_probe = 0.0
         sink.write(_solid((1, 2, 3)), {})
     assert opened == ["SmearSight"] and not sink.waiting
     monkeypatch.setattr(ocv, "inspect_opencv", lambda: dataclasses.replace(real, importable=True, gui=False))
     with pytest.raises(InputError, match="no window support"):  # that never gets better: no waiting
+        open_sink("display://0", wait=True)
+    monkeypatch.delenv("DISPLAY")
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(InputError, match="DISPLAY and WAYLAND_DISPLAY are not set"):
         open_sink("display://0", wait=True)
 
 

@@ -218,3 +218,13 @@ def test_runtime_modules_import_without_torch_tensorrt_pycuda():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "tensorrt is not installed" in proc.stdout
+
+
+def test_cpu_only_follows_the_backend_asked_for():
+    import onnxruntime
+
+    from smearsight.runtime.backends import cpu_only
+
+    no_cuda_provider = "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+    assert cpu_only("trt") is False
+    assert cpu_only("onnx") is no_cuda_provider  # TensorRT, installed or not, is not used with --backend onnx

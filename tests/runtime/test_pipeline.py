@@ -196,13 +196,29 @@ def test_find_models_precision(models, tmp_path, monkeypatch):
     manifest.save(root / "detector_int8")
     assert pl.find_models(root, "int8").detector == root / "detector_int8"
     assert pl.find_models(root, "fp32").detector == root / "detector"
-    monkeypatch.setattr(pl, "cpu_only", lambda: True)
+    monkeypatch.setattr(pl, "cpu_only", lambda backend="auto": backend != "trt")
     assert pl.find_models(root, "auto").detector == root / "detector_int8"
     assert pl.find_models(root, "auto", "trt").detector == root / "detector"
-    monkeypatch.setattr(pl, "cpu_only", lambda: False)  # a GPU device: the float model (engine or CUDA)
+    monkeypatch.setattr(pl, "cpu_only", lambda backend="auto": False)  # a GPU device: the float model
     assert pl.find_models(root, "auto").detector == root / "detector"
     with pytest.raises(InputError, match="--precision: 'fp8'"):
         pl.find_models(root, "fp8")
+    # a detector folder given directly must have the precision asked for
+    with pytest.raises(InputError, match=r"detector_int8/manifest.json: this detector's precision is 'int8'"):
+        pl.find_models(root / "detector_int8", "fp32")
+    assert pl.find_models(root / "detector_int8", "int8").detector == root / "detector_int8"
+    # detector/ re-exported after quantization: the stale int8 model is refused, auto falls back to float
+    from smearsight.manifest import QuantizationSpec
+
+    manifest.quantization = QuantizationSpec(calibration="test", frames=1, float_onnx_sha256="0" * 64)
+    manifest.save(root / "detector_int8")
+    monkeypatch.setattr(pl, "cpu_only", lambda backend="auto": True)
+    with pytest.raises(InputError, match="quantized from another float model"):
+        pl.find_models(root, "int8")
+    found = pl.find_models(root, "auto")
+    assert found.detector == root / "detector" and "quantized from another float model" in found.notes[0]
+    manifest.quantization.float_onnx_sha256 = load_manifest(root / "detector").onnx_sha256
+    manifest.save(root / "detector_int8")
     pipe = pl.open_pipeline(root, "onnx", precision="int8")
     try:
         assert pipe.detector.manifest.precision == "int8" and pipe.morphology.reuse
