@@ -46,7 +46,7 @@ def test_wheel_contains_every_subpackage(wheel):
         assert "smearsight/runtime/" + cu.relative_to(ROOT / "runtime").as_posix() in names
     # the demo models that `smearsight run` uses by default, and the systemd units
     models = sorted((ROOT / "smearsight" / "models").glob("*/manifest.json"))
-    assert [m.parent.name for m in models] == ["detector", "morphology_head"]
+    assert [m.parent.name for m in models] == ["detector", "detector_int8", "morphology_head"]
     for model in models:
         for name in ("manifest.json", "model.onnx"):
             assert (model.parent / name).relative_to(ROOT).as_posix() in names
