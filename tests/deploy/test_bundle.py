@@ -122,12 +122,7 @@ def test_bad_inputs_are_one_line_errors(models, tmp_path, factory):
     assert "\n" not in str(info.value)
     with pytest.raises(InputError, match="not a directory"):
         build_bundle([tmp_path / "nope"], "1", tmp_path / "x.tar.gz")
-    int8 = factory.detector(tmp_path / "int8", seed=2)
-    manifest = load_manifest(int8)
-    manifest.precision = "int8"
-    manifest.save(int8)
-    with pytest.raises(InputError, match="int8 models are not bundled"):
-        build_bundle([int8], "1", tmp_path / "x.tar.gz")
+
     assert not (tmp_path / "x.tar.gz").exists()
     assert not list(tmp_path.glob(".x.tar.gz*"))  # nothing half-written
 
@@ -221,3 +216,30 @@ def test_release_layout_is_what_the_runtime_loads(models, tmp_path):
     found = pipeline.find_models(release / "models")
     assert found.detector == release / "models" / "detector"
     assert list(found.morphology) == [release / "models" / "morphology_head"]
+
+
+def test_int8_detector_travels_beside_the_float_one(models, tmp_path, factory, monkeypatch):
+    """A real int8 quantization of the float detector goes into models/detector_int8, passes the smoke
+    test with its own tolerance, and is what the runtime picks on a CPU-only device; an int8 model made
+    from another float detector is refused."""
+    pipeline = pytest.importorskip("smearsight.runtime.pipeline")
+    quantize = pytest.importorskip("smearsight.export.quantize")
+    det, head = models
+    int8 = tmp_path / "det_int8"
+    quantize.quantize_detector(det, int8, count=2, check_count=1, min_agreement=0.0)
+    index = build_bundle([det, int8, head], "3.0", tmp_path / "b.tar.gz")
+    assert {m["name"]: m["precision"] for m in index["models"]} == {
+        "detector": "fp32", "detector_int8": "int8", "morphology_head": "fp32"}
+    release = tmp_path / "release"
+    release.mkdir()
+    safe_extract(tmp_path / "b.tar.gz", release)
+    assert verify_release(release, "3.0") == []
+    results = {r.model: r for r in smoke_test(release)}
+    assert all(r.ok for r in results.values()), results
+    monkeypatch.setattr(pipeline, "cpu_only", lambda backend="auto": True)
+    assert pipeline.find_models(release / "models").detector == release / "models" / "detector_int8"
+
+    other = factory.detector(tmp_path / "other", seed=9)
+    with pytest.raises(InputError, match="does not name the bundle's float detector"):
+        build_bundle([other, int8], "3.1", tmp_path / "c.tar.gz")
+    assert not (tmp_path / "c.tar.gz").exists()
