@@ -190,3 +190,29 @@ def test_nms_fuzz_against_torchvision(seed):
     keep = _nms_sorted(boxes, cls.astype(np.int64), np.float32(t))
     want = torchvision.ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(cls), t)
     assert np.array_equal(np.sort(keep), np.sort(want.numpy()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nms_extreme_spans_against_torchvision(seed):
+    """Sub-pixel boxes beside boxes millions of pixels away: the sweep's integer x keys get coarse there."""
+    from smearsight.runtime.postprocess import _nms_sorted
+
+    rng = np.random.default_rng(200 + seed)
+    n = 400
+    ctr = rng.uniform(0, 50, size=(n, 2))
+    ctr[: n // 4] *= 1e5  # far away
+    wh = np.exp(rng.uniform(np.log(0.01), np.log(40), size=(n, 2)))
+    boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], axis=1).astype(np.float32)
+    boxes = np.concatenate([boxes, boxes + rng.normal(0, 0.01, size=boxes.shape).astype(np.float32)])
+    cls = np.sort(rng.integers(0, 3, size=boxes.shape[0]))
+    scores = rng.random(boxes.shape[0]).astype(np.float32)
+    order = np.lexsort((-scores, cls))
+    boxes, cls, scores = boxes[order], cls[order], scores[order]
+    keep = _nms_sorted(boxes, cls.astype(np.int64), np.float32(0.5))
+    # per class: batched_nms offsets the classes' coordinates, which loses float32 precision this far out
+    want = np.concatenate([
+        np.flatnonzero(cls == c)[torchvision.ops.nms(torch.from_numpy(boxes[cls == c]),
+                                                     torch.from_numpy(scores[cls == c]), 0.5).numpy()]
+        for c in np.unique(cls)
+    ])
+    assert np.array_equal(np.sort(keep), np.sort(want))
