@@ -26,6 +26,7 @@ from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_json
 from smearsight.manifest import MANIFEST_NAME, load_manifest
 from smearsight.runtime.backends import InferenceBackend, cpu_only, open_backend
+from smearsight.runtime.frame_worker import InferenceWorker
 from smearsight.runtime.postprocess import EMPTY_ROW, decode_nms
 from smearsight.runtime.preprocess import Preprocessor
 
@@ -323,6 +324,7 @@ class RunConfig:
     morphology: bool = True
     morphology_reuse: bool = True
     precision: str = "auto"
+    overlap: bool = True  # infer the next frame while this one is drawn and shown (runtime/frame_worker.py)
     panel: str | None = None
     captures: Path = Path("captures")
 
@@ -400,7 +402,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     sink_uri, sink_note = choose_sink(cfg.sink, cfg.headless)
     if sink_note:
         say(sink_note)
-    source = sink = recorder = bridge = None
+    source = sink = recorder = bridge = worker = None
     watchdog = Watchdog()
     last_img: np.ndarray | None = None
     last_counts: dict[str, int] = {}
@@ -438,22 +440,23 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         t_start = time.perf_counter()
         t_prev = t_start
         fps = 0.0
-        it = iter(source)
-        while cfg.max_frames is None or frames < cfg.max_frames:
-            t_wait = time.perf_counter()
-            try:
-                frame = next(it)
-            except StopIteration:
-                break
-            t_cap = time.perf_counter()
+        worker = InferenceWorker(pipe, source, threaded=cfg.overlap)
+        for item in worker:
+            frame = item.frame
             watchdog.ping()
             problems.report(source.status)
             if bridge is not None:
                 problems.report(bridge.status_line())
-                session_id = _apply_panel_requests(bridge.take_requests(), recorder, session_id, cfg, pipe, say)
+                session_id = _apply_panel_requests(bridge.take_requests(), recorder, session_id, cfg, pipe,
+                                                   worker.reset_morphology, say)
                 if bridge.frozen and last_img is not None:  # hold the field the technician froze
+                    worker.hold.set()
                     sink.write(last_img, {"frozen": True, "frame": frames})
                     bridge.publish(frame.index, fps, last_counts, "", str(session_id or ""))
+                    continue
+                worker.hold.clear()
+                if item.held:  # drawn while the field was frozen, just released: the field stays a moment
+                    sink.write(last_img, {"frozen": True, "frame": frames})
                     continue
             if frame.stale:  # camera lost: keep the message on screen, no inference
                 img = frame.image.copy()
@@ -461,20 +464,22 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                          {"error": problems.active() or "camera lost", "title": "SmearSight"})
                 sink.write(img, {"error": problems.active(), "frames": frames})
                 continue
-            try:
-                dets, n, morph, times = pipe.process(frame.image)
-            except Exception as exc:  # a corrupt or odd frame must not stop the device
-                problems.report(f"frame {frame.index} skipped: {exc}")
-                log.debug("frame failed", exc_info=True)
+            if item.generation != worker.generation:  # judged before a new session reset the morphology
+                continue
+            if item.error:
+                problems.report(item.error)
+            if item.detections is None:  # the frame could not be processed
                 continue
             frames += 1
             if frames == WARMUP_FRAMES:
                 t_warm = time.perf_counter()
-            judged += pipe.morphology.judged_last if pipe.morphology is not None else 0
-            timer.add("capture", t_cap - t_wait)
-            for stage, secs in times.items():
+            judged += item.judged
+            timer.add("capture", item.wait_s)
+            for stage, secs in item.times.items():
                 timer.add(stage, secs)
-            valid = dets[:n]
+            valid = item.detections
+            morph = item.morphology
+            n = valid.shape[0]
             counts = np.bincount(valid[:, 5].astype(np.int64), minlength=len(pipe.class_names)) if n else None
             frame_counts = {name: int(counts[i]) if counts is not None else 0
                             for i, name in enumerate(pipe.class_names)}
@@ -512,18 +517,20 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             except Exception as exc:  # showing or recording one frame failed: keep going
                 problems.report(f"frame {frame.index}: could not show or record it ({exc})")
                 log.debug("output failed", exc_info=True)
-                continue
-            t8 = time.perf_counter()
-            timer.add("annotate", t6 - t5)
-            timer.add("sink", t7 - t6)
-            timer.add("record", t8 - t7)
-            if getattr(sink, "should_stop", False):
+            else:
+                t8 = time.perf_counter()
+                timer.add("annotate", t6 - t5)
+                timer.add("sink", t7 - t6)
+                timer.add("record", t8 - t7)
+            if getattr(sink, "should_stop", False) or (cfg.max_frames is not None and frames >= cfg.max_frames):
                 break
     except KeyboardInterrupt:
         say("stopped")
     finally:
         t_end = time.perf_counter()
         elapsed = t_end - t_start
+        if worker is not None:
+            worker.stop()  # no new frame from here on; joined below, once the source is closed
         summary = None
         if recorder is not None:
             summary = recorder.end_session()
@@ -532,6 +539,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             sink.close()
         if source is not None:
             source.close()
+        worker_done = worker.close() if worker is not None else True
         if bridge is not None:
             bridge.close(str(session_id or ""), elapsed, frames, captures, totals)
         stats = {
@@ -556,7 +564,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             stats["record"] = str(cfg.record)
         if summary is not None:
             stats["session_summary"] = summary
-        if own_pipeline:
+        if own_pipeline and worker_done:  # never under a frame still being inferred
             pipe.close()
     if cfg.stats_json is not None:
         atomic_write_json(Path(cfg.stats_json), stats)
@@ -564,7 +572,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
 
 
 def _apply_panel_requests(req: Any, recorder: Any, session_id: int | None, cfg: RunConfig, pipe: Pipeline,
-                          say: Any) -> int | None:
+                          reset_morphology: Any, say: Any) -> int | None:
     """Start/stop recorded sessions as the panel asks; returns the current session id."""
     if recorder is None:
         if req.start_session is not None or req.stop_session:
@@ -575,8 +583,7 @@ def _apply_panel_requests(req: Any, recorder: Any, session_id: int | None, cfg: 
         say(f"session {session_id} stopped from the panel")
         session_id = None
     if req.start_session is not None:
-        if pipe.morphology is not None:  # a new session is a new slide: nothing carries over
-            pipe.morphology.reset()
+        reset_morphology()  # a new session is a new slide: nothing carries over
         if session_id is not None and session_id >= 0:
             recorder.end_session()
         session_id = recorder.start_session({"source": cfg.source, "class_names": pipe.class_names,

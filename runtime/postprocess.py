@@ -15,7 +15,9 @@ Exact semantics (the contract in ``notes/INTERFACES.md``):
    (H, W) when given.
 4. Greedy NMS per class, in (score desc, anchor asc) order: a box is suppressed when a kept box of
    the same class overlaps it with IoU > ``iou_threshold``. IoU is computed in float32 exactly as
-   torchvision's kernels do: ``inter / ((area_i + area_j) - inter)``.
+   torchvision's kernels do: ``inter / ((area_i + area_j) - inter)``, and compared with the threshold
+   rounded to float32 (as the CUDA kernel does; torchvision compares with the double, which differs only
+   for an IoU exactly equal to ``float32(t)`` when ``t`` itself is not a float32, e.g. 0.3).
 5. Sort the kept boxes by score desc (ties: lower class, then lower anchor index) and keep
    ``max_detections``; unused rows are ``(0, 0, 0, 0, 0, -1)``.
 

@@ -116,7 +116,8 @@ def test_crop_square_replicates_edges():
     assert crop[0, 0] == img[0, 0]  # replicated corner
 
 
-def test_run_folder_with_corrupt_and_odd_frames(models, tmp_path):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_run_folder_with_corrupt_and_odd_frames(models, tmp_path, overlap):
     src = tmp_path / "frames"
     src.mkdir()
     for i, img in enumerate(frames(4)):
@@ -126,7 +127,7 @@ def test_run_folder_with_corrupt_and_odd_frames(models, tmp_path):
     db = tmp_path / "rec.sqlite"
     stats_path = tmp_path / "stats.json"
     cfg = pl.RunConfig(source=f"file://{src}/", sink=f"file://{tmp_path / 'out'}/", models=models, backend="onnx",
-                       headless=True, record=db, stats_json=stats_path)
+                       headless=True, record=db, stats_json=stats_path, overlap=overlap)
     stats = pl.run(cfg)
     assert stats["frames"] == 5
     saved = json.loads(stats_path.read_text())
@@ -143,6 +144,30 @@ def test_run_folder_with_corrupt_and_odd_frames(models, tmp_path):
 
     sessions = list_sessions(db)
     assert len(sessions) == 1
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_max_frames_holds_when_showing_a_frame_fails(models, tmp_path, monkeypatch, overlap):
+    from smearsight.runtime import annotate as annotate_module
+
+    real = annotate_module.annotate
+    calls = []
+
+    def flaky(img, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("drawing failed")
+        return real(img, *args, **kwargs)
+
+    monkeypatch.setattr(annotate_module, "annotate", flaky)
+    src = tmp_path / "frames"
+    src.mkdir()
+    for i, img in enumerate(frames(6)):
+        cv2.imwrite(str(src / f"f{i:02d}.png"), img[..., ::-1])
+    stats = pl.run(pl.RunConfig(source=f"file://{src}/", sink="null://", models=models, backend="onnx",
+                                headless=True, max_frames=3, overlap=overlap))
+    assert stats["frames"] == 3
+    assert any("could not show or record it (drawing failed)" in p for p in stats["problems"])
 
 
 def test_run_refuses_unknown_source_in_plain_words(models):

@@ -1,0 +1,174 @@
+"""The models one frame ahead of the screen: source + :class:`~smearsight.runtime.pipeline.Pipeline` on a thread.
+
+:func:`smearsight.runtime.pipeline.run` reads :class:`Processed` frames from an :class:`InferenceWorker`
+and draws, shows and records them on its own (the main) thread, so windows and sinks stay on one thread
+while the next frame is already being pre-processed, inferred and decoded. On a 2-core CPU the drawing
+and video encoding then fill the cores the detector leaves idle between its parallel sections; with a
+GPU they overlap the engine. At most two frames are in flight (one being shown, one waiting), so the
+picture is at most one frame later than with a sequential loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("smearsight.runtime")
+
+_END = object()
+
+
+@dataclass
+class Processed:
+    """One frame from the source and, unless it was passed through, what the models found in it."""
+
+    frame: Any  # smearsight.device.sources.Frame
+    wait_s: float  # time spent waiting for the source
+    detections: np.ndarray | None = None  # [n, 6] frame pixels (a copy); None = not processed
+    morphology: list[dict[str, Any]] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+    judged: int = 0  # morphology crops judged on this frame
+    error: str = ""  # plain words when the frame could not be processed
+    held: bool = False  # passed through unprocessed because the screen holds a frozen field
+    generation: int = 0  # morphology resets applied before this frame (see InferenceWorker.reset_morphology)
+
+
+class InferenceWorker:
+    """Iterate over ``source`` on a thread and run ``pipeline.process`` on every frame.
+
+    Stale frames (a lost camera) and frames that arrive while :attr:`hold` is set (a frozen field on the
+    screen) are passed through unprocessed. The worker stops at the end of the source or on :meth:`close`
+    (which the consumer calls when it has had enough frames). ``threaded=False`` processes each frame
+    inside ``next()`` instead (the sequential loop, for measurements and debugging). An exception other
+    than a failing frame ends the iteration and is raised again in the consumer.
+    """
+
+    def __init__(self, pipeline: Any, source: Iterable[Any], *, threaded: bool = True) -> None:
+        self.pipeline = pipeline
+        self.hold = threading.Event()
+        self.generation = 0  # resets asked for (consumer side)
+        self._applied = 0  # resets applied (worker side)
+        self._source = iter(source)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+            self._thread.start()
+
+    def reset_morphology(self) -> None:
+        """Forget carried morphology results before the next frame (a new slide or session).
+
+        Frames already in flight were judged with the old memory: their :attr:`Processed.generation` is
+        below :attr:`generation`, and the consumer drops them.
+        """
+        self.generation += 1
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _step(self) -> Processed | None:
+        """Read and process one frame; None at the end of the source."""
+        pipe = self.pipeline
+        t0 = time.perf_counter()
+        try:
+            frame = next(self._source)
+        except StopIteration:
+            return None
+        item = Processed(frame, time.perf_counter() - t0)
+        wanted = self.generation
+        if wanted != self._applied:
+            if pipe.morphology is not None:
+                pipe.morphology.reset()
+            self._applied = wanted
+        item.generation = self._applied
+        if frame.stale:
+            return item
+        if self.hold.is_set():
+            item.held = True
+            return item
+        try:
+            dets, n, item.morphology, item.times = pipe.process(frame.image)
+        except Exception as exc:  # a corrupt or odd frame must not stop the device
+            item.error = f"frame {frame.index} skipped: {exc}"
+            log.debug("frame failed", exc_info=True)
+        else:
+            item.detections = dets[:n].copy()  # the pipeline reuses its array next frame
+            item.judged = pipe.morphology.judged_last if pipe.morphology is not None else 0
+        return item
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._step()
+                if item is None or not self._put(item):
+                    break
+        except BaseException as exc:  # handed to the consumer, which raises it on its own thread
+            self._failure = exc
+        finally:
+            self._put(_END)
+
+    def __iter__(self) -> InferenceWorker:
+        return self
+
+    def __next__(self) -> Processed:
+        if self._thread is None:  # sequential: the frame is processed here, on the consumer's thread
+            item = None if self._stop.is_set() else self._step()
+            if item is None:
+                raise StopIteration
+            return item
+        while True:
+            try:
+                item = self._queue.get(timeout=0.2)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() or self._stop.is_set():
+                    raise StopIteration from None
+        if item is _END:
+            self._queue.put(_END)  # later calls end too
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
+            raise StopIteration
+        return item
+
+    def stop(self) -> None:
+        """Ask the thread to stop after the frame it is on (returns at once); :meth:`close` waits for it."""
+        self._stop.set()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop the thread and wait for it; True once it has ended (always without a thread). Idempotent."""
+        self._stop.set()
+        self._drain()  # unblocks a put in progress
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        self._drain()  # what that put delivered
+        if self._thread.is_alive():
+            log.warning("the inference thread did not stop within %.0f s", timeout)
+            return False
+        return True
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+
+__all__ = ["InferenceWorker", "Processed"]

@@ -1,0 +1,161 @@
+"""InferenceWorker: the real pipeline (tiny ONNX models) on its own thread, one frame ahead of the consumer."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smearsight.device.sources import Frame
+from smearsight.runtime import pipeline as pl
+from smearsight.runtime.frame_worker import InferenceWorker
+
+pytest.importorskip("onnx")
+_spec = importlib.util.spec_from_file_location("ss_tiny_models_worker", Path(__file__).with_name("tiny_models.py"))
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    models = tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=(64, 96), seed=1,
+                                  score_threshold=0.2)
+    p = pl.open_pipeline(models, "onnx")
+    yield p
+    p.close()
+
+
+def frames(n: int, seed: int = 0) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = np.full((120, 180, 3), 200, np.uint8)
+        for _ in range(10):
+            x, y = rng.integers(0, 160), rng.integers(0, 100)
+            img[y : y + 16, x : x + 16] = rng.integers(0, 256, size=3)
+        out.append(Frame(img, i, time.time(), "test://"))
+    return out
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_results_equal_the_pipeline_called_directly_in_order(pipe, threaded):
+    src = frames(6)
+    want = []
+    for f in src:
+        dets, n, _, _ = pipe.process(f.image.copy())
+        want.append(dets[:n].copy())
+    pipe.morphology.reset()
+    worker = InferenceWorker(pipe, iter(src), threaded=threaded)
+    try:
+        got = list(worker)
+    finally:
+        worker.close()
+    assert [g.frame.index for g in got] == list(range(6))
+    for g, w in zip(got, want, strict=True):
+        assert g.error == "" and g.detections is not None
+        np.testing.assert_array_equal(g.detections, w)
+        assert set(g.times) == {"preprocess", "infer", "decode_nms", "morphology"}
+    # copies: the pipeline's own detection array is reused, the results must not change with it
+    assert len({id(g.detections) for g in got}) == 6
+    assert (worker._thread is not None) == threaded
+
+
+def test_stale_held_and_failing_frames_pass_through(pipe):
+    good = frames(3)
+    stale = Frame(good[0].image, 0, time.time(), "test://", stale=True)
+    bad = Frame(np.zeros((5, 5), np.uint8), 9, time.time(), "test://")  # not RGB: process() raises
+    worker = InferenceWorker(pipe, iter([stale, bad, good[1]]))
+    try:
+        items = list(worker)
+    finally:
+        worker.close()
+    assert items[0].detections is None and items[0].frame.stale and items[0].error == ""
+    assert items[1].detections is None and items[1].error.startswith("frame 9 skipped:")
+    assert items[2].detections is not None and items[2].error == ""
+
+    gate = threading.Event()
+
+    def gated():
+        gate.wait(5)
+        yield from good
+
+    worker = InferenceWorker(pipe, gated())
+    worker.hold.set()  # a frozen screen: frames are drained, not processed
+    gate.set()
+    try:
+        held = list(worker)
+    finally:
+        worker.close()
+    assert [(h.detections is None, h.held) for h in held] == [(True, True)] * 3
+    assert [h.frame.index for h in held] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_morphology_reset_applies_before_the_next_frame_and_stamps_it(pipe, threaded):
+    calls = []
+    original = pipe.morphology.reset
+    gate = threading.Event()
+    src = frames(3)
+
+    def gated():
+        yield src[0]
+        gate.wait(5)  # frame 1 is read only once the consumer has asked for the reset
+        yield from src[1:]
+
+    def spy() -> None:
+        calls.append(threading.current_thread().name)
+        original()
+
+    pipe.morphology.reset = spy
+    try:
+        worker = InferenceWorker(pipe, gated(), threaded=threaded)
+        first = next(worker)
+        worker.reset_morphology()
+        gate.set()
+        rest = list(worker)
+        worker.close()
+    finally:
+        del pipe.morphology.reset
+    assert first.generation == 0 and worker.generation == 1
+    assert [r.generation for r in rest] == [1, 1]
+    assert calls == ["inference" if threaded else threading.current_thread().name]
+
+
+def test_source_failure_is_raised_in_the_consumer(pipe):
+    def source():
+        yield from frames(2)
+        raise RuntimeError("driver crashed")
+
+    worker = InferenceWorker(pipe, source())
+    try:
+        assert next(worker).detections is not None
+        assert next(worker).detections is not None
+        with pytest.raises(RuntimeError, match="driver crashed"):
+            next(worker)
+        with pytest.raises(StopIteration):  # and stays ended
+            next(worker)
+    finally:
+        worker.close()
+
+
+def test_close_stops_an_endless_source_promptly(pipe):
+    def endless():
+        i = 0
+        img = frames(1)[0].image
+        while True:
+            yield Frame(img, i, time.time(), "test://")
+            i += 1
+
+    worker = InferenceWorker(pipe, endless())
+    next(worker)
+    t0 = time.perf_counter()
+    assert worker.close()
+    assert time.perf_counter() - t0 < 5
+    assert not worker._thread.is_alive()
+    with pytest.raises(StopIteration):  # and does not wait for frames that will never come
+        while True:
+            next(worker)
