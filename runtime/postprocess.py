@@ -126,11 +126,11 @@ def decode_nms(
     cand = np.flatnonzero(flat > floor) if floor > -math.inf else np.arange(flat.size)
     if cand.size == 0:
         return out, 0
-    scores = sigmoid32(flat[cand])
+    scores = sigmoid32(np.take(flat, cand))
     passed = scores > np.float32(score_threshold)
     if not passed.all():
-        cand = cand[passed]
-        scores = scores[passed]
+        cand = np.compress(passed, cand)
+        scores = np.compress(passed, scores)
     if cand.size == 0:
         return out, 0
     anchor_idx = cand // num_classes
@@ -148,7 +148,7 @@ def decode_nms(
     scores = (_SCORE_MASK - inv_bits).astype(np.int32).view(np.float32)
 
     # 3. decode in float32 (same operations as smearsight.anchors.decode_boxes), optional clip.
-    boxes = _decode(deltas[anchor_idx], anchors[anchor_idx])
+    boxes = _decode(np.take(deltas, anchor_idx, axis=0), np.take(anchors, anchor_idx, axis=0))
     if image_size is not None:
         h, w = image_size
         np.clip(boxes[:, 0::2], np.float32(0), np.float32(w), out=boxes[:, 0::2])
@@ -159,11 +159,11 @@ def decode_nms(
 
     # 5. global order: score desc, class asc, anchor asc; truncate to max_detections. Candidates are in
     # (class, score desc, anchor) order, so for equal scores their position orders (class, anchor).
-    final = (np.sort((inv_bits[keep] << 32) | keep) & _POSITION_MASK)[:max_detections]
+    final = (np.sort((np.take(inv_bits, keep) << 32) | keep) & _POSITION_MASK)[:max_detections]
     n = int(final.size)
-    out[:n, 0:4] = boxes[final]
-    out[:n, 4] = scores[final]
-    out[:n, 5] = cls[final]
+    out[:n, 0:4] = np.take(boxes, final, axis=0)
+    out[:n, 4] = np.take(scores, final)
+    out[:n, 5] = np.take(cls, final)
     return out, n
 
 
@@ -173,22 +173,27 @@ def _class_topk(key: np.ndarray, cls: np.ndarray, num_classes: int, k: int) -> t
     if counts.max() <= k:
         return key, cls
     starts = np.cumsum(counts) - counts
-    rank = np.arange(key.size) - starts[cls]
-    sel = rank < k
-    return key[sel], cls[sel]
+    sel = (np.arange(key.size) - np.take(starts, cls)) < k
+    return np.compress(sel, key), np.compress(sel, cls)
 
 
 def _decode(deltas: np.ndarray, anchors: np.ndarray) -> np.ndarray:
-    """Float32 decode with the operation order of :func:`smearsight.anchors.decode_boxes`."""
-    d = deltas.astype(np.float32, copy=False)
-    a = anchors.astype(np.float32, copy=False)
+    """Float32 decode with the operation order of :func:`smearsight.anchors.decode_boxes`.
+
+    Computed on contiguous coordinate rows (``[4, N]``; strided ``[:, 0:2]`` columns are several times
+    slower) and returned as the ``[N, 4]`` transposed view of them."""
+    d = np.ascontiguousarray(deltas.T, dtype=np.float32)
+    a = np.ascontiguousarray(anchors.T, dtype=np.float32)
     half = np.float32(0.5)
-    awh = a[:, 2:4] - a[:, 0:2]
-    actr = a[:, 0:2] + half * awh
-    centre = actr + d[:, 0:2] * awh
-    size = awh * np.exp(np.minimum(d[:, 2:4], np.float32(BBOX_LOG_CLAMP)))
+    awh = a[2:4] - a[0:2]
+    actr = a[0:2] + half * awh
+    centre = actr + d[0:2] * awh
+    size = awh * np.exp(np.minimum(d[2:4], np.float32(BBOX_LOG_CLAMP)))
     hs = half * size
-    return np.concatenate([centre - hs, centre + hs], axis=1).astype(np.float32, copy=False)
+    out = np.empty((4, d.shape[1]), dtype=np.float32)
+    np.subtract(centre, hs, out=out[0:2])
+    np.add(centre, hs, out=out[2:4])
+    return out.T
 
 
 def pair_iou(boxes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -205,15 +210,16 @@ class _BoxColumns:
 
     def iou(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         x1, y1, x2, y2, areas = self.x1, self.y1, self.x2, self.y2, self.areas
+        take = np.take
         zero = np.float32(0)
-        iw = np.minimum(x2[i], x2[j])
-        iw -= np.maximum(x1[i], x1[j])
+        iw = np.minimum(take(x2, i), take(x2, j))
+        iw -= np.maximum(take(x1, i), take(x1, j))
         np.maximum(iw, zero, out=iw)
-        ih = np.minimum(y2[i], y2[j])
-        ih -= np.maximum(y1[i], y1[j])
+        ih = np.minimum(take(y2, i), take(y2, j))
+        ih -= np.maximum(take(y1, i), take(y1, j))
         np.maximum(ih, zero, out=ih)
         inter = iw * ih
-        union = areas[i] + areas[j]
+        union = take(areas, i) + take(areas, j)
         union -= inter
         with np.errstate(divide="ignore", invalid="ignore"):
             return inter / union
@@ -234,13 +240,14 @@ def _overlap_pairs(
     ``(class, band, ceil(x2 * q))``: rounding x1 down and x2 up keeps every overlapping pair.
     """
     n = boxes.shape[0]
-    b64 = boxes.astype(np.float64)
+    take, compress = np.take, np.compress  # several times faster than fancy and boolean indexing here
+    b64 = boxes.T.astype(np.float64)  # coordinate rows x1, y1, x2, y2
     shrink = 0.5 * min(max(float(iou_threshold), 0.0), 1.0) * 0.999
     if shrink > 0:
-        wh = np.maximum(b64[:, 2:4] - b64[:, 0:2], 0.0) * shrink
-        b64[:, 0:2] += wh
-        b64[:, 2:4] -= wh
-    x1, y1, x2, y2 = b64[:, 0], b64[:, 1], b64[:, 2], b64[:, 3]
+        wh = np.maximum(b64[2:4] - b64[0:2], 0.0) * shrink
+        b64[0:2] += wh
+        b64[2:4] -= wh
+    x1, y1, x2, y2 = b64
     ylo = float(min(y1.min(), y2.min()))
     heights = np.abs(y2 - y1)
     band_h = max(2.0 * float(np.partition(heights, n // 2)[n // 2]), 1.0)  # about the median: speed only
@@ -255,9 +262,9 @@ def _overlap_pairs(
     total = int(nrep.sum())
     box = np.repeat(np.arange(n, dtype=np.int32), nrep)
     starts = np.cumsum(nrep) - nrep
-    copy_no = np.arange(total, dtype=np.int64) - starts[box]
+    copy_no = np.arange(total, dtype=np.int64) - take(starts, box)
     first = copy_no == 0
-    group = cls[box] * nbands + (b1[box] + copy_no)
+    group = take(cls, box) * nbands + (take(b1, box) + copy_no)
     idx_bits = max(total.bit_length(), 1)
     x_bits = min(max(62 - idx_bits - max(int(group.max()).bit_length(), 1), 0), 32)  # exact in float64
     x_max = (1 << x_bits) - 1
@@ -267,11 +274,11 @@ def _overlap_pairs(
     qx1 = np.clip(np.floor((x1 - lo) * q), 0, x_max).astype(np.int64)
     qx2 = np.clip(np.ceil((x2 - lo) * q), 0, x_max).astype(np.int64)
     gx = group << x_bits
-    keys = np.sort(((gx | qx1[box]) << idx_bits) | np.arange(total, dtype=np.int64))
+    keys = np.sort(((gx | take(qx1, box)) << idx_bits) | np.arange(total, dtype=np.int64))
     by_x = (keys & ((1 << idx_bits) - 1)).astype(np.int32)
-    first_s = first[by_x]
-    box_s = box[by_x]
-    reach = ((gx[by_x] | qx2[box_s]) << idx_bits) | ((1 << idx_bits) - 1)
+    first_s = take(first, by_x)
+    box_s = take(box, by_x)
+    reach = ((take(gx, by_x) | take(qx2, box_s)) << idx_bits) | ((1 << idx_bits) - 1)
     hi = np.searchsorted(keys, reach, side="right").astype(np.int32)
     pos = np.arange(total, dtype=np.int32)
     counts = hi - pos - 1
@@ -286,10 +293,10 @@ def _overlap_pairs(
     dst += np.repeat(pos + 1 - (np.cumsum(counts, dtype=np.int32) - counts), counts)
     # both copies share a band; report the pair only in the band of the lower box's top edge,
     # i.e. where one of the two copies is its box's first copy
-    once = first_s[src]
-    once |= first_s[dst]
-    a = box_s[src[once]]
-    b = box_s[dst[once]]
+    once = take(first_s, src)
+    once |= take(first_s, dst)
+    a = take(box_s, compress(once, src))
+    b = take(box_s, compress(once, dst))
     return np.minimum(a, b), np.maximum(a, b)
 
 
@@ -301,6 +308,7 @@ def _nms_sorted(boxes: np.ndarray, cls: np.ndarray, iou_threshold: np.float32) -
     sup, vic = _overlap_pairs(boxes, cls, float(iou_threshold))
     if sup.size == 0:
         return np.arange(n)
+    take, compress = np.take, np.compress
     cols = _BoxColumns(boxes)
     # state: 0 undecided, 1 kept, -1 suppressed. A box is kept iff none of its suppressors is kept.
     # A box that no candidate pair can suppress is kept: IoU is first computed for its pairs only (in a
@@ -308,38 +316,39 @@ def _nms_sorted(boxes: np.ndarray, cls: np.ndarray, iou_threshold: np.float32) -
     may_lose = np.zeros(n, dtype=bool)
     may_lose[vic] = True
     state = np.where(may_lose, 0, 1).astype(np.int8)
-    from_root = ~may_lose[sup]
+    from_root = ~take(may_lose, sup)
     if from_root.any():
-        state[vic[from_root][cols.iou(sup[from_root], vic[from_root]) > iou_threshold]] = -1
+        s1, v1 = compress(from_root, sup), compress(from_root, vic)
+        state[compress(cols.iou(s1, v1) > iou_threshold, v1)] = -1
     rest = ~from_root
-    rest &= state[vic] == 0
-    rest &= state[sup] == 0
-    sup = sup[rest]
-    vic = vic[rest]
+    rest &= take(state, vic) == 0
+    rest &= take(state, sup) == 0
+    sup = compress(rest, sup)
+    vic = compress(rest, vic)
     if sup.size:
         hit = cols.iou(sup, vic) > iou_threshold
-        sup = sup[hit]
-        vic = vic[hit]
+        sup = compress(hit, sup)
+        vic = compress(hit, vic)
     blocked = np.zeros(n, dtype=bool)
     blocked[vic] = True
     state[(state == 0) & ~blocked] = 1
     for _ in range(64):
-        live = state[vic] == 0
+        live = take(state, vic) == 0
         if not live.any():
             return np.flatnonzero(state == 1)
-        sup = sup[live]
-        vic = vic[live]
-        st = state[sup]
-        state[vic[st == 1]] = -1
-        pending = vic[state[sup] != -1]
+        sup = compress(live, sup)
+        vic = compress(live, vic)
+        st = take(state, sup)
+        state[compress(st == 1, vic)] = -1
+        pending = compress(take(state, sup) != -1, vic)
         blocked = np.zeros(n, dtype=bool)
         blocked[pending] = True
         state[(state == 0) & ~blocked] = 1
     # Long suppression chains (adversarial input): finish sequentially, in order.
-    live = state[vic] == 0
-    order = np.argsort(vic[live], kind="stable")
-    vic_s = vic[live][order]
-    sup_s = sup[live][order]
+    live = take(state, vic) == 0
+    order = np.argsort(compress(live, vic), kind="stable")
+    vic_s = compress(live, vic)[order]
+    sup_s = compress(live, sup)[order]
     for i in np.flatnonzero(state == 0):
         lo, hi = np.searchsorted(vic_s, [i, i + 1])
         state[i] = -1 if (state[sup_s[lo:hi]] == 1).any() else 1

@@ -216,3 +216,4 @@ def test_nms_extreme_spans_against_torchvision(seed):
         for c in np.unique(cls)
     ])
     assert np.array_equal(np.sort(keep), np.sort(want))
+
