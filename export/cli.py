@@ -34,13 +34,19 @@ def export_onnx(
         None, "--dynamic-batch/--static-batch", help="Dynamic batch (default: static detector, dynamic morphology)."
     ),
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Simplify the graph with onnxslim."),
+    pre_nms_topk: int | None = typer.Option(
+        None, "--pre-nms-topk", help="Detector: candidates kept per class before NMS (default: the checkpoint's). "
+        "Raise it when exporting for larger frames than the training size: more anchors, more candidates."),
+    max_detections: int | None = typer.Option(
+        None, "--max-detections", help="Detector: detections kept per frame (default: the checkpoint's)."),
 ) -> None:
     """Export a checkpoint to ONNX with its manifest (detector: raw per-anchor outputs, no NMS)."""
     from rich.console import Console
 
     from smearsight.export.onnx_export import export_checkpoint
 
-    result = export_checkpoint(weights, out, parse_size(image_size), opset, dynamic_batch, simplify)
+    result = export_checkpoint(weights, out, parse_size(image_size), opset, dynamic_batch, simplify,
+                               pre_nms_topk=pre_nms_topk, max_detections=max_detections)
     m = result.manifest
     Console().print(
         f"wrote {out / m.onnx_file} ({m.kind}, input {m.input.name}{m.input.shape}, outputs "

@@ -64,21 +64,25 @@ def make_manifest(
     checkpoint_sha256: str,
     opset: int,
     name: str,
+    caps: dict[str, int] | None = None,
 ) -> Manifest:
-    """Fill a manifest from the checkpoint's contract fields (see smearsight.train.checkpoint)."""
+    """Fill a manifest from the checkpoint's contract fields (see smearsight.train.checkpoint).
+
+    ``caps`` (detector only) replaces the checkpoint's ``pre_nms_topk`` / ``max_detections``.
+    """
     norm = checkpoint["normalization"]
     version = str(checkpoint.get("model_version") or f"{__version__}+{checkpoint_sha256[:8]}")
     if checkpoint["kind"] == "detector":
         from smearsight.train.detector.augment import PAD_VALUE
 
-        thresholds = checkpoint["thresholds"]
+        thresholds = {**checkpoint["thresholds"], **(caps or {})}
         detector = DetectorSpec(
             class_names=list(checkpoint["class_names"]),
             anchors=AnchorConfig(**checkpoint["anchors"]),
             score_threshold=float(thresholds.get("score", 0.3)),
             iou_threshold=float(thresholds.get("iou", 0.5)),
-            pre_nms_topk=int(thresholds.get("pre_nms_topk", 1000)),
-            max_detections=int(thresholds.get("max_detections", 1000)),
+            pre_nms_topk=int(thresholds.get("pre_nms_topk", DetectorSpec.model_fields["pre_nms_topk"].default)),
+            max_detections=int(thresholds.get("max_detections", DetectorSpec.model_fields["max_detections"].default)),
         )
         return Manifest(
             kind="detector",
@@ -114,11 +118,16 @@ def export_checkpoint(
     opset: int = 17,
     dynamic_batch: bool | None = None,
     simplify: bool = True,
+    pre_nms_topk: int | None = None,
+    max_detections: int | None = None,
 ) -> ExportResult:
     """Export a detector or morphology checkpoint to ``out_dir/model.onnx`` + ``out_dir/manifest.json``.
 
     Shapes are static by default; morphology graphs get a dynamic batch unless ``dynamic_batch`` is
-    False (the runtime scores a variable number of crops per frame).
+    False (the runtime scores a variable number of crops per frame). ``pre_nms_topk`` and
+    ``max_detections`` replace the checkpoint's detection caps in the manifest (a detector exported for
+    larger frames than it was trained on has more anchors, and more candidates per class, than its
+    training-time caps were chosen for).
     """
     torch = require("torch", "ONNX export")
     onnx = require("onnx", "ONNX export")
@@ -127,6 +136,12 @@ def export_checkpoint(
     weights = Path(weights)
     checkpoint = load_checkpoint(weights)
     kind = checkpoint["kind"]
+    caps = {k: v for k, v in (("pre_nms_topk", pre_nms_topk), ("max_detections", max_detections)) if v is not None}
+    if caps and kind != "detector":
+        raise InputError(f"{weights}: --pre-nms-topk / --max-detections apply to detector checkpoints, not {kind}")
+    bad = [f"{k} {v}" for k, v in caps.items() if v < 1]
+    if bad:
+        raise InputError(f"{', '.join(bad)}: detection caps must be at least 1")
     if dynamic_batch is None:
         dynamic_batch = kind == "morphology"
     shape = input_shape(checkpoint, image_size, batch=1)
@@ -160,7 +175,8 @@ def export_checkpoint(
     shape[0] = batch_dim
     output_shapes = {n: [batch_dim, *list(o.shape[1:])] for n, o in zip(output_names, outputs, strict=True)}
     ckpt_hash = sha256_file(weights)
-    manifest = make_manifest(checkpoint, shape, output_shapes, ckpt_hash, opset, name=_default_name(checkpoint))
+    manifest = make_manifest(checkpoint, shape, output_shapes, ckpt_hash, opset, name=_default_name(checkpoint),
+                             caps=caps)
     manifest.onnx_sha256 = sha256_file(onnx_path)
     manifest.save(out_dir)
     return ExportResult(out_dir, manifest, simplified)

@@ -55,6 +55,12 @@ class InputSpec(TensorSpec):
         return self
 
 
+# Candidates kept per class before NMS. A cell meets many anchors at the P2 level (stride 4, 9 per
+# location): on dense synthetic 768x1024 smears up to ~4,800 anchors of one class pass the 0.3 score
+# threshold, and a cap of 1000 lost 2 % recall (docs/benchmarks.md). The GPU kernel handles up to 4096.
+DEFAULT_PRE_NMS_TOPK = 4000
+
+
 class DetectorSpec(StrictConfig):
     """What the runtime needs to decode the detector's raw outputs."""
 
@@ -62,7 +68,7 @@ class DetectorSpec(StrictConfig):
     anchors: AnchorConfig
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)
     iou_threshold: float = Field(0.5, gt=0.0, le=1.0)
-    pre_nms_topk: int = Field(1000, ge=1)
+    pre_nms_topk: int = Field(DEFAULT_PRE_NMS_TOPK, ge=1)
     max_detections: int = Field(1000, ge=1)
     class_output: str = "class_logits"
     box_output: str = "box_regression"

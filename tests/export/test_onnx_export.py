@@ -82,6 +82,24 @@ def test_image_size_must_fit_stride(tiny_detector_checkpoint, tmp_path):
     assert not (tmp_path / "model.onnx").exists()
 
 
+def test_detection_caps_come_from_the_checkpoint_or_the_command_line(detector_export, tiny_detector_checkpoint,
+                                                                      tiny_morphology_checkpoint, tmp_path, capsys):
+    spec = load_manifest(detector_export).detector
+    assert (spec.pre_nms_topk, spec.max_detections) == (1000, 1000)  # the checkpoint's thresholds
+    out = tmp_path / "caps"
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(out),
+                 "--pre-nms-topk", "4000", "--max-detections", "1500"]) == 0
+    spec = load_manifest(out).detector
+    assert (spec.pre_nms_topk, spec.max_detections, spec.score_threshold) == (4000, 1500, 0.5)
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(tmp_path / "zero"),
+                 "--pre-nms-topk", "0"]) == 1
+    assert "pre_nms_topk 0: detection caps must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()
+    assert main(["export", "onnx", "--weights", str(tiny_morphology_checkpoint), "--out", str(tmp_path / "m"),
+                 "--max-detections", "10"]) == 1
+    assert "apply to detector checkpoints, not morphology" in capsys.readouterr().err
+
+
 def test_inspect_detects_tampering(detector_export, tmp_path, capsys):
     import shutil
 

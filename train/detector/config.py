@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from smearsight.anchors import AnchorConfig
 from smearsight.config import StrictConfig
+from smearsight.manifest import DEFAULT_PRE_NMS_TOPK
 
 
 def default_detector_anchors() -> AnchorConfig:
@@ -118,5 +119,5 @@ class TrainConfig(StrictConfig):
     score_threshold: float = 0.3
     eval_score_threshold: float = 0.01
     iou_threshold: float = 0.5
-    pre_nms_topk: int = Field(1000, ge=1)
+    pre_nms_topk: int = Field(DEFAULT_PRE_NMS_TOPK, ge=1)
     max_detections: int = Field(1000, ge=1)

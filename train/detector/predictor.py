@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from smearsight.anchors import AnchorConfig
+from smearsight.manifest import DEFAULT_PRE_NMS_TOPK
 from smearsight.train.detector.augment import letterbox
 from smearsight.train.detector.boxes import decode_nms
 from smearsight.train.detector.data import fit_scale, round_up
@@ -33,7 +34,7 @@ class Predictor:
         *,
         score_threshold: float = 0.3,
         iou_threshold: float = 0.5,
-        pre_nms_topk: int = 1000,
+        pre_nms_topk: int = DEFAULT_PRE_NMS_TOPK,
         max_detections: int = 1000,
         resize: str = "letterbox",
         device: str | torch.device = "cpu",
