@@ -140,6 +140,9 @@ def export_int8_cmd(
     min_agreement: float = typer.Option(0.9, "--min-agreement", help="Refuse below this detection agreement."),
     keep_stem_float: bool = typer.Option(True, "--keep-stem-float/--quantize-stem",
                                          help="Leave the first convolution in float."),
+    reduce_range: bool = typer.Option(
+        True, "--reduce-range/--full-range", help="7-bit weights, exact on every x86 CPU (default); --full-range: "
+        "8-bit, only for CPUs with VNNI (on AVX2 alone the integer kernels saturate and detections change)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the report as JSON."),
 ) -> None:
     """Quantize a detector to int8 for CPU devices (ONNX Runtime static QDQ) and check it against the float model."""
@@ -152,7 +155,7 @@ def export_int8_cmd(
         task = progress.add_task("quantizing", total=count + check_count)
         report = quantize_detector(
             model_dir, out, calibration=calibration, count=count, check_count=check_count,
-            keep_stem_float=keep_stem_float, min_agreement=min_agreement,
+            keep_stem_float=keep_stem_float, reduce_range=reduce_range, min_agreement=min_agreement,
             on_frame=lambda label: progress.update(task, advance=1, description=label),
         )
     if json_out is not None:

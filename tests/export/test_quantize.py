@@ -64,6 +64,9 @@ def test_int8_model_is_quantized_and_follows_the_float_model(float_model, int8_m
     assert stem.input[1] in floats and stem.input[1] not in dequantized
     other_convs = [n for n in graph.node if n.op_type == "Conv" and n is not stem]
     assert other_convs and all(n.input[1] in dequantized for n in other_convs)
+    # 7-bit weights by default (reduce_range: no VPMADDUBSW saturation on AVX2-only CPUs)
+    peak = max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max()) for t in int8_weights)
+    assert 32 < peak <= 64
     assert 0 < report["matched"] <= min(report["float_detections"], report["int8_detections"])
 
     # independent check of the numbers: the int8 logits track the float ones closely on a real input
@@ -75,6 +78,14 @@ def test_int8_model_is_quantized_and_follows_the_float_model(float_model, int8_m
     assert not np.array_equal(a, b)
     assert np.corrcoef(a, b)[0, 1] > 0.98
     assert np.abs(a - b).mean() < 0.1 * np.abs(a).mean() + 0.05
+
+
+def test_full_range_uses_all_8_bits(float_model, tmp_path):
+    quantize_detector(float_model, tmp_path / "full", count=2, check_count=1, reduce_range=False, min_agreement=0)
+    graph = onnx.load(str(tmp_path / "full" / "model.onnx")).graph
+    peak = max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
+               for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    assert peak > 100
 
 
 def test_quantize_refuses_bad_requests_and_writes_nothing(float_model, int8_model, tmp_path,
