@@ -34,6 +34,9 @@ def export_onnx(
         None, "--dynamic-batch/--static-batch", help="Dynamic batch (default: static detector, dynamic morphology)."
     ),
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Simplify the graph with onnxslim."),
+    score_threshold: float | None = typer.Option(
+        None, "--score-threshold", help="Detector: the score above which the device shows and counts a cell "
+        "(default: the checkpoint's; choose it on validation data)."),
     pre_nms_topk: int | None = typer.Option(
         None, "--pre-nms-topk", help="Detector: candidates kept per class before NMS (default: the checkpoint's). "
         "Raise it when exporting for larger frames than the training size: more anchors, more candidates."),
@@ -46,7 +49,8 @@ def export_onnx(
     from smearsight.export.onnx_export import export_checkpoint
 
     result = export_checkpoint(weights, out, parse_size(image_size), opset, dynamic_batch, simplify,
-                               pre_nms_topk=pre_nms_topk, max_detections=max_detections)
+                               pre_nms_topk=pre_nms_topk, max_detections=max_detections,
+                               score_threshold=score_threshold)
     m = result.manifest
     Console().print(
         f"wrote {out / m.onnx_file} ({m.kind}, input {m.input.name}{m.input.shape}, outputs "

@@ -64,18 +64,18 @@ def make_manifest(
     checkpoint_sha256: str,
     opset: int,
     name: str,
-    caps: dict[str, int] | None = None,
+    overrides: dict[str, float] | None = None,
 ) -> Manifest:
     """Fill a manifest from the checkpoint's contract fields (see smearsight.train.checkpoint).
 
-    ``caps`` (detector only) replaces the checkpoint's ``pre_nms_topk`` / ``max_detections``.
+    ``overrides`` (detector only) replaces the checkpoint's ``score``, ``pre_nms_topk`` or ``max_detections``.
     """
     norm = checkpoint["normalization"]
     version = str(checkpoint.get("model_version") or f"{__version__}+{checkpoint_sha256[:8]}")
     if checkpoint["kind"] == "detector":
         from smearsight.train.detector.augment import PAD_VALUE
 
-        thresholds = {**checkpoint["thresholds"], **(caps or {})}
+        thresholds = {**checkpoint["thresholds"], **(overrides or {})}
         detector = DetectorSpec(
             class_names=list(checkpoint["class_names"]),
             anchors=AnchorConfig(**checkpoint["anchors"]),
@@ -120,13 +120,15 @@ def export_checkpoint(
     simplify: bool = True,
     pre_nms_topk: int | None = None,
     max_detections: int | None = None,
+    score_threshold: float | None = None,
 ) -> ExportResult:
     """Export a detector or morphology checkpoint to ``out_dir/model.onnx`` + ``out_dir/manifest.json``.
 
     Shapes are static by default; morphology graphs get a dynamic batch unless ``dynamic_batch`` is
-    False (the runtime scores a variable number of crops per frame). ``pre_nms_topk`` and
-    ``max_detections`` replace the checkpoint's detection caps in the manifest (a detector exported for
-    larger frames than it was trained on has more anchors, and more candidates per class, than its
+    False (the runtime scores a variable number of crops per frame). ``score_threshold`` (the operating
+    point the device shows and counts, chosen on validation data), ``pre_nms_topk`` and
+    ``max_detections`` replace the checkpoint's values in the manifest (a detector exported for larger
+    frames than it was trained on has more anchors, and more candidates per class, than its
     training-time caps were chosen for).
     """
     torch = require("torch", "ONNX export")
@@ -136,12 +138,18 @@ def export_checkpoint(
     weights = Path(weights)
     checkpoint = load_checkpoint(weights)
     kind = checkpoint["kind"]
-    caps = {k: v for k, v in (("pre_nms_topk", pre_nms_topk), ("max_detections", max_detections)) if v is not None}
-    if caps and kind != "detector":
-        raise InputError(f"{weights}: --pre-nms-topk / --max-detections apply to detector checkpoints, not {kind}")
-    bad = [f"{k} {v}" for k, v in caps.items() if v < 1]
+    overrides: dict[str, float] = {
+        k: v for k, v in (("score", score_threshold), ("pre_nms_topk", pre_nms_topk),
+                          ("max_detections", max_detections)) if v is not None
+    }
+    if overrides and kind != "detector":
+        raise InputError(f"{weights}: --score-threshold / --pre-nms-topk / --max-detections apply to detector "
+                         f"checkpoints, not {kind}")
+    bad = [f"{k} {v}" for k, v in overrides.items() if k != "score" and v < 1]
     if bad:
         raise InputError(f"{', '.join(bad)}: detection caps must be at least 1")
+    if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
+        raise InputError(f"--score-threshold {score_threshold}: must lie in [0, 1]")
     if dynamic_batch is None:
         dynamic_batch = kind == "morphology"
     shape = input_shape(checkpoint, image_size, batch=1)
@@ -176,7 +184,7 @@ def export_checkpoint(
     output_shapes = {n: [batch_dim, *list(o.shape[1:])] for n, o in zip(output_names, outputs, strict=True)}
     ckpt_hash = sha256_file(weights)
     manifest = make_manifest(checkpoint, shape, output_shapes, ckpt_hash, opset, name=_default_name(checkpoint),
-                             caps=caps)
+                             overrides=overrides)
     manifest.onnx_sha256 = sha256_file(onnx_path)
     manifest.save(out_dir)
     return ExportResult(out_dir, manifest, simplified)

@@ -82,7 +82,7 @@ def test_image_size_must_fit_stride(tiny_detector_checkpoint, tmp_path):
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_detection_caps_come_from_the_checkpoint_or_the_command_line(detector_export, tiny_detector_checkpoint,
+def test_operating_point_comes_from_the_checkpoint_or_the_command_line(detector_export, tiny_detector_checkpoint,
                                                                       tiny_morphology_checkpoint, tmp_path, capsys):
     spec = load_manifest(detector_export).detector
     assert (spec.pre_nms_topk, spec.max_detections) == (1000, 1000)  # the checkpoint's thresholds
@@ -91,6 +91,13 @@ def test_detection_caps_come_from_the_checkpoint_or_the_command_line(detector_ex
                  "--pre-nms-topk", "4000", "--max-detections", "1500"]) == 0
     spec = load_manifest(out).detector
     assert (spec.pre_nms_topk, spec.max_detections, spec.score_threshold) == (4000, 1500, 0.5)
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(tmp_path / "t"),
+                 "--score-threshold", "0.55"]) == 0
+    spec = load_manifest(tmp_path / "t").detector
+    assert (spec.score_threshold, spec.pre_nms_topk, spec.iou_threshold) == (0.55, 1000, 0.5)
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(tmp_path / "t2"),
+                 "--score-threshold", "1.5"]) == 1
+    assert "--score-threshold 1.5: must lie in [0, 1]" in capsys.readouterr().err
     assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(tmp_path / "zero"),
                  "--pre-nms-topk", "0"]) == 1
     assert "pre_nms_topk 0: detection caps must be at least 1" in capsys.readouterr().err
