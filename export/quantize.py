@@ -9,8 +9,8 @@ detector several times faster than float32 (docs/benchmarks.md). This module:
 2. quantizes weights per channel to int8 and activations to uint8 (QDQ format, ONNX Runtime's
    ``quantize_static``), the weights by default to 7 bits (``reduce_range``): on x86 CPUs without VNNI
    (AVX2 only) ONNX Runtime's u8s8 kernels multiply with ``VPMADDUBSW``, whose 16-bit sums saturate with
-   full 8-bit weights; on such a CPU the demo detector's int8 model found 95.0 % of the float model's
-   detections at full range and 97.4 % at reduced range, at the same speed (docs/benchmarks.md). The stem
+   full 8-bit weights; on such a CPU the demo detector's int8 model follows the float model more closely
+   at reduced range, at the same speed (figures in docs/benchmarks.md). The stem
    convolution is left in float (with three input channels ONNX Runtime's integer convolution is no
    faster, and the stem sees the raw image), and so are the BiFPN's Resize nodes and their consumers
    (ONNX Runtime's uint8 Resize is slower than the float one);
