@@ -40,9 +40,10 @@ def run_command(
         "result along with the stage's motion."),
     precision: str = typer.Option("auto", "--precision", help="Detector: fp32 | int8 (detector_int8/) | auto "
                                   "(int8 when present on a CPU-only device)."),
-    sequential: bool = typer.Option(
-        False, "--sequential", help="Finish each frame (draw, show, record) before reading the next, instead of "
-        "running the models one frame ahead on their own thread (for measurements and debugging)."),
+    overlap: bool | None = typer.Option(
+        None, "--overlap/--sequential", show_default=False, help="Run the models one frame ahead on their own "
+        "thread while the main thread draws, shows and records (default: when the detector runs on a GPU; on a "
+        "CPU-only device the detector already uses every core), or finish each frame before reading the next."),
     panel: str = typer.Option(None, "--panel", help="Serial port of an attached panel (e.g. /dev/ttyUSB0, loop://)."),
     captures: Path = typer.Option(Path("captures"), "--captures", help="Folder for fields captured from the panel."),
 ) -> None:
@@ -65,6 +66,6 @@ def run_command(
                     max_frames=max_frames, record=record, stats_json=stats_json, loop=loop, fullscreen=fullscreen,
                     wait_display=wait_for_display,
                     morphology=not no_morphology, morphology_reuse=not morphology_every_frame, precision=precision,
-                    overlap=not sequential, panel=panel, captures=captures)
+                    overlap=overlap, panel=panel, captures=captures)
     stats = run(cfg, echo=lambda msg: console.print(msg, markup=False))
     console.print(stats_text(stats), markup=False)

@@ -64,6 +64,11 @@ class InferenceWorker:
             self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
             self._thread.start()
 
+    @property
+    def threaded(self) -> bool:
+        """True when the models run on their own thread (one frame ahead)."""
+        return self._thread is not None
+
     def reset_morphology(self) -> None:
         """Forget carried morphology results before the next frame (a new slide or session).
 

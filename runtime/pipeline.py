@@ -324,7 +324,9 @@ class RunConfig:
     morphology: bool = True
     morphology_reuse: bool = True
     precision: str = "auto"
-    overlap: bool = True  # infer the next frame while this one is drawn and shown (runtime/frame_worker.py)
+    # infer the next frame while this one is drawn and shown (runtime/frame_worker.py); None = when the
+    # detector runs on an accelerator (on a CPU-only device ONNX Runtime already uses every core: no gain)
+    overlap: bool | None = None
     panel: str | None = None
     captures: Path = Path("captures")
 
@@ -440,7 +442,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         t_start = time.perf_counter()
         t_prev = t_start
         fps = 0.0
-        worker = InferenceWorker(pipe, source, threaded=cfg.overlap)
+        overlap = cfg.overlap if cfg.overlap is not None else pipe.detector.name != "onnxruntime-cpu"
+        worker = InferenceWorker(pipe, source, threaded=overlap)
         for item in worker:
             frame = item.frame
             watchdog.ping()
@@ -555,6 +558,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "morphology_parts": [b.manifest.morphology.part for b in pipe.morphology_backends],
             "morphology_crops_judged": judged,
             "morphology_reuse": bool(pipe.morphology is not None and pipe.morphology.reuse),
+            "overlap": worker is not None and worker.threaded,
             "source": cfg.source,
             "sink": sink_uri,
             "problems": {msg: n for msg, n in problems.seen.items()},
