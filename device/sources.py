@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from smearsight.errors import InputError, require
+from smearsight.threads import put_until_stopped
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg")
@@ -387,13 +388,7 @@ class FrameSource:
                     except queue.Empty:
                         pass
             return False
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until_stopped(self._q, item, self._stop)
 
     def _lose(self, message: str, backoff: float) -> None:
         with self._lock:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from smearsight.threads import put_until_stopped
+
 log = logging.getLogger("smearsight.runtime")
 
 _END = object()
@@ -78,13 +80,7 @@ class InferenceWorker:
         self.generation += 1
 
     def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until_stopped(self._queue, item, self._stop)
 
     def _step(self) -> Processed | None:
         """Read and process one frame; None at the end of the source."""
