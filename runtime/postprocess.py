@@ -196,11 +196,6 @@ def _decode(deltas: np.ndarray, anchors: np.ndarray) -> np.ndarray:
     return out.T
 
 
-def pair_iou(boxes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Float32 IoU of box pairs ``(i, j)`` in torchvision's operation order."""
-    return _BoxColumns(boxes).iou(i, j)
-
-
 class _BoxColumns:
     """Contiguous float32 columns and areas of ``[N, 4]`` xyxy boxes, for IoU of many index pairs."""
 
@@ -209,6 +204,7 @@ class _BoxColumns:
         self.areas = (self.x2 - self.x1) * (self.y2 - self.y1)
 
     def iou(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Float32 IoU of the box pairs ``(i[k], j[k])`` in torchvision's operation order."""
         x1, y1, x2, y2, areas = self.x1, self.y1, self.x2, self.y2, self.areas
         take = np.take
         zero = np.float32(0)
