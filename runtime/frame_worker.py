@@ -1,11 +1,12 @@
 """The models one frame ahead of the screen: source + :class:`~smearsight.runtime.pipeline.Pipeline` on a thread.
 
 :func:`smearsight.runtime.pipeline.run` reads :class:`Processed` frames from an :class:`InferenceWorker`
-and draws, shows and records them on its own (the main) thread, so windows and sinks stay on one thread
-while the next frame is already being pre-processed, inferred and decoded. On a 2-core CPU the drawing
-and video encoding then fill the cores the detector leaves idle between its parallel sections; with a
-GPU they overlap the engine. At most two frames are in flight (one being shown, one waiting), so the
-picture is at most one frame later than with a sequential loop.
+and draws, shows and records them on its own (the main) thread, so windows and sinks stay on one thread.
+Threaded, the next frame is pre-processed, inferred and decoded while this one is drawn and encoded: with
+the detector on a GPU the CPU work then overlaps the engine (the default there). On a CPU-only device
+ONNX Runtime already keeps every core busy and overlapping gained nothing (docs/benchmarks.md), so there
+the worker runs sequentially, each frame processed inside ``next()``. Threaded, at most two frames are
+in flight (one being shown, one waiting): the picture is at most one frame later than sequentially.
 """
 
 from __future__ import annotations
