@@ -2,7 +2,7 @@
 -> morphology -> annotate -> sink, with per-stage median latencies.
 
     python benchmarks/bench_pipeline.py [--models DIR] [--frames 40] [--sink null://] [--source synth://]
-        [--no-morphology] [--overlap auto|on|off] [--variant efficientdet_lite0] [--size 768x1024]
+        [--no-morphology] [--overlap] [--variant efficientdet_lite0] [--size 768x1024]
 
 Without ``--models`` the built-in demo models are used when installed; otherwise an *untrained*
 detector of ``--variant`` (weights do not change the speed) is exported at ``--size`` into a temporary
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", help="auto | fp32 | int8 (detector_int8/ of --models)")
     parser.add_argument("--morphology-every-frame", action="store_true",
                         help="judge every sperm on every frame (default: results carried with the stage)")
-    parser.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
-                        help="models one frame ahead on their own thread (auto: when the detector is on a GPU)")
+    parser.add_argument("--overlap", action="store_true", help="models one frame ahead on their own thread")
     parser.add_argument("--variant", default="efficientdet_lite0")
     parser.add_argument("--size", default="768x1024", help="HxW for an exported untrained detector")
     parser.add_argument("--out", type=Path, default=None, help="also write the stats JSON here")
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.warmup:  # first runs pay for allocations and ORT's lazy initialisation
             pl.run(pl.RunConfig(source=args.source, sink="null://", headless=True, max_frames=args.warmup), pipe)
         cfg = pl.RunConfig(source=args.source, sink=args.sink, headless=True, max_frames=args.frames,
-                           overlap={"auto": None, "on": True, "off": False}[args.overlap])
+                           overlap=args.overlap)
         stats = pl.run(cfg, pipe)
     finally:
         pipe.close()

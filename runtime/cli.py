@@ -40,10 +40,10 @@ def run_command(
         "result along with the stage's motion."),
     precision: str = typer.Option("auto", "--precision", help="Detector: fp32 | int8 (detector_int8/) | auto "
                                   "(int8 when present on a CPU-only device)."),
-    overlap: bool | None = typer.Option(
-        None, "--overlap/--sequential", show_default=False, help="Run the models one frame ahead on their own "
-        "thread while the main thread draws, shows and records (default: when the detector runs on a GPU; on a "
-        "CPU-only device the detector already uses every core), or finish each frame before reading the next."),
+    overlap: bool = typer.Option(
+        False, "--overlap/--sequential", help="Run the models one frame ahead on their own thread while the main "
+        "thread draws, shows and records (meant for a detector on a GPU; on a CPU-only device it gains nothing), "
+        "or finish each frame before reading the next."),
     panel: str = typer.Option(None, "--panel", help="Serial port of an attached panel (e.g. /dev/ttyUSB0, loop://)."),
     captures: Path = typer.Option(Path("captures"), "--captures", help="Folder for fields captured from the panel."),
 ) -> None:

@@ -2,11 +2,12 @@
 
 :func:`smearsight.runtime.pipeline.run` reads :class:`Processed` frames from an :class:`InferenceWorker`
 and draws, shows and records them on its own (the main) thread, so windows and sinks stay on one thread.
-Threaded, the next frame is pre-processed, inferred and decoded while this one is drawn and encoded: with
-the detector on a GPU the CPU work then overlaps the engine (the default there). On a CPU-only device
-ONNX Runtime already keeps every core busy and overlapping gained nothing (docs/benchmarks.md), so there
-the worker runs sequentially, each frame processed inside ``next()``. Threaded, at most two frames are
-in flight (one being shown, one waiting): the picture is at most one frame later than sequentially.
+Threaded (``smearsight run --overlap``), the next frame is pre-processed, inferred and decoded while this
+one is drawn and encoded, so that with the detector on a GPU the CPU work overlaps the engine (not yet
+measured: no GPU so far). On a CPU-only device ONNX Runtime already keeps every core busy and overlapping
+gained nothing (docs/benchmarks.md); by default the worker runs sequentially, each frame processed inside
+``next()``. Threaded, at most two frames are in flight (one being shown, one waiting): the picture is at
+most one frame later than sequentially.
 """
 
 from __future__ import annotations

@@ -324,9 +324,9 @@ class RunConfig:
     morphology: bool = True
     morphology_reuse: bool = True
     precision: str = "auto"
-    # infer the next frame while this one is drawn and shown (runtime/frame_worker.py); None = when the
-    # detector runs on an accelerator (on a CPU-only device ONNX Runtime already uses every core: no gain)
-    overlap: bool | None = None
+    # infer the next frame while this one is drawn and shown (runtime/frame_worker.py); off by default: no
+    # gain on a CPU-only device, where ONNX Runtime already uses every core; meant for GPU devices (unmeasured)
+    overlap: bool = False
     panel: str | None = None
     captures: Path = Path("captures")
 
@@ -442,8 +442,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         t_start = time.perf_counter()
         t_prev = t_start
         fps = 0.0
-        overlap = cfg.overlap if cfg.overlap is not None else pipe.detector.name != "onnxruntime-cpu"
-        worker = InferenceWorker(pipe, source, threaded=overlap)
+        worker = InferenceWorker(pipe, source, threaded=cfg.overlap)
         for item in worker:
             frame = item.frame
             watchdog.ping()
