@@ -14,17 +14,14 @@ from smearsight.errors import InputError
 from smearsight.runtime.backends import EngineMismatchError, open_backend
 
 pytest.importorskip("onnx")
-_spec = importlib.util.spec_from_file_location("ss_tiny_models", Path(__file__).with_name("tiny_models.py"))
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 @pytest.fixture()
-def detector_dir(tmp_path):
+def detector_dir(tiny, tmp_path):
     return tiny.build_detector(tmp_path / "det", image_size=(64, 96), seed=3)
 
 
-def test_onnxruntime_matches_numpy_reference(detector_dir):
+def test_onnxruntime_matches_numpy_reference(tiny, detector_dir):
     backend = open_backend(detector_dir, "onnx")
     try:
         assert backend.name == "onnxruntime-cpu"
@@ -42,7 +39,7 @@ def test_onnxruntime_matches_numpy_reference(detector_dir):
         backend.close()
 
 
-def test_dynamic_batch_morphology_model(tmp_path):
+def test_dynamic_batch_morphology_model(tiny, tmp_path):
     d = tiny.build_morphology(tmp_path / "m", part="head", gain=2.0)
     with open_backend(d) as backend:
         for batch in (1, 5):

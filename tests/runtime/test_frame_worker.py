@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +13,10 @@ from smearsight.runtime import pipeline as pl
 from smearsight.runtime.frame_worker import InferenceWorker
 
 pytest.importorskip("onnx")
-_spec = importlib.util.spec_from_file_location("ss_tiny_models_worker", Path(__file__).with_name("tiny_models.py"))
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def pipe(tiny, tmp_path_factory):
     models = tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=(64, 96), seed=1,
                                   score_threshold=0.2)
     p = pl.open_pipeline(models, "onnx")

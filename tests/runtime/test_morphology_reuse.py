@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -14,9 +11,6 @@ from smearsight.runtime.morphology_stage import MorphologyStage, StageShift
 
 pytest.importorskip("onnx")
 SyntheticSlide = pytest.importorskip("smearsight.train.datasets.synth").SyntheticSlide
-_spec = importlib.util.spec_from_file_location("ss_tiny_models", Path(__file__).with_name("tiny_models.py"))
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 FRAME = (384, 512)
 
@@ -27,7 +21,7 @@ def slide():
 
 
 @pytest.fixture(scope="module")
-def head_backend(tmp_path_factory):
+def head_backend(tiny, tmp_path_factory):
     models = tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=(64, 96), seed=1)
     backend = open_backend(models / "morphology_head", "onnx")
     yield backend

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,9 +14,6 @@ from smearsight.device.panel.protocol import Capture, Freeze, FreezeMode, MsgTyp
 from smearsight.runtime import pipeline as pl
 
 pytest.importorskip("onnx")
-_spec = importlib.util.spec_from_file_location("ss_tiny_models_panel", Path(__file__).with_name("tiny_models.py"))
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 @pytest.fixture()
@@ -28,7 +23,7 @@ def modem():
     pair.close()
 
 
-def test_panel_commands_drive_the_run(tmp_path, modem):
+def test_panel_commands_drive_the_run(tiny, tmp_path, modem):
     models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), seed=1, score_threshold=0.2)
     received: dict[int, list] = {}
     panel = SerialLink(modem.b, name="test-panel")

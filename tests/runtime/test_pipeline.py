@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,15 +16,12 @@ from smearsight.runtime.postprocess import decode_nms
 from smearsight.runtime.preprocess import geometry
 
 pytest.importorskip("onnx")
-_spec = importlib.util.spec_from_file_location("ss_tiny_models", Path(__file__).with_name("tiny_models.py"))
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 SIZE = (64, 96)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny, tmp_path_factory):
     return tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=SIZE, seed=1, score_threshold=0.2)
 
 
@@ -56,7 +51,7 @@ def test_find_models_layout_and_missing_demo(models, tmp_path, monkeypatch):
         pl.find_models(None)
 
 
-def test_detections_match_independent_computation(models):
+def test_detections_match_independent_computation(tiny, models):
     pipe = pl.open_pipeline(models, "onnx")
     try:
         spec = pipe.detector.manifest

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,13 +12,10 @@ from smearsight.cli import main
 from smearsight.runtime import pipeline as pl
 
 pytest.importorskip("onnx")
-_spec = importlib.util.spec_from_file_location("ss_tiny_models", Path(__file__).with_name("tiny_models.py"))
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny, tmp_path_factory):
     return tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=(64, 96), seed=2,
                                 score_threshold=0.2)
 

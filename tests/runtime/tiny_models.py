@@ -1,11 +1,10 @@
 """Tiny real ONNX models (built with onnx.helper, no torch) + manifests for the runtime tests.
 
-Loaded by path from the runtime tests (``load_tiny_models()``), so no package import is needed.
+Loaded by path by the ``tiny`` fixture (tests/runtime/conftest.py), so no package import is needed.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -125,11 +124,3 @@ def build_model_set(root: Path, image_size=(64, 96), parts=("head", "vacuole"), 
     for i, part in enumerate(parts):
         build_morphology(Path(root) / f"morphology_{part}", part=part, threshold=0.0, gain=1.0 + i)
     return Path(root)
-
-
-def load() -> object:
-    """This module, loaded by path (tests run with --import-mode=importlib)."""
-    spec = importlib.util.spec_from_file_location("smearsight_tests_tiny_models", Path(__file__))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
