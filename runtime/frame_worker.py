@@ -50,8 +50,8 @@ class InferenceWorker:
     Stale frames (a lost camera) and frames that arrive while :attr:`hold` is set (a frozen field on the
     screen) are passed through unprocessed. The worker stops at the end of the source or on :meth:`close`
     (which the consumer calls when it has had enough frames). ``threaded=False`` processes each frame
-    inside ``next()`` instead (the sequential loop, for measurements and debugging). An exception other
-    than a failing frame ends the iteration and is raised again in the consumer.
+    inside ``next()`` instead (the sequential loop, which ``smearsight run`` uses unless ``--overlap``).
+    An exception other than a failing frame ends the iteration and is raised again in the consumer.
     """
 
     def __init__(self, pipeline: Any, source: Iterable[Any], *, threaded: bool = True) -> None:
