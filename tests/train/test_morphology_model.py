@@ -150,16 +150,21 @@ def test_student_must_be_smaller_and_shapes_fit() -> None:
         MorphologyModelConfig.from_dict({"teacher": {"layers": [1, 2]}, "scoring_layers": [3]})
 
 
-@pytest.mark.parametrize("supervised", [False, True])
-def test_train_checkpoint_rebuild_and_onnx_export(tmp_path: Path, supervised: bool) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"supervised": True}, {"supervised": True, "tta": True, "classifier_inputs": "discrepancy+teacher"}],
+    ids=["kd", "supervised", "supervised-tta-teacher"],
+)
+def test_train_checkpoint_rebuild_and_onnx_export(tmp_path: Path, extra: dict) -> None:
     """train_morphology writes best.pt; build_from_checkpoint reproduces its scores; ONNX opset 17 matches."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from smearsight.train.checkpoint import load_checkpoint
     from smearsight.train.morphology.train_loop import score_crops, train_morphology
 
+    supervised = extra.get("supervised", False)
     data = write_mhsma(tmp_path / "data")
-    cfg = tiny_train_config(model={**TINY_MODEL, "supervised": supervised}, epochs=2)
+    cfg = tiny_train_config(model={**TINY_MODEL, **extra}, epochs=2)
     metrics = train_morphology(data, "head", tmp_path / "run", cfg, log=lambda *_: None, progress=False)
     assert metrics["mode"] == ("supervised" if supervised else "unsupervised")
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
@@ -182,6 +187,33 @@ def test_train_checkpoint_rebuild_and_onnx_export(tmp_path: Path, supervised: bo
     (onnx_scores,) = session.run(None, {"input": x.numpy()})
     assert onnx_scores.shape == (5,)
     np.testing.assert_allclose(onnx_scores, scores[:5], rtol=1e-4, atol=1e-5)
+
+
+def test_dihedral_views_and_tta_invariance() -> None:
+    """The 8 views are NumPy's rotations/reflections; a TTA model scores every view of a crop the same."""
+    from smearsight.train.morphology.torch_model import dihedral_views
+
+    crop = np.random.default_rng(3).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    views = [v.numpy() for v in dihedral_views(torch.from_numpy(crop))]
+    reference = [np.rot90(c, k, axes=(-2, -1)) for c in (crop, crop[..., ::-1]) for k in range(4)]
+    assert len(views) == 8
+    for ref in reference:  # each NumPy symmetry appears exactly once among the views
+        assert sum(np.array_equal(v, ref) for v in views) == 1
+
+    x = torch.from_numpy(synth_crops(3, seed=5, anomaly=True).astype(np.float32) / 127.5 - 1)[:, None]
+    turned = x.flip(-1).transpose(-1, -2)  # a 90-degree rotation
+    for tta in (False, True):
+        torch.manual_seed(0)
+        model = build_model(MorphologyModelConfig.from_dict({**TINY_MODEL, "tta": tta}), load_teacher_weights=False)
+        model.eval()
+        with torch.no_grad():
+            plain, rotated = model(x), model(turned)
+            if tta:
+                np.testing.assert_allclose(rotated.numpy(), plain.numpy(), rtol=1e-5, atol=1e-6)
+                singles = torch.stack([model.single_view_score(v) for v in dihedral_views(x)]).mean(0)
+                np.testing.assert_allclose(plain.numpy(), singles.numpy(), rtol=1e-6, atol=1e-7)
+            else:  # without TTA the random-init network is not rotation invariant
+                assert not np.allclose(rotated.numpy(), plain.numpy(), rtol=1e-3, atol=1e-4)
 
 
 def test_cli_train_and_eval(tmp_path: Path) -> None:
@@ -279,3 +311,12 @@ def test_png_csv_layout(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_bytes(b"file,split,head\n\xff\xfe.png,valid,1\n")
     with pytest.raises(InputError, match="labels.csv: not a readable UTF-8 CSV"):
         load_crops(tmp_path, "head", "valid")
+
+
+@pytest.mark.parametrize("name", ["morphology_demo", "morphology_hires", "morphology_supervised"])
+def test_shipped_morphology_configs_parse(name: str) -> None:
+    """Every morphology config under configs/ is a valid MorphologyTrainConfig."""
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    cfg = MorphologyTrainConfig.from_yaml(path)
+    if name == "morphology_supervised":
+        assert cfg.model.supervised and cfg.model.tta and cfg.model.classifier_inputs == "discrepancy+teacher"

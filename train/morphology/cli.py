@@ -20,7 +20,10 @@ def train_morphology_cmd(
     ),
     part: str = typer.Option(..., "--part", help="head | acrosome | vacuole | tail"),
     out: Path = typer.Option(..., "--out", help="Run folder: best.pt, metrics.json, history.json, curves.png."),
-    supervised: bool = typer.Option(False, "--supervised", help="Add a classifier over discrepancy features."),
+    supervised: bool = typer.Option(
+        False, "--supervised",
+        help="Add a classifier trained with the labels (configs/morphology_supervised.yaml: the stronger setup).",
+    ),
     teacher: str | None = typer.Option(None, "--teacher", help="Teacher: timm name or vgg16 (default Lite0)."),
     teacher_weights: str | None = typer.Option(None, "--teacher-weights", help="Teacher weights file path."),
     epochs: int | None = typer.Option(None, "--epochs"),

@@ -43,7 +43,12 @@ class StudentConfig(StrictConfig):
 
 
 class MorphologyModelConfig(StrictConfig):
-    """Everything that defines the exported graph (teacher + student + score)."""
+    """Everything that defines the exported graph (teacher + student + score).
+
+    ``classifier_inputs="discrepancy+teacher"`` adds the teacher's per-channel mean and max activation to
+    the supervised classifier's features. ``tta``: the score is averaged over the 8 flips/transposes of the
+    crop (the dihedral group; a smear has no preferred orientation) inside the graph, at 8x the compute.
+    """
 
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -53,6 +58,7 @@ class MorphologyModelConfig(StrictConfig):
     supervised: bool = False
     classifier_hidden: int = Field(32, ge=0)
     classifier_inputs: Literal["discrepancy", "discrepancy+teacher"] = "discrepancy"
+    tta: bool = False
     min_size_ratio: float = Field(5.0, ge=0.0)
 
     def score_layers(self) -> list[int]:

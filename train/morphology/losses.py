@@ -63,7 +63,7 @@ def discrepancy_features(
     """Feature vector per image for the supervised classifier.
 
     Per scoring layer: mean and max of the (1 - cos) map, the MSE, and the per-channel mean squared
-    difference (C values); optionally the teacher's per-channel mean activation (C values).
+    difference (C values); optionally the teacher's per-channel mean and max activation (2C values).
     """
     parts = []
     for index in layers:
@@ -72,5 +72,5 @@ def discrepancy_features(
         parts += [cos_mean[:, None], cos_map.flatten(1).amax(dim=1, keepdim=True), mse[:, None]]
         parts.append(((t - s) ** 2).mean(dim=(2, 3)))
         if with_teacher:
-            parts.append(t.mean(dim=(2, 3)))
+            parts += [t.mean(dim=(2, 3)), t.flatten(2).amax(dim=2)]
     return torch.cat(parts, dim=1)

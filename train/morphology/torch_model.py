@@ -3,6 +3,7 @@
 ``forward(x [B,1,64,64] float32, x = (pixel/255 - 0.5)/0.5) -> scores [B]``; a crop is abnormal when its
 score >= the checkpoint's threshold. Unsupervised: the score is the discrepancy over the scoring layers.
 Supervised: a small classifier over the discrepancy features of every critical layer gives P(abnormal).
+With ``tta`` the score is the mean over the crop's 8 dihedral variants.
 No training machinery here.
 """
 
@@ -20,6 +21,12 @@ from smearsight.train.morphology.student import Student, count_parameters
 from smearsight.train.morphology.teacher import Teacher, build_teacher, feature_shapes
 
 CROP_SIZE = 64
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/transposes of square crops [B,C,H,W] (the first is ``x`` itself)."""
+    flips = [x, x.flip(-1), x.flip(-2), x.flip(-2).flip(-1)]
+    return flips + [view.transpose(-1, -2) for view in flips]
 
 
 class FeatureClassifier(nn.Module):
@@ -56,7 +63,7 @@ class MorphologyModel(nn.Module):
             self.classifier = FeatureClassifier(self.n_features(shapes), cfg.classifier_hidden)
 
     def n_features(self, shapes: list[tuple[int, int, int]]) -> int:
-        per_channel = 2 if self.cfg.classifier_inputs == "discrepancy+teacher" else 1
+        per_channel = 3 if self.cfg.classifier_inputs == "discrepancy+teacher" else 1
         return sum(3 + per_channel * shape[0] for shape in shapes)
 
     def pair(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -71,10 +78,16 @@ class MorphologyModel(nn.Module):
         with_teacher = self.cfg.classifier_inputs == "discrepancy+teacher"
         return discrepancy_features(t, s, list(range(len(t))), with_teacher)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def single_view_score(self, x: torch.Tensor) -> torch.Tensor:
         if self.classifier is None:
             return self.kd_score(x)
         return torch.sigmoid(self.classifier(self.features(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.tta:
+            return self.single_view_score(x)
+        views = dihedral_views(x)
+        return self.single_view_score(torch.cat(views, dim=0)).reshape(len(views), -1).mean(dim=0)
 
     def sizes(self) -> dict[str, int]:
         return {"teacher_params": count_parameters(self.teacher), "student_params": count_parameters(self.student)}

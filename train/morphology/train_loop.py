@@ -111,22 +111,19 @@ def best_subset(per_layer: np.ndarray, labels: np.ndarray, search: bool, default
     return best
 
 
-def _features(model: Any, images: np.ndarray, flips: bool, batch_size: int = 128) -> tuple[np.ndarray, int]:
+def _features(model: Any, images: np.ndarray, views: bool, batch_size: int = 128) -> np.ndarray:
+    """Classifier features [V, N, F] of every crop: V = 8 dihedral views if ``views``, else 1."""
     import torch
 
+    from smearsight.train.morphology.torch_model import dihedral_views
+
     model.eval()
-    variants = [(False, False), (True, False), (False, True), (True, True)] if flips else [(False, False)]
-    feats = []
+    chunks = []
     with torch.no_grad():
-        for hflip, vflip in variants:
-            for start in range(0, len(images), batch_size):
-                x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
-                if hflip:
-                    x = x.flip(-1)
-                if vflip:
-                    x = x.flip(-2)
-                feats.append(model.features(x).numpy())
-    return np.concatenate(feats), len(variants)
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
+            chunks.append(np.stack([model.features(v).numpy() for v in (dihedral_views(x) if views else [x])]))
+    return np.concatenate(chunks, axis=1)
 
 
 def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: MorphologyTrainConfig, log: Any) -> dict:
@@ -135,14 +132,14 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
     import torch.nn.functional as F
 
     assert model.classifier is not None
-    feats, repeats = _features(model, train.images, cfg.flips)
-    labels = np.tile(train.labels, repeats).astype(np.float32)
-    valid_feats, _ = _features(model, valid.images, False)
+    views = _features(model, train.images, cfg.flips)
+    feats = views.reshape(-1, views.shape[-1])
+    labels = np.tile(train.labels, len(views)).astype(np.float32)
+    valid_views = torch.from_numpy(_features(model, valid.images, cfg.model.tta))
     head = model.classifier
     head.feat_mean.copy_(torch.from_numpy(feats.mean(0)))
     head.feat_std.copy_(torch.from_numpy(feats.std(0) + 1e-6))
     x, y = torch.from_numpy(feats), torch.from_numpy(labels)
-    xv = torch.from_numpy(valid_feats)
     pos_weight = torch.tensor((y == 0).sum().item() / max(1.0, (y == 1).sum().item()))
     opt = torch.optim.AdamW(head.net.parameters(), lr=cfg.classifier_lr, weight_decay=cfg.classifier_weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -160,9 +157,9 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
         if epoch % cfg.classifier_eval_every == 0 or epoch == cfg.classifier_epochs:
             head.eval()
             with torch.no_grad():
-                auc = roc_auc(valid.labels, head(xv).numpy()) if len(set(valid.labels.tolist())) == 2 else -float(
-                    head(xv).mean()
-                )
+                valid_scores = torch.stack([torch.sigmoid(head(view)) for view in valid_views]).mean(0).numpy()
+            two_classes = len(set(valid.labels.tolist())) == 2
+            auc = roc_auc(valid.labels, valid_scores) if two_classes else -float(valid_scores.mean())
             history.append({"epoch": epoch, "loss": loss.item(), "valid_auc": auc})
             if auc > best["auc"]:
                 best = {"auc": auc, "epoch": epoch, "state": copy.deepcopy(head.state_dict())}
