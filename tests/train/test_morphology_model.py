@@ -152,8 +152,9 @@ def test_student_must_be_smaller_and_shapes_fit() -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"supervised": True}, {"supervised": True, "tta": True, "classifier_inputs": "discrepancy+teacher"}],
-    ids=["kd", "supervised", "supervised-tta-teacher"],
+    [{}, {"tta": True}, {"supervised": True},
+     {"supervised": True, "tta": True, "classifier_inputs": "discrepancy+teacher"}],
+    ids=["kd", "kd-tta", "supervised", "supervised-tta-teacher"],
 )
 def test_train_checkpoint_rebuild_and_onnx_export(tmp_path: Path, extra: dict) -> None:
     """train_morphology writes best.pt; build_from_checkpoint reproduces its scores; ONNX opset 17 matches."""
@@ -187,6 +188,18 @@ def test_train_checkpoint_rebuild_and_onnx_export(tmp_path: Path, extra: dict) -
     (onnx_scores,) = session.run(None, {"input": x.numpy()})
     assert onnx_scores.shape == (5,)
     np.testing.assert_allclose(onnx_scores, scores[:5], rtol=1e-4, atol=1e-5)
+    (other_batch,) = session.run(None, {"input": x.numpy()[3:5]})  # dynamic batch: not the traced size
+    np.testing.assert_allclose(other_batch, scores[3:5], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_with_another_feature_layout_is_a_clear_error() -> None:
+    """A classifier sized for another feature layout gives InputError, not a raw size-mismatch RuntimeError."""
+    cfg = MorphologyModelConfig.from_dict({**TINY_MODEL, "supervised": True, "classifier_inputs": "discrepancy"})
+    state = build_model(cfg, load_teacher_weights=False).state_dict()
+    ckpt = {"kind": "morphology", "state_dict": state,
+            "model_config": {**cfg.to_dict(), "classifier_inputs": "discrepancy+teacher"}}
+    with pytest.raises(InputError, match="state_dict does not fit the model"):
+        build_from_checkpoint(ckpt)
 
 
 def test_dihedral_views_and_tta_invariance() -> None:

@@ -111,7 +111,11 @@ def build_from_checkpoint(ckpt: dict[str, Any]) -> MorphologyModel:
         raise InputError(f"checkpoint: kind {ckpt.get('kind')!r} is not a morphology checkpoint")
     cfg = MorphologyModelConfig.from_dict(ckpt["model_config"], source="checkpoint model_config")
     model = build_model(cfg, load_teacher_weights=False)
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as exc:  # a tensor of another shape (e.g. made with another feature layout)
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise InputError(f"checkpoint: state_dict does not fit the model ({first}); retrain it") from None
     if missing or unexpected:
         raise InputError(
             f"checkpoint: state_dict does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"

@@ -79,18 +79,24 @@ def score_crops(model: Any, images: np.ndarray, batch_size: int = 128, kd_only: 
 
 
 def layer_scores(model: Any, images: np.ndarray, reduce: str = "mean", batch_size: int = 128) -> np.ndarray:
-    """Per image and critical layer: the discrepancy with ``reduce`` over positions, as [N, L]."""
+    """Per image and critical layer: the discrepancy with ``reduce`` over positions, as [N, L] (averaged over
+    the 8 dihedral views when the model's ``tta`` is on, as its score is)."""
     import torch
 
     from smearsight.train.morphology.losses import discrepancy
+    from smearsight.train.morphology.torch_model import dihedral_views
 
     model.eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            t, s = model.pair(torch.from_numpy(to_tensor_input(images[start : start + batch_size])))
-            cols = [discrepancy(t, s, model.lambda_mse, [i], reduce).numpy() for i in range(len(t))]
-            out.append(np.stack(cols, axis=1))
+            x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
+            per_view = []
+            for view in dihedral_views(x) if model.cfg.tta else [x]:
+                t, s = model.pair(view)
+                per_view.append(np.stack([discrepancy(t, s, model.lambda_mse, [i], reduce).numpy()
+                                          for i in range(len(t))], axis=1))
+            out.append(np.mean(per_view, axis=0))
     return np.concatenate(out)
 
 
@@ -132,7 +138,7 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
     import torch.nn.functional as F
 
     assert model.classifier is not None
-    views = _features(model, train.images, cfg.flips)
+    views = _features(model, train.images, cfg.flips or cfg.model.tta)
     feats = views.reshape(-1, views.shape[-1])
     labels = np.tile(train.labels, len(views)).astype(np.float32)
     valid_views = torch.from_numpy(_features(model, valid.images, cfg.model.tta))
