@@ -175,6 +175,9 @@ def export_checkpoint(
     simplified = False
     if simplify:
         model, simplified = _simplify(model)
+    # value_info is an optional hint, and onnxslim leaves a second, wrongly sized entry for some tensors:
+    # drop it all, every consumer (ONNX Runtime, TensorRT, the checker) infers shapes itself
+    del model.graph.value_info[:]
     onnx.checker.check_model(model, full_check=True)
 
     out_dir = Path(out_dir)

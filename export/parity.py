@@ -208,8 +208,10 @@ def fp16_overflow_layers(
             producers[out] = node.name or node.op_type
     for info in model.graph.value_info:
         if info.name not in existing and info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
-            # no declared shape: inferred symbolic dims let ONNX Runtime plan one buffer for tensors of
-            # different sizes (a "Shape mismatch attempting to re-use buffer" failure, seen on CI)
+            # once per name and without a declared shape: a stale or duplicated value_info entry (onnxslim
+            # leaves some) made ONNX Runtime plan one buffer for two sizes ("Shape mismatch attempting to
+            # re-use buffer", seen on CI)
+            existing.add(info.name)
             model.graph.output.append(onnx.helper.make_tensor_value_info(info.name, onnx.TensorProto.FLOAT, None))
     names = [o.name for o in model.graph.output]
     runs = run_onnx_batches(model, inputs, input_name, batch_one)

@@ -34,6 +34,15 @@ def test_morphology_graph_contract(morphology_export, tiny_morphology_checkpoint
         assert scores.shape == (batch,)
 
 
+def test_exported_graph_has_one_consistent_shape_per_tensor(morphology_export):
+    """No stale value_info (onnxslim left a second, wrongly sized entry): shape inference gives one per tensor."""
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(morphology_export / "model.onnx"))
+    assert len(model.graph.value_info) == 0
+    names = [info.name for info in onnx.shape_inference.infer_shapes(model).graph.value_info]
+    assert names and len(names) == len(set(names))
+
+
 def test_morphology_parity_on_mhsma_like_crops(morphology_export, tiny_morphology_checkpoint, tmp_path, capsys):
     data = tmp_path / "mhsma"
     data.mkdir()
