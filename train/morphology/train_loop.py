@@ -151,6 +151,7 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
     generator = torch.Generator().manual_seed(cfg.seed)
     best = {"auc": -1.0, "epoch": 0, "state": copy.deepcopy(head.state_dict())}
     history = []
+    two_classes = len(set(valid.labels.tolist())) == 2
     for epoch in range(1, cfg.classifier_epochs + 1):
         head.train()
         order = torch.randperm(len(x), generator=generator)
@@ -164,7 +165,6 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
             head.eval()
             with torch.no_grad():
                 valid_scores = torch.stack([torch.sigmoid(head(view)) for view in valid_views]).mean(0).numpy()
-            two_classes = len(set(valid.labels.tolist())) == 2
             auc = roc_auc(valid.labels, valid_scores) if two_classes else -float(valid_scores.mean())
             history.append({"epoch": epoch, "loss": loss.item(), "valid_auc": auc})
             if auc > best["auc"]:
