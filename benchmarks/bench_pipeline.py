@@ -2,7 +2,7 @@
 -> morphology -> annotate -> sink, with per-stage median latencies.
 
     python benchmarks/bench_pipeline.py [--models DIR] [--frames 40] [--sink null://] [--source synth://]
-        [--no-morphology] [--overlap] [--variant efficientdet_lite0] [--size 768x1024]
+        [--no-morphology] [--overlap] [--detect-every 1|N|auto] [--variant efficientdet_lite0] [--size 768x1024]
 
 Without ``--models`` the built-in demo models are used when installed; otherwise an *untrained*
 detector of ``--variant`` (weights do not change the speed) is exported at ``--size`` into a temporary
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--morphology-every-frame", action="store_true",
                         help="judge every sperm on every frame (default: results carried with the stage)")
     parser.add_argument("--overlap", action="store_true", help="models one frame ahead on their own thread")
+    parser.add_argument("--detect-every", default="1",
+                        help="detector on every Nth frame, boxes carried with the stage between; auto: as "
+                        "often as 10 FPS allows (smearsight run's default)")
     parser.add_argument("--variant", default="efficientdet_lite0")
     parser.add_argument("--size", default="768x1024", help="HxW for an exported untrained detector")
     parser.add_argument("--out", type=Path, default=None, help="also write the stats JSON here")
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         label = str(models)
     pipe = pl.open_pipeline(models, args.backend, morphology=not args.no_morphology, precision=args.precision,
-                            reuse_morphology=not args.morphology_every_frame)
+                            reuse_morphology=not args.morphology_every_frame,
+                            detect_every=args.detect_every if args.detect_every == "auto" else int(args.detect_every))
     try:
         if args.warmup:  # first runs pay for allocations and ORT's lazy initialisation
             pl.run(pl.RunConfig(source=args.source, sink="null://", headless=True, max_frames=args.warmup), pipe)
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"models: {label}; detector input {man.input.shape}, anchors {pipe.anchors.shape[0]:,}, "
           f"backend {stats['backend']} ({stats['precision']}), morphology {stats['morphology_parts'] or 'none'}"
           + (f" (carried: {stats['morphology_crops_judged']} crops judged)" if stats["morphology_reuse"] else ""))
-    print(f"source {args.source} -> {args.sink}, {stats['frames']} frames, Python {sys.version.split()[0]}")
+    print(f"source {args.source} -> {args.sink}, {stats['frames']} frames ({stats['detector_frames']} through the "
+          f"detector, detect every {stats['detect_every']}), Python {sys.version.split()[0]}")
     print(f"{'stage':>12} {'median ms':>10}")
     for stage, ms in stats["latency_ms"].items():
         print(f"{stage:>12} {ms:>10.2f}")

@@ -16,15 +16,17 @@ Failures after opening (a full disk, a card turned read-only, I/O errors) never 
 ``.error`` holds a plain-words message for the screen, and recording resumes when writes succeed again.
 Opening a record that cannot be written raises :class:`RecordError` (an :class:`InputError`).
 
-Schema (``schema_version`` 1)::
+Schema (``schema_version`` 2)::
 
     sessions(id, started_at, ended_at, source, meta_json, class_names_json, summary_json)
-    frames(session_id, frame_index, timestamp, n_detections)
+    frames(session_id, frame_index, timestamp, n_detections, detected)  -- detected 0: carried from a key frame
     detections(session_id, frame_index, det, class_id, class_name, score, x1, y1, x2, y2)
     morphology(session_id, frame_index, det, part, score, abnormal)   -- abnormal NULL = not judged (N/A)
 
-``det`` is the detection's row in the frame's ``[K, 6]`` array. Read helpers (:func:`list_sessions`,
-:func:`get_session`, :func:`session_frames`) back ``smearsight sessions``.
+``det`` is the detection's row in the frame's ``[K, 6]`` array. ``detected`` is 1 when the detector ran on
+the frame and 0 when its boxes were the last key frame's moved with the stage (``smearsight run
+--detect-every``); version 1 records gain the column (as 1) when opened for writing. Read helpers
+(:func:`list_sessions`, :func:`get_session`, :func:`session_frames`) back ``smearsight sessions``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import numpy as np
 from smearsight.errors import InputError
 from smearsight.runtime.annotate import morphology_flags
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_ENV = "SMEARSIGHT_SESSIONS_DB"
 MATURE_SPERM = "mature_sperm"
 
@@ -65,6 +67,7 @@ CREATE TABLE IF NOT EXISTS frames (
     frame_index INTEGER NOT NULL,
     timestamp REAL NOT NULL,
     n_detections INTEGER NOT NULL,
+    detected INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (session_id, frame_index)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS detections (
@@ -204,6 +207,11 @@ class SessionRecorder:
             self._conn.executescript(_SCHEMA)
             if self._conn.execute("SELECT COUNT(*) FROM schema_info").fetchone()[0] == 0:
                 self._conn.execute("INSERT INTO schema_info(version) VALUES (?)", (SCHEMA_VERSION,))
+            if not _has_detected_column(self._conn):  # a version 1 record
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute("ALTER TABLE frames ADD COLUMN detected INTEGER NOT NULL DEFAULT 1")
+                self._conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION,))
+                self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._conn.close()
             raise RecordError(explain_db_error(self.path, exc)) from exc
@@ -253,8 +261,11 @@ class SessionRecorder:
         detections: np.ndarray,
         class_names: Sequence[str],
         morphology: list[dict[str, Any]] | None = None,
+        detected: bool = True,
     ) -> bool:
         """Buffer one frame; commits every ``batch_frames`` frames. Never raises for disk problems.
+
+        ``detected`` False: the detections were carried from a key frame, not inferred on this one.
 
         Returns False when there is no open session, or the frame index is negative or repeats the previous
         one (stale frames shown while a camera is lost), or the batch commit failed (see ``.error``).
@@ -285,7 +296,7 @@ class SessionRecorder:
             for part, score, abnormal in parts:
                 self._morph.append((sid, int(frame_index), int(det), part, score,
                                     None if abnormal is None else int(abnormal)))
-        self._frames.append((sid, int(frame_index), float(timestamp), len(names)))
+        self._frames.append((sid, int(frame_index), float(timestamp), len(names), int(bool(detected))))
         self._summary.add(float(timestamp), names, flags)
         self._pending += 1
         if self._pending >= self.batch_frames:
@@ -330,7 +341,8 @@ class SessionRecorder:
             conn = self._conn
             try:
                 conn.execute("BEGIN")
-                conn.executemany("INSERT OR REPLACE INTO frames VALUES (?, ?, ?, ?)", frames)
+                conn.executemany("INSERT OR REPLACE INTO frames(session_id, frame_index, timestamp, n_detections, "
+                                 "detected) VALUES (?, ?, ?, ?, ?)", frames)
                 conn.executemany("INSERT OR REPLACE INTO detections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dets)
                 conn.executemany("INSERT OR REPLACE INTO morphology VALUES (?, ?, ?, ?, ?, ?)", morph)
                 conn.execute("COMMIT")
@@ -400,6 +412,10 @@ class SessionRecorder:
 
 
 # --------------------------------------------------------------------------------------------- reading
+def _has_detected_column(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "detected" for row in conn.execute("PRAGMA table_info(frames)"))
+
+
 def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     """Open a record for reading; InputError naming the file when it is missing or not a record."""
     path = Path(path).expanduser()
@@ -532,10 +548,12 @@ def session_frames(path: str | os.PathLike[str], session_id: int) -> Iterator[di
                 "det": r[1], "class_id": r[2], "class_name": r[3], "score": r[4],
                 "box": [r[5], r[6], r[7], r[8]], "morphology": morph.get((r[0], r[1]), {}),
             })
+        detected = "detected" if _has_detected_column(conn) else "1"
         for r in conn.execute(
-            "SELECT frame_index, timestamp, n_detections FROM frames WHERE session_id = ? ORDER BY frame_index",
-            (int(session_id),),
+            f"SELECT frame_index, timestamp, n_detections, {detected} FROM frames WHERE session_id = ? "
+            "ORDER BY frame_index", (int(session_id),),
         ):
-            yield {"frame_index": r[0], "timestamp": r[1], "n_detections": r[2], "detections": dets.get(r[0], [])}
+            yield {"frame_index": r[0], "timestamp": r[1], "n_detections": r[2], "detected": bool(r[3]),
+                   "detections": dets.get(r[0], [])}
     finally:
         conn.close()

@@ -40,6 +40,12 @@ def run_command(
         "result along with the stage's motion."),
     precision: str = typer.Option("auto", "--precision", help="Detector: fp32 | int8 (detector_int8/) | auto "
                                   "(int8 when present on a CPU-only device)."),
+    detect_every: str = typer.Option(
+        "auto", "--detect-every", help="Run the detector on every Nth frame only and move its boxes with the "
+        "stage on the frames between (cells entering the field are boxed at the next detected frame; a jump, "
+        "a focus change or a long stage move forces detection). auto: every frame while that keeps up with "
+        "--target-fps, else the smallest interval (at most 4) that does. 1: every frame."),
+    target_fps: float = typer.Option(10.0, "--target-fps", min=0.1, help="Frame rate --detect-every auto aims for."),
     overlap: bool = typer.Option(
         False, "--overlap/--sequential", help="Run the models one frame ahead on their own thread while the main "
         "thread draws, shows and records (meant for a detector on a GPU; on a CPU-only device it gains nothing), "
@@ -60,12 +66,17 @@ def run_command(
 
     if backend not in ("auto", "onnx", "trt"):
         raise InputError(f"--backend: '{backend}' is not one of auto, onnx, trt")
+    every: int | str = detect_every.strip().lower()
+    if every != "auto":
+        if not str(every).isdigit() or int(every) < 1:
+            raise InputError(f"--detect-every: expected auto or a whole number of frames >= 1, got '{detect_every}'")
+        every = int(every)
     console = Console(stderr=True, highlight=False)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig(source=source, sink=sink, models=models, backend=backend, headless=headless,
                     max_frames=max_frames, record=record, stats_json=stats_json, loop=loop, fullscreen=fullscreen,
                     wait_display=wait_for_display,
                     morphology=not no_morphology, morphology_reuse=not morphology_every_frame, precision=precision,
-                    overlap=overlap, panel=panel, captures=captures)
+                    detect_every=every, target_fps=target_fps, overlap=overlap, panel=panel, captures=captures)
     stats = run(cfg, echo=lambda msg: console.print(msg, markup=False))
     console.print(stats_text(stats), markup=False)

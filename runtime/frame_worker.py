@@ -39,6 +39,7 @@ class Processed:
     morphology: list[dict[str, Any]] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
     judged: int = 0  # morphology crops judged on this frame
+    detected: bool = False  # went through the detector (else its detections were carried from a key frame)
     error: str = ""  # plain words when the frame could not be processed
     held: bool = False  # passed through unprocessed because the screen holds a frozen field
     generation: int = 0  # morphology resets applied before this frame (see InferenceWorker.reset_morphology)
@@ -74,7 +75,7 @@ class InferenceWorker:
         return self._thread is not None
 
     def reset_morphology(self) -> None:
-        """Forget carried morphology results before the next frame (a new slide or session).
+        """Forget carried morphology results and detections before the next frame (a new slide or session).
 
         Frames already in flight were judged with the old memory: their :attr:`Processed.generation` is
         below :attr:`generation`, and the consumer drops them.
@@ -95,8 +96,7 @@ class InferenceWorker:
         item = Processed(frame, time.perf_counter() - t0)
         wanted = self.generation
         if wanted != self._applied:
-            if pipe.morphology is not None:
-                pipe.morphology.reset()
+            pipe.reset()
             self._applied = wanted
         item.generation = self._applied
         if frame.stale:
@@ -112,6 +112,7 @@ class InferenceWorker:
         else:
             item.detections = dets[:n].copy()  # the pipeline reuses its array next frame
             item.judged = pipe.morphology.judged_last if pipe.morphology is not None else 0
+            item.detected = pipe.detected_last
         return item
 
     def _run(self) -> None:

@@ -32,6 +32,9 @@ import numpy as np
 from smearsight.catalog import SPERM_CLASS_NAMES
 from smearsight.errors import InputError, require
 from smearsight.runtime.backends.base import InferenceBackend
+from smearsight.runtime.stage_motion import StageShift
+
+MEASURE = object()  # MorphologyStage(shift=...) default: measure the stage's shift itself
 
 
 def crop_square(frame: np.ndarray, box: np.ndarray, scale: float, min_side: float) -> np.ndarray:
@@ -52,37 +55,6 @@ def crop_square(frame: np.ndarray, box: np.ndarray, scale: float, min_side: floa
     if any(pads):
         crop = cv2.copyMakeBorder(crop, *pads, cv2.BORDER_REPLICATE)
     return crop
-
-
-class StageShift:
-    """The stage's translation between consecutive frames, by phase correlation at 1/``downscale``."""
-
-    def __init__(self, downscale: int = 4, min_response: float = 0.05) -> None:
-        self.cv2 = require("cv2", "stage motion")
-        self.downscale = max(int(downscale), 1)
-        self.min_response = min_response
-        self._prev: np.ndarray | None = None
-        self._window: np.ndarray | None = None
-
-    def reset(self) -> None:
-        self._prev = None
-
-    def __call__(self, gray: np.ndarray) -> tuple[float, float] | None:
-        """Shift (dx, dy) in frame pixels that maps the previous frame's content onto ``gray``; None for the
-        first frame, a frame of another size, or a correlation too weak to trust."""
-        cv2 = self.cv2
-        h, w = gray.shape[:2]
-        small = cv2.resize(gray, (max(w // self.downscale, 8), max(h // self.downscale, 8)),
-                           interpolation=cv2.INTER_AREA).astype(np.float32)
-        prev, self._prev = self._prev, small
-        if prev is None or prev.shape != small.shape:
-            return None
-        if self._window is None or self._window.shape != small.shape:
-            self._window = cv2.createHanningWindow((small.shape[1], small.shape[0]), cv2.CV_32F)
-        (dx, dy), response = cv2.phaseCorrelate(prev, small, self._window)
-        if not response >= self.min_response:
-            return None
-        return dx * w / small.shape[1], dy * h / small.shape[0]
 
 
 class MorphologyStage:
@@ -150,17 +122,24 @@ class MorphologyStage:
         cls = detections[:count, 5].astype(np.int64)
         return np.flatnonzero(np.isin(cls, self.sperm_classes))
 
-    def __call__(self, frame_rgb: np.ndarray, detections: np.ndarray, count: int) -> list[dict[str, Any]]:
-        """Judge the sperm among ``detections[:count]`` (frame pixels) in ``frame_rgb``."""
+    def __call__(self, frame_rgb: np.ndarray, detections: np.ndarray, count: int, *,
+                 gray: np.ndarray | None = None, shift: Any = MEASURE) -> list[dict[str, Any]]:
+        """Judge the sperm among ``detections[:count]`` (frame pixels) in ``frame_rgb``.
+
+        ``gray`` is the frame in grayscale when the caller has it; ``shift`` the stage's shift since the
+        previous frame when the caller measured it (None: unknown), else it is measured here.
+        """
         self.judged_last = 0
         if not self.backends:
             return []
         rows = self.sperm_rows(detections, count)
-        gray = None
         tracking = False
         if self.reuse:
-            gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
-            tracking = self._follow_stage(self.shift(gray), gray.shape[:2])  # type: ignore[misc]
+            if gray is None:
+                gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
+            if shift is MEASURE:
+                shift = self.shift(gray)  # type: ignore[misc]
+            tracking = self._follow_stage(shift, gray.shape[:2])
         rows, skipped = rows[: self.max_sperm], rows[self.max_sperm :]
         results: list[dict[str, Any]] = [{"det": int(r)} for r in rows]
         boxes = detections[rows, :4]

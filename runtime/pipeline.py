@@ -32,7 +32,7 @@ from smearsight.runtime.preprocess import Preprocessor
 
 log = logging.getLogger("smearsight.runtime")
 
-STAGES = ("capture", "preprocess", "infer", "decode_nms", "morphology", "annotate", "sink", "record")
+STAGES = ("capture", "motion", "preprocess", "infer", "decode_nms", "morphology", "annotate", "sink", "record")
 DEFAULT_SOURCE = "synth://"
 DEFAULT_FILE_SINK = "file://smearsight-out.mp4"
 # stats' fps_steady leaves out the first frames (model warm-up, the first field's morphology, caches)
@@ -125,11 +125,17 @@ class Pipeline:
 
     ``process(frame_rgb)`` returns ``(detections, count, morphology, timings)``: ``detections`` is the
     fixed ``[max_det, 6]`` array in frame pixels (reused by the next call), ``timings`` seconds per stage.
+
+    ``detect_every`` > 1 runs the detector on key frames only and moves their detections with the stage
+    in between (:class:`~smearsight.runtime.stage_motion.DetectionCarry`); :attr:`detected_last` says
+    whether the last frame went through the detector. The stage's shift is measured once per frame (the
+    ``motion`` stage) whenever carrying detections or morphology results needs it.
     """
 
     def __init__(self, detector: InferenceBackend, morphology: list[InferenceBackend] | None = None, *,
-                 reuse_morphology: bool = False) -> None:
+                 reuse_morphology: bool = False, detect_every: int | str = 1, target_fps: float = 10.0) -> None:
         from smearsight.runtime.morphology_stage import MorphologyStage
+        from smearsight.runtime.stage_motion import DetectionCarry, StageShift
 
         man = detector.manifest
         if man.kind != "detector" or man.detector is None:
@@ -161,6 +167,9 @@ class Pipeline:
             if self.morphology_backends else None
         )
         self.notes = list(detector.notes) + [n for b in self.morphology_backends for n in b.notes]
+        self.carry = DetectionCarry(detect_every, target_fps=target_fps)
+        self.motion = StageShift() if self.carry.enabled or self.morphology is not None and reuse_morphology else None
+        self.detected_last = False
 
     def _open_gpu_decoder(self) -> Any:
         """The CUDA decoder, sharing the engine's context and stream so that the raw outputs never
@@ -239,7 +248,39 @@ class Pipeline:
         )
 
     def process(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, int, list[dict[str, Any]], dict[str, float]]:
-        """Run one RGB uint8 frame through the models."""
+        """Run one RGB uint8 frame through the models (or carry the key frame's detections onto it)."""
+        t0 = time.perf_counter()
+        times: dict[str, float] = {}
+        gray = shift = None
+        if self.motion is not None:
+            if frame_rgb.dtype != np.uint8 or frame_rgb.ndim != 3 or frame_rgb.shape[2] != 3:
+                raise InputError(f"frame: expected an RGB uint8 image HxWx3, got {frame_rgb.dtype} "
+                                 f"of shape {frame_rgb.shape}")
+            import cv2
+
+            gray = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY)
+            shift = self.motion(gray)
+            times["motion"] = time.perf_counter() - t0
+        frame_hw = frame_rgb.shape[:2]
+        out = self._frame_dets
+        self.detected_last = self.carry.should_detect(shift, frame_hw)
+        if self.detected_last:
+            n = self._detect(frame_rgb, out, times)
+            self.carry.keyframe(out, n, frame_hw)
+        else:
+            t1 = time.perf_counter()
+            n = self.carry.carry(shift, out)  # type: ignore[arg-type]
+            times["motion"] += time.perf_counter() - t1
+        t3 = time.perf_counter()
+        morph = []
+        if self.morphology is not None:
+            morph = (self.morphology(frame_rgb, out, n, gray=gray, shift=shift) if self.motion is not None
+                     else self.morphology(frame_rgb, out, n))
+        times["morphology"] = time.perf_counter() - t3
+        return out, n, morph, times
+
+    def _detect(self, frame_rgb: np.ndarray, out: np.ndarray, times: dict[str, float]) -> int:
+        """Pre-process, infer, decode + NMS into ``out`` (frame pixels); returns the detection count."""
         t0 = time.perf_counter()
         if self._gpu_preprocess is not None:  # upload, preprocess, engine, decode + NMS: one GPU stream
             if frame_rgb.dtype != np.uint8 or frame_rgb.ndim != 3 or frame_rgb.shape[2] != 3:
@@ -258,7 +299,6 @@ class Pipeline:
                 outputs = self.detector.infer(x)
                 t2 = time.perf_counter()
                 dets, n = self.decode(outputs)
-        out = self._frame_dets
         out[:] = EMPTY_ROW
         if n:
             h, w = box.frame_size
@@ -269,10 +309,16 @@ class Pipeline:
             out[:n, 1:4:2] /= box.scale_y
             np.clip(out[:n, 0:4:2], 0, w, out=out[:n, 0:4:2])
             np.clip(out[:n, 1:4:2], 0, h, out=out[:n, 1:4:2])
-        t3 = time.perf_counter()
-        morph = self.morphology(frame_rgb, out, n) if self.morphology is not None else []
-        t4 = time.perf_counter()
-        return out, n, morph, {"preprocess": t1 - t0, "infer": t2 - t1, "decode_nms": t3 - t2, "morphology": t4 - t3}
+        times.update(preprocess=t1 - t0, infer=t2 - t1, decode_nms=time.perf_counter() - t2)
+        return n
+
+    def reset(self) -> None:
+        """Forget what was carried from earlier frames (a new slide or session): the next frame is detected."""
+        self.carry.reset()
+        if self.motion is not None:
+            self.motion.reset()
+        if self.morphology is not None:
+            self.morphology.reset()
 
     def close(self) -> None:
         if self._gpu_preprocess is not None:
@@ -289,7 +335,8 @@ class Pipeline:
 
 
 def open_pipeline(models: Path | str | None, backend: str = "auto", *, morphology: bool = True,
-                  precision: str = "auto", reuse_morphology: bool = True) -> Pipeline:
+                  precision: str = "auto", reuse_morphology: bool = True, detect_every: int | str = 1,
+                  target_fps: float = 10.0) -> Pipeline:
     """Open the detector and morphology models found by :func:`find_models` as a :class:`Pipeline`."""
     found = find_models(models, precision, backend)
     detector = open_backend(found.detector, backend)  # type: ignore[arg-type]
@@ -302,7 +349,8 @@ def open_pipeline(models: Path | str | None, backend: str = "auto", *, morpholog
             except InputError as exc:
                 detector.notes.append(f"morphology model skipped: {exc}")
                 log.warning("morphology model skipped: %s", exc)
-    return Pipeline(detector, morph, reuse_morphology=reuse_morphology)
+    return Pipeline(detector, morph, reuse_morphology=reuse_morphology, detect_every=detect_every,
+                    target_fps=target_fps)
 
 
 # ------------------------------------------------------------------------------------------- run loop
@@ -324,6 +372,10 @@ class RunConfig:
     morphology: bool = True
     morphology_reuse: bool = True
     precision: str = "auto"
+    # the detector on every Nth frame, detections carried with the stage in between; "auto": as often as
+    # target_fps allows (runtime/stage_motion.py)
+    detect_every: int | str = "auto"
+    target_fps: float = 10.0
     # infer the next frame while this one is drawn and shown (runtime/frame_worker.py); off by default: no
     # gain on a CPU-only device, where ONNX Runtime already uses every core; meant for GPU devices (unmeasured)
     overlap: bool = False
@@ -396,7 +448,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     say = echo or (lambda msg: log.info(msg))
     own_pipeline = pipeline is None
     pipe = pipeline or open_pipeline(cfg.models, cfg.backend, morphology=cfg.morphology, precision=cfg.precision,
-                                     reuse_morphology=cfg.morphology_reuse)
+                                     reuse_morphology=cfg.morphology_reuse, detect_every=cfg.detect_every,
+                                     target_fps=cfg.target_fps)
     problems = _Problems()
     for note in pipe.notes:
         problems.report(note, hold_s=10.0)
@@ -414,6 +467,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     frames = 0
     t_warm: float | None = None
     judged = 0
+    detected = 0
     session_id = None
     t_start = time.perf_counter()
     try:
@@ -476,6 +530,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             if frames == WARMUP_FRAMES:
                 t_warm = time.perf_counter()
             judged += item.judged
+            detected += item.detected
             timer.add("capture", item.wait_s)
             for stage, secs in item.times.items():
                 timer.add(stage, secs)
@@ -491,6 +546,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             dt = now - t_prev
             t_prev = now
             fps = 1.0 / dt if fps == 0.0 else 0.9 * fps + 0.1 / max(dt, 1e-6)
+            if frames > 1 and dt < 2.0:  # not the first frame (models' warm-up) nor one after a frozen screen
+                pipe.carry.observe(dt, item.detected)
             for err in (getattr(sink, "error", ""), getattr(recorder, "error", "") if recorder else ""):
                 problems.report(err, hold_s=10.0)
             overlay = {"fps": fps, "latency_ms": timer.last_ms(), "counts": frame_counts, "frame": frame.index,
@@ -506,7 +563,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                                  "status": active, "backend": pipe.detector.name})
                 t7 = time.perf_counter()
                 if recorder is not None:
-                    recorder.record_frame(frame.index, frame.timestamp, valid, pipe.class_names, morph)
+                    recorder.record_frame(frame.index, frame.timestamp, valid, pipe.class_names, morph,
+                                          detected=item.detected)
                 if bridge is not None:  # keep a copy for freeze: the annotated frame's buffer is reused
                     if last_img is None or last_img.shape != img.shape:
                         last_img = np.empty_like(img)
@@ -556,6 +614,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "precision": pipe.detector.manifest.precision,
             "morphology_parts": [b.manifest.morphology.part for b in pipe.morphology_backends],
             "morphology_crops_judged": judged,
+            "detect_every": "auto" if pipe.carry.auto else pipe.carry.detect_every,
+            "detect_every_last": pipe.carry.detect_every,
+            "detector_frames": detected,
             "morphology_reuse": bool(pipe.morphology is not None and pipe.morphology.reuse),
             "overlap": worker is not None and worker.threaded,
             "source": cfg.source,

@@ -293,3 +293,40 @@ def test_background_writer_reports_full_disk(tmp_path: Path) -> None:
         summary = rec.end_session()
         rec.close()
         assert summary["frames"] == 8 and summary["frames_not_saved"] == 8
+
+
+V1_SCHEMA = """
+CREATE TABLE schema_info (version INTEGER NOT NULL);
+INSERT INTO schema_info(version) VALUES (1);
+CREATE TABLE sessions (id INTEGER PRIMARY KEY AUTOINCREMENT, started_at REAL NOT NULL, ended_at REAL,
+    source TEXT NOT NULL DEFAULT '', meta_json TEXT NOT NULL DEFAULT '{}',
+    class_names_json TEXT NOT NULL DEFAULT '[]', summary_json TEXT);
+CREATE TABLE frames (session_id INTEGER NOT NULL, frame_index INTEGER NOT NULL, timestamp REAL NOT NULL,
+    n_detections INTEGER NOT NULL, PRIMARY KEY (session_id, frame_index)) WITHOUT ROWID;
+CREATE TABLE detections (session_id INTEGER NOT NULL, frame_index INTEGER NOT NULL, det INTEGER NOT NULL,
+    class_id INTEGER NOT NULL, class_name TEXT NOT NULL, score REAL NOT NULL, x1 REAL NOT NULL, y1 REAL NOT NULL,
+    x2 REAL NOT NULL, y2 REAL NOT NULL, PRIMARY KEY (session_id, frame_index, det)) WITHOUT ROWID;
+CREATE TABLE morphology (session_id INTEGER NOT NULL, frame_index INTEGER NOT NULL, det INTEGER NOT NULL,
+    part TEXT NOT NULL, score REAL, abnormal INTEGER, PRIMARY KEY (session_id, frame_index, det, part)) WITHOUT ROWID;
+INSERT INTO sessions(started_at, source) VALUES (100.0, 'old');
+INSERT INTO frames VALUES (1, 0, 100.0, 0);
+"""
+
+
+def test_carried_frames_are_marked_and_version_1_records_are_upgraded(tmp_path: Path) -> None:
+    db = tmp_path / "v1.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(V1_SCHEMA)
+    conn.close()
+    assert [f["detected"] for f in session_frames(db, 1)] == [True]  # read as it is, not altered
+    with SessionRecorder(db, batch_frames=2) as rec:
+        sid = rec.start_session({"class_names": list(TPS_CLASS_NAMES)})
+        for i, detected in enumerate([True, False, False, True]):
+            assert rec.record_frame(i, 200.0 + i, _dets(1, [MATURE]), TPS_CLASS_NAMES, detected=detected)
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT version FROM schema_info").fetchall() == [(2,)]
+    finally:
+        conn.close()
+    assert [f["detected"] for f in session_frames(db, 1)] == [True]  # the old frame counts as detected
+    assert [f["detected"] for f in session_frames(db, sid)] == [True, False, False, True]

@@ -43,7 +43,7 @@ def test_results_equal_the_pipeline_called_directly_in_order(pipe, threaded):
     for f in src:
         dets, n, _, _ = pipe.process(f.image.copy())
         want.append(dets[:n].copy())
-    pipe.morphology.reset()
+    pipe.reset()
     worker = InferenceWorker(pipe, iter(src), threaded=threaded)
     try:
         got = list(worker)
@@ -53,7 +53,8 @@ def test_results_equal_the_pipeline_called_directly_in_order(pipe, threaded):
     for g, w in zip(got, want, strict=True):
         assert g.error == "" and g.detections is not None
         np.testing.assert_array_equal(g.detections, w)
-        assert set(g.times) == {"preprocess", "infer", "decode_nms", "morphology"}
+        # "motion": the stage's shift, for carrying morphology results
+        assert set(g.times) == {"motion", "preprocess", "infer", "decode_nms", "morphology"} and g.detected
     # copies: the pipeline's own detection array is reused, the results must not change with it
     assert len({id(g.detections) for g in got}) == 6
     assert (worker._thread is not None) == threaded

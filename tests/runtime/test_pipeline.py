@@ -77,7 +77,8 @@ def test_detections_match_independent_computation(tiny, models):
             np.testing.assert_array_equal(got[:, 5], ref[:, 5])
             np.testing.assert_allclose(got[:, :5], ref[:, :5], rtol=1e-4, atol=1e-3)
             assert (dets[n:, 5] == -1).all()
-            assert set(times) == {"preprocess", "infer", "decode_nms", "morphology"}
+            assert set(times) == {"motion", "preprocess", "infer", "decode_nms", "morphology"}
+            assert pipe.detected_last  # detect_every defaults to 1: every frame is detected
     finally:
         pipe.close()
 
