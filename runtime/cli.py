@@ -46,6 +46,9 @@ def run_command(
         "a focus change or a long stage move forces detection). auto: every frame while that keeps up with "
         "--target-fps, else the smallest interval (at most 4) that does. 1: every frame."),
     target_fps: float = typer.Option(10.0, "--target-fps", min=0.1, help="Frame rate --detect-every auto aims for."),
+    morphology_budget_ms: float = typer.Option(
+        100.0, "--morphology-budget-ms", min=0.0, help="Time a frame may spend judging sperm new to the view; "
+        "the others are judged on the next frames (0: no limit, every new sperm at once)."),
     overlap: bool = typer.Option(
         False, "--overlap/--sequential", help="Run the models one frame ahead on their own thread while the main "
         "thread draws, shows and records (meant for a detector on a GPU; on a CPU-only device it gains nothing), "
@@ -77,6 +80,8 @@ def run_command(
                     max_frames=max_frames, record=record, stats_json=stats_json, loop=loop, fullscreen=fullscreen,
                     wait_display=wait_for_display,
                     morphology=not no_morphology, morphology_reuse=not morphology_every_frame, precision=precision,
-                    detect_every=every, target_fps=target_fps, overlap=overlap, panel=panel, captures=captures)
+                    detect_every=every, target_fps=target_fps,
+                    morphology_budget_s=morphology_budget_ms / 1000.0 if morphology_budget_ms > 0 else None,
+                    overlap=overlap, panel=panel, captures=captures)
     stats = run(cfg, echo=lambda msg: console.print(msg, markup=False))
     console.print(stats_text(stats), markup=False)

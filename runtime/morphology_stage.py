@@ -19,11 +19,13 @@ instead of being judged again; a cell the detector missed for a few frames is st
 sperm new to the view go through the models, at most ``max_new`` a frame; so the cost follows what
 enters the field, not how many sperm it holds. When the shift cannot
 be measured (a jump, a focus change, an empty field) every sperm counts as new and is judged
-(no ``max_new`` cap on such a frame).
+(no ``max_new`` cap on such a frame). In both cases a frame spends at most about ``budget_s`` on new
+sperm (the best scoring first); the others are judged on the following frames.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,7 @@ from smearsight.runtime.backends.base import InferenceBackend
 from smearsight.runtime.stage_motion import StageShift
 
 MEASURE = object()  # MorphologyStage(shift=...) default: measure the stage's shift itself
+PROBE_CROPS = 2  # the first chunk judged when a crop's cost is not known yet
 
 
 def crop_square(frame: np.ndarray, box: np.ndarray, scale: float, min_side: float) -> np.ndarray:
@@ -68,6 +71,10 @@ class MorphologyStage:
         reuse: carry results along with the stage's motion (module docstring); ``max_new`` sperm at most
             are judged per frame then, the others are "pending" until a later frame. A judged cell is
             remembered while unseen for up to ``memory_frames`` frames (the detector may miss it in one).
+        budget_s: with ``reuse``, the time a frame may spend judging new sperm (None: no limit). Crops go
+            through the models in chunks sized from the measured cost of a crop; the rest wait as
+            "pending" for later frames, so a heavy model fills the first field in over several frames
+            instead of freezing the screen on it.
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class MorphologyStage:
         max_new: int = 48,
         match_iou: float = 0.5,
         memory_frames: int = 8,
+        budget_s: float | None = 0.1,
     ) -> None:
         self.cv2 = require("cv2", "morphology crops")
         self.backends = list(backends)
@@ -101,6 +109,10 @@ class MorphologyStage:
         self.max_new = max(int(max_new), 1)
         self.match_iou = match_iou
         self.memory_frames = memory_frames
+        if budget_s is not None and not budget_s > 0:
+            raise InputError(f"morphology budget: expected seconds > 0 (or none), got {budget_s!r}")
+        self.budget_s = budget_s
+        self._crop_seconds: float | None = None  # smoothed cost of one crop through every part's model
         self.shift = StageShift() if reuse else None
         self._known_boxes = np.zeros((0, 4), np.float32)
         self._known: list[dict[str, Any]] = []  # {"parts", "tracked", "unseen"} per row of _known_boxes
@@ -146,33 +158,64 @@ class MorphologyStage:
         carried = self._carry(boxes) if self.reuse else [-1] * len(rows)
         new = [i for i, j in enumerate(carried) if j < 0]
         # the max_new cap only while the stage is followed: without a shift nothing can be carried, so a
-        # capped frame would leave the same cells pending on every frame
-        judge = new[: self.max_new] if tracking else new
+        # capped frame would leave the same cells pending on every frame (the time budget still holds)
+        candidates = new[: self.max_new] if tracking else new
         for i, j in enumerate(carried):
             if j >= 0:
                 entry = self._known[j]
                 entry["tracked"] += 1
                 results[i].update(parts=entry["parts"], tracked=entry["tracked"])
-        for i in new[len(judge):]:
-            results[i]["status"] = "pending"
-        if judge:
+        judge: list[int] = []
+        if candidates:
             if gray is None:
                 gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
-            crops = [crop_square(gray, detections[rows[i]], self.crop_scale, self.min_side) for i in judge]
-            for i in judge:
+            judge = self._judge_within_budget(gray, detections, rows, candidates, results)
+        for i in new[len(judge):]:
+            results[i]["status"] = "pending"
+        if self.reuse:
+            self._update_memory(boxes, carried, judge, results)
+        results.extend({"det": int(r), "status": "n/a"} for r in skipped)
+        return results
+
+    def _judge_within_budget(self, gray: np.ndarray, detections: np.ndarray, rows: np.ndarray,
+                             candidates: list[int], results: list[dict[str, Any]]) -> list[int]:
+        """Judge ``candidates`` (indices into ``rows``) in order, in chunks, until ``budget_s`` is spent
+        (with ``reuse``; at least one chunk a frame); returns those judged (a prefix of ``candidates``)."""
+        budget = self.budget_s if self.reuse else None
+        start = time.perf_counter()
+        done = 0
+        while done < len(candidates):
+            now = time.perf_counter()
+            left = None if budget is None else budget - (now - start)
+            if left is not None and done and left <= 0:
+                break
+            if left is None:
+                size = len(candidates) - done
+            elif self._crop_seconds is None:
+                size = PROBE_CROPS  # learn what a crop costs first
+            else:
+                size = int(left / self._crop_seconds)  # what fits in the time left
+                if size < 1:
+                    if done:
+                        break
+                    size = 1  # at least one crop a frame, so that every sperm is judged in the end
+            chunk = candidates[done : done + size]
+            crops = [crop_square(gray, detections[rows[i]], self.crop_scale, self.min_side) for i in chunk]
+            for i in chunk:
                 results[i]["parts"] = {}
                 if self.reuse:
                     results[i]["tracked"] = 0
             for backend, part in zip(self.backends, self.parts, strict=True):
                 scores = self._scores(backend, crops)
                 threshold = float(backend.manifest.morphology.threshold)
-                for i, s in zip(judge, scores.tolist(), strict=True):
+                for i, s in zip(chunk, scores.tolist(), strict=True):
                     results[i]["parts"][part] = {"score": float(s), "abnormal": bool(s >= threshold)}
-            self.judged_last = len(judge)
-        if self.reuse:
-            self._update_memory(boxes, carried, judge, results)
-        results.extend({"det": int(r), "status": "n/a"} for r in skipped)
-        return results
+            per_crop = (time.perf_counter() - now) / len(chunk)
+            self._crop_seconds = (per_crop if self._crop_seconds is None
+                                  else 0.5 * self._crop_seconds + 0.5 * per_crop)
+            done += len(chunk)
+        self.judged_last = done
+        return candidates[:done]
 
     def reset(self) -> None:
         """Forget carried results (a new slide or session)."""

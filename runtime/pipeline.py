@@ -133,7 +133,8 @@ class Pipeline:
     """
 
     def __init__(self, detector: InferenceBackend, morphology: list[InferenceBackend] | None = None, *,
-                 reuse_morphology: bool = False, detect_every: int | str = 1, target_fps: float = 10.0) -> None:
+                 reuse_morphology: bool = False, detect_every: int | str = 1, target_fps: float = 10.0,
+                 morphology_budget_s: float | None = 0.1) -> None:
         from smearsight.runtime.morphology_stage import MorphologyStage
         from smearsight.runtime.stage_motion import DetectionCarry, StageShift
 
@@ -163,7 +164,8 @@ class Pipeline:
             self._gpu_decoder = self._open_gpu_decoder()
         self.morphology_backends = list(morphology or [])
         self.morphology = (
-            MorphologyStage(self.morphology_backends, self.class_names, reuse=reuse_morphology)
+            MorphologyStage(self.morphology_backends, self.class_names, reuse=reuse_morphology,
+                            budget_s=morphology_budget_s)
             if self.morphology_backends else None
         )
         self.notes = list(detector.notes) + [n for b in self.morphology_backends for n in b.notes]
@@ -336,7 +338,7 @@ class Pipeline:
 
 def open_pipeline(models: Path | str | None, backend: str = "auto", *, morphology: bool = True,
                   precision: str = "auto", reuse_morphology: bool = True, detect_every: int | str = 1,
-                  target_fps: float = 10.0) -> Pipeline:
+                  target_fps: float = 10.0, morphology_budget_s: float | None = 0.1) -> Pipeline:
     """Open the detector and morphology models found by :func:`find_models` as a :class:`Pipeline`."""
     found = find_models(models, precision, backend)
     detector = open_backend(found.detector, backend)  # type: ignore[arg-type]
@@ -350,7 +352,7 @@ def open_pipeline(models: Path | str | None, backend: str = "auto", *, morpholog
                 detector.notes.append(f"morphology model skipped: {exc}")
                 log.warning("morphology model skipped: %s", exc)
     return Pipeline(detector, morph, reuse_morphology=reuse_morphology, detect_every=detect_every,
-                    target_fps=target_fps)
+                    target_fps=target_fps, morphology_budget_s=morphology_budget_s)
 
 
 # ------------------------------------------------------------------------------------------- run loop
@@ -376,6 +378,7 @@ class RunConfig:
     # target_fps allows (runtime/stage_motion.py)
     detect_every: int | str = "auto"
     target_fps: float = 10.0
+    morphology_budget_s: float | None = 0.1  # per frame, for new sperm (runtime/morphology_stage.py)
     # infer the next frame while this one is drawn and shown (runtime/frame_worker.py); off by default: no
     # gain on a CPU-only device, where ONNX Runtime already uses every core; meant for GPU devices (unmeasured)
     overlap: bool = False
@@ -397,6 +400,9 @@ class StageTimer:
 
     def medians_ms(self) -> dict[str, float]:
         return {s: round(statistics.median(v) * 1e3, 3) for s, v in self.samples.items() if v}
+
+    def max_ms(self) -> dict[str, float]:
+        return {s: round(max(v) * 1e3, 3) for s, v in self.samples.items() if v}
 
 
 class _Problems:
@@ -449,7 +455,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     own_pipeline = pipeline is None
     pipe = pipeline or open_pipeline(cfg.models, cfg.backend, morphology=cfg.morphology, precision=cfg.precision,
                                      reuse_morphology=cfg.morphology_reuse, detect_every=cfg.detect_every,
-                                     target_fps=cfg.target_fps)
+                                     target_fps=cfg.target_fps, morphology_budget_s=cfg.morphology_budget_s)
     problems = _Problems()
     for note in pipe.notes:
         problems.report(note, hold_s=10.0)
@@ -608,6 +614,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "fps_steady": (round((frames - WARMUP_FRAMES) / (t_end - t_warm), 3)
                            if t_warm is not None and frames > 2 * WARMUP_FRAMES and t_end > t_warm else None),
             "latency_ms": timer.medians_ms(),
+            "latency_max_ms": timer.max_ms(),
             "counts": totals,
             "backend": pipe.detector.name,
             "model": pipe.detector.manifest.name,
