@@ -1,7 +1,7 @@
 """Detector on every Nth frame, boxes carried with the stage between: cost and accuracy against the truth.
 
     python benchmarks/bench_carry.py [--models DIR] [--precision auto] [--every 1,2,3,4] [--frames 48]
-        [--seed 7] [--speed 4] [--threads 2]
+        [--seed 0] [--speed 4] [--threads 2]
 
 Frames follow :class:`~smearsight.train.datasets.synth.SyntheticSlide`'s serpentine stage path (what
 ``synth://`` shows, 768x1024, ``--speed`` px per frame) with every cell's true box. For each ``--every``

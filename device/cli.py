@@ -104,15 +104,15 @@ def _export_csv(db: Path, session_id: int) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     header = ["session_id", "frame_index", "timestamp", "det", "class_id", "class_name", "score",
-              "x1", "y1", "x2", "y2", "detected"]
+              "x1", "y1", "x2", "y2"]
     for part in parts:
         header += [f"{part or 'morphology'}_score", f"{part or 'morphology'}_abnormal"]
+    header.append("detected")  # 0: the frame's boxes were carried from a key frame (smearsight run --detect-every)
     writer.writerow(header)
     for frame in session_frames(db, session_id):
         for d in frame["detections"]:
             row = [session_id, frame["frame_index"], f"{frame['timestamp']:.6f}", d["det"], d["class_id"],
-                   d["class_name"], f"{d['score']:.5f}", *(f"{v:.2f}" for v in d["box"]),
-                   int(frame["detected"])]
+                   d["class_name"], f"{d['score']:.5f}", *(f"{v:.2f}" for v in d["box"])]
             for part in parts:
                 m = d["morphology"].get(part)
                 if m is None:
@@ -120,6 +120,7 @@ def _export_csv(db: Path, session_id: int) -> str:
                 else:
                     row += ["" if m["score"] is None else f"{m['score']:.5f}",
                             "n/a" if m["abnormal"] is None else int(m["abnormal"])]
+            row.append(int(frame["detected"]))
             writer.writerow(row)
     return buf.getvalue()
 

@@ -25,7 +25,8 @@ Schema (``schema_version`` 2)::
 
 ``det`` is the detection's row in the frame's ``[K, 6]`` array. ``detected`` is 1 when the detector ran on
 the frame and 0 when its boxes were the last key frame's moved with the stage (``smearsight run
---detect-every``); version 1 records gain the column (as 1) when opened for writing. Read helpers
+--detect-every``); version 1 records gain the column (as 1) when opened for writing, after which older
+SmearSight builds can no longer write to them (a record of a newer version is refused). Read helpers
 (:func:`list_sessions`, :func:`get_session`, :func:`session_frames`) back ``smearsight sessions``.
 """
 
@@ -205,13 +206,25 @@ class SessionRecorder:
                 raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)
-            if self._conn.execute("SELECT COUNT(*) FROM schema_info").fetchone()[0] == 0:
-                self._conn.execute("INSERT INTO schema_info(version) VALUES (?)", (SCHEMA_VERSION,))
-            if not _has_detected_column(self._conn):  # a version 1 record
-                self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.execute("ALTER TABLE frames ADD COLUMN detected INTEGER NOT NULL DEFAULT 1")
-                self._conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION,))
+            self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time checks and upgrades the schema
+            try:
+                version = self._conn.execute("SELECT MAX(version) FROM schema_info").fetchone()[0]
+                if version is None:
+                    self._conn.execute("INSERT INTO schema_info(version) VALUES (?)", (SCHEMA_VERSION,))
+                elif version > SCHEMA_VERSION:
+                    raise RecordError(f"{self.path}: written by a newer SmearSight (record schema version "
+                                      f"{version}; this one writes version {SCHEMA_VERSION}); record into "
+                                      "another file")
+                if not _has_detected_column(self._conn):  # a version 1 record
+                    self._conn.execute("ALTER TABLE frames ADD COLUMN detected INTEGER NOT NULL DEFAULT 1")
+                    self._conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION,))
                 self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        except RecordError:
+            self._conn.close()
+            raise
         except sqlite3.Error as exc:
             self._conn.close()
             raise RecordError(explain_db_error(self.path, exc)) from exc

@@ -44,11 +44,13 @@ def run_command(
         "auto", "--detect-every", help="Run the detector on every Nth frame only and move its boxes with the "
         "stage on the frames between (cells entering the field are boxed at the next detected frame; a jump, "
         "a focus change or a long stage move forces detection). auto: every frame while that keeps up with "
-        "--target-fps, else the smallest interval (at most 4) that does. 1: every frame."),
+        "--target-fps (the camera's own pace aside), else the smallest interval that does, at most 4. "
+        "1: every frame."),
     target_fps: float = typer.Option(10.0, "--target-fps", min=0.1, help="Frame rate --detect-every auto aims for."),
     morphology_budget_ms: float = typer.Option(
-        100.0, "--morphology-budget-ms", min=0.0, help="Time a frame may spend judging sperm new to the view; "
-        "the others are judged on the next frames (0: no limit, every new sperm at once)."),
+        100.0, "--morphology-budget-ms", min=0.0, help="About how long a frame may spend judging sperm new to "
+        "the view (at least one crop); the others are judged on the next frames. 0: no limit, every new sperm "
+        "at once. Not with --morphology-every-frame, which judges every sperm on every frame."),
     overlap: bool = typer.Option(
         False, "--overlap/--sequential", help="Run the models one frame ahead on their own thread while the main "
         "thread draws, shows and records (meant for a detector on a GPU; on a CPU-only device it gains nothing), "

@@ -60,6 +60,7 @@ class InferenceWorker:
         self.hold = threading.Event()
         self.generation = 0  # resets asked for (consumer side)
         self._applied = 0  # resets applied (worker side)
+        self._camera_lost = False
         self._source = iter(source)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
@@ -99,11 +100,15 @@ class InferenceWorker:
             pipe.reset()
             self._applied = wanted
         item.generation = self._applied
-        if frame.stale:
+        if frame.stale:  # the camera is lost: what comes back may show anything, nothing carries over
+            self._camera_lost = True
             return item
         if self.hold.is_set():
             item.held = True
             return item
+        if self._camera_lost:
+            pipe.reset()
+            self._camera_lost = False
         try:
             dets, n, item.morphology, item.times = pipe.process(frame.image)
         except Exception as exc:  # a corrupt or odd frame must not stop the device

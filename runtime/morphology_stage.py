@@ -19,14 +19,16 @@ instead of being judged again; a cell the detector missed for a few frames is st
 sperm new to the view go through the models, at most ``max_new`` a frame; so the cost follows what
 enters the field, not how many sperm it holds. When the shift cannot
 be measured (a jump, a focus change, an empty field) every sperm counts as new and is judged
-(no ``max_new`` cap on such a frame). In both cases a frame spends at most about ``budget_s`` on new
-sperm (the best scoring first); the others are judged on the following frames.
+(no ``max_new`` cap on such a frame). A frame spends about ``budget_s`` on new sperm (the best scoring
+first; at least one crop); the others are judged on the following frames. Only when the shift stays
+unknown for a second frame in a row is the budget lifted: nothing carries then, and a budget would judge
+the same sperm on every frame.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,9 +74,10 @@ class MorphologyStage:
             are judged per frame then, the others are "pending" until a later frame. A judged cell is
             remembered while unseen for up to ``memory_frames`` frames (the detector may miss it in one).
         budget_s: with ``reuse``, the time a frame may spend judging new sperm (None: no limit). Crops go
-            through the models in chunks sized from the measured cost of a crop; the rest wait as
-            "pending" for later frames, so a heavy model fills the first field in over several frames
-            instead of freezing the screen on it.
+            through the models in chunks sized from the measured cost of a crop (a chunk that would not
+            fit is not started, but every frame judges at least one crop); the rest wait as "pending" for
+            later frames, so a heavy model fills the first field in over several frames instead of
+            freezing the screen on it. ``clock`` measures it (seconds).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class MorphologyStage:
         match_iou: float = 0.5,
         memory_frames: int = 8,
         budget_s: float | None = 0.1,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cv2 = require("cv2", "morphology crops")
         self.backends = list(backends)
@@ -112,8 +116,10 @@ class MorphologyStage:
         if budget_s is not None and not budget_s > 0:
             raise InputError(f"morphology budget: expected seconds > 0 (or none), got {budget_s!r}")
         self.budget_s = budget_s
+        self.clock = clock
         self._crop_seconds: float | None = None  # smoothed cost of one crop through every part's model
-        self.shift = StageShift() if reuse else None
+        self.shift: Any = None  # measures the stage's shift when the caller does not pass it (made on first use)
+        self._untracked_run = 0  # frames in a row on which the stage could not be followed
         self._known_boxes = np.zeros((0, 4), np.float32)
         self._known: list[dict[str, Any]] = []  # {"parts", "tracked", "unseen"} per row of _known_boxes
         self.judged_last = 0  # crops that went through the models on the last call
@@ -150,8 +156,11 @@ class MorphologyStage:
             if gray is None:
                 gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
             if shift is MEASURE:
-                shift = self.shift(gray)  # type: ignore[misc]
+                if self.shift is None:
+                    self.shift = StageShift()
+                shift = self.shift(gray)
             tracking = self._follow_stage(shift, gray.shape[:2])
+            self._untracked_run = 0 if tracking else self._untracked_run + 1
         rows, skipped = rows[: self.max_sperm], rows[self.max_sperm :]
         results: list[dict[str, Any]] = [{"det": int(r)} for r in rows]
         boxes = detections[rows, :4]
@@ -169,7 +178,11 @@ class MorphologyStage:
         if candidates:
             if gray is None:
                 gray = self.cv2.cvtColor(frame_rgb, self.cv2.COLOR_RGB2GRAY)
-            judge = self._judge_within_budget(gray, detections, rows, candidates, results)
+            # the budget holds on a followed stage and on the first frame it is lost (the first frame of all):
+            # results carry to the next frame then. Lost for longer, nothing carries and a budget would
+            # judge the same best-scoring sperm on every frame: all are judged
+            budget = self.budget_s if self.reuse and self._untracked_run <= 1 else None
+            judge = self._judge_within_budget(gray, detections, rows, candidates, results, budget)
         for i in new[len(judge):]:
             results[i]["status"] = "pending"
         if self.reuse:
@@ -178,14 +191,14 @@ class MorphologyStage:
         return results
 
     def _judge_within_budget(self, gray: np.ndarray, detections: np.ndarray, rows: np.ndarray,
-                             candidates: list[int], results: list[dict[str, Any]]) -> list[int]:
-        """Judge ``candidates`` (indices into ``rows``) in order, in chunks, until ``budget_s`` is spent
-        (with ``reuse``; at least one chunk a frame); returns those judged (a prefix of ``candidates``)."""
-        budget = self.budget_s if self.reuse else None
-        start = time.perf_counter()
+                             candidates: list[int], results: list[dict[str, Any]], budget: float | None) -> list[int]:
+        """Judge ``candidates`` (indices into ``rows``) in order, in chunks, until ``budget`` seconds are spent
+        (None: all; at least one chunk); returns those judged (a prefix of ``candidates``)."""
+        clock = self.clock
+        start = clock()
         done = 0
         while done < len(candidates):
-            now = time.perf_counter()
+            now = clock()
             left = None if budget is None else budget - (now - start)
             if left is not None and done and left <= 0:
                 break
@@ -210,7 +223,7 @@ class MorphologyStage:
                 threshold = float(backend.manifest.morphology.threshold)
                 for i, s in zip(chunk, scores.tolist(), strict=True):
                     results[i]["parts"][part] = {"score": float(s), "abnormal": bool(s >= threshold)}
-            per_crop = (time.perf_counter() - now) / len(chunk)
+            per_crop = (clock() - now) / len(chunk)
             self._crop_seconds = (per_crop if self._crop_seconds is None
                                   else 0.5 * self._crop_seconds + 0.5 * per_crop)
             done += len(chunk)
@@ -221,6 +234,7 @@ class MorphologyStage:
         """Forget carried results (a new slide or session)."""
         self._known_boxes = np.zeros((0, 4), np.float32)
         self._known = []
+        self._untracked_run = 0
         if self.shift is not None:
             self.shift.reset()
 

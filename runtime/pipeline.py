@@ -255,19 +255,19 @@ class Pipeline:
         times: dict[str, float] = {}
         gray = shift = None
         if self.motion is not None:
-            if frame_rgb.dtype != np.uint8 or frame_rgb.ndim != 3 or frame_rgb.shape[2] != 3:
-                raise InputError(f"frame: expected an RGB uint8 image HxWx3, got {frame_rgb.dtype} "
-                                 f"of shape {frame_rgb.shape}")
-            import cv2
-
-            gray = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY)
+            _check_rgb_frame(frame_rgb)
+            gray = self.motion.cv2.cvtColor(frame_rgb, self.motion.cv2.COLOR_RGB2GRAY)
             shift = self.motion(gray)
             times["motion"] = time.perf_counter() - t0
         frame_hw = frame_rgb.shape[:2]
         out = self._frame_dets
         self.detected_last = self.carry.should_detect(shift, frame_hw)
         if self.detected_last:
-            n = self._detect(frame_rgb, out, times)
+            try:
+                n = self._detect(frame_rgb, out, times)
+            except Exception:
+                self.carry.reset()  # this frame's shift was not applied to the carried boxes
+                raise
             self.carry.keyframe(out, n, frame_hw)
         else:
             t1 = time.perf_counter()
@@ -285,9 +285,7 @@ class Pipeline:
         """Pre-process, infer, decode + NMS into ``out`` (frame pixels); returns the detection count."""
         t0 = time.perf_counter()
         if self._gpu_preprocess is not None:  # upload, preprocess, engine, decode + NMS: one GPU stream
-            if frame_rgb.dtype != np.uint8 or frame_rgb.ndim != 3 or frame_rgb.shape[2] != 3:
-                raise InputError(f"frame: expected an RGB uint8 image HxWx3, got {frame_rgb.dtype} "
-                                 f"of shape {frame_rgb.shape}")
+            _check_rgb_frame(frame_rgb)
             t1 = t0
             dets, n, box = self._all_gpu(np.ascontiguousarray(frame_rgb))
             t2 = time.perf_counter()
@@ -334,6 +332,11 @@ class Pipeline:
         self.detector.close()
         for b in self.morphology_backends:
             b.close()
+
+
+def _check_rgb_frame(frame: np.ndarray) -> None:
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise InputError(f"frame: expected an RGB uint8 image HxWx3, got {frame.dtype} of shape {frame.shape}")
 
 
 def open_pipeline(models: Path | str | None, backend: str = "auto", *, morphology: bool = True,
@@ -553,7 +556,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             t_prev = now
             fps = 1.0 / dt if fps == 0.0 else 0.9 * fps + 0.1 / max(dt, 1e-6)
             if frames > 1 and dt < 2.0:  # not the first frame (models' warm-up) nor one after a frozen screen
-                pipe.carry.observe(dt, item.detected)
+                # what the frame cost, without waiting for the camera: a slow camera is no reason to carry
+                pipe.carry.observe(dt - item.wait_s, item.detected)
             for err in (getattr(sink, "error", ""), getattr(recorder, "error", "") if recorder else ""):
                 problems.report(err, hold_s=10.0)
             overlay = {"fps": fps, "latency_ms": timer.last_ms(), "counts": frame_counts, "frame": frame.index,

@@ -60,8 +60,10 @@ class DetectionCarry:
     clipped at the edge and dropped once less than ``min_side_px`` of them remains in view.
 
     ``detect_every=1`` detects on every frame. ``"auto"`` detects on every frame while that keeps up with
-    ``target_fps``; when it does not, the interval is the smallest (at most ``max_auto``) whose mean frame
-    time, from the key and carried frame times reported to :meth:`observe`, meets the target.
+    ``target_fps``; when it does not, the interval is the smallest whose mean frame time, from the key and
+    carried frame times reported to :meth:`observe`, meets the target, and ``max_auto`` when none does.
+    Carrying stops again when a carried frame costs nearly as much as a key frame (nothing to gain) and
+    once a key frame takes at most 90 % of the target (a margin, so that it does not flip every frame).
     """
 
     def __init__(self, detect_every: int | str = 1, *, target_fps: float = 10.0, max_auto: int = 4,
@@ -80,7 +82,9 @@ class DetectionCarry:
         self.max_travel_px = float(max_travel_px)
         self.min_side_px = float(min_side_px)
         self._boxes = np.zeros((0, 4), np.float32)  # key frame boxes moved so far, not clipped
+        self._clipped = np.zeros((0, 4), np.float32)
         self._rows = np.zeros((0, 6), np.float32)  # key frame rows (score, class kept)
+        self._count = 0
         self._frame_hw: tuple[int, int] | None = None
         self._since_key = 0
         self._travel = 0.0
@@ -93,24 +97,28 @@ class DetectionCarry:
         return self.auto or self.detect_every > 1
 
     def observe(self, frame_seconds: float, detected: bool) -> None:
-        """Report a finished frame's whole time (source to screen); with ``"auto"`` it sets the interval."""
+        """Report what a finished frame cost (its processing, drawing and showing; not the time spent waiting
+        for the camera); with ``"auto"`` it sets the interval."""
         if not self.auto or not frame_seconds > 0:
             return
         if detected:
-            self._key_s = frame_seconds if self._key_s is None else 0.7 * self._key_s + 0.3 * frame_seconds
+            self._key_s = _smoothed(self._key_s, frame_seconds)
         else:
-            self._carried_s = (frame_seconds if self._carried_s is None
-                               else 0.7 * self._carried_s + 0.3 * frame_seconds)
+            self._carried_s = _smoothed(self._carried_s, frame_seconds)
         key, carried, target = self._key_s, self._carried_s, self.target_s
-        if key is None or key <= target:
+        # back to every frame only with a margin, so that a key frame near the target does not flip it
+        enough = target if self.detect_every == 1 else 0.9 * target
+        if key is None or key <= enough:
             n = 1
         elif carried is None:
             n = 2  # carry one frame to learn what a carried frame costs
+        elif carried >= 0.8 * key:
+            n = 1  # carrying saves (almost) nothing
         elif carried >= target:
             n = self.max_auto
-        else:  # (key + (n - 1) * carried) / n <= target
-            n = math.ceil((key - carried) / (target - carried))
-        self.detect_every = min(max(n, 1), self.max_auto)
+        else:  # the smallest n with (key + (n - 1) * carried) / n <= target
+            n = max(math.ceil((key - carried) / (target - carried)), 2)
+        self.detect_every = min(n, self.max_auto)
 
     def reset(self) -> None:
         """The next frame is a key frame."""
@@ -126,8 +134,13 @@ class DetectionCarry:
 
     def keyframe(self, detections: np.ndarray, count: int, frame_hw: tuple[int, int]) -> None:
         """Remember the detector's ``detections[:count]`` (frame pixels) of a key frame."""
-        self._rows = np.array(detections[:count], np.float32)
-        self._boxes = self._rows[:, :4].copy()
+        if self._rows.shape[0] < count:  # grown once to the largest count seen, then reused
+            self._rows = np.empty((detections.shape[0], 6), np.float32)
+            self._boxes = np.empty((detections.shape[0], 4), np.float32)
+            self._clipped = np.empty_like(self._boxes)
+        self._count = count
+        self._rows[:count] = detections[:count]
+        self._boxes[:count] = detections[:count, :4]
         self._frame_hw = (int(frame_hw[0]), int(frame_hw[1]))
         self._since_key = 0
         self._travel = 0.0
@@ -136,13 +149,16 @@ class DetectionCarry:
         """Move the key frame's detections by ``shift`` (dx, dy) into ``out`` (``[max_det, 6]``, empty rows
         after the last); returns how many are still in view. Order (best score first) is kept."""
         dx, dy = float(shift[0]), float(shift[1])
-        self._boxes += np.array([dx, dy, dx, dy], np.float32)
+        k = self._count
+        moved = self._boxes[:k]
+        moved[:, 0::2] += dx
+        moved[:, 1::2] += dy
         self._since_key += 1
         self._travel += math.hypot(dx, dy)
         h, w = self._frame_hw  # type: ignore[misc]
-        boxes = self._boxes.copy()
-        np.clip(boxes[:, 0::2], 0, w, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, h, out=boxes[:, 1::2])
+        boxes = self._clipped[:k]
+        np.clip(moved[:, 0::2], 0, w, out=boxes[:, 0::2])
+        np.clip(moved[:, 1::2], 0, h, out=boxes[:, 1::2])
         keep = np.flatnonzero((boxes[:, 2] - boxes[:, 0] >= self.min_side_px)
                               & (boxes[:, 3] - boxes[:, 1] >= self.min_side_px))[: out.shape[0]]
         n = int(keep.size)
@@ -150,6 +166,10 @@ class DetectionCarry:
         out[:n, :4] = boxes[keep]
         out[:n, 4:6] = self._rows[keep, 4:6]
         return n
+
+
+def _smoothed(previous: float | None, sample: float) -> float:
+    return sample if previous is None else 0.7 * previous + 0.3 * sample
 
 
 __all__ = ["DetectionCarry", "StageShift"]

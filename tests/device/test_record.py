@@ -318,7 +318,13 @@ def test_carried_frames_are_marked_and_version_1_records_are_upgraded(tmp_path: 
     conn = sqlite3.connect(db)
     conn.executescript(V1_SCHEMA)
     conn.close()
-    assert [f["detected"] for f in session_frames(db, 1)] == [True]  # read as it is, not altered
+    assert [f["detected"] for f in session_frames(db, 1)] == [True]  # read as it is, not altered:
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT version FROM schema_info").fetchall() == [(1,)]
+        assert "detected" not in [row[1] for row in conn.execute("PRAGMA table_info(frames)")]
+    finally:
+        conn.close()
     with SessionRecorder(db, batch_frames=2) as rec:
         sid = rec.start_session({"class_names": list(TPS_CLASS_NAMES)})
         for i, detected in enumerate([True, False, False, True]):
@@ -330,3 +336,45 @@ def test_carried_frames_are_marked_and_version_1_records_are_upgraded(tmp_path: 
         conn.close()
     assert [f["detected"] for f in session_frames(db, 1)] == [True]  # the old frame counts as detected
     assert [f["detected"] for f in session_frames(db, sid)] == [True, False, False, True]
+
+
+def test_two_recorders_upgrading_one_version_1_record_at_once(tmp_path: Path) -> None:
+    import threading
+
+    for attempt in range(8):
+        db = tmp_path / f"v1_{attempt}.db"
+        conn = sqlite3.connect(db)
+        conn.executescript(V1_SCHEMA)
+        conn.close()
+        barrier = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def open_it(db: Path = db, barrier: threading.Barrier = barrier, errors: list = errors) -> None:
+            barrier.wait()
+            try:
+                SessionRecorder(db).close()
+            except BaseException as exc:  # collected for the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        conn = sqlite3.connect(db)
+        try:
+            assert conn.execute("SELECT version FROM schema_info").fetchall() == [(2,)]
+        finally:
+            conn.close()
+
+
+def test_a_record_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "future.db"
+    SessionRecorder(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE schema_info SET version = 3")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RecordError, match=r"future.db: written by a newer SmearSight .*version 3"):
+        SessionRecorder(db)

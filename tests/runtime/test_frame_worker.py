@@ -155,3 +155,24 @@ def test_close_stops_an_endless_source_promptly(pipe):
     with pytest.raises(StopIteration):  # and does not wait for frames that will never come
         while True:
             next(worker)
+
+
+def test_a_lost_camera_resets_what_is_carried_before_the_next_frame(pipe):
+    src = frames(4)
+    stale = Frame(src[1].image, 1, time.time(), "test://", stale=True)
+    calls = []
+    original = pipe.reset
+
+    def spy() -> None:
+        calls.append(len(calls))
+        original()
+
+    pipe.reset = spy
+    try:
+        worker = InferenceWorker(pipe, iter([src[0], stale, stale, src[2], src[3]]), threaded=False)
+        got = list(worker)
+        worker.close()
+    finally:
+        del pipe.reset
+    assert [g.detections is None for g in got] == [False, True, True, False, False]
+    assert len(calls) == 1  # once, before the first frame after the loss

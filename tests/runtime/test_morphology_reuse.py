@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -139,47 +137,54 @@ def test_without_a_measurable_shift_every_sperm_is_judged(slide, head_backend):
         assert stage.judged_last == len(dets) and not any(r.get("status") == "pending" for r in res)
 
 
-class SlowBackend:
-    """The real tiny ONNX backend, made as slow per crop as a heavy model would be.
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
 
-    A test double for speed only (the scores are the real model's): the supervised morphology models take
-    ~40 ms a crop on the CI CPUs, which no tiny model can stand in for.
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowBackend:
+    """The real tiny ONNX backend, timed as if it were a heavy model: each crop advances a fake clock.
+
+    A test double for time only (the scores are the real model's): the supervised morphology models take
+    ~40 ms a crop on the CI CPUs, and a fake clock keeps the test independent of the machine's load.
     """
 
-    def __init__(self, inner, seconds_per_crop: float) -> None:
+    def __init__(self, inner, clock: FakeClock, seconds_per_crop: float) -> None:
         self.inner = inner
+        self.clock = clock
         self.seconds_per_crop = seconds_per_crop
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def infer(self, x):
-        time.sleep(self.seconds_per_crop * len(x))
+        self.clock.now += self.seconds_per_crop * len(x)
         return self.inner.infer(x)
 
 
 def test_a_slow_model_fills_the_field_in_over_frames_within_its_budget(slide, head_backend):
-    slow = SlowBackend(head_backend, seconds_per_crop=0.005)
-    budgeted = MorphologyStage([slow], TPS_CLASS_NAMES, reuse=True, budget_s=0.05)
+    clock = FakeClock()
+    slow = SlowBackend(head_backend, clock, seconds_per_crop=0.005)
+    budgeted = MorphologyStage([slow], TPS_CLASS_NAMES, reuse=True, budget_s=0.05, clock=clock)
     x0, y0 = 300, 300
     img, dets = sperm_detections(slide, x0, y0)
     assert len(dets) >= 20
-    # the first frame (no shift: no max_new cap) would judge every sperm; the budget stops it after
-    # a first chunk of 2 crops (10 ms) and about 8 more
+    # the first frame (no shift: no max_new cap) would judge every sperm; the budget stops it after a
+    # first chunk of 2 crops (10 ms, which sets the cost of a crop) and a second one of 8 (40 ms)
     res = budgeted(img, dets, len(dets))
-    first = budgeted.judged_last
-    assert 1 <= first <= 10
-    assert [r.get("status") for r in res].count("pending") == len(dets) - first
-    assert all("parts" in r for r in res[:first])  # the best scoring first
-    judged = first
-    for k in range(1, 12):  # the stage moves on slowly: the pending ones are judged on the next frames
-        img, dets = sperm_detections(slide, x0 + k, y0)
+    assert budgeted.judged_last == 10 and clock.now == pytest.approx(0.05)
+    assert [r.get("status") for r in res].count("pending") == len(dets) - 10
+    assert all("parts" in r for r in res[:10])  # the best scoring first
+    frames = 1
+    while any(r.get("status") == "pending" for r in res):  # the stage moves on: the rest follow
+        img, dets = sperm_detections(slide, x0 + frames, y0)
         res = budgeted(img, dets, len(dets))
-        judged += budgeted.judged_last
-        if not any(r.get("status") == "pending" for r in res):
-            break
-    assert not any(r.get("status") == "pending" for r in res), "still pending after 12 frames"
-    assert judged < 3 * len(dets)
+        assert budgeted.judged_last <= 10
+        frames += 1
+        assert frames <= 12, "still pending after 12 frames"
     # the same results as judging everything at once
     whole = MorphologyStage([head_backend], TPS_CLASS_NAMES, reuse=True, budget_s=None)
     res_whole = whole(img, dets, len(dets))
@@ -187,3 +192,17 @@ def test_a_slow_model_fills_the_field_in_over_frames_within_its_budget(slide, he
     for a, b in zip(res, res_whole, strict=True):
         assert a["parts"]["head"]["abnormal"] == b["parts"]["head"]["abnormal"]
         assert a["parts"]["head"]["score"] == pytest.approx(b["parts"]["head"]["score"], abs=0.05)
+
+
+def test_the_budget_is_lifted_when_the_stage_stays_lost(slide, head_backend):
+    clock = FakeClock()
+    slow = SlowBackend(head_backend, clock, seconds_per_crop=0.005)
+    stage = MorphologyStage([slow], TPS_CLASS_NAMES, reuse=True, budget_s=0.05, clock=clock)
+    img, dets = sperm_detections(slide, 900, 100)
+    assert len(dets) > 10
+    stage(img, dets, len(dets), shift=None)  # lost once (like the first frame): budgeted
+    assert stage.judged_last == 10
+    res = stage(img, dets, len(dets), shift=None)  # still lost: nothing carries, so all are judged
+    assert stage.judged_last == len(dets) and not any(r.get("status") == "pending" for r in res)
+    stage(img, dets, len(dets), shift=(0.0, 0.0))  # followed again: everything carried
+    assert stage.judged_last == 0
