@@ -16,7 +16,8 @@ are a list of dicts, one per judged sperm detection, ``det`` being the row in ``
 
 ``overlay`` keys (all optional): ``fps`` (float), ``latency_ms`` (float, or dict stage -> ms),
 ``counts`` (dict class -> count; computed from the detections when absent), ``status`` (amber banner),
-``error`` (red banner, wins over status), ``title`` (str), ``frame`` (int).
+``error`` (red banner, wins over status), ``title`` (str), ``frame`` (int), ``detect_every`` (int: the
+detector runs on every Nth frame, the boxes in between are carried with the stage; shown when above 1).
 """
 
 from __future__ import annotations
@@ -231,6 +232,8 @@ def annotate(
     lat = _latency_text(overlay.get("latency_ms"))
     if lat:
         perf.append(lat)
+    if int(overlay.get("detect_every") or 1) > 1:
+        perf.append(f"detector 1/{int(overlay['detect_every'])} frames")
     if overlay.get("frame") is not None:
         perf.append(f"frame {int(overlay['frame'])}")
     if perf:

@@ -561,7 +561,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             for err in (getattr(sink, "error", ""), getattr(recorder, "error", "") if recorder else ""):
                 problems.report(err, hold_s=10.0)
             overlay = {"fps": fps, "latency_ms": timer.last_ms(), "counts": frame_counts, "frame": frame.index,
-                       "title": "SmearSight"}
+                       "title": "SmearSight", "detect_every": pipe.carry.detect_every}
             active = problems.active()
             if active:
                 overlay["status"] = active

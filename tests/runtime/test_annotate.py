@@ -81,6 +81,16 @@ def test_counts_panel_fps_and_banners() -> None:
     sertoli = (img[0:200, 0:300].reshape(-1, 3) == _rgb("sertoli")).all(1).sum()
     assert sertoli > 20, "count line written in the class colour"
 
+    every_frame = _canvas()
+    annotate(every_frame, dets, TPS_CLASS_NAMES, None, {"fps": 12.3, "detect_every": 1})
+    carried = _canvas()
+    annotate(carried, dets, TPS_CLASS_NAMES, None, {"fps": 12.3, "detect_every": 4})
+    plain = _canvas()
+    annotate(plain, dets, TPS_CLASS_NAMES, None, {"fps": 12.3})
+    assert (every_frame == plain).all()  # an interval of 1 adds nothing to the FPS line
+    # 4 adds "detector 1/4 frames" to it
+    assert (carried[:200, :600] != every_frame[:200, :600]).any(2).sum() > 50
+
     status = _canvas()
     annotate(status, _dets([]), TPS_CLASS_NAMES, None, {"status": "camera lost — retrying in 4 s", "counts": {}})
     assert tuple(status[2, 1000]) == (230, 150, 20)
