@@ -200,34 +200,25 @@ class SessionRecorder:
                                          timeout=5.0)
         except (OSError, sqlite3.Error) as exc:
             raise RecordError(explain_db_error(self.path, exc)) from exc
-        try:
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time checks and upgrades the schema
+        deadline = time.monotonic() + 5.0
+        while True:
             try:
-                version = self._conn.execute("SELECT MAX(version) FROM schema_info").fetchone()[0]
-                if version is None:
-                    self._conn.execute("INSERT INTO schema_info(version) VALUES (?)", (SCHEMA_VERSION,))
-                elif version > SCHEMA_VERSION:
-                    raise RecordError(f"{self.path}: written by a newer SmearSight (record schema version "
-                                      f"{version}; this one writes version {SCHEMA_VERSION}); record into "
-                                      "another file")
-                if not _has_detected_column(self._conn):  # a version 1 record
-                    self._conn.execute("ALTER TABLE frames ADD COLUMN detected INTEGER NOT NULL DEFAULT 1")
-                    self._conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION,))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._prepare()
+                break
+            except sqlite3.OperationalError as exc:
+                # switching to WAL or upgrading can meet another writer doing the same: SQLite then answers
+                # "locked" at once instead of waiting, so wait here
+                if "locked" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                self._conn.close()
+                raise RecordError(explain_db_error(self.path, exc)) from exc
+            except RecordError:
+                self._conn.close()
                 raise
-        except RecordError:
-            self._conn.close()
-            raise
-        except sqlite3.Error as exc:
-            self._conn.close()
-            raise RecordError(explain_db_error(self.path, exc)) from exc
+            except sqlite3.Error as exc:
+                self._conn.close()
+                raise RecordError(explain_db_error(self.path, exc)) from exc
         self._db_lock = threading.Lock()
         self._handoff: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._writer: threading.Thread | None = None
@@ -266,6 +257,30 @@ class SessionRecorder:
             return -1
         self.session_id = int(cur.lastrowid)
         return self.session_id
+
+    def _prepare(self) -> None:
+        """WAL, durable commits, the tables; check and upgrade the schema version as one writer."""
+        conn = self._conn
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("SELECT MAX(version) FROM schema_info").fetchone()[0]
+            if version is None:
+                conn.execute("INSERT INTO schema_info(version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version > SCHEMA_VERSION:
+                raise RecordError(f"{self.path}: written by a newer SmearSight (record schema version {version}; "
+                                  f"this one writes version {SCHEMA_VERSION}); record into another file")
+            if not _has_detected_column(conn):  # a version 1 record
+                conn.execute("ALTER TABLE frames ADD COLUMN detected INTEGER NOT NULL DEFAULT 1")
+                conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def record_frame(
         self,
