@@ -151,11 +151,12 @@ def test_pipeline_carries_the_key_frame_detections_with_the_camera(models, slide
         pipe.close()
 
 
-def test_run_cli_detects_every_nth_frame_and_reports_it(models, tmp_path, capfd):
+@pytest.mark.parametrize("overlap", ["--sequential", "--overlap"])
+def test_run_cli_detects_every_nth_frame_and_reports_it(models, tmp_path, capfd, overlap):
     stats = tmp_path / "stats.json"
     rc = main(["run", "synth://?seed=5&size=512x384", "null://", "--models", str(models), "--backend", "onnx",
                "--headless", "--max-frames", "9", "--detect-every", "3", "--stats-json", str(stats),
-               "--record", str(tmp_path / "rec.db")])
+               "--record", str(tmp_path / "rec.db"), overlap])
     assert rc == 0
     data = json.loads(stats.read_text())
     assert data["frames"] == 9 and data["detect_every"] == 3 and data["detector_frames"] == 3
