@@ -1,5 +1,9 @@
 """The on-device pipeline: source -> preprocess -> detector -> decode + NMS -> morphology -> annotate -> sink.
 
+With ``detect_every`` (``smearsight run --detect-every``, default ``auto``) the detector stages run on key
+frames only and the frames between reuse the key frame's detections moved with the stage
+(runtime/stage_motion.py).
+
 :class:`Pipeline` holds everything that is allocated once (backends, the pre-processing buffers, the
 anchors, the fixed ``[max_det, 6]`` detection arrays, the GPU decoder when TensorRT runs) and processes
 one frame at a time. :func:`run` drives it from a frame source into a sink, records the session and
