@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from smearsight.errors import InputError
     from smearsight.runtime import pipeline as pl
+    from smearsight.runtime.stage_motion import parse_detect_every
 
     models = args.models
     tmp = None
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         label = str(models)
     pipe = pl.open_pipeline(models, args.backend, morphology=not args.no_morphology, precision=args.precision,
                             reuse_morphology=not args.morphology_every_frame,
-                            detect_every=args.detect_every if args.detect_every == "auto" else int(args.detect_every))
+                            detect_every=parse_detect_every(args.detect_every))
     try:
         if args.warmup:  # first runs pay for allocations and ORT's lazy initialisation
             pl.run(pl.RunConfig(source=args.source, sink="null://", headless=True, max_frames=args.warmup), pipe)

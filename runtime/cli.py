@@ -68,14 +68,11 @@ def run_command(
 
     from smearsight.errors import InputError
     from smearsight.runtime.pipeline import RunConfig, run, stats_text
+    from smearsight.runtime.stage_motion import parse_detect_every
 
     if backend not in ("auto", "onnx", "trt"):
         raise InputError(f"--backend: '{backend}' is not one of auto, onnx, trt")
-    every: int | str = detect_every.strip().lower()
-    if every != "auto":
-        if not str(every).isdigit() or int(every) < 1:
-            raise InputError(f"--detect-every: expected auto or a whole number of frames >= 1, got '{detect_every}'")
-        every = int(every)
+    every = parse_detect_every(detect_every)
     console = Console(stderr=True, highlight=False)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig(source=source, sink=sink, models=models, backend=backend, headless=headless,

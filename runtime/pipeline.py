@@ -258,8 +258,9 @@ class Pipeline:
         t0 = time.perf_counter()
         times: dict[str, float] = {}
         gray = shift = None
-        if self.motion is not None:
+        if self.motion is not None or self._gpu_preprocess is not None:  # both read the frame as RGB uint8
             _check_rgb_frame(frame_rgb)
+        if self.motion is not None:
             gray = self.motion.cv2.cvtColor(frame_rgb, self.motion.cv2.COLOR_RGB2GRAY)
             shift = self.motion(gray)
             times["motion"] = time.perf_counter() - t0
@@ -289,7 +290,6 @@ class Pipeline:
         """Pre-process, infer, decode + NMS into ``out`` (frame pixels); returns the detection count."""
         t0 = time.perf_counter()
         if self._gpu_preprocess is not None:  # upload, preprocess, engine, decode + NMS: one GPU stream
-            _check_rgb_frame(frame_rgb)
             t1 = t0
             dets, n, box = self._all_gpu(np.ascontiguousarray(frame_rgb))
             t2 = time.perf_counter()

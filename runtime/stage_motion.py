@@ -168,8 +168,18 @@ class DetectionCarry:
         return n
 
 
+def parse_detect_every(text: str, what: str = "--detect-every") -> int | str:
+    """``"auto"`` or a whole number of frames >= 1 from the command line; InputError otherwise."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"{what}: expected auto or a whole number of frames >= 1, got '{text}'")
+    return int(value)
+
+
 def _smoothed(previous: float | None, sample: float) -> float:
     return sample if previous is None else 0.7 * previous + 0.3 * sample
 
 
-__all__ = ["DetectionCarry", "StageShift"]
+__all__ = ["DetectionCarry", "StageShift", "parse_detect_every"]
