@@ -1,5 +1,5 @@
 """Microscopy augmentation in NumPy/OpenCV: flips, 90-degree rotations, colour/stain jitter, blur, noise,
-and the scale-jittered letterbox that places an image on the fixed training canvas.
+the scale-jittered letterbox that places an image on the fixed training canvas, and the four-image mosaic.
 
 All geometric operations transform the xyxy pixel boxes with the image.
 """
@@ -119,6 +119,12 @@ def clip_boxes(
     return clipped[keep].astype(np.float32), labels[keep]
 
 
+def jittered_scale(h: int, w: int, size: tuple[int, int], cfg: AugmentConfig, rng: np.random.Generator) -> float:
+    """The letterbox fit of an ``h`` x ``w`` image onto ``size`` times a log-uniform scale jitter."""
+    fit = min(size[0] / h, size[1] / w)
+    return fit * float(np.exp(rng.uniform(np.log(cfg.scale_min), np.log(cfg.scale_max))))
+
+
 def train_transform(
     img: np.ndarray,
     boxes: np.ndarray,
@@ -131,11 +137,54 @@ def train_transform(
     img, boxes = geometric(img, boxes, cfg, rng)
     img = photometric(img, cfg, rng)
     h, w = img.shape[:2]
-    fit = min(size[0] / h, size[1] / w)
-    scale = fit * float(np.exp(rng.uniform(np.log(cfg.scale_min), np.log(cfg.scale_max))))
+    scale = jittered_scale(h, w, size, cfg, rng)
     nh, nw = round(h * scale), round(w * scale)
     ox = int(rng.integers(min(0, size[1] - nw), max(0, size[1] - nw) + 1))
     oy = int(rng.integers(min(0, size[0] - nh), max(0, size[0] - nh) + 1))
     canvas, boxes = letterbox(img, boxes, size, scale, (ox, oy))
     boxes, labels = clip_boxes(boxes, labels, size)
+    return canvas, boxes, labels
+
+
+def mosaic_transform(
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    size: tuple[int, int],
+    cfg: AugmentConfig,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Four images (``(img, boxes, labels)`` each) around a random centre of one ``size`` canvas.
+
+    As in YOLOv4/v5's mosaic: the canvas is split at a centre drawn from its middle half; each image is
+    flipped/rotated and colour-jittered on its own, scaled like :func:`train_transform` (fit times jitter,
+    so cells keep their usual size), and placed with one corner on the centre, so the quadrant shows the
+    part of it nearest that corner. Boxes are clipped to their quadrant (those mostly cut off are dropped).
+    """
+    if len(samples) != 4:
+        raise ValueError(f"mosaic_transform needs 4 samples, got {len(samples)}")
+    height, width = size
+    xc = int(rng.integers(width // 4, width - width // 4 + 1))
+    yc = int(rng.integers(height // 4, height - height // 4 + 1))
+    canvas = np.full((height, width, 3), PAD_VALUE, dtype=np.uint8)
+    all_boxes, all_labels = [], []
+    # quadrant: (x0, y0, x1, y1) on the canvas; the image's corner that touches the centre
+    quadrants = [((0, 0, xc, yc), (1, 1)), ((xc, 0, width, yc), (0, 1)),
+                 ((0, yc, xc, height), (1, 0)), ((xc, yc, width, height), (0, 0))]
+    for (img, boxes, labels), ((x0, y0, x1, y1), (at_right, at_bottom)) in zip(samples, quadrants, strict=True):
+        qh, qw = y1 - y0, x1 - x0
+        if qh <= 0 or qw <= 0:
+            continue
+        img, boxes = geometric(img, boxes, cfg, rng)
+        img = photometric(img, cfg, rng)
+        scale = jittered_scale(img.shape[0], img.shape[1], size, cfg, rng)
+        nh, nw = max(1, round(img.shape[0] * scale)), max(1, round(img.shape[1] * scale))
+        offset = (qw - nw if at_right else 0, qh - nh if at_bottom else 0)
+        tile, tile_boxes = letterbox(img, boxes, (qh, qw), scale, offset)
+        tile_boxes, tile_labels = clip_boxes(tile_boxes, labels, (qh, qw))
+        canvas[y0:y1, x0:x1] = tile
+        tile_boxes[:, 0::2] += x0
+        tile_boxes[:, 1::2] += y0
+        all_boxes.append(tile_boxes)
+        all_labels.append(tile_labels)
+    boxes = np.concatenate(all_boxes).astype(np.float32) if all_boxes else np.zeros((0, 4), np.float32)
+    labels = np.concatenate(all_labels) if all_labels else np.zeros((0,), np.int64)
     return canvas, boxes, labels

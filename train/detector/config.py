@@ -86,6 +86,7 @@ class AugmentConfig(StrictConfig):
     stain: float = 0.08
     blur: float = 0.2
     noise: float = 0.1
+    mosaic: float = Field(0.0, ge=0, le=1)  # probability of a four-image mosaic (augment.mosaic_transform)
 
 
 class TrainConfig(StrictConfig):

@@ -10,7 +10,7 @@ import numpy as np
 
 from smearsight.errors import InputError
 from smearsight.train.datasets.records import DetectionDataset
-from smearsight.train.detector.augment import clip_boxes, letterbox, train_transform
+from smearsight.train.detector.augment import clip_boxes, letterbox, mosaic_transform, train_transform
 from smearsight.train.detector.config import AugmentConfig
 
 
@@ -94,20 +94,31 @@ class DetectorDataset:
     def __len__(self) -> int:
         return len(self.ds.images)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Canvas (uint8 HxWx3), boxes and labels in canvas pixels, with augmentation when training."""
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The image (uint8 HxWx3 RGB) with copies of its boxes and labels; InputError on a size mismatch."""
         from smearsight.train.datasets.images import read_image_rgb
 
         rec = self.ds.images[index]
         img = read_image_rgb(rec.path)
-        boxes, labels = rec.boxes.copy(), rec.labels.copy()
         if img.shape[:2] != (rec.height, rec.width):
             raise InputError(
                 f"{rec.path}: image is {img.shape[1]}x{img.shape[0]} but the annotation says {rec.width}x{rec.height}"
             )
+        return img, rec.boxes.copy(), rec.labels.copy()
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Canvas (uint8 HxWx3), boxes and labels in canvas pixels, with augmentation when training."""
+        img, boxes, labels = self.read(index)
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
+            if self.augment.mosaic > 0 and len(self) > 1 and rng.random() < self.augment.mosaic:
+                others = rng.choice(len(self) - 1, size=3, replace=len(self) < 4)
+                others = [int(i) + (i >= index) for i in others]  # never the image itself
+                samples = [(img, boxes, labels)] + [self.read(i) for i in others]
+                order = rng.permutation(4)
+                return mosaic_transform([samples[i] for i in order], self.size, self.augment, rng)
             return train_transform(img, boxes, labels, self.size, self.augment, rng)
+        rec = self.ds.images[index]
         canvas, boxes = letterbox(img, boxes, self.size, fit_scale(rec.height, rec.width, self.size))
         boxes, labels = clip_boxes(boxes, labels, self.size, min_visible=0.0, min_size=0.0)
         return canvas, boxes, labels
