@@ -12,7 +12,7 @@ from smearsight.device.record import session_frames
 from smearsight.errors import InputError
 from smearsight.runtime import pipeline as pl
 from smearsight.runtime.postprocess import EMPTY_ROW
-from smearsight.runtime.stage_motion import DetectionCarry
+from smearsight.runtime.stage_motion import DetectionCarry, StageShift
 
 pytest.importorskip("onnx")
 
@@ -175,3 +175,24 @@ def test_auto_does_not_carry_because_the_camera_is_slow(models, tmp_path):
     assert rc == 0
     data = json.loads(stats.read_text())
     assert data["detect_every"] == "auto" and data["frames"] == 8 and data["detector_frames"] == 8
+
+
+def test_stage_shift_trusts_neighbouring_frames_but_not_unrelated_fields():
+    """Consecutive frames give the camera's step; two far-apart fields of one slide give no shift (None)
+    or, where they happen to overlap, the true offset, never a wrong one."""
+    cv2 = pytest.importorskip("cv2")
+    synth = pytest.importorskip("smearsight.train.datasets.synth")
+    slide = synth.SyntheticSlide(seed=5, slide_size=(2048, 4096), frame_size=(384, 512))
+    rng = np.random.default_rng(7)
+    wrong = measured = 0
+    for _ in range(40):
+        (x, y), (x2, y2) = rng.integers(0, 3500, 2) % [3500, 1600], rng.integers(0, 3500, 2) % [3500, 1600]
+        shift = StageShift()
+        shift(cv2.cvtColor(slide.frame_at(x, y), cv2.COLOR_RGB2GRAY))
+        step = shift(cv2.cvtColor(slide.frame_at(x + 5, y - 3), cv2.COLOR_RGB2GRAY))
+        assert step is not None and abs(step[0] + 5) < 1.5 and abs(step[1] - 3) < 1.5
+        jump = shift(cv2.cvtColor(slide.frame_at(x2, y2), cv2.COLOR_RGB2GRAY))
+        if jump is not None:
+            measured += 1
+            wrong += abs(jump[0] - (x + 5 - x2)) > 8 or abs(jump[1] - (y - 3 - y2)) > 8
+    assert wrong == 0 and measured < 40
