@@ -17,7 +17,8 @@ are a list of dicts, one per judged sperm detection, ``det`` being the row in ``
 ``overlay`` keys (all optional): ``fps`` (float), ``latency_ms`` (float, or dict stage -> ms),
 ``counts`` (dict class -> count; computed from the detections when absent), ``status`` (amber banner),
 ``error`` (red banner, wins over status), ``title`` (str), ``frame`` (int), ``detect_every`` (int: the
-detector runs on every Nth frame, the boxes in between are carried with the stage; shown when above 1).
+detector runs on every Nth frame, the boxes in between are carried with the stage; shown when above 1;
+``"async"``: the detector runs in the background, shown with ``boxes_age_ms``, how old the boxes' frame is).
 """
 
 from __future__ import annotations
@@ -232,8 +233,11 @@ def annotate(
     lat = _latency_text(overlay.get("latency_ms"))
     if lat:
         perf.append(lat)
-    if int(overlay.get("detect_every") or 1) > 1:
-        perf.append(f"detector 1/{int(overlay['detect_every'])} frames")
+    every = overlay.get("detect_every")
+    if every == "async":
+        perf.append(f"boxes {float(overlay.get('boxes_age_ms') or 0.0):.0f} ms old")
+    elif int(every or 1) > 1:
+        perf.append(f"detector 1/{int(every)} frames")
     if overlay.get("frame") is not None:
         perf.append(f"frame {int(overlay['frame'])}")
     if perf:

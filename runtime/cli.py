@@ -45,7 +45,8 @@ def run_command(
         "stage on the frames between (cells entering the field are boxed at the next detected frame; a jump, "
         "a focus change or a long stage move forces detection). auto: every frame while that keeps up with "
         "--target-fps (the camera's own pace aside), else the smallest interval that does, at most 4. "
-        "1: every frame."),
+        "1: every frame. async: the detector runs on its own thread on the latest frame, and every frame shows "
+        "its newest boxes moved with the stage (even frame pacing; the boxes are one detector run old)."),
     target_fps: float = typer.Option(10.0, "--target-fps", min=0.1, help="Frame rate --detect-every auto aims for."),
     morphology_budget_ms: float = typer.Option(
         100.0, "--morphology-budget-ms", min=0.0, help="About how long a frame may spend judging sperm new to "

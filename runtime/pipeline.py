@@ -2,7 +2,8 @@
 
 With ``detect_every`` (``smearsight run --detect-every``, default ``auto``) the detector stages run on key
 frames only and the frames between reuse the key frame's detections moved with the stage
-(runtime/stage_motion.py).
+(runtime/stage_motion.py); with ``detect_every="async"`` the detector runs on a thread of its own on the
+latest frame and every frame shows its newest result moved with the stage (runtime/background_detect.py).
 
 :class:`Pipeline` holds everything that is allocated once (backends, the pre-processing buffers, the
 anchors, the fixed ``[max_det, 6]`` detection arrays, the GPU decoder when TensorRT runs) and processes
@@ -14,6 +15,7 @@ the picture and in the log, and the loop keeps going where it can.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections import deque
@@ -132,8 +134,13 @@ class Pipeline:
 
     ``detect_every`` > 1 runs the detector on key frames only and moves their detections with the stage
     in between (:class:`~smearsight.runtime.stage_motion.DetectionCarry`); :attr:`detected_last` says
-    whether the last frame went through the detector. The stage's shift is measured once per frame (the
-    ``motion`` stage) whenever carrying detections or morphology results needs it.
+    whether the last frame went through the detector. ``"async"`` runs it on a
+    :class:`~smearsight.runtime.background_detect.BackgroundDetector` thread instead, offered every frame;
+    each frame shows the newest result moved by the stage's shift since the frame it was found on
+    (:attr:`detected_last`: a new result arrived). A frame whose shift is unknown (the first, a jump, a
+    focus change, a new size) is detected in the loop itself. The stage's shift is measured once per frame
+    (the ``motion`` stage) whenever carrying detections or morphology results needs it;
+    :meth:`boxes_age_ms` tells how much older than the frame shown the frames the boxes were found on are.
     """
 
     def __init__(self, detector: InferenceBackend, morphology: list[InferenceBackend] | None = None, *,
@@ -173,9 +180,36 @@ class Pipeline:
             if self.morphology_backends else None
         )
         self.notes = list(detector.notes) + [n for b in self.morphology_backends for n in b.notes]
-        self.carry = DetectionCarry(detect_every, target_fps=target_fps)
-        self.motion = StageShift() if self.carry.enabled or self.morphology is not None and reuse_morphology else None
+        self.detect_async = detect_every == "async"
+        self.carry = DetectionCarry(1 if self.detect_async else detect_every, target_fps=target_fps)
+        carrying = self.carry.enabled or self.detect_async
+        self.motion = StageShift() if carrying or self.morphology is not None and reuse_morphology else None
         self.detected_last = False
+        self.background = None
+        if self.detect_async:
+            from smearsight.runtime.background_detect import BackgroundDetector
+
+            self.background = BackgroundDetector(self._detect, self.max_det)
+        self._epoch = 0  # stage-position frame of reference (async): a new one after every unknown shift
+        self._position = [0.0, 0.0]  # the stage's accumulated shift within it
+        self._async_hw: tuple[int, int] | None = None  # frame size of the reference; None: detect in the loop
+        self._frame_time = 0.0
+        self._boxes_time: float | None = None  # when the frame that the shown boxes were found on came in
+        self._boxes_age: deque[float] = deque(maxlen=2000)
+
+    @property
+    def detect_mode(self) -> int | str:
+        """What ``detect_every`` asked for: ``"async"``, ``"auto"`` or the interval in frames."""
+        if self.detect_async:
+            return "async"
+        return "auto" if self.carry.auto else self.carry.detect_every
+
+    def boxes_age_ms(self, last: bool = False) -> float:
+        """Mean (or the ``last`` frame's) age of the shown boxes: how much earlier than the frame shown the
+        frame they were detected on came in (0 when the detector ran on the frame shown)."""
+        if not self._boxes_age:
+            return 0.0
+        return 1000.0 * (self._boxes_age[-1] if last else statistics.fmean(self._boxes_age))
 
     def _open_gpu_decoder(self) -> Any:
         """The CUDA decoder, sharing the engine's context and stream so that the raw outputs never
@@ -266,18 +300,25 @@ class Pipeline:
             times["motion"] = time.perf_counter() - t0
         frame_hw = frame_rgb.shape[:2]
         out = self._frame_dets
-        self.detected_last = self.carry.should_detect(shift, frame_hw)
-        if self.detected_last:
-            try:
-                n = self._detect(frame_rgb, out, times)
-            except Exception:
-                self.carry.reset()  # this frame's shift was not applied to the carried boxes
-                raise
-            self.carry.keyframe(out, n, frame_hw)
+        self._frame_time = t0
+        if self.background is not None:
+            n = self._process_async(frame_rgb, shift, frame_hw, out, times)
         else:
-            t1 = time.perf_counter()
-            n = self.carry.carry(shift, out)  # type: ignore[arg-type]
-            times["motion"] += time.perf_counter() - t1
+            self.detected_last = self.carry.should_detect(shift, frame_hw)
+            if self.detected_last:
+                try:
+                    n = self._detect(frame_rgb, out, times)
+                except Exception:
+                    self.carry.reset()  # this frame's shift was not applied to the carried boxes
+                    raise
+                self.carry.keyframe(out, n, frame_hw)
+                self._boxes_time = t0
+            else:
+                t1 = time.perf_counter()
+                n = self.carry.carry(shift, out)  # type: ignore[arg-type]
+                times["motion"] += time.perf_counter() - t1
+        if self._boxes_time is not None:
+            self._boxes_age.append(t0 - self._boxes_time)
         t3 = time.perf_counter()
         morph = []
         if self.morphology is not None:
@@ -285,6 +326,46 @@ class Pipeline:
                      else self.morphology(frame_rgb, out, n))
         times["morphology"] = time.perf_counter() - t3
         return out, n, morph, times
+
+    def _process_async(self, frame_rgb: np.ndarray, shift: tuple[float, float] | None, frame_hw: tuple[int, int],
+                       out: np.ndarray, times: dict[str, float]) -> int:
+        """One frame with the detector in the background: its newest result, moved onto this frame."""
+        bg = self.background
+        assert bg is not None
+        hw = (int(frame_hw[0]), int(frame_hw[1]))
+        jumped = shift is None or math.hypot(*shift) > self.carry.max_travel_px
+        if jumped or self._async_hw != hw:  # nothing known to carry from: detect here, and wait for it
+            self._epoch += 1
+            self._position = [0.0, 0.0]
+            self._async_hw = None
+            bg.drain()
+            n = self._detect(frame_rgb, out, times)
+            self.carry.keyframe(out, n, hw)
+            self._async_hw = hw
+            self._boxes_time = self._frame_time
+            self.detected_last = True
+            return n  # this very frame is not offered again
+        self._position[0] += shift[0]  # type: ignore[index]
+        self._position[1] += shift[1]  # type: ignore[index]
+        t1 = time.perf_counter()
+        result = bg.take()
+        if result is not None and result.error is not None:
+            self._async_hw = None  # the next frame is detected here, where a failure is reported with its frame
+            log.warning("background detection failed: %s", result.error)
+            result = None
+        if result is not None and result.tag[0] == self._epoch:  # else found before a jump: nothing to carry
+            _, x0, y0, found_on = result.tag
+            self.carry.keyframe(result.detections, result.count, hw)
+            n = self.carry.carry((self._position[0] - x0, self._position[1] - y0), out)
+            times.update(result.times)
+            self._boxes_time = found_on
+            self.detected_last = True
+        else:
+            n = self.carry.carry(shift, out)
+            self.detected_last = False
+        bg.offer(frame_rgb, (self._epoch, self._position[0], self._position[1], self._frame_time))
+        times["motion"] += time.perf_counter() - t1
+        return n
 
     def _detect(self, frame_rgb: np.ndarray, out: np.ndarray, times: dict[str, float]) -> int:
         """Pre-process, infer, decode + NMS into ``out`` (frame pixels); returns the detection count."""
@@ -319,12 +400,16 @@ class Pipeline:
     def reset(self) -> None:
         """Forget what was carried from earlier frames (a new slide or session): the next frame is detected."""
         self.carry.reset()
+        self._async_hw = None
+        self._boxes_time = None
         if self.motion is not None:
             self.motion.reset()
         if self.morphology is not None:
             self.morphology.reset()
 
     def close(self) -> None:
+        if self.background is not None:
+            self.background.close()
         if self._gpu_preprocess is not None:
             self.detector.context_handle.push()
             try:
@@ -382,7 +467,7 @@ class RunConfig:
     morphology_reuse: bool = True
     precision: str = "auto"
     # the detector on every Nth frame, detections carried with the stage in between; "auto": as often as
-    # target_fps allows (runtime/stage_motion.py)
+    # target_fps allows (runtime/stage_motion.py); "async": on its own thread (runtime/background_detect.py)
     detect_every: int | str = "auto"
     target_fps: float = 10.0
     morphology_budget_s: float | None = 0.1  # per frame, for new sperm (runtime/morphology_stage.py)
@@ -481,6 +566,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     t_warm: float | None = None
     judged = 0
     detected = 0
+    intervals: deque[float] = deque(maxlen=10000)  # between frames shown, after the warm-up
     session_id = None
     t_start = time.perf_counter()
     try:
@@ -510,6 +596,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         t_prev = t_start
         fps = 0.0
         worker = InferenceWorker(pipe, source, threaded=cfg.overlap)
+        # async: frames no faster than the target, so that the detector's thread gets the rest of the CPU
+        frame_period = 1.0 / cfg.target_fps if pipe.detect_async else 0.0
+        t_paced = time.perf_counter()
         for item in worker:
             frame = item.frame
             watchdog.ping()
@@ -559,13 +648,17 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             dt = now - t_prev
             t_prev = now
             fps = 1.0 / dt if fps == 0.0 else 0.9 * fps + 0.1 / max(dt, 1e-6)
+            if frames > WARMUP_FRAMES:
+                intervals.append(dt)
             if frames > 1 and dt < 2.0:  # not the first frame (models' warm-up) nor one after a frozen screen
                 # what the frame cost, without waiting for the camera: a slow camera is no reason to carry
                 pipe.carry.observe(dt - item.wait_s, item.detected)
             for err in (getattr(sink, "error", ""), getattr(recorder, "error", "") if recorder else ""):
                 problems.report(err, hold_s=10.0)
             overlay = {"fps": fps, "latency_ms": timer.last_ms(), "counts": frame_counts, "frame": frame.index,
-                       "title": "SmearSight", "detect_every": pipe.carry.detect_every}
+                       "title": "SmearSight",
+                       "detect_every": "async" if pipe.detect_async else pipe.carry.detect_every,
+                       "boxes_age_ms": pipe.boxes_age_ms(last=True)}
             active = problems.active()
             if active:
                 overlay["status"] = active
@@ -598,6 +691,11 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 timer.add("record", t8 - t7)
             if getattr(sink, "should_stop", False) or (cfg.max_frames is not None and frames >= cfg.max_frames):
                 break
+            if frame_period:
+                pause = frame_period - (time.perf_counter() - t_paced)
+                if pause > 0:
+                    time.sleep(pause)
+                t_paced = time.perf_counter()
     except KeyboardInterrupt:
         say("stopped")
     finally:
@@ -629,9 +727,11 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "precision": pipe.detector.manifest.precision,
             "morphology_parts": [b.manifest.morphology.part for b in pipe.morphology_backends],
             "morphology_crops_judged": judged,
-            "detect_every": "auto" if pipe.carry.auto else pipe.carry.detect_every,
-            "detect_every_last": pipe.carry.detect_every,
+            "detect_every": pipe.detect_mode,
+            "detect_every_last": "async" if pipe.detect_async else pipe.carry.detect_every,
             "detector_frames": detected,
+            "boxes_age_ms": round(pipe.boxes_age_ms(), 1),
+            "frame_interval_ms": _spread_ms(intervals),
             "morphology_reuse": bool(pipe.morphology is not None and pipe.morphology.reuse),
             "overlap": worker is not None and worker.threaded,
             "source": cfg.source,
@@ -648,6 +748,15 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     if cfg.stats_json is not None:
         atomic_write_json(Path(cfg.stats_json), stats)
     return stats
+
+
+def _spread_ms(seconds: deque[float]) -> dict[str, float] | None:
+    """Median, 95th percentile and maximum in ms (None for fewer than two samples)."""
+    if len(seconds) < 2:
+        return None
+    ms = np.asarray(seconds) * 1000.0
+    return {"median": round(float(np.median(ms)), 1), "p95": round(float(np.percentile(ms, 95)), 1),
+            "max": round(float(ms.max()), 1)}
 
 
 def _apply_panel_requests(req: Any, recorder: Any, session_id: int | None, cfg: RunConfig, pipe: Pipeline,

@@ -175,12 +175,12 @@ class DetectionCarry:
 
 
 def parse_detect_every(text: str, what: str = "--detect-every") -> int | str:
-    """``"auto"`` or a whole number of frames >= 1 from the command line; InputError otherwise."""
+    """``"auto"``, ``"async"`` or a whole number of frames >= 1 from the command line; InputError otherwise."""
     value = str(text).strip().lower()
-    if value == "auto":
+    if value in ("auto", "async"):
         return value
     if not value.isdigit() or int(value) < 1:
-        raise InputError(f"{what}: expected auto or a whole number of frames >= 1, got '{text}'")
+        raise InputError(f"{what}: expected auto, async or a whole number of frames >= 1, got '{text}'")
     return int(value)
 
 

@@ -90,6 +90,13 @@ def test_counts_panel_fps_and_banners() -> None:
     assert (every_frame == plain).all()  # an interval of 1 adds nothing to the FPS line
     # 4 adds "detector 1/4 frames" to it
     assert (carried[:200, :600] != every_frame[:200, :600]).any(2).sum() > 50
+    background = _canvas()  # async: "boxes 250 ms old", another line than the interval's
+    annotate(background, dets, TPS_CLASS_NAMES, None, {"fps": 12.3, "detect_every": "async", "boxes_age_ms": 250})
+    older = _canvas()
+    annotate(older, dets, TPS_CLASS_NAMES, None, {"fps": 12.3, "detect_every": "async", "boxes_age_ms": 900})
+    assert (background[:200, :600] != every_frame[:200, :600]).any(2).sum() > 50
+    assert (background[:200, :600] != carried[:200, :600]).any(2).sum() > 50
+    assert (background[:200, :600] != older[:200, :600]).any(2).sum() > 10
 
     status = _canvas()
     annotate(status, _dets([]), TPS_CLASS_NAMES, None, {"status": "camera lost — retrying in 4 s", "counts": {}})

@@ -164,7 +164,7 @@ def test_run_cli_detects_every_nth_frame_and_reports_it(models, tmp_path, capfd,
     assert [f["detected"] for f in recorded] == [True, False, False] * 3
     assert data["latency_ms"]["motion"] > 0
     rc = main(["run", "synth://", "null://", "--models", str(models), "--max-frames", "1", "--detect-every", "0"])
-    assert rc == 1 and "--detect-every: expected auto or a whole number" in capfd.readouterr().err
+    assert rc == 1 and "--detect-every: expected auto, async or a whole number" in capfd.readouterr().err
 
 
 def test_auto_does_not_carry_because_the_camera_is_slow(models, tmp_path):

@@ -1,0 +1,205 @@
+"""The detector on its own thread (``--detect-every async``): the thread's hand-over rules with a simple
+detect function, then a real slide through a real ONNX detector and the CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from smearsight.cli import main
+from smearsight.device.record import session_frames
+from smearsight.runtime import pipeline as pl
+from smearsight.runtime.background_detect import BackgroundDetector
+from smearsight.runtime.postprocess import EMPTY_ROW
+
+pytest.importorskip("onnx")
+
+
+class GatedDetect:
+    """``detect`` that writes the frame's first pixel as a score and waits for a gate per call."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Semaphore(0)
+        self.entered = threading.Semaphore(0)  # released as each call starts
+        self.seen: list[int] = []
+        self.fail_on: int | None = None
+
+    def __call__(self, frame: np.ndarray, out: np.ndarray, times: dict[str, float]) -> int:
+        self.entered.release()
+        assert self.gate.acquire(timeout=10)
+        value = int(frame[0, 0, 0])
+        self.seen.append(value)
+        if value == self.fail_on:
+            raise ValueError(f"frame {value} is corrupt")
+        out[:] = EMPTY_ROW
+        out[0] = (1, 2, 3, 4, value, 0)
+        times["infer"] = 0.001
+        return 1
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def frame(value: int) -> np.ndarray:
+    return np.full((4, 6, 3), value, np.uint8)
+
+
+def test_latest_offered_frame_wins_and_results_are_taken_once():
+    detect = GatedDetect()
+    bg = BackgroundDetector(detect, max_det=5)
+    try:
+        assert bg.take() is None and not bg.busy
+        bg.offer(frame(1), "one")
+        assert detect.entered.acquire(timeout=10) and bg.busy
+        for value in (2, 3, 4):  # offered while frame 1 is being detected: only the last one is kept
+            bg.offer(frame(value), value)
+        src = frame(9)
+        bg.offer(src, "nine")
+        src[:] = 0  # the offer was copied
+        detect.gate.release()
+        wait_until(lambda: bg.results == 1)
+        first = bg.take()
+        assert first.tag == "one" and first.count == 1 and first.detections[0, 4] == 1 and first.error is None
+        assert first.times == {"infer": 0.001} and first.detections.shape == (5, 6)
+        assert bg.take() is None  # once
+        detect.gate.release()
+        wait_until(lambda: bg.results == 2)
+        second = bg.take()
+        assert second.tag == "nine" and second.detections[0, 4] == 9
+        assert detect.seen == [1, 9] and not bg.busy
+    finally:
+        for _ in range(3):
+            detect.gate.release()
+        assert bg.close()
+
+
+def test_drain_waits_for_the_running_detection_and_drops_the_rest():
+    detect = GatedDetect()
+    bg = BackgroundDetector(detect, max_det=3)
+    try:
+        bg.offer(frame(1), 1)
+        assert detect.entered.acquire(timeout=10)
+        bg.offer(frame(2), 2)
+        assert not bg.drain(timeout=0.05)  # frame 1 still running
+        threading.Timer(0.05, detect.gate.release).start()
+        assert bg.drain(timeout=10)
+        assert bg.take() is None and not bg.busy and detect.seen == [1]  # frame 2 dropped, 1's result too
+    finally:
+        detect.gate.release()
+        assert bg.close()
+
+
+def test_a_failing_detection_comes_back_as_an_error():
+    detect = GatedDetect()
+    detect.fail_on = 7
+    bg = BackgroundDetector(detect, max_det=3)
+    try:
+        bg.offer(frame(7), "bad")
+        detect.gate.release()
+        wait_until(lambda: bg.results == 1)
+        result = bg.take()
+        assert isinstance(result.error, ValueError) and "frame 7 is corrupt" in str(result.error)
+        assert result.tag == "bad" and result.count == 0
+        bg.offer(frame(8), "good")  # the thread keeps going
+        detect.gate.release()
+        wait_until(lambda: bg.results == 2)
+        assert bg.take().detections[0, 4] == 8
+    finally:
+        assert bg.close()
+    assert not bg._thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def models(tiny, tmp_path_factory):
+    return tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=(64, 96), seed=3,
+                                score_threshold=0.05, parts=("head",))
+
+
+@pytest.fixture(scope="module")
+def slide():
+    synth = pytest.importorskip("smearsight.train.datasets.synth")
+    return synth.SyntheticSlide(seed=5, slide_size=(1024, 2048), frame_size=(384, 512))
+
+
+def moved(dets: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """Detections of a frame seen from a camera moved by (dx, dy): content moves the other way, clipped."""
+    want = dets.copy()
+    want[:, [0, 2]] = np.clip(want[:, [0, 2]] - dx, 0, 512)
+    want[:, [1, 3]] = np.clip(want[:, [1, 3]] - dy, 0, 384)
+    return want[(want[:, 2] - want[:, 0] >= 2) & (want[:, 3] - want[:, 1] >= 2)]
+
+
+def test_async_results_are_moved_from_their_frame_to_the_frame_shown(models, slide):
+    """Each result is found on the frame offered before and shown on the next one, moved by the stage's
+    shift between the two; a jump is detected in the loop itself."""
+    reference = pl.open_pipeline(models, "onnx", morphology=False)
+    pipe = pl.open_pipeline(models, "onnx", morphology=False, detect_every="async")
+    try:
+        x0, y0 = 400, 300
+        path = [(0, 0), (4, -1), (9, -3), (13, -4), (20, -6), (60, 600), (64, 598)]  # the 6th jumps
+        shown = []
+        for dx, dy in path:
+            dets, n, _, times = pipe.process(slide.frame_at(x0 + dx, y0 + dy))
+            shown.append((dets[:n].copy(), pipe.detected_last, dict(times)))
+            wait_until(lambda: not pipe.background.busy)  # let the detector finish before the next frame
+        truth = []
+        for dx, dy in path:
+            dets, n, _, _ = reference.process(slide.frame_at(x0 + dx, y0 + dy))
+            truth.append(dets[:n].copy())
+        assert shown[0][1] and "infer" in shown[0][2]  # the first frame: detected in the loop
+        np.testing.assert_array_equal(shown[0][0], truth[0])
+        assert not shown[1][1] and "infer" not in shown[1][2]  # nothing offered yet: frame 0's boxes carried
+        for i in (2, 3, 4):  # frame i shows what was found on frame i - 1, moved by the camera's step
+            got, fresh, times = shown[i]
+            assert fresh and "infer" in times
+            step = (path[i][0] - path[i - 1][0], path[i][1] - path[i - 1][1])
+            want = moved(truth[i - 1], *step)
+            assert got.shape == want.shape and len(want) > 0
+            np.testing.assert_allclose(got[:, :4], want[:, :4], atol=1.5)
+            np.testing.assert_array_equal(got[:, 4:], want[:, 4:])
+        got, fresh, times = shown[5]  # the jump: frame 4's result is dropped, frame 5 detected here
+        assert fresh and "infer" in times
+        np.testing.assert_array_equal(got, truth[5])
+        assert pipe.detect_mode == "async" and pipe.boxes_age_ms() > 0
+    finally:
+        pipe.close()
+        reference.close()
+    assert not pipe.background._thread.is_alive()
+
+
+def test_a_failed_background_detection_makes_the_next_frame_a_loop_detection(models, slide):
+    pipe = pl.open_pipeline(models, "onnx", morphology=False, detect_every="async")
+    try:
+        pipe.process(slide.frame_at(400, 300))
+        pipe.background.offer(np.zeros((384, 512), np.uint8), (pipe._epoch, 0.0, 0.0, 0.0))  # not RGB: fails
+        wait_until(lambda: not pipe.background.busy)
+        _, _, _, times = pipe.process(slide.frame_at(404, 300))  # takes the error, carries, flags a redo
+        assert not pipe.detected_last and "infer" not in times
+        _, _, _, times = pipe.process(slide.frame_at(408, 300))
+        assert pipe.detected_last and "infer" in times
+    finally:
+        pipe.close()
+
+
+@pytest.mark.parametrize("overlap", ["--sequential", "--overlap"])
+def test_run_cli_async_reports_the_boxes_age_and_paces_the_frames(models, tmp_path, overlap):
+    stats = tmp_path / "stats.json"
+    rc = main(["run", "synth://?seed=5&size=512x384", "null://", "--models", str(models), "--backend", "onnx",
+               "--headless", "--max-frames", "12", "--detect-every", "async", "--target-fps", "20",
+               "--stats-json", str(stats), "--record", str(tmp_path / "rec.db"), overlap])
+    assert rc == 0
+    data = json.loads(stats.read_text())
+    assert data["frames"] == 12 and data["detect_every"] == "async" and data["detect_every_last"] == "async"
+    assert 1 <= data["detector_frames"] <= 12 and data["boxes_age_ms"] >= 0
+    assert data["fps"] <= 20 * 1.05  # paced to --target-fps
+    recorded = list(session_frames(tmp_path / "rec.db", data["session_id"]))
+    assert len(recorded) == 12 and recorded[0]["detected"]
+    assert sum(f["detected"] for f in recorded) == data["detector_frames"]
