@@ -5,8 +5,9 @@ On a CPU-only device the detector takes several frame times. Detecting on key fr
 frame, then a few quick carried ones. :class:`BackgroundDetector` instead runs the detector on a thread
 of its own: the loop offers it every frame (the latest one wins; it is copied), never waits for it, and
 takes a result whenever one is ready. The pipeline moves that result's boxes by the stage's shift from
-the frame they were found on to the frame on screen, so every frame shows boxes, each frame costs about
-the same, and the boxes are as fresh as the detector allows.
+the frame they were found on to the frame on screen, so every frame shows boxes and costs about the same
+(apart from a jump, which is detected in the loop), and the boxes are as fresh as the detector allows:
+one to two detector runs old when the detector is slower than the frames.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from smearsight.runtime.postprocess import EMPTY_ROW
+
 log = logging.getLogger("smearsight.runtime")
 
 
@@ -31,7 +34,7 @@ class DetectorResult:
     count: int
     tag: Any  # what was offered with the frame
     times: dict[str, float]  # the detector's stages (seconds)
-    error: Exception | None = None  # the detection failed (``detections`` is then empty)
+    error: Exception | None = None  # the detection failed (``detections`` is then all empty rows)
 
 
 class BackgroundDetector:
@@ -90,6 +93,11 @@ class BackgroundDetector:
             return True
 
     @property
+    def alive(self) -> bool:
+        """False once the thread has ended (closed, or killed by an error outside the detection)."""
+        return self._thread.is_alive()
+
+    @property
     def busy(self) -> bool:
         """True while a detection is running or a frame waits for one."""
         with self._cond:
@@ -109,18 +117,21 @@ class BackgroundDetector:
                 self._busy = True
             out = np.empty((self._max_det, 6), np.float32)
             times: dict[str, float] = {}
-            error = None
-            count = 0
+            result = None
             try:
                 count = self._detect(work, out, times)  # type: ignore[arg-type]
+                result = DetectorResult(out, count, tag, times)
             except Exception as exc:  # handed to the caller with the result
-                error = exc
                 log.debug("background detection failed", exc_info=True)
-            with self._cond:
-                self._busy = False
-                self.results += 1
-                self._result = DetectorResult(out, count, tag, times, error)
-                self._cond.notify_all()
+                out[:] = EMPTY_ROW
+                result = DetectorResult(out, 0, tag, times, exc)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    if result is not None:
+                        self.results += 1
+                        self._result = result
+                    self._cond.notify_all()
 
     def close(self, timeout: float = 30.0) -> bool:
         """Stop the thread after the frame it is on; True once it has ended. Idempotent."""

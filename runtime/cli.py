@@ -46,7 +46,8 @@ def run_command(
         "a focus change or a long stage move forces detection). auto: every frame while that keeps up with "
         "--target-fps (the camera's own pace aside), else the smallest interval that does, at most 4. "
         "1: every frame. async: the detector runs on its own thread on the latest frame, and every frame shows "
-        "its newest boxes moved with the stage (even frame pacing; the boxes are one detector run old)."),
+        "its newest boxes moved with the stage (frames paced at --target-fps; the boxes are one to two "
+        "detector runs old)."),
     target_fps: float = typer.Option(10.0, "--target-fps", min=0.1, help="Frame rate --detect-every auto aims for."),
     morphology_budget_ms: float = typer.Option(
         100.0, "--morphology-budget-ms", min=0.0, help="About how long a frame may spend judging sperm new to "

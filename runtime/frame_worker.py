@@ -40,6 +40,7 @@ class Processed:
     times: dict[str, float] = field(default_factory=dict)
     judged: int = 0  # morphology crops judged on this frame
     detected: bool = False  # went through the detector (else its detections were carried from a key frame)
+    boxes_age_s: float = 0.0  # how much earlier the frame the boxes were found on came in (Pipeline.boxes_age_s)
     error: str = ""  # plain words when the frame could not be processed
     held: bool = False  # passed through unprocessed because the screen holds a frozen field
     generation: int = 0  # morphology resets applied before this frame (see InferenceWorker.reset_morphology)
@@ -52,11 +53,16 @@ class InferenceWorker:
     screen) are passed through unprocessed. The worker stops at the end of the source or on :meth:`close`
     (which the consumer calls when it has had enough frames). ``threaded=False`` processes each frame
     inside ``next()`` instead (the sequential loop, which ``smearsight run`` uses unless ``--overlap``).
+    ``min_interval_s`` reads frames no more often than that (``--detect-every async``: the CPU left over
+    goes to the detector's thread); a camera that keeps only its latest frame drops the ones in between.
     An exception other than a failing frame ends the iteration and is raised again in the consumer.
     """
 
-    def __init__(self, pipeline: Any, source: Iterable[Any], *, threaded: bool = True) -> None:
+    def __init__(self, pipeline: Any, source: Iterable[Any], *, threaded: bool = True,
+                 min_interval_s: float = 0.0) -> None:
         self.pipeline = pipeline
+        self.min_interval_s = float(min_interval_s)
+        self._last_read: float | None = None
         self.hold = threading.Event()
         self.generation = 0  # resets asked for (consumer side)
         self._applied = 0  # resets applied (worker side)
@@ -89,7 +95,9 @@ class InferenceWorker:
     def _step(self) -> Processed | None:
         """Read and process one frame; None at the end of the source."""
         pipe = self.pipeline
-        t0 = time.perf_counter()
+        if self.min_interval_s > 0 and self._last_read is not None:
+            time.sleep(max(0.0, self._last_read + self.min_interval_s - time.perf_counter()))
+        t0 = self._last_read = time.perf_counter()
         try:
             frame = next(self._source)
         except StopIteration:
@@ -118,6 +126,7 @@ class InferenceWorker:
             item.detections = dets[:n].copy()  # the pipeline reuses its array next frame
             item.judged = pipe.morphology.judged_last if pipe.morphology is not None else 0
             item.detected = pipe.detected_last
+            item.boxes_age_s = pipe.boxes_age_s
         return item
 
     def _run(self) -> None:

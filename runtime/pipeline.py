@@ -15,7 +15,6 @@ the picture and in the log, and the loop keeps going where it can.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections import deque
@@ -38,7 +37,8 @@ from smearsight.runtime.preprocess import Preprocessor
 
 log = logging.getLogger("smearsight.runtime")
 
-STAGES = ("capture", "motion", "preprocess", "infer", "decode_nms", "morphology", "annotate", "sink", "record")
+STAGES = ("capture", "motion", "detector_wait", "preprocess", "infer", "decode_nms", "morphology", "annotate", "sink",
+          "record")
 DEFAULT_SOURCE = "synth://"
 DEFAULT_FILE_SINK = "file://smearsight-out.mp4"
 # stats' fps_steady leaves out the first frames (model warm-up, the first field's morphology, caches)
@@ -136,11 +136,13 @@ class Pipeline:
     in between (:class:`~smearsight.runtime.stage_motion.DetectionCarry`); :attr:`detected_last` says
     whether the last frame went through the detector. ``"async"`` runs it on a
     :class:`~smearsight.runtime.background_detect.BackgroundDetector` thread instead, offered every frame;
-    each frame shows the newest result moved by the stage's shift since the frame it was found on
-    (:attr:`detected_last`: a new result arrived). A frame whose shift is unknown (the first, a jump, a
-    focus change, a new size) is detected in the loop itself. The stage's shift is measured once per frame
-    (the ``motion`` stage) whenever carrying detections or morphology results needs it;
-    :meth:`boxes_age_ms` tells how much older than the frame shown the frames the boxes were found on are.
+    each frame shows the newest result moved by the stage's shift since the frame it was found on. A frame
+    whose shift is unknown (the first, a jump, a focus change, a new size) is detected in the loop itself
+    (only these count as :attr:`detected_last`; :attr:`detector_runs` counts every run). The background
+    runs' ``preprocess``/``infer``/``decode_nms`` times are reported with the frame their result reaches.
+    The stage's shift is measured once per frame (the ``motion`` stage) whenever carrying detections or
+    morphology results needs it; :attr:`boxes_age_s` is how much earlier than the last frame the frame its
+    boxes were found on came in (0 when the detector ran on it).
     """
 
     def __init__(self, detector: InferenceBackend, morphology: list[InferenceBackend] | None = None, *,
@@ -195,7 +197,8 @@ class Pipeline:
         self._async_hw: tuple[int, int] | None = None  # frame size of the reference; None: detect in the loop
         self._frame_time = 0.0
         self._boxes_time: float | None = None  # when the frame that the shown boxes were found on came in
-        self._boxes_age: deque[float] = deque(maxlen=2000)
+        self.boxes_age_s = 0.0
+        self._loop_runs = 0
 
     @property
     def detect_mode(self) -> int | str:
@@ -204,12 +207,10 @@ class Pipeline:
             return "async"
         return "auto" if self.carry.auto else self.carry.detect_every
 
-    def boxes_age_ms(self, last: bool = False) -> float:
-        """Mean (or the ``last`` frame's) age of the shown boxes: how much earlier than the frame shown the
-        frame they were detected on came in (0 when the detector ran on the frame shown)."""
-        if not self._boxes_age:
-            return 0.0
-        return 1000.0 * (self._boxes_age[-1] if last else statistics.fmean(self._boxes_age))
+    @property
+    def detector_runs(self) -> int:
+        """Detector runs finished so far: on frames in the loop, and in the background (async)."""
+        return self._loop_runs + (self.background.results if self.background is not None else 0)
 
     def _open_gpu_decoder(self) -> Any:
         """The CUDA decoder, sharing the engine's context and stream so that the raw outputs never
@@ -313,12 +314,12 @@ class Pipeline:
                     raise
                 self.carry.keyframe(out, n, frame_hw)
                 self._boxes_time = t0
+                self._loop_runs += 1
             else:
                 t1 = time.perf_counter()
                 n = self.carry.carry(shift, out)  # type: ignore[arg-type]
                 times["motion"] += time.perf_counter() - t1
-        if self._boxes_time is not None:
-            self._boxes_age.append(t0 - self._boxes_time)
+        self.boxes_age_s = t0 - self._boxes_time if self._boxes_time is not None else 0.0
         t3 = time.perf_counter()
         morph = []
         if self.morphology is not None:
@@ -333,13 +334,18 @@ class Pipeline:
         bg = self.background
         assert bg is not None
         hw = (int(frame_hw[0]), int(frame_hw[1]))
-        jumped = shift is None or math.hypot(*shift) > self.carry.max_travel_px
-        if jumped or self._async_hw != hw:  # nothing known to carry from: detect here, and wait for it
+        if not bg.alive:
+            raise RuntimeError("the detector thread has stopped")
+        if shift is None or self._async_hw != hw:  # nothing known to carry from: detect here, and wait for it
             self._epoch += 1
             self._position = [0.0, 0.0]
             self._async_hw = None
-            bg.drain()
+            t1 = time.perf_counter()
+            if not bg.drain():  # never two detections at once: they share every buffer
+                raise RuntimeError("the detector has not finished its last frame within 30 s")
+            times["detector_wait"] = time.perf_counter() - t1
             n = self._detect(frame_rgb, out, times)
+            self._loop_runs += 1
             self.carry.keyframe(out, n, hw)
             self._async_hw = hw
             self._boxes_time = self._frame_time
@@ -359,11 +365,11 @@ class Pipeline:
             n = self.carry.carry((self._position[0] - x0, self._position[1] - y0), out)
             times.update(result.times)
             self._boxes_time = found_on
-            self.detected_last = True
         else:
             n = self.carry.carry(shift, out)
-            self.detected_last = False
-        bg.offer(frame_rgb, (self._epoch, self._position[0], self._position[1], self._frame_time))
+        self.detected_last = False
+        if self._async_hw is not None:  # (after a failure the next frame is detected here: nothing to offer)
+            bg.offer(frame_rgb, (self._epoch, self._position[0], self._position[1], self._frame_time))
         times["motion"] += time.perf_counter() - t1
         return n
 
@@ -408,8 +414,8 @@ class Pipeline:
             self.morphology.reset()
 
     def close(self) -> None:
-        if self.background is not None:
-            self.background.close()
+        if self.background is not None and not self.background.close():
+            return  # a detection still runs on the buffers and the engine: leave them to the process's exit
         if self._gpu_preprocess is not None:
             self.detector.context_handle.push()
             try:
@@ -567,6 +573,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     judged = 0
     detected = 0
     intervals: deque[float] = deque(maxlen=10000)  # between frames shown, after the warm-up
+    boxes_age: deque[float] = deque(maxlen=10000)
     session_id = None
     t_start = time.perf_counter()
     try:
@@ -595,10 +602,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         t_start = time.perf_counter()
         t_prev = t_start
         fps = 0.0
-        worker = InferenceWorker(pipe, source, threaded=cfg.overlap)
         # async: frames no faster than the target, so that the detector's thread gets the rest of the CPU
-        frame_period = 1.0 / cfg.target_fps if pipe.detect_async else 0.0
-        t_paced = time.perf_counter()
+        worker = InferenceWorker(pipe, source, threaded=cfg.overlap,
+                                 min_interval_s=pipe.carry.target_s if pipe.detect_async else 0.0)
         for item in worker:
             frame = item.frame
             watchdog.ping()
@@ -648,8 +654,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             dt = now - t_prev
             t_prev = now
             fps = 1.0 / dt if fps == 0.0 else 0.9 * fps + 0.1 / max(dt, 1e-6)
-            if frames > WARMUP_FRAMES:
+            if frames > WARMUP_FRAMES and dt < 2.0:  # not one after a frozen screen
                 intervals.append(dt)
+            boxes_age.append(item.boxes_age_s)
             if frames > 1 and dt < 2.0:  # not the first frame (models' warm-up) nor one after a frozen screen
                 # what the frame cost, without waiting for the camera: a slow camera is no reason to carry
                 pipe.carry.observe(dt - item.wait_s, item.detected)
@@ -658,7 +665,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             overlay = {"fps": fps, "latency_ms": timer.last_ms(), "counts": frame_counts, "frame": frame.index,
                        "title": "SmearSight",
                        "detect_every": "async" if pipe.detect_async else pipe.carry.detect_every,
-                       "boxes_age_ms": pipe.boxes_age_ms(last=True)}
+                       "boxes_age_ms": 1000.0 * item.boxes_age_s}
             active = problems.active()
             if active:
                 overlay["status"] = active
@@ -691,11 +698,6 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 timer.add("record", t8 - t7)
             if getattr(sink, "should_stop", False) or (cfg.max_frames is not None and frames >= cfg.max_frames):
                 break
-            if frame_period:
-                pause = frame_period - (time.perf_counter() - t_paced)
-                if pause > 0:
-                    time.sleep(pause)
-                t_paced = time.perf_counter()
     except KeyboardInterrupt:
         say("stopped")
     finally:
@@ -730,7 +732,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "detect_every": pipe.detect_mode,
             "detect_every_last": "async" if pipe.detect_async else pipe.carry.detect_every,
             "detector_frames": detected,
-            "boxes_age_ms": round(pipe.boxes_age_ms(), 1),
+            "detector_runs": pipe.detector_runs,
+            "boxes_age_ms": round(1000.0 * statistics.fmean(boxes_age), 1) if boxes_age else 0.0,
             "frame_interval_ms": _spread_ms(intervals),
             "morphology_reuse": bool(pipe.morphology is not None and pipe.morphology.reuse),
             "overlap": worker is not None and worker.threaded,
