@@ -2,7 +2,7 @@
 -> morphology -> annotate -> sink, with per-stage median latencies.
 
     python benchmarks/bench_pipeline.py [--models DIR] [--frames 40] [--sink null://] [--source synth://]
-        [--no-morphology] [--overlap] [--detect-every 1|N|auto] [--variant efficientdet_lite0] [--size 768x1024]
+        [--no-morphology] [--overlap] [--detect-every 1|N|auto|async] [--variant efficientdet_lite0] [--size 768x1024]
 
 Without ``--models`` the built-in demo models are used when installed; otherwise an *untrained*
 detector of ``--variant`` (weights do not change the speed) is exported at ``--size`` into a temporary
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", action="store_true", help="models one frame ahead on their own thread")
     parser.add_argument("--detect-every", default="1",
                         help="detector on every Nth frame, boxes carried with the stage between; auto: as "
-                        "often as 10 FPS allows (smearsight run's default)")
+                        "often as 10 FPS allows (smearsight run's default); async: on its own thread")
     parser.add_argument("--variant", default="efficientdet_lite0")
     parser.add_argument("--size", default="768x1024", help="HxW for an exported untrained detector")
     parser.add_argument("--out", type=Path, default=None, help="also write the stats JSON here")
@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"models: {label}; detector input {man.input.shape}, anchors {pipe.anchors.shape[0]:,}, "
           f"backend {stats['backend']} ({stats['precision']}), morphology {stats['morphology_parts'] or 'none'}"
           + (f" (carried: {stats['morphology_crops_judged']} crops judged)" if stats["morphology_reuse"] else ""))
-    print(f"source {args.source} -> {args.sink}, {stats['frames']} frames ({stats['detector_frames']} through the "
-          f"detector, detect every {stats['detect_every']}), Python {sys.version.split()[0]}")
+    print(f"source {args.source} -> {args.sink}, {stats['frames']} frames ({stats['detector_runs']} detector runs, "
+          f"{stats['detector_frames']} of them in the loop, detect every {stats['detect_every']}; boxes "
+          f"{stats['boxes_age_ms']:.0f} ms old on average), Python {sys.version.split()[0]}")
     print(f"{'stage':>12} {'median ms':>10}")
     for stage, ms in stats["latency_ms"].items():
         print(f"{stage:>12} {ms:>10.2f}")
