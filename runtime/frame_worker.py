@@ -53,8 +53,9 @@ class InferenceWorker:
     screen) are passed through unprocessed. The worker stops at the end of the source or on :meth:`close`
     (which the consumer calls when it has had enough frames). ``threaded=False`` processes each frame
     inside ``next()`` instead (the sequential loop, which ``smearsight run`` uses unless ``--overlap``).
-    ``min_interval_s`` reads frames no more often than that (``--detect-every async``: the CPU left over
-    goes to the detector's thread); a camera that keeps only its latest frame drops the ones in between.
+    ``min_interval_s`` reads frames on a schedule of that interval, never faster (``--detect-every async``:
+    the CPU left over goes to the detector's thread); a camera that keeps only its latest frame drops the
+    ones in between.
     An exception other than a failing frame ends the iteration and is raised again in the consumer.
     """
 
@@ -62,7 +63,7 @@ class InferenceWorker:
                  min_interval_s: float = 0.0) -> None:
         self.pipeline = pipeline
         self.min_interval_s = float(min_interval_s)
-        self._last_read: float | None = None
+        self._next_read: float | None = None
         self.hold = threading.Event()
         self.generation = 0  # resets asked for (consumer side)
         self._applied = 0  # resets applied (worker side)
@@ -95,9 +96,15 @@ class InferenceWorker:
     def _step(self) -> Processed | None:
         """Read and process one frame; None at the end of the source."""
         pipe = self.pipeline
-        if self.min_interval_s > 0 and self._last_read is not None:
-            time.sleep(max(0.0, self._last_read + self.min_interval_s - time.perf_counter()))
-        t0 = self._last_read = time.perf_counter()
+        if self.min_interval_s > 0:  # on a fixed schedule, so that the mean rate is the target
+            now = time.perf_counter()
+            due = self._next_read if self._next_read is not None else now
+            if due > now:
+                time.sleep(due - now)
+            # a read late by a whole interval or more restarts the schedule instead of catching up
+            now, nxt = time.perf_counter(), due + self.min_interval_s
+            self._next_read = nxt if now < nxt else now + self.min_interval_s
+        t0 = time.perf_counter()
         try:
             frame = next(self._source)
         except StopIteration:
