@@ -176,3 +176,37 @@ def test_a_lost_camera_resets_what_is_carried_before_the_next_frame(pipe):
         del pipe.reset
     assert [g.detections is None for g in got] == [False, True, True, False, False]
     assert len(calls) == 1  # once, before the first frame after the loss
+
+
+class TimedSource:
+    """Frames at once when asked, with the time each was asked for; one read is slow (a busy camera)."""
+
+    def __init__(self, src: list[Frame], slow_index: int, slow_s: float) -> None:
+        self.src, self.slow_index, self.slow_s = src, slow_index, slow_s
+        self.asked: list[float] = []
+
+    def __iter__(self):
+        for i, f in enumerate(self.src):
+            self.asked.append(time.perf_counter())
+            if i == self.slow_index:
+                time.sleep(self.slow_s)
+            yield f
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_min_interval_reads_frames_on_a_schedule(pipe, threaded):
+    """Reads come one interval apart, never faster; after a read late by more than an interval the
+    schedule restarts from it (no burst of catch-up reads)."""
+    interval = 0.06
+    source = TimedSource(frames(14), slow_index=5, slow_s=0.15)
+    worker = InferenceWorker(pipe, source, threaded=threaded, min_interval_s=interval)
+    try:
+        got = list(worker)
+    finally:
+        worker.close()
+    assert len(got) == 14
+    gaps = np.diff(source.asked)
+    assert (gaps[:4] >= interval * 0.95).all()  # never faster than the schedule
+    assert gaps[5] >= 0.15  # the slow read, then the schedule restarts from its end:
+    assert (gaps[6:] >= interval * 0.95).all()
+    assert np.median(gaps) < interval * 1.5
