@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not pipe.detected_last:
                     carried_cells += len(truth)
                     carried_matched += m
+            if pipe.background is not None:
+                pipe.background.drain()  # a run still going counts once it has finished
             runs = pipe.detector_runs - 1  # less the warm-up frame
         finally:
             pipe.close()

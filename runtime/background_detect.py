@@ -25,6 +25,10 @@ from smearsight.runtime.postprocess import EMPTY_ROW
 
 log = logging.getLogger("smearsight.runtime")
 
+# how long the loop waits for a background run before detecting itself: well below the runtime service's
+# systemd WatchdogSec (30 s, deploy/systemd/smearsight-runtime.service), which a stuck loop must still meet
+DRAIN_TIMEOUT_S = 10.0
+
 
 @dataclass
 class DetectorResult:
@@ -78,7 +82,7 @@ class BackgroundDetector:
             result, self._result = self._result, None
             return result
 
-    def drain(self, timeout: float = 30.0) -> bool:
+    def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> bool:
         """Drop the pending frame and any result, and wait until no detection is running (True) or
         ``timeout`` seconds have passed (False)."""
         deadline = time.monotonic() + timeout
@@ -145,4 +149,4 @@ class BackgroundDetector:
         return True
 
 
-__all__ = ["BackgroundDetector", "DetectorResult"]
+__all__ = ["DRAIN_TIMEOUT_S", "BackgroundDetector", "DetectorResult"]

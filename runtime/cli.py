@@ -48,7 +48,9 @@ def run_command(
         "1: every frame. async: the detector runs on its own thread on the latest frame, and every frame shows "
         "its newest boxes moved with the stage (frames paced at --target-fps; the boxes are one to two "
         "detector runs old)."),
-    target_fps: float = typer.Option(10.0, "--target-fps", min=0.1, help="Frame rate --detect-every auto aims for."),
+    target_fps: float = typer.Option(
+        10.0, "--target-fps", min=0.1, help="Frame rate --detect-every auto aims for, and the rate frames are "
+        "read at with --detect-every async."),
     morphology_budget_ms: float = typer.Option(
         100.0, "--morphology-budget-ms", min=0.0, help="About how long a frame may spend judging sperm new to "
         "the view (at least one crop); the others are judged on the next frames. 0: no limit, every new sperm "

@@ -53,9 +53,10 @@ class InferenceWorker:
     screen) are passed through unprocessed. The worker stops at the end of the source or on :meth:`close`
     (which the consumer calls when it has had enough frames). ``threaded=False`` processes each frame
     inside ``next()`` instead (the sequential loop, which ``smearsight run`` uses unless ``--overlap``).
-    ``min_interval_s`` reads frames on a schedule of that interval, never faster (``--detect-every async``:
-    the CPU left over goes to the detector's thread); a camera that keeps only its latest frame drops the
-    ones in between.
+    ``min_interval_s`` reads frames on a schedule of that interval: no read before its time, so the mean
+    rate never beats the target, though a read after a slightly late one comes sooner to catch up; a read
+    late by a whole interval restarts the schedule (``--detect-every async``: the CPU left over goes to the
+    detector's thread). A camera that keeps only its latest frame drops the ones in between.
     An exception other than a failing frame ends the iteration and is raised again in the consumer.
     """
 

@@ -199,6 +199,8 @@ class Pipeline:
         self._boxes_time: float | None = None  # when the frame that the shown boxes were found on came in
         self.boxes_age_s = 0.0
         self._loop_runs = 0
+        self.shift_unknown = 0  # frames after the first whose stage shift could not be measured
+        self._shift_seen = False
 
     @property
     def detect_mode(self) -> int | str:
@@ -206,6 +208,11 @@ class Pipeline:
         if self.detect_async:
             return "async"
         return "auto" if self.carry.auto else self.carry.detect_every
+
+    @property
+    def detect_interval(self) -> int | str:
+        """The interval in frames in use now (``auto`` changes it), or ``"async"``."""
+        return "async" if self.detect_async else self.carry.detect_every
 
     @property
     def detector_runs(self) -> int:
@@ -298,6 +305,9 @@ class Pipeline:
         if self.motion is not None:
             gray = self.motion.cv2.cvtColor(frame_rgb, self.motion.cv2.COLOR_RGB2GRAY)
             shift = self.motion(gray)
+            if shift is None and self._shift_seen:
+                self.shift_unknown += 1
+            self._shift_seen = True
             times["motion"] = time.perf_counter() - t0
         frame_hw = frame_rgb.shape[:2]
         out = self._frame_dets
@@ -342,7 +352,9 @@ class Pipeline:
             self._async_hw = None
             t1 = time.perf_counter()
             if not bg.drain():  # never two detections at once: they share every buffer
-                raise RuntimeError("the detector has not finished its last frame within 30 s")
+                from smearsight.runtime.background_detect import DRAIN_TIMEOUT_S
+
+                raise RuntimeError(f"the detector has not finished its last frame within {DRAIN_TIMEOUT_S:.0f} s")
             times["detector_wait"] = time.perf_counter() - t1
             n = self._detect(frame_rgb, out, times)
             self._loop_runs += 1
@@ -408,6 +420,7 @@ class Pipeline:
         self.carry.reset()
         self._async_hw = None
         self._boxes_time = None
+        self._shift_seen = False
         if self.motion is not None:
             self.motion.reset()
         if self.morphology is not None:
@@ -415,6 +428,8 @@ class Pipeline:
 
     def close(self) -> None:
         if self.background is not None and not self.background.close():
+            for b in self.morphology_backends:  # the detector thread never touches these
+                b.close()
             return  # a detection still runs on the buffers and the engine: leave them to the process's exit
         if self._gpu_preprocess is not None:
             self.detector.context_handle.push()
@@ -664,7 +679,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 problems.report(err, hold_s=10.0)
             overlay = {"fps": fps, "latency_ms": timer.last_ms(), "counts": frame_counts, "frame": frame.index,
                        "title": "SmearSight",
-                       "detect_every": "async" if pipe.detect_async else pipe.carry.detect_every,
+                       "detect_every": pipe.detect_interval,
                        "boxes_age_ms": 1000.0 * item.boxes_age_s}
             active = problems.active()
             if active:
@@ -730,9 +745,10 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "morphology_parts": [b.manifest.morphology.part for b in pipe.morphology_backends],
             "morphology_crops_judged": judged,
             "detect_every": pipe.detect_mode,
-            "detect_every_last": "async" if pipe.detect_async else pipe.carry.detect_every,
+            "detect_every_last": pipe.detect_interval,
             "detector_frames": detected,
             "detector_runs": pipe.detector_runs,
+            "stage_shift_unknown": pipe.shift_unknown,
             "boxes_age_ms": round(1000.0 * statistics.fmean(boxes_age), 1) if boxes_age else 0.0,
             "frame_interval_ms": _spread_ms(intervals),
             "morphology_reuse": bool(pipe.morphology is not None and pipe.morphology.reuse),

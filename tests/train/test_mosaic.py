@@ -116,6 +116,15 @@ def test_dataset_mosaic_draws_three_other_images(tmp_path) -> None:
             assert set(BACKGROUNDS) <= greys, (epoch, index)
 
 
+def test_mosaic_of_a_two_image_dataset_repeats_the_other_image(tmp_path) -> None:
+    ds = _dataset(tmp_path, BACKGROUNDS[:2])
+    train = DetectorDataset(ds, SIZE, [0.5] * 3, [0.25] * 3, _geometric_only())
+    for index in range(2):
+        canvas, boxes, labels = train.load(index)
+        greys = set(np.unique(canvas[..., 0]).tolist()) & set(BACKGROUNDS)
+        assert greys == set(BACKGROUNDS[:2]) and len(boxes) == len(labels) > 0
+
+
 def test_mosaic_off_leaves_the_single_image_augmentation_unchanged(tmp_path) -> None:
     ds = _dataset(tmp_path, BACKGROUNDS)
     cfg = AugmentConfig(mosaic=0.0)

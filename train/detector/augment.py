@@ -74,6 +74,11 @@ def geometric(
     return np.ascontiguousarray(img), boxes
 
 
+def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """The (height, width) an ``h`` x ``w`` image has after resizing by ``scale`` (rounded, at least 1)."""
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def letterbox(
     img: np.ndarray,
     boxes: np.ndarray,
@@ -84,7 +89,7 @@ def letterbox(
     """Resize ``img`` by ``scale``, paste it at ``offset`` = (x, y) on a ``size`` = (H, W) canvas (crop if larger)."""
     cv2 = require("cv2", "resizing images")
     h, w = img.shape[:2]
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    nh, nw = scaled_size(h, w, scale)
     if (nh, nw) != (h, w):
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         img = cv2.resize(img, (nw, nh), interpolation=interp)
@@ -138,7 +143,7 @@ def train_transform(
     img = photometric(img, cfg, rng)
     h, w = img.shape[:2]
     scale = jittered_scale(h, w, size, cfg, rng)
-    nh, nw = round(h * scale), round(w * scale)
+    nh, nw = scaled_size(h, w, scale)
     ox = int(rng.integers(min(0, size[1] - nw), max(0, size[1] - nw) + 1))
     oy = int(rng.integers(min(0, size[0] - nh), max(0, size[0] - nh) + 1))
     canvas, boxes = letterbox(img, boxes, size, scale, (ox, oy))
@@ -176,7 +181,7 @@ def mosaic_transform(
         img, boxes = geometric(img, boxes, cfg, rng)
         img = photometric(img, cfg, rng)
         scale = jittered_scale(img.shape[0], img.shape[1], size, cfg, rng)
-        nh, nw = max(1, round(img.shape[0] * scale)), max(1, round(img.shape[1] * scale))
+        nh, nw = scaled_size(img.shape[0], img.shape[1], scale)
         offset = (qw - nw if at_right else 0, qh - nh if at_bottom else 0)
         tile, tile_boxes = letterbox(img, boxes, (qh, qw), scale, offset)
         tile_boxes, tile_labels = clip_boxes(tile_boxes, labels, (qh, qw))
