@@ -107,7 +107,8 @@ def _export_csv(db: Path, session_id: int) -> str:
               "x1", "y1", "x2", "y2"]
     for part in parts:
         header += [f"{part or 'morphology'}_score", f"{part or 'morphology'}_abnormal"]
-    header.append("detected")  # 0: the frame's boxes were carried from a key frame (smearsight run --detect-every)
+    # 0: the frame's boxes were found on a frame boxes_age_ms earlier, moved with the stage (--detect-every)
+    header += ["detected", "boxes_age_ms"]
     writer.writerow(header)
     for frame in session_frames(db, session_id):
         for d in frame["detections"]:
@@ -120,7 +121,7 @@ def _export_csv(db: Path, session_id: int) -> str:
                 else:
                     row += ["" if m["score"] is None else f"{m['score']:.5f}",
                             "n/a" if m["abnormal"] is None else int(m["abnormal"])]
-            row.append(int(frame["detected"]))
+            row += [int(frame["detected"]), f"{frame['boxes_age_ms']:.1f}"]
             writer.writerow(row)
     return buf.getvalue()
 

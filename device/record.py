@@ -16,17 +16,19 @@ Failures after opening (a full disk, a card turned read-only, I/O errors) never 
 ``.error`` holds a plain-words message for the screen, and recording resumes when writes succeed again.
 Opening a record that cannot be written raises :class:`RecordError` (an :class:`InputError`).
 
-Schema (``schema_version`` 2)::
+Schema (``schema_version`` 3)::
 
     sessions(id, started_at, ended_at, source, meta_json, class_names_json, summary_json)
-    frames(session_id, frame_index, timestamp, n_detections, detected)  -- detected 0: carried from a key frame
+    frames(session_id, frame_index, timestamp, n_detections, detected, boxes_age_ms)
     detections(session_id, frame_index, det, class_id, class_name, score, x1, y1, x2, y2)
     morphology(session_id, frame_index, det, part, score, abnormal)   -- abnormal NULL = not judged (N/A)
 
 ``det`` is the detection's row in the frame's ``[K, 6]`` array. ``detected`` is 1 when the detector ran on
-the frame and 0 when its boxes were the last key frame's moved with the stage (``smearsight run
---detect-every``); version 1 records gain the column (as 1) when opened for writing, after which older
-SmearSight builds can no longer write to them (a record of a newer version is refused). Read helpers
+the frame and 0 when its boxes were found on an earlier frame and moved with the stage (``smearsight run
+--detect-every``); ``boxes_age_ms`` says how much earlier that frame came in (0 when detected; with
+``--detect-every async`` nearly every frame shows a background result of a few hundred ms). Older records
+gain the missing columns (``detected`` as 1, ``boxes_age_ms`` as 0) when opened for writing, after which
+older SmearSight builds can no longer write to them (a record of a newer version is refused). Read helpers
 (:func:`list_sessions`, :func:`get_session`, :func:`session_frames`) back ``smearsight sessions``.
 """
 
@@ -48,7 +50,7 @@ import numpy as np
 from smearsight.errors import InputError
 from smearsight.runtime.annotate import morphology_flags
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_ENV = "SMEARSIGHT_SESSIONS_DB"
 MATURE_SPERM = "mature_sperm"
 
@@ -69,6 +71,7 @@ CREATE TABLE IF NOT EXISTS frames (
     timestamp REAL NOT NULL,
     n_detections INTEGER NOT NULL,
     detected INTEGER NOT NULL DEFAULT 1,
+    boxes_age_ms REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (session_id, frame_index)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS detections (
@@ -274,8 +277,11 @@ class SessionRecorder:
             elif version > SCHEMA_VERSION:
                 raise RecordError(f"{self.path}: written by a newer SmearSight (record schema version {version}; "
                                   f"this one writes version {SCHEMA_VERSION}); record into another file")
-            if not _has_detected_column(conn):  # a version 1 record
-                conn.execute("ALTER TABLE frames ADD COLUMN detected INTEGER NOT NULL DEFAULT 1")
+            columns = _frame_columns(conn)
+            for name, ddl in _ADDED_FRAME_COLUMNS:  # what older versions lack
+                if name not in columns:
+                    conn.execute(f"ALTER TABLE frames ADD COLUMN {name} {ddl}")
+            if version is not None and version < SCHEMA_VERSION:
                 conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
         except BaseException:
@@ -290,10 +296,12 @@ class SessionRecorder:
         class_names: Sequence[str],
         morphology: list[dict[str, Any]] | None = None,
         detected: bool = True,
+        boxes_age_s: float = 0.0,
     ) -> bool:
         """Buffer one frame; commits every ``batch_frames`` frames. Never raises for disk problems.
 
-        ``detected`` False: the detections were carried from a key frame, not inferred on this one.
+        ``detected`` False: the detections were found on an earlier frame, ``boxes_age_s`` earlier, and
+        moved with the stage, not inferred on this one.
 
         Returns False when there is no open session, or the frame index is negative or repeats the previous
         one (stale frames shown while a camera is lost), or the batch commit failed (see ``.error``).
@@ -324,7 +332,8 @@ class SessionRecorder:
             for part, score, abnormal in parts:
                 self._morph.append((sid, int(frame_index), int(det), part, score,
                                     None if abnormal is None else int(abnormal)))
-        self._frames.append((sid, int(frame_index), float(timestamp), len(names), int(bool(detected))))
+        age_ms = round(1000.0 * float(boxes_age_s), 1) if np.isfinite(boxes_age_s) else 0.0
+        self._frames.append((sid, int(frame_index), float(timestamp), len(names), int(bool(detected)), age_ms))
         self._summary.add(float(timestamp), names, flags)
         self._pending += 1
         if self._pending >= self.batch_frames:
@@ -370,7 +379,7 @@ class SessionRecorder:
             try:
                 conn.execute("BEGIN")
                 conn.executemany("INSERT OR REPLACE INTO frames(session_id, frame_index, timestamp, n_detections, "
-                                 "detected) VALUES (?, ?, ?, ?, ?)", frames)
+                                 "detected, boxes_age_ms) VALUES (?, ?, ?, ?, ?, ?)", frames)
                 conn.executemany("INSERT OR REPLACE INTO detections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dets)
                 conn.executemany("INSERT OR REPLACE INTO morphology VALUES (?, ?, ?, ?, ?, ?)", morph)
                 conn.execute("COMMIT")
@@ -440,8 +449,12 @@ class SessionRecorder:
 
 
 # --------------------------------------------------------------------------------------------- reading
-def _has_detected_column(conn: sqlite3.Connection) -> bool:
-    return any(row[1] == "detected" for row in conn.execute("PRAGMA table_info(frames)"))
+# frames columns added after version 1, in order, with what older rows read as
+_ADDED_FRAME_COLUMNS = (("detected", "INTEGER NOT NULL DEFAULT 1"), ("boxes_age_ms", "REAL NOT NULL DEFAULT 0"))
+
+
+def _frame_columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(frames)")}
 
 
 def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
@@ -576,12 +589,13 @@ def session_frames(path: str | os.PathLike[str], session_id: int) -> Iterator[di
                 "det": r[1], "class_id": r[2], "class_name": r[3], "score": r[4],
                 "box": [r[5], r[6], r[7], r[8]], "morphology": morph.get((r[0], r[1]), {}),
             })
-        detected = "detected" if _has_detected_column(conn) else "1"
+        columns = _frame_columns(conn)
+        added = ", ".join(name if name in columns else ddl.rsplit(" ", 1)[-1] for name, ddl in _ADDED_FRAME_COLUMNS)
         for r in conn.execute(
-            f"SELECT frame_index, timestamp, n_detections, {detected} FROM frames WHERE session_id = ? "
+            f"SELECT frame_index, timestamp, n_detections, {added} FROM frames WHERE session_id = ? "
             "ORDER BY frame_index", (int(session_id),),
         ):
             yield {"frame_index": r[0], "timestamp": r[1], "n_detections": r[2], "detected": bool(r[3]),
-                   "detections": dets.get(r[0], [])}
+                   "boxes_age_ms": float(r[4]), "detections": dets.get(r[0], [])}
     finally:
         conn.close()

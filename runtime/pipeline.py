@@ -693,7 +693,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 t7 = time.perf_counter()
                 if recorder is not None:
                     recorder.record_frame(frame.index, frame.timestamp, valid, pipe.class_names, morph,
-                                          detected=item.detected)
+                                          detected=item.detected, boxes_age_s=item.boxes_age_s)
                 if bridge is not None:  # keep a copy for freeze: the annotated frame's buffer is reused
                     if last_img is None or last_img.shape != img.shape:
                         last_img = np.empty_like(img)

@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 
 from smearsight.catalog import TPS_CLASS_NAMES
-from smearsight.device.record import RecordError, SessionRecorder, get_session, list_sessions, session_frames
+from smearsight.device.record import (
+    SCHEMA_VERSION,
+    RecordError,
+    SessionRecorder,
+    get_session,
+    list_sessions,
+    session_frames,
+)
 
 MATURE = TPS_CLASS_NAMES.index("mature_sperm")
 
@@ -309,7 +316,7 @@ CREATE TABLE detections (session_id INTEGER NOT NULL, frame_index INTEGER NOT NU
 CREATE TABLE morphology (session_id INTEGER NOT NULL, frame_index INTEGER NOT NULL, det INTEGER NOT NULL,
     part TEXT NOT NULL, score REAL, abnormal INTEGER, PRIMARY KEY (session_id, frame_index, det, part)) WITHOUT ROWID;
 INSERT INTO sessions(started_at, source) VALUES (100.0, 'old');
-INSERT INTO frames VALUES (1, 0, 100.0, 0);
+INSERT INTO frames(session_id, frame_index, timestamp, n_detections) VALUES (1, 0, 100.0, 0);
 """
 
 
@@ -331,11 +338,37 @@ def test_carried_frames_are_marked_and_version_1_records_are_upgraded(tmp_path: 
             assert rec.record_frame(i, 200.0 + i, _dets(1, [MATURE]), TPS_CLASS_NAMES, detected=detected)
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("SELECT version FROM schema_info").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)]
     finally:
         conn.close()
     assert [f["detected"] for f in session_frames(db, 1)] == [True]  # the old frame counts as detected
     assert [f["detected"] for f in session_frames(db, sid)] == [True, False, False, True]
+
+
+def test_version_2_records_gain_the_boxes_age(tmp_path: Path) -> None:
+    db = tmp_path / "v2.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(V1_SCHEMA.replace("VALUES (1);", "VALUES (2);").replace(
+        "n_detections INTEGER NOT NULL,", "n_detections INTEGER NOT NULL, detected INTEGER NOT NULL DEFAULT 1,"))
+    conn.execute("INSERT INTO frames VALUES (1, 1, 100.1, 0, 0)")  # a carried frame of version 2
+    conn.commit()
+    conn.close()
+    old = list(session_frames(db, 1))  # read as it is
+    assert [(f["detected"], f["boxes_age_ms"]) for f in old] == [(True, 0.0), (False, 0.0)]
+    with SessionRecorder(db, batch_frames=1) as rec:
+        sid = rec.start_session({"class_names": list(TPS_CLASS_NAMES)})
+        assert rec.record_frame(0, 200.0, _dets(1, [MATURE]), TPS_CLASS_NAMES)
+        assert rec.record_frame(1, 200.1, _dets(1, [MATURE]), TPS_CLASS_NAMES, detected=False, boxes_age_s=0.3456)
+        assert rec.record_frame(2, 200.2, _dets(1, [MATURE]), TPS_CLASS_NAMES, detected=False,
+                                boxes_age_s=float("nan"))  # not a number: recorded as 0, the batch kept
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)]
+    finally:
+        conn.close()
+    assert [(f["detected"], f["boxes_age_ms"]) for f in session_frames(db, 1)] == [(True, 0.0), (False, 0.0)]
+    assert [(f["detected"], f["boxes_age_ms"]) for f in session_frames(db, sid)] == [
+        (True, 0.0), (False, 345.6), (False, 0.0)]
 
 
 def test_two_recorders_upgrading_one_version_1_record_at_once(tmp_path: Path) -> None:
@@ -364,7 +397,7 @@ def test_two_recorders_upgrading_one_version_1_record_at_once(tmp_path: Path) ->
         assert errors == []
         conn = sqlite3.connect(db)
         try:
-            assert conn.execute("SELECT version FROM schema_info").fetchall() == [(2,)]
+            assert conn.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)]
         finally:
             conn.close()
 
@@ -373,8 +406,8 @@ def test_a_record_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "future.db"
     SessionRecorder(db).close()
     conn = sqlite3.connect(db)
-    conn.execute("UPDATE schema_info SET version = 3")
+    conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION + 1,))
     conn.commit()
     conn.close()
-    with pytest.raises(RecordError, match=r"future.db: written by a newer SmearSight .*version 3"):
+    with pytest.raises(RecordError, match=rf"future.db: written by a newer SmearSight .*version {SCHEMA_VERSION + 1}"):
         SessionRecorder(db)

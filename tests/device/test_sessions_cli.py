@@ -34,7 +34,7 @@ def db(tmp_path: Path) -> Path:
                      [{"det": 0, "parts": {"head": {"score": 0.9, "abnormal": True},
                                            "vacuole": {"score": 0.2, "abnormal": False}}},
                       {"det": 1, "status": "n/a", "part": "head"}])
-    rec.record_frame(1, 100.1, _dets([0]), TPS_CLASS_NAMES, detected=False)  # carried from frame 0
+    rec.record_frame(1, 100.1, _dets([0]), TPS_CLASS_NAMES, detected=False, boxes_age_s=0.1)  # frame 0's boxes
     rec.record_frame(2, 100.2, _dets([5, 5, 1]), TPS_CLASS_NAMES)
     rec.end_session({"fps": 10.0})
     rec.start_session({"source": "v4l2:///dev/video0"})  # cut off: never ended
@@ -86,13 +86,15 @@ def test_export_csv_and_json(db: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert [r["frame_index"] for r in rows] == ["0", "0", "1", "2", "2", "2"]
     assert float(rows[3]["x2"]) == pytest.approx(8.0)
     assert [r["detected"] for r in rows] == ["1", "1", "0", "1", "1", "1"]
-    assert list(rows[0])[-1] == "detected"  # after the morphology columns, which readers may take by position
+    assert [r["boxes_age_ms"] for r in rows] == ["0.0", "0.0", "100.0", "0.0", "0.0", "0.0"]
+    assert list(rows[0])[-2:] == ["detected", "boxes_age_ms"]  # after the morphology columns (read by position)
     assert not list(out_csv.parent.glob(".*tmp"))
 
     assert main(["sessions", "export", "2", "--format", "json", "--db", str(db)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [f["frame_index"] for f in data["frames"]] == [0, 1]
     assert [f["detected"] for f in data["frames"]] == [True, True]
+    assert [f["boxes_age_ms"] for f in data["frames"]] == [0.0, 0.0]
     assert [d["class_name"] for d in data["frames"][0]["detections"]] == ["round_spermatid", "elongated_spermatid"]
 
 

@@ -268,3 +268,4 @@ def test_run_cli_async_reports_the_boxes_age_and_paces_the_frames(models, tmp_pa
     recorded = list(session_frames(tmp_path / "rec.db", data["session_id"]))
     assert len(recorded) == 16 and recorded[0]["detected"]  # the first frame is detected in the loop
     assert sum(f["detected"] for f in recorded) == data["detector_frames"] < data["detector_runs"]
+    assert recorded[0]["boxes_age_ms"] == 0 and max(f["boxes_age_ms"] for f in recorded) > 0
