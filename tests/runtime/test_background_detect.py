@@ -117,18 +117,6 @@ def test_a_failing_detection_comes_back_as_an_error():
     assert not bg._thread.is_alive()
 
 
-@pytest.fixture(scope="module")
-def models(tiny, tmp_path_factory):
-    return tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=(64, 96), seed=3,
-                                score_threshold=0.05, parts=("head",))
-
-
-@pytest.fixture(scope="module")
-def slide():
-    synth = pytest.importorskip("smearsight.train.datasets.synth")
-    return synth.SyntheticSlide(seed=5, slide_size=(1024, 2048), frame_size=(384, 512))
-
-
 def moved(dets: np.ndarray, dx: float, dy: float) -> np.ndarray:
     """Detections of a frame seen from a camera moved by (dx, dy): content moves the other way, clipped."""
     want = dets.copy()
@@ -137,23 +125,23 @@ def moved(dets: np.ndarray, dx: float, dy: float) -> np.ndarray:
     return want[(want[:, 2] - want[:, 0] >= 2) & (want[:, 3] - want[:, 1] >= 2)]
 
 
-def test_async_results_are_moved_from_their_frame_to_the_frame_shown(models, slide):
+def test_async_results_are_moved_from_their_frame_to_the_frame_shown(head_models, stage_slide):
     """Each result is found on the frame offered before and shown on the next one, moved by the stage's
     shift between the two; a jump is detected in the loop itself."""
-    reference = pl.open_pipeline(models, "onnx", morphology=False)
-    pipe = pl.open_pipeline(models, "onnx", morphology=False, detect_every="async")
+    reference = pl.open_pipeline(head_models, "onnx", morphology=False)
+    pipe = pl.open_pipeline(head_models, "onnx", morphology=False, detect_every="async")
     try:
         x0, y0 = 400, 300
         path = [(0, 0), (4, -1), (9, -3), (13, -4), (20, -6), (60, 600), (64, 598)]  # the 6th jumps
         shown = []
         for dx, dy in path:
             runs = pipe.detector_runs
-            dets, n, _, times = pipe.process(slide.frame_at(x0 + dx, y0 + dy))
+            dets, n, _, times = pipe.process(stage_slide.frame_at(x0 + dx, y0 + dy))
             shown.append((dets[:n].copy(), pipe.detected_last, pipe.detector_runs - runs, dict(times)))
             wait_until(lambda: not pipe.background.busy)  # let the detector finish before the next frame
         truth = []
         for dx, dy in path:
-            dets, n, _, _ = reference.process(slide.frame_at(x0 + dx, y0 + dy))
+            dets, n, _, _ = reference.process(stage_slide.frame_at(x0 + dx, y0 + dy))
             truth.append(dets[:n].copy())
         got, in_loop, runs, times = shown[0]  # the first frame: detected in the loop
         assert in_loop and runs == 1 and "infer" in times
@@ -173,7 +161,7 @@ def test_async_results_are_moved_from_their_frame_to_the_frame_shown(models, sli
         np.testing.assert_array_equal(got, truth[5])
         assert pipe.detect_mode == "async" and pipe.detect_interval == "async"
         assert pipe.shift_unknown == 1  # the jump (the first frame has nothing to compare with)
-        small = slide.frame_at(x0, y0)[:192, :256].copy()  # a new frame size: detected in the loop too
+        small = stage_slide.frame_at(x0, y0)[:192, :256].copy()  # a new frame size: detected in the loop too
         wait_until(lambda: not pipe.background.busy)
         runs = pipe.detector_runs
         dets, n, _, times = pipe.process(small)
@@ -186,11 +174,11 @@ def test_async_results_are_moved_from_their_frame_to_the_frame_shown(models, sli
     assert not pipe.background.alive
 
 
-def test_a_slow_result_lands_frames_later_moved_by_the_whole_way(models, slide):
+def test_a_slow_result_lands_frames_later_moved_by_the_whole_way(head_models, stage_slide):
     """Frame 1's detection is held while frames 2 and 3 come (3 replaces 2 as the next to detect), and
     lands on frame 4, moved by the stage's way from frame 1 to frame 4; frame 3's lands on frame 5."""
-    reference = pl.open_pipeline(models, "onnx", morphology=False)
-    pipe = pl.open_pipeline(models, "onnx", morphology=False, detect_every="async")
+    reference = pl.open_pipeline(head_models, "onnx", morphology=False)
+    pipe = pl.open_pipeline(head_models, "onnx", morphology=False, detect_every="async")
     gates = [threading.Event(), threading.Event(), threading.Event()]  # the third holds frame 4's detection
     seen = []
     detect = pipe.background._detect
@@ -203,7 +191,7 @@ def test_a_slow_result_lands_frames_later_moved_by_the_whole_way(models, slide):
     pipe.background._detect = gated
     try:
         path = [(0, 0), (4, -1), (8, -2), (12, -3), (16, -4), (20, -5)]
-        frames = [slide.frame_at(400 + dx, 300 + dy) for dx, dy in path]
+        frames = [stage_slide.frame_at(400 + dx, 300 + dy) for dx, dy in path]
         truth = []
         for f in frames:
             d, n, _, _ = reference.process(f)
@@ -239,25 +227,25 @@ def test_a_slow_result_lands_frames_later_moved_by_the_whole_way(models, slide):
         reference.close()
 
 
-def test_a_failed_background_detection_makes_the_next_frame_a_loop_detection(models, slide):
-    pipe = pl.open_pipeline(models, "onnx", morphology=False, detect_every="async")
+def test_a_failed_background_detection_makes_the_next_frame_a_loop_detection(head_models, stage_slide):
+    pipe = pl.open_pipeline(head_models, "onnx", morphology=False, detect_every="async")
     try:
-        pipe.process(slide.frame_at(400, 300))
+        pipe.process(stage_slide.frame_at(400, 300))
         pipe.background.offer(np.zeros((384, 512), np.uint8), (pipe._epoch, 0.0, 0.0, 0.0))  # not RGB: fails
         wait_until(lambda: not pipe.background.busy)
-        _, _, _, times = pipe.process(slide.frame_at(404, 300))  # takes the error, carries, flags a redo
+        _, _, _, times = pipe.process(stage_slide.frame_at(404, 300))  # takes the error, carries, flags a redo
         assert not pipe.detected_last and "infer" not in times
         assert not pipe.background.busy  # and offers nothing: the next frame is detected here anyway
-        _, _, _, times = pipe.process(slide.frame_at(408, 300))
+        _, _, _, times = pipe.process(stage_slide.frame_at(408, 300))
         assert pipe.detected_last and "infer" in times
     finally:
         pipe.close()
 
 
 @pytest.mark.parametrize("overlap", ["--sequential", "--overlap"])
-def test_run_cli_async_reports_the_boxes_age_and_paces_the_frames(models, tmp_path, overlap):
+def test_run_cli_async_reports_the_boxes_age_and_paces_the_frames(head_models, tmp_path, overlap):
     stats = tmp_path / "stats.json"
-    rc = main(["run", "synth://?seed=5&size=512x384", "null://", "--models", str(models), "--backend", "onnx",
+    rc = main(["run", "synth://?seed=5&size=512x384", "null://", "--models", str(head_models), "--backend", "onnx",
                "--headless", "--max-frames", "16", "--detect-every", "async", "--target-fps", "20",
                "--stats-json", str(stats), "--record", str(tmp_path / "rec.db"), overlap])
     assert rc == 0

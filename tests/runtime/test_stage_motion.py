@@ -111,26 +111,14 @@ def test_fixed_interval_ignores_observations_and_bad_values_are_clear():
         DetectionCarry("auto", target_fps=0)
 
 
-@pytest.fixture(scope="module")
-def models(tiny, tmp_path_factory):
-    return tiny.build_model_set(tmp_path_factory.mktemp("models"), image_size=(64, 96), seed=3,
-                                score_threshold=0.05, parts=("head",))
-
-
-@pytest.fixture(scope="module")
-def slide():
-    synth = pytest.importorskip("smearsight.train.datasets.synth")
-    return synth.SyntheticSlide(seed=5, slide_size=(1024, 2048), frame_size=(384, 512))
-
-
-def test_pipeline_carries_the_key_frame_detections_with_the_camera(models, slide):
-    pipe = pl.open_pipeline(models, "onnx", detect_every=3)
+def test_pipeline_carries_the_key_frame_detections_with_the_camera(head_models, stage_slide):
+    pipe = pl.open_pipeline(head_models, "onnx", detect_every=3)
     try:
         x0, y0 = 400, 300
         moves = [(0, 0), (5, -2), (9, -3), (12, -3), (40, 500)]  # camera positions; the last one jumps
         results = []
         for dx, dy in moves:
-            dets, n, morph, times = pipe.process(slide.frame_at(x0 + dx, y0 + dy))
+            dets, n, morph, times = pipe.process(stage_slide.frame_at(x0 + dx, y0 + dy))
             results.append((dets[:n].copy(), pipe.detected_last, times))
         key, detected, times = results[0]
         assert detected and len(key) > 0 and {"infer", "motion"} <= set(times)
@@ -152,9 +140,9 @@ def test_pipeline_carries_the_key_frame_detections_with_the_camera(models, slide
 
 
 @pytest.mark.parametrize("overlap", ["--sequential", "--overlap"])
-def test_run_cli_detects_every_nth_frame_and_reports_it(models, tmp_path, capfd, overlap):
+def test_run_cli_detects_every_nth_frame_and_reports_it(head_models, tmp_path, capfd, overlap):
     stats = tmp_path / "stats.json"
-    rc = main(["run", "synth://?seed=5&size=512x384", "null://", "--models", str(models), "--backend", "onnx",
+    rc = main(["run", "synth://?seed=5&size=512x384", "null://", "--models", str(head_models), "--backend", "onnx",
                "--headless", "--max-frames", "9", "--detect-every", "3", "--stats-json", str(stats),
                "--record", str(tmp_path / "rec.db"), overlap])
     assert rc == 0
@@ -163,15 +151,15 @@ def test_run_cli_detects_every_nth_frame_and_reports_it(models, tmp_path, capfd,
     recorded = list(session_frames(tmp_path / "rec.db", data["session_id"]))
     assert [f["detected"] for f in recorded] == [True, False, False] * 3
     assert data["latency_ms"]["motion"] > 0
-    rc = main(["run", "synth://", "null://", "--models", str(models), "--max-frames", "1", "--detect-every", "0"])
+    rc = main(["run", "synth://", "null://", "--models", str(head_models), "--max-frames", "1", "--detect-every", "0"])
     assert rc == 1 and "--detect-every: expected auto, async or a whole number" in capfd.readouterr().err
 
 
-def test_auto_does_not_carry_because_the_camera_is_slow(models, tmp_path):
+def test_auto_does_not_carry_because_the_camera_is_slow(head_models, tmp_path):
     """A 5 FPS camera makes every frame take 200 ms, but the frames cost little: detect every one."""
     stats = tmp_path / "stats.json"
-    rc = main(["run", "synth://?seed=5&size=512x384&fps=5", "null://", "--models", str(models), "--backend", "onnx",
-               "--headless", "--max-frames", "8", "--stats-json", str(stats)])
+    rc = main(["run", "synth://?seed=5&size=512x384&fps=5", "null://", "--models", str(head_models),
+               "--backend", "onnx", "--headless", "--max-frames", "8", "--stats-json", str(stats)])
     assert rc == 0
     data = json.loads(stats.read_text())
     assert data["detect_every"] == "auto" and data["frames"] == 8 and data["detector_frames"] == 8
