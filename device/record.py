@@ -278,9 +278,9 @@ class SessionRecorder:
                 raise RecordError(f"{self.path}: written by a newer SmearSight (record schema version {version}; "
                                   f"this one writes version {SCHEMA_VERSION}); record into another file")
             columns = _frame_columns(conn)
-            for name, ddl in _ADDED_FRAME_COLUMNS:  # what older versions lack
+            for name, sql_type, default in _ADDED_FRAME_COLUMNS:  # what older versions lack
                 if name not in columns:
-                    conn.execute(f"ALTER TABLE frames ADD COLUMN {name} {ddl}")
+                    conn.execute(f"ALTER TABLE frames ADD COLUMN {name} {sql_type} NOT NULL DEFAULT {default}")
             if version is not None and version < SCHEMA_VERSION:
                 conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
@@ -449,8 +449,8 @@ class SessionRecorder:
 
 
 # --------------------------------------------------------------------------------------------- reading
-# frames columns added after version 1, in order, with what older rows read as
-_ADDED_FRAME_COLUMNS = (("detected", "INTEGER NOT NULL DEFAULT 1"), ("boxes_age_ms", "REAL NOT NULL DEFAULT 0"))
+# frames columns added after version 1, in order: (name, type, what older rows read as)
+_ADDED_FRAME_COLUMNS = (("detected", "INTEGER", 1), ("boxes_age_ms", "REAL", 0))
 
 
 def _frame_columns(conn: sqlite3.Connection) -> set[str]:
@@ -590,7 +590,7 @@ def session_frames(path: str | os.PathLike[str], session_id: int) -> Iterator[di
                 "box": [r[5], r[6], r[7], r[8]], "morphology": morph.get((r[0], r[1]), {}),
             })
         columns = _frame_columns(conn)
-        added = ", ".join(name if name in columns else ddl.rsplit(" ", 1)[-1] for name, ddl in _ADDED_FRAME_COLUMNS)
+        added = ", ".join(name if name in columns else str(default) for name, _, default in _ADDED_FRAME_COLUMNS)
         for r in conn.execute(
             f"SELECT frame_index, timestamp, n_detections, {added} FROM frames WHERE session_id = ? "
             "ORDER BY frame_index", (int(session_id),),

@@ -195,7 +195,6 @@ class Pipeline:
         self._epoch = 0  # stage-position frame of reference (async): a new one after every unknown shift
         self._position = [0.0, 0.0]  # the stage's accumulated shift within it
         self._async_hw: tuple[int, int] | None = None  # frame size of the reference; None: detect in the loop
-        self._frame_time = 0.0
         self._boxes_time: float | None = None  # when the frame that the shown boxes were found on came in
         self.boxes_age_s = 0.0
         self._loop_runs = 0
@@ -311,9 +310,8 @@ class Pipeline:
             times["motion"] = time.perf_counter() - t0
         frame_hw = frame_rgb.shape[:2]
         out = self._frame_dets
-        self._frame_time = t0
         if self.background is not None:
-            n = self._process_async(frame_rgb, shift, frame_hw, out, times)
+            n = self._process_async(frame_rgb, shift, frame_hw, out, times, t0)
         else:
             self.detected_last = self.carry.should_detect(shift, frame_hw)
             if self.detected_last:
@@ -339,8 +337,9 @@ class Pipeline:
         return out, n, morph, times
 
     def _process_async(self, frame_rgb: np.ndarray, shift: tuple[float, float] | None, frame_hw: tuple[int, int],
-                       out: np.ndarray, times: dict[str, float]) -> int:
-        """One frame with the detector in the background: its newest result, moved onto this frame."""
+                       out: np.ndarray, times: dict[str, float], came_in: float) -> int:
+        """One frame (``came_in``: when it entered :meth:`process`) with the detector in the background: its
+        newest result, moved onto this frame."""
         bg = self.background
         assert bg is not None
         hw = (int(frame_hw[0]), int(frame_hw[1]))
@@ -360,7 +359,7 @@ class Pipeline:
             self._loop_runs += 1
             self.carry.keyframe(out, n, hw)
             self._async_hw = hw
-            self._boxes_time = self._frame_time
+            self._boxes_time = came_in
             self.detected_last = True
             return n  # this very frame is not offered again
         self._position[0] += shift[0]  # type: ignore[index]
@@ -381,7 +380,7 @@ class Pipeline:
             n = self.carry.carry(shift, out)
         self.detected_last = False
         if self._async_hw is not None:  # (after a failure the next frame is detected here: nothing to offer)
-            bg.offer(frame_rgb, (self._epoch, self._position[0], self._position[1], self._frame_time))
+            bg.offer(frame_rgb, (self._epoch, self._position[0], self._position[1], came_in))
         times["motion"] += time.perf_counter() - t1
         return n
 
