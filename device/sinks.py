@@ -10,8 +10,10 @@
 - ``file://dir/``: numbered frames ``frame_000000.jpg`` (``ext="png"`` for PNG), each written atomically.
 - ``null://``: discards frames (benchmarks, ``--headless`` without output).
 
-The status dict given to ``write`` is served as-is by ``/status.json``; the page shows its ``error`` or
-``status`` (as a banner), ``frame``, ``fps`` and ``counts`` (class -> number) keys.
+The status dict given to ``write`` is served as-is by ``/status.json`` (what ``smearsight run`` puts in it:
+:func:`smearsight.runtime.pipeline.frame_status`); the page shows its ``error`` or ``status`` (as a banner),
+``frame``, ``fps``, ``counts`` (class -> number), how the detector runs (``detect_every``, ``boxes_age_ms``)
+and ``sperm_abnormal`` / ``sperm_judged``.
 
 ``write`` never raises for a failing disk or a closed window; it records the problem in ``.error`` (plain
 words) for the pipeline to show, and ``.should_stop`` turns true when the user closes the window or
@@ -257,7 +259,10 @@ _PAGE = """<!doctype html>
 const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;');
 async function tick(){{try{{const r=await fetch('/status.json');const s=await r.json();
 let h='';const msg=s.error||s.status||'';if(msg)h+='<p class="err">'+esc(msg)+'</p>';
-h+='<p>frame '+esc(s.frame??'-')+' &middot; '+(s.fps!=null?Number(s.fps).toFixed(1):'-')+' FPS</p>';
+h+='<p>frame '+esc(s.frame??'-')+' &middot; '+(s.fps!=null?Number(s.fps).toFixed(1):'-')+' FPS';
+if(s.detect_every==='async')h+=' &middot; boxes '+Number(s.boxes_age_ms||0).toFixed(0)+' ms old';
+else if(s.detect_every>1)h+=' &middot; detector 1/'+esc(s.detect_every)+' frames';
+h+='</p>';if(s.sperm_judged)h+='<p>abnormal sperm: '+esc(s.sperm_abnormal)+'/'+esc(s.sperm_judged)+'</p>';
 if(s.counts){{h+='<table>';
 for(const[k,v]of Object.entries(s.counts))h+='<tr><td>'+esc(k)+'</td><td>'+esc(v)+'</td></tr>';
 h+='</table>';}}document.getElementById('s').innerHTML=h;}}catch(e){{}}}}

@@ -132,6 +132,14 @@ def morphology_flags(morphology: Iterable[dict[str, Any]] | None) -> dict[int, l
     return out
 
 
+def sperm_tally(flags: dict[int, list[Flag]]) -> tuple[int, int]:
+    """(abnormal, judged) sperm among :func:`morphology_flags` results: abnormal = any part flagged;
+    judged = at least one part judged (a sperm still pending or N/A on every part is not counted)."""
+    abnormal = sum(1 for fl in flags.values() if any(a for _, _, a in fl))
+    judged = sum(1 for fl in flags.values() if any(a is not None for _, _, a in fl))
+    return abnormal, judged
+
+
 def count_classes(detections: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
     """Per-class counts of the valid rows (class >= 0) of a ``[K, 6]`` detection array."""
     dets = np.asarray(detections)
@@ -223,8 +231,7 @@ def annotate(
     for name, value in counts.items():
         if name not in class_names:
             lines.append((f"{plain_ascii(name)}: {value}", _WHITE))
-    n_abn = sum(1 for fl in flags.values() if any(a for _, _, a in fl))
-    n_judged = sum(1 for fl in flags.values() if any(a is not None for _, _, a in fl))
+    n_abn, n_judged = sperm_tally(flags)
     if flags:
         lines.append((f"abnormal sperm: {n_abn}/{n_judged}", _RED if n_abn else _GREEN))
     perf = []

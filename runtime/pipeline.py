@@ -31,7 +31,7 @@ from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_json
 from smearsight.manifest import MANIFEST_NAME, load_manifest
 from smearsight.runtime.backends import InferenceBackend, cpu_only, open_backend
-from smearsight.runtime.frame_worker import InferenceWorker
+from smearsight.runtime.frame_worker import InferenceWorker, Processed
 from smearsight.runtime.postprocess import EMPTY_ROW, decode_nms
 from smearsight.runtime.preprocess import Preprocessor
 
@@ -687,8 +687,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             try:
                 img = annotate(frame.image, valid, pipe.class_names, morph, overlay)
                 t6 = time.perf_counter()
-                sink.write(img, {"frame": frame.index, "fps": round(fps, 2), "counts": frame_counts,
-                                 "status": active, "backend": pipe.detector.name})
+                sink.write(img, frame_status(frame.index, fps, frame_counts, active, pipe, item, overlay))
                 t7 = time.perf_counter()
                 if recorder is not None:
                     recorder.record_frame(frame.index, frame.timestamp, valid, pipe.class_names, morph,
@@ -766,6 +765,25 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     if cfg.stats_json is not None:
         atomic_write_json(Path(cfg.stats_json), stats)
     return stats
+
+
+def frame_status(frame_index: int, fps: float, counts: dict[str, int], problem: str, pipe: Pipeline,
+                 item: Processed, overlay: dict[str, Any]) -> dict[str, Any]:
+    """The status of one shown frame, as the sinks get it (``http://`` serves it as ``/status.json``).
+
+    ``detected``: the detector ran on this very frame; otherwise its boxes are an earlier frame's, moved with
+    the stage, found ``boxes_age_ms`` earlier. ``detect_every`` is the interval in use (or ``"async"``);
+    ``sperm_abnormal`` / ``sperm_judged`` count the sperm in view with a result on at least one part.
+    """
+    from smearsight.runtime.annotate import morphology_flags, sperm_tally
+
+    abnormal, judged = sperm_tally(morphology_flags(item.morphology))
+    return {"frame": frame_index, "fps": round(fps, 2), "counts": counts, "status": problem,
+            "backend": pipe.detector.name, "detected": bool(item.detected),
+            "detect_every": pipe.detect_interval, "detector_runs": pipe.detector_runs,
+            "boxes_age_ms": round(float(overlay.get("boxes_age_ms") or 0.0), 1),
+            "latency_ms": dict(overlay.get("latency_ms") or {}),
+            "sperm_abnormal": abnormal, "sperm_judged": judged}
 
 
 def _spread_ms(seconds: deque[float]) -> dict[str, float] | None:

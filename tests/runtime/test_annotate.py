@@ -13,6 +13,7 @@ from smearsight.runtime.annotate import (  # noqa: E402
     count_classes,
     morphology_flags,
     plain_ascii,
+    sperm_tally,
 )
 
 GREY = 90
@@ -70,6 +71,17 @@ def test_morphology_flags_abnormal_normal_na() -> None:
     assert not (img[298, 400:420] == red).all(1).any()
     na = img[323:345, 500:540].reshape(-1, 3)
     assert (na == (170, 170, 170)).all(1).sum() > 5, "N/A badge"
+
+
+def test_sperm_tally_counts_each_sperm_once() -> None:
+    morph = [{"det": 0, "part": "head", "score": 0.8, "abnormal": True},
+             {"det": 0, "part": "vacuole", "score": 0.9, "abnormal": True},  # two parts, one sperm
+             {"det": 1, "parts": {"head": {"score": 0.1, "abnormal": False}, "tail": {"score": 0.7, "abnormal": True}}},
+             {"det": 2, "part": "head", "score": 0.2, "abnormal": False},
+             {"det": 3, "status": "pending"},  # not judged yet: not counted
+             {"det": 4, "parts": {"head": {"score": 0.3, "abnormal": None}, "tail": {"score": 0.1, "abnormal": False}}}]
+    assert sperm_tally(morphology_flags(morph)) == (2, 4)
+    assert sperm_tally({}) == (0, 0)
 
 
 def test_counts_panel_fps_and_banners() -> None:

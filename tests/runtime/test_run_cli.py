@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
+import urllib.request
 
 import cv2
 import numpy as np
@@ -85,3 +89,50 @@ def test_builtin_demo_models_int8_and_carried_morphology(tmp_path):
     data = json.loads(stats.read_text())
     sperm = data["counts"]["immature_sperm"] + data["counts"]["mature_sperm"]
     assert data["precision"] == "fp32" and data["morphology_crops_judged"] == sperm and data["fps_steady"] is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_status_json_tells_how_the_boxes_were_found():
+    """A tablet polling /status.json while the demo models run async: each status says whether the detector
+    ran on that frame, how old the boxes are otherwise, and how many sperm in view are abnormal."""
+    port = _free_port()
+    rc: list[int] = []
+    runner = threading.Thread(target=lambda: rc.append(main(
+        ["run", "synth://?seed=3&fps=10", f"http://127.0.0.1:{port}", "--max-frames", "30",
+         "--detect-every", "async", "--headless"])), daemon=True)
+    runner.start()
+    seen: list[dict] = []
+    page = ""
+    deadline = time.monotonic() + 120
+    while runner.is_alive() and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=5) as resp:
+                status = json.loads(resp.read())
+            if not page:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    page = resp.read().decode()
+        except OSError:  # not serving yet, or just closed
+            time.sleep(0.05)
+            continue
+        if status.get("frame") is not None and (not seen or status["frame"] != seen[-1]["frame"]):
+            seen.append(status)
+        time.sleep(0.03)
+    runner.join(timeout=30)
+    assert rc == [0]
+    assert len(seen) >= 5, seen
+    assert all(s["detect_every"] == "async" for s in seen)
+    carried = [s for s in seen if not s["detected"]]
+    assert carried and all(s["boxes_age_ms"] > 0 for s in carried)
+    assert all(s["boxes_age_ms"] == 0 for s in seen if s["detected"])
+    runs = [s["detector_runs"] for s in seen]
+    assert runs == sorted(runs) and runs[-1] >= 2
+    assert any(s["sperm_judged"] > 0 for s in seen)
+    assert all(0 <= s["sperm_abnormal"] <= s["sperm_judged"] for s in seen)
+    assert all(s["sperm_judged"] <= s["counts"]["immature_sperm"] + s["counts"]["mature_sperm"] for s in seen)
+    assert "infer" in seen[-1]["latency_ms"]
+    assert "boxes_age_ms" in page and "sperm_abnormal" in page
