@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +185,21 @@ def test_stage_shift_trusts_neighbouring_frames_but_not_unrelated_fields():
             measured += 1
             wrong += abs(jump[0] - (x + 5 - x2)) > 8 or abs(jump[1] - (y - 3 - y2)) > 8
     assert wrong == 0 and measured < 40
+
+
+BCCD_PHOTOS = Path(__file__).resolve().parents[3] / "shared" / "data" / "bccd" / "JPEGImages"
+
+
+@pytest.mark.skipif(not BCCD_PHOTOS.is_dir(), reason="BCCD photographs not beside the repository (../shared)")
+def test_stage_shift_on_real_micrographs_steps_with_defocus_pass_jumps_do_not():
+    """Real blood-smear photographs (BCCD): two windows of one photograph 24 px apart, the second defocused,
+    give the true step; windows of two different photographs give no shift."""
+    cv2 = pytest.importorskip("cv2")
+    photos = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(BCCD_PHOTOS.glob("*.jpg"))[:40:2]]
+    assert len(photos) >= 10
+    for i, g in enumerate(photos):
+        shift = StageShift()
+        shift(g[40:424, 50:562])
+        step = shift(cv2.GaussianBlur(g[40 + 24:424 + 24, 50 - 20:562 - 20], (0, 0), 2.0))
+        assert step is not None and abs(step[0] - 20) < 2 and abs(step[1] + 24) < 2, (i, step)
+        assert shift(photos[(i + 1) % len(photos)][64:448, 30:542]) is None, i
