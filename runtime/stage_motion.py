@@ -25,7 +25,7 @@ class StageShift:
     apart peaked at 0.90 or more at 768x1024 (0.64 or more at 384x512), while unrelated fields of the same
     slide peaked at up to 0.18 (0.37 at 384x512) with a wrong shift, often near zero (the camera's fixed
     vignetting): a jump must not pass for a small step, so the default sits between the two. On real
-    blood-smear photographs (benchmarks/bench_stage_shift.py) steps with defocus, motion blur or noise
+    blood-smear photographs (benchmarks/bench_stage_shift.py) steps of up to 24 px with defocus, motion blur or noise
     peaked at 0.56 or more and jumps at 0.39 or less.
     """
 
