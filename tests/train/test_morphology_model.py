@@ -153,8 +153,9 @@ def test_student_must_be_smaller_and_shapes_fit() -> None:
 @pytest.mark.parametrize(
     "extra",
     [{}, {"tta": True}, {"supervised": True},
-     {"supervised": True, "tta": True, "classifier_inputs": "discrepancy+teacher"}],
-    ids=["kd", "kd-tta", "supervised", "supervised-tta-teacher"],
+     {"supervised": True, "tta": True, "classifier_inputs": "discrepancy+teacher"},
+     {"supervised": True, "classifier_inputs": "discrepancy+teacher+centre"}],
+    ids=["kd", "kd-tta", "supervised", "supervised-tta-teacher", "supervised-teacher-centre"],
 )
 def test_train_checkpoint_rebuild_and_onnx_export(tmp_path: Path, extra: dict) -> None:
     """train_morphology writes best.pt; build_from_checkpoint reproduces its scores; ONNX opset 17 matches."""
@@ -190,6 +191,27 @@ def test_train_checkpoint_rebuild_and_onnx_export(tmp_path: Path, extra: dict) -
     np.testing.assert_allclose(onnx_scores, scores[:5], rtol=1e-4, atol=1e-5)
     (other_batch,) = session.run(None, {"input": x.numpy()[3:5]})  # dynamic batch: not the traced size
     np.testing.assert_allclose(other_batch, scores[3:5], rtol=1e-4, atol=1e-5)
+
+
+def test_centre_features_pool_the_middle_half_of_each_map() -> None:
+    """The centre terms equal NumPy's mean and max over rows/columns [H/4, H - H/4) of the teacher's maps
+    (a map under 4 wide is pooled whole), after the whole-map terms of the same layer."""
+    from smearsight.train.morphology.losses import discrepancy_features
+
+    rng = np.random.default_rng(4)
+    teacher = [rng.normal(size=(2, 3, 8, 12)).astype(np.float32), rng.normal(size=(2, 5, 2, 2)).astype(np.float32)]
+    student = [rng.normal(size=t.shape).astype(np.float32) for t in teacher]
+    tt, st = [torch.from_numpy(t) for t in teacher], [torch.from_numpy(s) for s in student]
+    plain = discrepancy_features(tt, st, [0, 1], with_teacher=True).numpy()
+    full = discrepancy_features(tt, st, [0, 1], with_teacher=True, with_centre=True).numpy()
+    assert full.shape[1] == plain.shape[1] + 2 * (3 + 5)
+    middle = teacher[0][:, :, 2:6, 3:9]
+    c0 = 3 + 3 * 3  # layer 0: 3 discrepancy terms, 3 squared differences, 3 means, 3 maxima
+    np.testing.assert_allclose(full[:, c0:c0 + 3], middle.mean((2, 3)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(full[:, c0 + 3:c0 + 6], middle.max((2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(full[:, -10:-5], teacher[1].mean((2, 3)), rtol=1e-6, atol=1e-6)  # 2x2: whole map
+    np.testing.assert_allclose(full[:, -5:], teacher[1].max((2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(full[:, :c0], plain[:, :c0], rtol=1e-6)
 
 
 def test_checkpoint_with_another_feature_layout_is_a_clear_error() -> None:

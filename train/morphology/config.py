@@ -46,7 +46,8 @@ class MorphologyModelConfig(StrictConfig):
     """Everything that defines the exported graph (teacher + student + score).
 
     ``classifier_inputs="discrepancy+teacher"`` adds the teacher's per-channel mean and max activation to
-    the supervised classifier's features. ``tta``: the score is averaged over the 8 flips/transposes of the
+    the supervised classifier's features; ``"discrepancy+teacher+centre"`` also the same two over the
+    middle half of each map (where the cell is). ``tta``: the score is averaged over the 8 flips/transposes of the
     crop (the dihedral group; a smear has no preferred orientation) inside the graph, at 8x the compute.
     """
 
@@ -57,7 +58,7 @@ class MorphologyModelConfig(StrictConfig):
     score_reduce: Literal["mean", "max"] = "mean"
     supervised: bool = False
     classifier_hidden: int = Field(32, ge=0)
-    classifier_inputs: Literal["discrepancy", "discrepancy+teacher"] = "discrepancy"
+    classifier_inputs: Literal["discrepancy", "discrepancy+teacher", "discrepancy+teacher+centre"] = "discrepancy"
     tta: bool = False
     min_size_ratio: float = Field(5.0, ge=0.0)
 

@@ -57,13 +57,23 @@ def discrepancy(
     return total
 
 
+def centre_region(t: torch.Tensor) -> torch.Tensor:
+    """The middle half (in height and width) of feature maps [B,C,H,W]; sides under 4 are kept whole."""
+    h, w = t.shape[-2:]
+    dh, dw = (h // 4 if h >= 4 else 0), (w // 4 if w >= 4 else 0)
+    return t[..., dh : h - dh, dw : w - dw]
+
+
 def discrepancy_features(
-    teacher_feats: list[torch.Tensor], student_feats: list[torch.Tensor], layers: list[int], with_teacher: bool
+    teacher_feats: list[torch.Tensor], student_feats: list[torch.Tensor], layers: list[int], with_teacher: bool,
+    with_centre: bool = False,
 ) -> torch.Tensor:
     """Feature vector per image for the supervised classifier.
 
     Per scoring layer: mean and max of the (1 - cos) map, the MSE, and the per-channel mean squared
-    difference (C values); optionally the teacher's per-channel mean and max activation (2C values).
+    difference (C values); optionally the teacher's per-channel mean and max activation (2C values), and
+    ``with_centre`` the same two over the middle of the map only (2C more: the cell sits in the middle of
+    its crop, and pooling the whole map mixes in the background).
     """
     parts = []
     for index in layers:
@@ -73,4 +83,7 @@ def discrepancy_features(
         parts.append(((t - s) ** 2).mean(dim=(2, 3)))
         if with_teacher:
             parts += [t.mean(dim=(2, 3)), t.flatten(2).amax(dim=2)]
+        if with_centre:
+            middle = centre_region(t)
+            parts += [middle.mean(dim=(2, 3)), middle.flatten(2).amax(dim=2)]
     return torch.cat(parts, dim=1)

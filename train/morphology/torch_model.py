@@ -62,8 +62,15 @@ class MorphologyModel(nn.Module):
         if cfg.supervised:
             self.classifier = FeatureClassifier(self.n_features(shapes), cfg.classifier_hidden)
 
+    @property
+    def _feature_kinds(self) -> tuple[bool, bool]:
+        """(teacher pooled over the whole map, teacher pooled over its centre) in the classifier's input."""
+        inputs = self.cfg.classifier_inputs
+        return inputs != "discrepancy", inputs == "discrepancy+teacher+centre"
+
     def n_features(self, shapes: list[tuple[int, int, int]]) -> int:
-        per_channel = 3 if self.cfg.classifier_inputs == "discrepancy+teacher" else 1
+        with_teacher, with_centre = self._feature_kinds
+        per_channel = 1 + 2 * with_teacher + 2 * with_centre
         return sum(3 + per_channel * shape[0] for shape in shapes)
 
     def pair(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -75,8 +82,7 @@ class MorphologyModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         t, s = self.pair(x)
-        with_teacher = self.cfg.classifier_inputs == "discrepancy+teacher"
-        return discrepancy_features(t, s, list(range(len(t))), with_teacher)
+        return discrepancy_features(t, s, list(range(len(t))), *self._feature_kinds)
 
     def single_view_score(self, x: torch.Tensor) -> torch.Tensor:
         if self.classifier is None:
