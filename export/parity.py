@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from smearsight.errors import InputError, require
 from smearsight.manifest import Manifest, load_manifest
 
 FP16_MAX = 65504.0
+CHECK_BATCH = 16  # inputs per ONNX Runtime run: every intermediate tensor of a run is held for the FP16 check
 MATCH_IOU = 0.99
 
 
@@ -160,21 +162,25 @@ def morphology_inputs(manifest: Manifest, count: int, data: Path | None, seed: i
 
 
 # ---------------------------------------------------------------------------------------- running
-def run_onnx_batches(model: Any, inputs: np.ndarray, input_name: str, batch_one: bool) -> list[list[np.ndarray]]:
-    """Run an ONNX model (path or ModelProto) over ``inputs``; one list of outputs per batch run."""
+def run_onnx_batches(
+    model: Any, inputs: np.ndarray, input_name: str, batch_one: bool, batch: int = CHECK_BATCH
+) -> Iterator[list[np.ndarray]]:
+    """Run an ONNX model (path or ModelProto) over ``inputs``, ``batch`` at a time (one when the model's
+    batch size is fixed); yields the outputs of each run, so that only one run's tensors are alive."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     source = str(model) if isinstance(model, str | Path) else model.SerializeToString()
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    batches = [inputs[i : i + 1] for i in range(len(inputs))] if batch_one else [inputs]
-    return [session.run(None, {input_name: b}) for b in batches]
+    step = 1 if batch_one else max(int(batch), 1)
+    for start in range(0, len(inputs), step):
+        yield session.run(None, {input_name: inputs[start : start + step]})
 
 
 def run_onnx(model: Any, inputs: np.ndarray, input_name: str, batch_one: bool) -> list[np.ndarray]:
     """Run an ONNX model over ``inputs``; returns each output stacked over the inputs."""
-    results = run_onnx_batches(model, inputs, input_name, batch_one)
+    results = list(run_onnx_batches(model, inputs, input_name, batch_one))
     return [np.concatenate([r[k] for r in results], axis=0) for k in range(len(results[0]))]
 
 
@@ -214,12 +220,13 @@ def fp16_overflow_layers(
             existing.add(info.name)
             model.graph.output.append(onnx.helper.make_tensor_value_info(info.name, onnx.TensorProto.FLOAT, None))
     names = [o.name for o in model.graph.output]
-    runs = run_onnx_batches(model, inputs, input_name, batch_one)
-    overflow = []
-    for k, name in enumerate(names):
-        peak = max(float(np.max(np.abs(run[k]), initial=0.0)) for run in runs)
-        if not np.isfinite(peak) or peak > FP16_MAX:
-            overflow.append((producers.get(name, name), peak))
+    peaks = [0.0] * len(names)
+    for run in run_onnx_batches(model, inputs, input_name, batch_one):  # every tensor of a run: keep peaks only
+        for k, tensor in enumerate(run):
+            peak = float(np.max(np.abs(tensor), initial=0.0))  # NaN when the tensor holds one
+            peaks[k] = max(peaks[k], peak) if np.isfinite(peak) else np.inf
+    overflow = [(producers.get(name, name), float(peak)) for name, peak in zip(names, peaks, strict=True)
+                if not np.isfinite(peak) or peak > FP16_MAX]
     return sorted(overflow, key=lambda item: -item[1])
 
 

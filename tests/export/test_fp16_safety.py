@@ -38,3 +38,28 @@ def test_overflowing_intermediate_is_named(tmp_path, batch_one: bool) -> None:
 
     _graph(tmp_path / "cool.onnx", gain=10.0)
     assert fp16_overflow_layers(tmp_path / "cool.onnx", inputs, "x", batch_one) == []
+
+
+def test_check_runs_in_chunks_with_the_same_results(tmp_path) -> None:
+    """Inputs go through ONNX Runtime CHECK_BATCH at a time (memory bounded by one chunk's intermediate
+    tensors): outputs equal one whole-batch run of the same session, the peak is found in whichever chunk
+    holds it, and a NaN in any chunk is reported."""
+    import onnxruntime as ort
+
+    from smearsight.export.parity import CHECK_BATCH, run_onnx, run_onnx_batches
+
+    rng = np.random.default_rng(1)
+    inputs = np.abs(rng.normal(size=(2 * CHECK_BATCH + 3, 2, 4, 4))).astype(np.float32) + 0.5
+    inputs[CHECK_BATCH + 5, 1, 2, 2] = 9.0  # the peak sits in the second chunk
+    _graph(tmp_path / "hot.onnx", gain=1e5)
+    runs = list(run_onnx_batches(tmp_path / "hot.onnx", inputs, "x", batch_one=False))
+    assert [len(r[0]) for r in runs] == [CHECK_BATCH, CHECK_BATCH, 3]
+    session = ort.InferenceSession(str(tmp_path / "hot.onnx"), providers=["CPUExecutionProvider"])
+    whole = session.run(None, {"x": inputs})
+    np.testing.assert_array_equal(run_onnx(tmp_path / "hot.onnx", inputs, "x", batch_one=False)[0], whole[0])
+    found = dict(fp16_overflow_layers(tmp_path / "hot.onnx", inputs, "x", batch_one=False))
+    assert found["amplify"] == pytest.approx(9.0e5, rel=1e-6)
+    inputs[-1, 0, 0, 0] = np.nan  # last chunk
+    _graph(tmp_path / "cool.onnx", gain=10.0)
+    found = dict(fp16_overflow_layers(tmp_path / "cool.onnx", inputs, "x", batch_one=False))
+    assert found and all(v == np.inf for v in found.values())
