@@ -107,6 +107,51 @@ def test_matcher_forces_best_anchor_for_small_box() -> None:
     assert match_anchors(anchors, torch.zeros((0, 4)), MatcherConfig()).tolist() == [NEGATIVE, NEGATIVE]
 
 
+def _dense_match(anchors, gt, cfg):
+    """The matcher written with torchvision's full [A, G] IoU matrix: the reference for the chunked one."""
+    from torchvision.ops import box_iou as tv_box_iou
+
+    iou = tv_box_iou(anchors, gt)
+    best_iou, best_gt = iou.max(dim=1)
+    out = torch.full((len(anchors),), IGNORE, dtype=torch.long)
+    out[best_iou < cfg.negative_iou] = NEGATIVE
+    out[best_iou >= cfg.positive_iou] = best_gt[best_iou >= cfg.positive_iou]
+    forced = iou.argmax(dim=0)
+    out[forced] = torch.arange(len(gt))
+    pos = torch.nonzero(out >= 0).flatten()
+    value = torch.where(torch.isin(pos, forced), torch.tensor(float("inf")), iou[pos, out[pos]])
+    for g in range(len(gt)):  # keep the K best (stable: lower anchor index first on ties) of each box
+        mine = pos[out[pos] == g]
+        order = torch.sort(-value[out[pos] == g], stable=True).indices
+        out[mine[order[cfg.topk:]]] = IGNORE
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chunked_matcher_equals_the_dense_iou_matrix(seed: int) -> None:
+    """A dense field (300 cells of 5-40 px on the default P2-P6 anchors of a 384x512 frame, plus duplicate
+    boxes, a box off the frame and one on a chunk border): the same assignment as the full matrix."""
+    from smearsight.train.detector.matcher import best_overlaps
+
+    rng = np.random.default_rng(seed)
+    anchors = torch.from_numpy(generate_anchors((384, 512), default_detector_anchors()))
+    xy = rng.uniform(-10, 500, (300, 2))
+    gt = np.concatenate([xy, xy + rng.uniform(5, 40, (300, 2))], 1).astype(np.float32)
+    gt = np.concatenate([gt, gt[:3], [[600, 600, 620, 620]], anchors[4096].numpy()[None]]).astype(np.float32)
+    gt_t = torch.from_numpy(gt)
+    cfg = MatcherConfig()
+    np.testing.assert_array_equal(match_anchors(anchors, gt_t, cfg).numpy(), _dense_match(anchors, gt_t, cfg).numpy())
+    from torchvision.ops import box_iou as tv_box_iou
+
+    iou = tv_box_iou(anchors, gt_t)
+    for chunk in (1000, 4096, len(anchors)):
+        best_iou, best_gt, best_anchor = best_overlaps(anchors, gt_t, chunk=chunk)
+        dense_iou, dense_gt = iou.max(dim=1)
+        np.testing.assert_array_equal(best_iou.numpy(), dense_iou.numpy())
+        np.testing.assert_array_equal(best_gt.numpy(), dense_gt.numpy())
+        np.testing.assert_array_equal(best_anchor.numpy(), iou.argmax(dim=0).numpy())
+
+
 def test_focal_loss_matches_torchvision() -> None:
     from torchvision.ops import sigmoid_focal_loss
 
