@@ -354,4 +354,4 @@ def test_shipped_morphology_configs_parse(name: str) -> None:
     path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
     cfg = MorphologyTrainConfig.from_yaml(path)
     if name == "morphology_supervised":
-        assert cfg.model.supervised and cfg.model.tta and cfg.model.classifier_inputs == "discrepancy+teacher"
+        assert cfg.model.supervised and cfg.model.tta and cfg.model.classifier_inputs == "discrepancy+teacher+centre"
