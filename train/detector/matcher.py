@@ -11,7 +11,7 @@
 Dense fields hold hundreds of cells against ~10^5 anchors: the IoU is computed in chunks of consecutive
 anchors (which the anchor layout keeps spatially close), each against only the boxes that reach the
 chunk's extent, instead of one [A, G] matrix (145k anchors x 340 boxes took ~6 s an image that way). The
-result is identical to the dense computation (tests/train/test_matcher.py compares them).
+result is identical to the dense computation (tests/train/test_detector_core.py compares them).
 """
 
 from __future__ import annotations

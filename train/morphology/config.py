@@ -47,8 +47,9 @@ class MorphologyModelConfig(StrictConfig):
 
     ``classifier_inputs="discrepancy+teacher"`` adds the teacher's per-channel mean and max activation to
     the supervised classifier's features; ``"discrepancy+teacher+centre"`` also the same two over the
-    middle half of each map (where the cell is). ``tta``: the score is averaged over the 8 flips/transposes of the
-    crop (the dihedral group; a smear has no preferred orientation) inside the graph, at 8x the compute.
+    middle half of each map (where the cell is). ``tta``: the score is averaged over the 8 flips/transposes
+    of the crop (the dihedral group; a smear has no preferred orientation) inside the graph, at 8x the
+    compute.
     """
 
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
