@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 if scale != 1:
                     first, second = (cv2.resize(a, (w * scale, h * scale), interpolation=cv2.INTER_LINEAR)
                                      for a in (first, second))
-                shift = StageShift(min_response=threshold)
+                shift = StageShift()
                 shift.measure(first)
                 mx, my, peak = shift.measure(second)
                 peaks.append(peak)

@@ -27,19 +27,17 @@ def parse_hw(text: str) -> tuple[int, int]:
 
 
 def dihedral(image, boxes, k: int):
-    """``image`` and its boxes turned by k * 90 degrees (k 0-3), mirrored left-right when k >= 4."""
+    """``image`` and its boxes turned by k * 90 degrees (k 0-3), mirrored left-right first when k >= 4
+    (the training augmentation's own flips and rotations)."""
     import numpy as np
 
-    h, w = image.shape[:2]
-    x1, y1, x2, y2 = boxes.T
+    from smearsight.train.detector.augment import hflip, rot90
+
     if k >= 4:
-        image = image[:, ::-1]
-        x1, x2 = w - x2, w - x1
-    for _ in range(k % 4):  # 90 degrees counter-clockwise: (x, y) -> (y, w - x)
-        image = np.rot90(image)
-        x1, y1, x2, y2 = y1, w - x2, y2, w - x1
-        h, w = w, h
-    return np.ascontiguousarray(image), np.stack([x1, y1, x2, y2], 1).astype(np.float32)
+        image, boxes = hflip(image, boxes)
+    for _ in range(k % 4):
+        image, boxes = rot90(image, boxes)
+    return np.ascontiguousarray(image), boxes.astype(np.float32)
 
 
 def build_frames(records, frame_hw, grid, order, rng, min_side: float = 2.0):

@@ -687,7 +687,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             try:
                 img = annotate(frame.image, valid, pipe.class_names, morph, overlay)
                 t6 = time.perf_counter()
-                sink.write(img, frame_status(frame.index, fps, frame_counts, active, pipe, item, overlay))
+                sink.write(img, frame_status(frame.index, fps, frame_counts, active, pipe, item, overlay["latency_ms"]))
                 t7 = time.perf_counter()
                 if recorder is not None:
                     recorder.record_frame(frame.index, frame.timestamp, valid, pipe.class_names, morph,
@@ -768,7 +768,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
 
 
 def frame_status(frame_index: int, fps: float, counts: dict[str, int], problem: str, pipe: Pipeline,
-                 item: Processed, overlay: dict[str, Any]) -> dict[str, Any]:
+                 item: Processed, latency_ms: dict[str, float]) -> dict[str, Any]:
     """The status of one shown frame, as the sinks get it (``http://`` serves it as ``/status.json``).
 
     ``detected``: the detector ran on this very frame; otherwise its boxes are an earlier frame's, moved with
@@ -781,8 +781,7 @@ def frame_status(frame_index: int, fps: float, counts: dict[str, int], problem: 
     return {"frame": frame_index, "fps": round(fps, 2), "counts": counts, "status": problem,
             "backend": pipe.detector.name, "detected": bool(item.detected),
             "detect_every": pipe.detect_interval, "detector_runs": pipe.detector_runs,
-            "boxes_age_ms": round(float(overlay.get("boxes_age_ms") or 0.0), 1),
-            "latency_ms": dict(overlay.get("latency_ms") or {}),
+            "boxes_age_ms": round(1000.0 * item.boxes_age_s, 1), "latency_ms": latency_ms,
             "sperm_abnormal": abnormal, "sperm_judged": judged}
 
 
