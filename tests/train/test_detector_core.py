@@ -14,7 +14,11 @@ from smearsight.anchors import AnchorConfig, box_iou, decode_boxes, encode_boxes
 from smearsight.train.datasets.records import DetectionDataset, ImageRecord  # noqa: E402
 from smearsight.train.detector import boxes as tboxes  # noqa: E402
 from smearsight.train.detector.anchor_stats import best_anchor_iou, coverage_report  # noqa: E402
-from smearsight.train.detector.config import MatcherConfig, default_detector_anchors  # noqa: E402
+from smearsight.train.detector.config import (  # noqa: E402
+    MatcherConfig,
+    TrainConfig,
+    default_detector_anchors,
+)
 from smearsight.train.detector.matcher import IGNORE, NEGATIVE, match_anchors  # noqa: E402
 
 
@@ -59,6 +63,49 @@ def test_decode_nms_twin_equals_runtime_reference() -> None:
     assert n_ref > 20 and n == n_ref
     np.testing.assert_allclose(got, ref, atol=1e-4)
     assert (got[n:, 5] == -1).all()
+
+
+def _detected_cells(logits: np.ndarray, anchors: np.ndarray, cells: np.ndarray, caps: dict) -> np.ndarray:
+    """Cells (rows of ``cells``) boxed at IoU >= 0.5 by decode + NMS at a score of 0.01 with ``caps``."""
+    dets, n = tboxes.decode_nms(torch.from_numpy(logits), torch.from_numpy(np.zeros((len(anchors), 4), np.float32)),
+                                torch.from_numpy(anchors), score_threshold=0.01, iou_threshold=0.5,
+                                image_size=(640, 800), **caps)
+    return (box_iou(dets[:n, :4].numpy(), cells) >= 0.5).any(axis=0)
+
+
+def _cell_grid(count: int, columns: int, pitch: float = 20.0) -> np.ndarray:
+    ys, xs = np.divmod(np.arange(count), columns)
+    return np.stack([xs * pitch + 5, ys * pitch + 5, xs * pitch + 15, ys * pitch + 15], axis=1).astype(np.float32)
+
+
+def test_evaluation_caps_keep_every_cell_of_a_dense_field() -> None:
+    """300 separate cells, each with the 20 confident anchors training gives it: the device's 4,000 cap
+    keeps the candidates of the best 200 cells only; the evaluation caps keep all 300."""
+    per_cell = 20
+    cells = _cell_grid(300, 20)
+    jitter = np.tile(np.linspace(-1, 1, per_cell, dtype=np.float32)[:, None], (len(cells), 4))
+    anchors = np.repeat(cells, per_cell, axis=0) + jitter
+    logits = np.repeat(4.0 - 0.01 * np.arange(len(cells), dtype=np.float32), per_cell)[:, None]  # one class
+    cfg = TrainConfig()
+    caps = cfg.evaluation_caps(num_classes=1)
+    assert caps == {"pre_nms_topk": per_cell * cfg.max_detections, "max_detections": cfg.max_detections}
+    device = {"pre_nms_topk": cfg.pre_nms_topk, "max_detections": cfg.max_detections}
+    assert _detected_cells(logits, anchors, cells, device).sum() == 4000 // per_cell
+    assert _detected_cells(logits, anchors, cells, caps).all()
+    assert TrainConfig(eval_pre_nms_topk=5000).evaluation_caps(1)["pre_nms_topk"] == 5000
+
+
+def test_evaluation_caps_count_detections_per_class() -> None:
+    """1,000 confident cells of one class and 50 faint ones of another: with 1,000 detections per frame
+    in all the faint class is left out; COCO counts maxDets per class, and so do the evaluation caps."""
+    cells = _cell_grid(1050, 35, pitch=18.0)
+    logits = np.full((len(cells), 2), -9.0, np.float32)
+    logits[:1000, 0] = 3.0
+    logits[1000:, 1] = -2.0  # score 0.12
+    caps = TrainConfig().evaluation_caps(num_classes=2)
+    assert caps["max_detections"] == 2000
+    assert _detected_cells(logits, cells, cells, {"pre_nms_topk": 4000, "max_detections": 1000})[1000:].sum() == 0
+    assert _detected_cells(logits, cells, cells, caps).all()
 
 
 def test_best_anchor_iou_is_exact_against_brute_force() -> None:

@@ -160,6 +160,7 @@ def test_eval_and_predict_cli(synth_data, trained_run, tmp_path, capsys) -> None
     assert rc == 0, capsys.readouterr()
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"map50", "map", "recall", "per_class"} <= set(metrics) and metrics["max_dets"] == 1000
+    assert metrics["pre_nms_topk"] == 20 * 1000  # the matcher's K anchors for each of max_dets cells
     assert (out / "pr_curve.png").is_file() and (out / "confusion_matrix.png").is_file()
     assert list(out.glob("example_00_*.jpg"))
 

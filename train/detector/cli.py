@@ -127,9 +127,13 @@ def eval_detector_cmd(
     fmt: str = typer.Option(..., "--format", help="coco | voc | yolo"),
     split: str = typer.Option("val", "--split"),
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, PR curve, confusion matrix, examples."),
-    max_dets: int = typer.Option(1000, "--max-dets", help="COCO maxDets (and detections kept per image)."),
+    max_dets: int = typer.Option(1000, "--max-dets", help="COCO maxDets: detections kept per image and class."),
     score_threshold: float = typer.Option(0.01, "--score-threshold", help="Lowest score kept for AP."),
-    pre_nms_topk: int | None = typer.Option(None, "--pre-nms-topk"),
+    pre_nms_topk: int | None = typer.Option(
+        None, "--pre-nms-topk", min=1,
+        help="Candidates per class before NMS (default: the training run's evaluation cap, room for "
+             "--max-dets cells with the matcher's top-K anchors each).",
+    ),
     examples: int = typer.Option(4, "--examples", help="Example images to draw."),
     threads: int | None = typer.Option(None, "--threads"),
     device: str = typer.Option("cpu", "--device"),
@@ -137,6 +141,7 @@ def eval_detector_cmd(
     """Evaluate a detector checkpoint: COCO mAP@[.5:.95], mAP@0.5, recall per class (pycocotools)."""
     _setup_torch(threads)
     _check_device(device)
+    from smearsight.train.detector.config import DEFAULT_MATCHER_TOPK, evaluation_caps
     from smearsight.train.detector.data import check_class_names, load_split
     from smearsight.train.detector.evaluate import run_evaluation
     from smearsight.train.detector.predictor import Predictor
@@ -144,8 +149,11 @@ def eval_detector_cmd(
     ckpt = _load(weights)
     ds = load_split(data, _fmt(fmt), split)
     check_class_names(ckpt["class_names"], ds.class_names, f"{data} [{split}]")
-    pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, max_detections=max_dets,
-                                     pre_nms_topk=pre_nms_topk, device=device)
+    trained = ckpt.get("train_config", {})
+    caps = evaluation_caps(ckpt["thresholds"]["pre_nms_topk"],
+                           trained.get("matcher", {}).get("topk", DEFAULT_MATCHER_TOPK), max_dets,
+                           len(ckpt["class_names"]), pre_nms_topk or trained.get("eval_pre_nms_topk"))
+    pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, device=device, **caps)
     metrics = run_evaluation(pred, ds, out, max_dets=max_dets, examples=examples,
                              plot_score_threshold=ckpt["thresholds"]["score"])
     per = ", ".join(f"{n} {v['ap50']:.3f}" for n, v in metrics["per_class"].items())

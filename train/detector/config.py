@@ -42,13 +42,16 @@ class DetectorModelConfig(StrictConfig):
     prior_prob: float = 0.01
 
 
+DEFAULT_MATCHER_TOPK = 20
+
+
 class MatcherConfig(StrictConfig):
     """Anchor assignment as in the original work: lowered IoU thresholds, forced best anchor, K per GT."""
 
     positive_iou: float = Field(0.4, gt=0, le=1)
     negative_iou: float = Field(0.3, ge=0, le=1)
     force_match: bool = True
-    topk: int | None = Field(20, ge=1)
+    topk: int | None = Field(DEFAULT_MATCHER_TOPK, ge=1)
     sampling: Literal["topk", "random"] = "topk"
 
     @model_validator(mode="after")
@@ -121,4 +124,28 @@ class TrainConfig(StrictConfig):
     eval_score_threshold: float = 0.01
     iou_threshold: float = 0.5
     pre_nms_topk: int = Field(DEFAULT_PRE_NMS_TOPK, ge=1)
+    eval_pre_nms_topk: int | None = Field(None, ge=1)
     max_detections: int = Field(1000, ge=1)
+
+    def evaluation_caps(self, num_classes: int) -> dict[str, int]:
+        """Predictor caps for the validation passes (see :func:`evaluation_caps`)."""
+        return evaluation_caps(self.pre_nms_topk, self.matcher.topk, self.max_detections, num_classes,
+                               self.eval_pre_nms_topk)
+
+
+
+def evaluation_caps(
+    pre_nms_topk: int, matcher_topk: int | None, max_dets: int, num_classes: int, override: int | None = None
+) -> dict[str, int]:
+    """The predictor's caps when scoring AP down to a low score: ``{"pre_nms_topk", "max_detections"}``.
+
+    Candidates per class before NMS: ``override`` if given, else room for ``max_dets`` cells with the
+    ``matcher_topk`` anchors each that training made positive (at least ``pre_nms_topk``, the device's cap,
+    which suits its operating threshold: at a score of 0.01 a trained model puts dozens of anchors on every
+    cell, and on a dense field the device's cap drops whole cells before NMS; docs/benchmarks.md).
+    Detections kept: ``max_dets`` per class, as COCO's ``maxDets`` counts them, so that one crowded class
+    cannot push a rarer one out of a frame's list.
+    """
+    if override is None:
+        override = max(int(pre_nms_topk), int(matcher_topk or DEFAULT_MATCHER_TOPK) * int(max_dets))
+    return {"pre_nms_topk": int(override), "max_detections": int(max_dets) * int(num_classes)}

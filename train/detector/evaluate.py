@@ -2,7 +2,8 @@
 
 ``metrics.json`` keys: ``map50`` (AP at IoU 0.5), ``map`` (AP over IoU 0.50:0.95), ``recall`` (recall at IoU
 0.5 with up to ``max_dets`` detections per image, mean over classes with ground truth), ``ar`` (COCO AR),
-``per_class`` {name: {ap50, ap, recall, gt}}, ``max_dets``, ``images``.
+``per_class`` {name: {ap50, ap, recall, gt}}, ``max_dets``, ``images``; :func:`run_evaluation` adds the
+predictor's ``score_threshold`` and ``pre_nms_topk``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def coco_evaluate(
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, "bbox")
         ev.params.maxDets = [1, 100, max_dets]
+        ev.params.areaRng, ev.params.areaRngLbl = ev.params.areaRng[:1], ev.params.areaRngLbl[:1]  # "all" only
         ev.evaluate()
         ev.accumulate()
     precision = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K] at area=all, maxDets=max_dets
@@ -135,6 +137,7 @@ def run_evaluation(
             detections.extend(predictor.predict_batch([read_image_rgb(r.path) for r in recs]))
             bar.advance(task, len(recs))
     metrics, raw = coco_evaluate(ds, detections, max_dets=max_dets)
+    metrics.update(score_threshold=predictor.score_threshold, pre_nms_topk=predictor.pre_nms_topk)
     if out_dir is not None:
         from smearsight.train.detector import plots
 

@@ -220,12 +220,13 @@ def train_detector(
     def progress_now() -> float:
         return max(state["step"] / total_steps, state["elapsed"] / budget_s)
 
+    eval_caps = cfg.evaluation_caps(len(state["class_names"]))
+
     def evaluate_ema() -> dict[str, Any] | None:
         if val_ds is None:
             return None
         pred = Predictor(ema.module, anchors, image_size, mean, std, score_threshold=cfg.eval_score_threshold,
-                         iou_threshold=cfg.iou_threshold, pre_nms_topk=cfg.pre_nms_topk,
-                         max_detections=cfg.max_detections, device=dev)
+                         iou_threshold=cfg.iou_threshold, device=dev, **eval_caps)
         metrics = run_evaluation(pred, val_ds, None, max_dets=cfg.max_detections, progress=False,
                                  batch_size=cfg.batch_size)
         ema.module.train(False)
@@ -334,7 +335,8 @@ def train_detector(
                                "device": str(dev), "threads": torch.get_num_threads()}
     if val_ds is not None and (out / "best.pt").is_file():
         best = load_checkpoint(out / "best.pt", kind="detector")
-        pred = Predictor.from_checkpoint(best, score_threshold=cfg.eval_score_threshold, device=dev)
+        pred = Predictor.from_checkpoint(best, score_threshold=cfg.eval_score_threshold, device=dev,
+                                         **eval_caps)
         summary["val"] = run_evaluation(pred, val_ds, out / "val", max_dets=cfg.max_detections, progress=progress,
                                         plot_score_threshold=cfg.score_threshold, batch_size=cfg.batch_size)
     atomic_write_json(out / "metrics.json", summary)
