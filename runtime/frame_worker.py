@@ -42,6 +42,7 @@ class Processed:
     detected: bool = False  # went through the detector (else its detections were carried from a key frame)
     boxes_age_s: float = 0.0  # how much earlier the frame the boxes were found on came in (Pipeline.boxes_age_s)
     error: str = ""  # plain words when the frame could not be processed
+    warning: str = ""  # plain words when it was, but its detections may be incomplete (Pipeline.cap_warning)
     held: bool = False  # passed through unprocessed because the screen holds a frozen field
     generation: int = 0  # morphology resets applied before this frame (see InferenceWorker.reset_morphology)
 
@@ -135,6 +136,7 @@ class InferenceWorker:
             item.judged = pipe.morphology.judged_last if pipe.morphology is not None else 0
             item.detected = pipe.detected_last
             item.boxes_age_s = pipe.boxes_age_s
+            item.warning = pipe.cap_warning()
         return item
 
     def _run(self) -> None:

@@ -170,6 +170,8 @@ class Pipeline:
         self.max_det = self.spec.max_detections
         self._dets = np.empty((self.max_det, 6), np.float32)
         self._frame_dets = np.empty((self.max_det, 6), np.float32)
+        self._class_candidates = np.zeros(len(self.class_names), np.int64)
+        self.capped_classes: list[str] = []  # see cap_warning
         self._gpu_decoder = None
         self._gpu_preprocess = None
         self._decode_on_device = False
@@ -288,11 +290,27 @@ class Pipeline:
         deltas = outputs[self.spec.box_output]
         if self._gpu_decoder is not None:
             return self._gpu_decoder(logits, deltas)
-        return decode_nms(
+        result = decode_nms(
             logits, deltas, self.anchors, score_threshold=self.spec.score_threshold,
             iou_threshold=self.spec.iou_threshold, pre_nms_topk=self.spec.pre_nms_topk,
             max_detections=self.max_det, image_size=self.image_size, out=self._dets,
+            class_candidates=self._class_candidates,
         )
+        cap = self.spec.pre_nms_topk
+        self.capped_classes = [name for name, count in zip(self.class_names, self._class_candidates.tolist(),
+                                                           strict=True) if count > cap]
+        return result
+
+    def cap_warning(self) -> str:
+        """Plain words when the last CPU decode had more candidates of a class above the score threshold
+        than the manifest's ``pre_nms_topk``: the weakest of them were dropped before NMS, so on such a
+        crowded field some cells may be neither boxed nor counted (empty otherwise, and with the GPU decoder,
+        which does not report it)."""
+        if not self.capped_classes:
+            return ""
+        return (f"more {', '.join(self.capped_classes)} candidates than the model's pre_nms_topk "
+                f"({self.spec.pre_nms_topk}): some cells may be missed and counts low; re-export with a larger "
+                f"--pre-nms-topk")
 
     def process(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, int, list[dict[str, Any]], dict[str, float]]:
         """Run one RGB uint8 frame through the models (or carry the key frame's detections onto it)."""
@@ -644,8 +662,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 continue
             if item.generation != worker.generation:  # judged before a new session reset the morphology
                 continue
-            if item.error:
-                problems.report(item.error)
+            problems.report(item.error or item.warning)
             if item.detections is None:  # the frame could not be processed
                 continue
             frames += 1

@@ -84,6 +84,7 @@ def decode_nms(
     max_detections: int,
     image_size: tuple[int, int] | None = None,
     out: np.ndarray | None = None,
+    class_candidates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Decode + class-aware NMS of one image's raw detector outputs.
 
@@ -93,6 +94,8 @@ def decode_nms(
         anchors: ``[A, 4]`` float32 xyxy anchors in the same order.
         image_size: (H, W) to clip boxes to, or None for no clipping.
         out: optional preallocated ``[max_detections, 6]`` float32 array to fill (hot path).
+        class_candidates: optional int64 ``[C]`` array, filled with each class's candidates above the score
+            threshold before the ``pre_nms_topk`` cap (a count above the cap means cells may be dropped).
 
     Returns:
         ``(detections [max_detections, 6] float32, count)``: rows ``(x1, y1, x2, y2, score, class)``
@@ -117,6 +120,8 @@ def decode_nms(
     elif out.shape != (max_detections, 6) or out.dtype != np.float32:
         raise ValueError(f"decode_nms: out must be float32 [{max_detections}, 6]")
     out[:] = EMPTY_ROW
+    if class_candidates is not None:
+        class_candidates[:] = 0
 
     # 1. threshold: a cheap logit-space pre-filter, then the exact float32 score test.
     flat = logits.reshape(-1)
@@ -141,6 +146,8 @@ def decode_nms(
     inv_bits = _SCORE_MASK - _score_bits(scores)
     key = np.sort((cls << 55) | (inv_bits << _ANCHOR_BITS) | anchor_idx)
     cls = key >> 55
+    if class_candidates is not None:
+        class_candidates[:] = np.bincount(cls, minlength=num_classes)
     if key.size > pre_nms_topk:
         key, cls = _class_topk(key, cls, num_classes, pre_nms_topk)
     inv_bits = (key >> _ANCHOR_BITS) & _SCORE_MASK

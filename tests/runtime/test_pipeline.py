@@ -191,6 +191,32 @@ def test_backend_notes_reach_the_screen(models, tmp_path):
     assert "TensorRT not used: test note" in stats["problems"]
 
 
+def test_a_binding_pre_nms_cap_is_reported(models):
+    """More candidates of a class than the manifest's pre_nms_topk: the weakest are dropped before NMS, so
+    the screen and the stats say that cells may be missing (a crowded field), naming the classes."""
+    det = open_backend(models / "detector", "onnx")
+    det.manifest.detector.pre_nms_topk = 3
+    pipe = pl.Pipeline(det, [])
+    try:
+        img = frames(1)[0]
+        pipe.process(img)
+        x, _ = pipe.preprocess(img)
+        outputs = det.infer(x)
+        scores = 1.0 / (1.0 + np.exp(-outputs[pipe.spec.class_output][0].astype(np.float64)))
+        above = (scores > pipe.spec.score_threshold).sum(axis=0)
+        crowded = [name for name, count in zip(pipe.class_names, above, strict=True) if count > 3]
+        assert crowded and pipe.capped_classes == crowded
+        assert pipe.cap_warning().startswith(f"more {', '.join(crowded)} candidates")
+        stats = pl.run(pl.RunConfig(source="synth://?size=96x64", sink="null://", headless=True, max_frames=2),
+                       pipe)
+        assert any("pre_nms_topk (3)" in p for p in stats["problems"]), stats["problems"]
+        pipe.spec.pre_nms_topk = int(above.max())  # room for every candidate: nothing to report
+        pipe.process(img)
+        assert pipe.capped_classes == [] and pipe.cap_warning() == ""
+    finally:
+        pipe.close()
+
+
 def test_unwritable_record_keeps_running(models, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where a folder should be")

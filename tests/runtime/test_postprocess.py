@@ -83,6 +83,21 @@ def test_dense_scene_against_torchvision(small_anchors):
     assert n > 100
 
 
+def test_class_candidates_count_scores_above_threshold_before_the_cap(small_anchors):
+    logits, deltas, _, _ = synthetic_raw_outputs(small_anchors, 5, 80, (128, 160), seed=4, background_logit=-2.0)
+    counts = np.full(5, -1, np.int64)
+    check(logits, deltas, small_anchors, score_threshold=0.2, iou_threshold=0.5, pre_nms_topk=50,
+          max_detections=300)
+    decode_nms(logits, deltas, small_anchors, score_threshold=0.2, iou_threshold=0.5, pre_nms_topk=50,
+               max_detections=300, class_candidates=counts)
+    want = (torch.sigmoid(torch.from_numpy(logits).double()) > 0.2).sum(0).numpy()
+    np.testing.assert_array_equal(counts, want)
+    assert counts.max() > 50  # the cap was binding here, and the counts say so
+    decode_nms(np.full_like(logits, -20.0), deltas, small_anchors, score_threshold=0.2, iou_threshold=0.5,
+               pre_nms_topk=50, max_detections=300, class_candidates=counts)
+    assert not counts.any()
+
+
 def test_empty_and_all_below_threshold(small_anchors):
     a = small_anchors.shape[0]
     logits = np.full((a, 3), -20.0, np.float32)
