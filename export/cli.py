@@ -39,7 +39,8 @@ def export_onnx(
         "(default: the checkpoint's; choose it on validation data)."),
     pre_nms_topk: int | None = typer.Option(
         None, "--pre-nms-topk", help="Detector: candidates kept per class before NMS (default: the checkpoint's). "
-        "Raise it when exporting for larger frames than the training size: more anchors, more candidates."),
+        "Raise it when exporting for larger frames than the training size or for crowded fields: more anchors "
+        "or cells, more candidates (the runtime says when it binds; the GPU decoder takes at most 4096)."),
     max_detections: int | None = typer.Option(
         None, "--max-detections", help="Detector: detections kept per frame (default: the checkpoint's)."),
 ) -> None:

@@ -175,6 +175,7 @@ def test_eval_and_predict_cli(synth_data, trained_run, tmp_path, capsys) -> None
         assert rc == 0, capsys.readouterr()
         record = json.loads((pred_out / "frame.json").read_text())
         assert record["width"] == 90 and record["height"] == 70 and record["detections"]
+        assert record["pre_nms_topk"] == 20 * 1000 and record["score_threshold"] == 0.0001  # offline: no clipping
         boxes = np.array([d["box"] for d in record["detections"]])
         assert (boxes[:, [0, 2]] <= 90).all() and (boxes[:, [1, 3]] <= 70).all() and (boxes >= 0).all()
         assert (pred_out / "frame_pred.jpg").is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -120,6 +121,16 @@ def _load(weights: Path) -> dict:
     return load_checkpoint(weights, kind="detector")
 
 
+def _evaluation_caps(ckpt: dict[str, Any], max_dets: int, pre_nms_topk: int | None) -> dict[str, int]:
+    """The checkpoint's training run's evaluation caps (train/detector/config.py) for ``max_dets``."""
+    from smearsight.train.detector.config import DEFAULT_MATCHER_TOPK, evaluation_caps
+
+    trained = ckpt.get("train_config", {})
+    return evaluation_caps(ckpt["thresholds"]["pre_nms_topk"],
+                           trained.get("matcher", {}).get("topk", DEFAULT_MATCHER_TOPK), max_dets,
+                           len(ckpt["class_names"]), pre_nms_topk or trained.get("eval_pre_nms_topk"))
+
+
 @eval_app.command("detector")
 def eval_detector_cmd(
     weights: Path = typer.Option(..., "--weights", help="Detector checkpoint (best.pt)."),
@@ -141,7 +152,6 @@ def eval_detector_cmd(
     """Evaluate a detector checkpoint: COCO mAP@[.5:.95], mAP@0.5, recall per class (pycocotools)."""
     _setup_torch(threads)
     _check_device(device)
-    from smearsight.train.detector.config import DEFAULT_MATCHER_TOPK, evaluation_caps
     from smearsight.train.detector.data import check_class_names, load_split
     from smearsight.train.detector.evaluate import run_evaluation
     from smearsight.train.detector.predictor import Predictor
@@ -149,11 +159,8 @@ def eval_detector_cmd(
     ckpt = _load(weights)
     ds = load_split(data, _fmt(fmt), split)
     check_class_names(ckpt["class_names"], ds.class_names, f"{data} [{split}]")
-    trained = ckpt.get("train_config", {})
-    caps = evaluation_caps(ckpt["thresholds"]["pre_nms_topk"],
-                           trained.get("matcher", {}).get("topk", DEFAULT_MATCHER_TOPK), max_dets,
-                           len(ckpt["class_names"]), pre_nms_topk or trained.get("eval_pre_nms_topk"))
-    pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, device=device, **caps)
+    pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, device=device,
+                                     **_evaluation_caps(ckpt, max_dets, pre_nms_topk))
     metrics = run_evaluation(pred, ds, out, max_dets=max_dets, examples=examples,
                              plot_score_threshold=ckpt["thresholds"]["score"])
     per = ", ".join(f"{n} {v['ap50']:.3f}" for n, v in metrics["per_class"].items())
@@ -200,7 +207,10 @@ def predict_detector_cmd(
         by_stem[f.stem] = f
     ckpt = _load(weights)
     names = list(ckpt["class_names"])
-    pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, resize=resize, device=device)
+    # Offline, no frame budget: the evaluation's candidate cap, so that a crowded field is not clipped.
+    topk = _evaluation_caps(ckpt, ckpt["thresholds"]["max_detections"], None)["pre_nms_topk"]
+    pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, resize=resize, pre_nms_topk=topk,
+                                     device=device)
     out.mkdir(parents=True, exist_ok=True)
     summary = []
     for f in files:
@@ -209,7 +219,8 @@ def predict_detector_cmd(
         items = [{"box": [round(float(v), 2) for v in d[:4]], "score": round(float(d[4]), 4),
                   "class": names[int(d[5])], "class_id": int(d[5])} for d in det]
         record = {"image": str(f), "width": img.shape[1], "height": img.shape[0], "detections": items,
-                  "counts": {n: sum(1 for it in items if it["class"] == n) for n in names}}
+                  "counts": {n: sum(1 for it in items if it["class"] == n) for n in names},
+                  "score_threshold": pred.score_threshold, "pre_nms_topk": pred.pre_nms_topk}
         atomic_write_json(out / f"{f.stem}.json", record)
         vis = draw(img, det, names, pred.score_threshold)
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))

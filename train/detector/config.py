@@ -133,7 +133,6 @@ class TrainConfig(StrictConfig):
                                self.eval_pre_nms_topk)
 
 
-
 def evaluation_caps(
     pre_nms_topk: int, matcher_topk: int | None, max_dets: int, num_classes: int, override: int | None = None
 ) -> dict[str, int]:
