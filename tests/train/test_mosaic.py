@@ -142,3 +142,21 @@ def test_mosaic_needs_four_samples() -> None:
     sample = (np.zeros((8, 8, 3), np.uint8), np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
     with pytest.raises(ValueError, match="needs 4 samples, got 2"):
         mosaic_transform([sample, sample], SIZE, AugmentConfig(), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("min_visible", [0.4, 0.6])
+def test_cells_cut_by_the_canvas_stay_boxes_only_when_mostly_visible(min_visible: float) -> None:
+    """Scale jitter above 1 crops the image: a cut cell keeps its box only with ``min_visible`` of it in view
+    (annotators rarely box a cell less than about half visible; docs/benchmarks.md)."""
+    cfg = AugmentConfig(color=0.0, blur=0.0, noise=0.0, hflip=0.0, vflip=0.0, rot90=0.0, scale_min=1.6,
+                        scale_max=1.6, min_visible=min_visible)
+    full_area = (CELL * 1.6 * min(SIZE[0] / 120, SIZE[1] / 160)) ** 2
+    shares = []
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        img, boxes, labels = _painted_image(rng, 70)
+        _, out_boxes, _ = train_transform(img, boxes, labels, SIZE, cfg, rng)
+        shares.extend(((out_boxes[:, 2] - out_boxes[:, 0]) * (out_boxes[:, 3] - out_boxes[:, 1]) / full_area).tolist())
+    shares = np.asarray(shares)
+    assert shares.min() >= min_visible - 0.02
+    assert ((shares >= 0.4) & (shares < 0.6)).any() == (min_visible < 0.6)

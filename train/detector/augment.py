@@ -147,7 +147,7 @@ def train_transform(
     ox = int(rng.integers(min(0, size[1] - nw), max(0, size[1] - nw) + 1))
     oy = int(rng.integers(min(0, size[0] - nh), max(0, size[0] - nh) + 1))
     canvas, boxes = letterbox(img, boxes, size, scale, (ox, oy))
-    boxes, labels = clip_boxes(boxes, labels, size)
+    boxes, labels = clip_boxes(boxes, labels, size, cfg.min_visible)
     return canvas, boxes, labels
 
 
@@ -184,7 +184,7 @@ def mosaic_transform(
         nh, nw = scaled_size(img.shape[0], img.shape[1], scale)
         offset = (qw - nw if at_right else 0, qh - nh if at_bottom else 0)
         tile, tile_boxes = letterbox(img, boxes, (qh, qw), scale, offset)
-        tile_boxes, tile_labels = clip_boxes(tile_boxes, labels, (qh, qw))
+        tile_boxes, tile_labels = clip_boxes(tile_boxes, labels, (qh, qw), cfg.min_visible)
         canvas[y0:y1, x0:x1] = tile
         tile_boxes[:, 0::2] += x0
         tile_boxes[:, 1::2] += y0

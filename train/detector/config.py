@@ -90,6 +90,7 @@ class AugmentConfig(StrictConfig):
     blur: float = 0.2
     noise: float = 0.1
     mosaic: float = Field(0.0, ge=0, le=1)  # probability of a four-image mosaic (augment.mosaic_transform)
+    min_visible: float = Field(0.4, gt=0, le=1)  # a box cut by the canvas stays a box with this share visible
 
 
 class TrainConfig(StrictConfig):
