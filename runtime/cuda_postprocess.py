@@ -124,6 +124,7 @@ class CudaDecodeNMS:
             self.d_count = cuda.mem_alloc(4)
             self.h_out = cuda.pagelocked_empty((self.max_detections, 6), np.float32)
             self.h_count = cuda.pagelocked_empty((1,), np.int32)
+            self.h_cand_counts = cuda.pagelocked_empty((c,), np.int32)
             self.h_logits = cuda.pagelocked_empty((a, c), np.float32)
             self.h_deltas = cuda.pagelocked_empty((a, 4), np.float32)
         finally:
@@ -187,8 +188,15 @@ class CudaDecodeNMS:
     def _fetch(self) -> tuple[np.ndarray, int]:
         self._cuda.memcpy_dtoh_async(self.h_out, self.d_out, self._stream)
         self._cuda.memcpy_dtoh_async(self.h_count, self.d_count, self._stream)
+        self._cuda.memcpy_dtoh_async(self.h_cand_counts, self.d_cand_counts, self._stream)
         self._stream.synchronize()
         return self.h_out, int(self.h_count[0])
+
+    @property
+    def class_candidates(self) -> np.ndarray:
+        """Each class's candidates above the score threshold in the last call, before the ``pre_nms_topk``
+        cap (what ``decode_nms(..., class_candidates=)`` reports on the CPU)."""
+        return self.h_cand_counts
 
     def close(self) -> None:
         """Free the device buffers (the retained primary context is released)."""

@@ -268,6 +268,7 @@ class Pipeline:
             dets, n = self._gpu_decoder.run_on_device(
                 det.device_output(self.spec.class_output), det.device_output(self.spec.box_output)
             )
+            self._note_caps(self._gpu_decoder.class_candidates)
             return dets, n, box
         finally:
             ctx.pop()
@@ -278,9 +279,11 @@ class Pipeline:
         ctx.push()
         try:
             det.enqueue(x)
-            return self._gpu_decoder.run_on_device(
+            result = self._gpu_decoder.run_on_device(
                 det.device_output(self.spec.class_output), det.device_output(self.spec.box_output)
             )
+            self._note_caps(self._gpu_decoder.class_candidates)
+            return result
         finally:
             ctx.pop()
 
@@ -289,23 +292,27 @@ class Pipeline:
         logits = outputs[self.spec.class_output]
         deltas = outputs[self.spec.box_output]
         if self._gpu_decoder is not None:
-            return self._gpu_decoder(logits, deltas)
+            result = self._gpu_decoder(logits, deltas)
+            self._note_caps(self._gpu_decoder.class_candidates)
+            return result
         result = decode_nms(
             logits, deltas, self.anchors, score_threshold=self.spec.score_threshold,
             iou_threshold=self.spec.iou_threshold, pre_nms_topk=self.spec.pre_nms_topk,
             max_detections=self.max_det, image_size=self.image_size, out=self._dets,
             class_candidates=self._class_candidates,
         )
-        cap = self.spec.pre_nms_topk
-        self.capped_classes = [name for name, count in zip(self.class_names, self._class_candidates.tolist(),
-                                                           strict=True) if count > cap]
+        self._note_caps(self._class_candidates)
         return result
 
+    def _note_caps(self, class_candidates: np.ndarray) -> None:
+        cap = self.spec.pre_nms_topk
+        self.capped_classes = [name for name, count in zip(self.class_names, class_candidates.tolist(), strict=True)
+                               if count > cap]
+
     def cap_warning(self) -> str:
-        """Plain words when the last CPU decode had more candidates of a class above the score threshold
-        than the manifest's ``pre_nms_topk``: the weakest of them were dropped before NMS, so on such a
-        crowded field some cells may be neither boxed nor counted (empty otherwise, and with the GPU decoder,
-        which does not report it)."""
+        """Plain words when the last decode (NumPy or CUDA) had more candidates of a class above the score
+        threshold than the manifest's ``pre_nms_topk``: the weakest of them were dropped before NMS, so on
+        such a crowded field some cells may be neither boxed nor counted (empty otherwise)."""
         if not self.capped_classes:
             return ""
         return (f"more {', '.join(self.capped_classes)} candidates than the model's pre_nms_topk "

@@ -59,10 +59,13 @@ def test_cuda_matches_numpy_reference(scene, objects, topk, max_det):
         got, n = gpu(logits, deltas)
         got = got.copy()
         again, n2 = gpu(logits, deltas)  # buffers reused: same answer
-        want, m = decode_nms(logits, deltas, anchors, **params)
+        gpu_candidates = gpu.class_candidates.astype(np.int64)
+        candidates = np.zeros(6, np.int64)
+        want, m = decode_nms(logits, deltas, anchors, **params, class_candidates=candidates)
     finally:
         gpu.close()
     assert n == m == n2
+    np.testing.assert_array_equal(gpu_candidates, candidates)  # counted before the pre_nms_topk cap
     np.testing.assert_array_equal(got[:, 5], want[:, 5])
     np.testing.assert_array_equal(got[:, 4], want[:, 4])  # double-precision sigmoid on both sides
     np.testing.assert_allclose(got[:, :4], want[:, :4], rtol=1e-6, atol=1e-4)
