@@ -272,3 +272,44 @@ def test_find_models_precision(models, tmp_path, monkeypatch):
         assert pipe.detector.manifest.precision == "int8" and pipe.morphology.reuse
     finally:
         pipe.close()
+
+
+class _CountingHostDecoder:
+    """Stands in for ``CudaDecodeNMS`` (no GPU here): the NumPy reference with the CUDA decoder's
+    ``class_candidates`` attribute, so the pipeline's GPU-decoder path is exercised up to the hardware."""
+
+    def __init__(self, pipe: pl.Pipeline) -> None:
+        self.pipe = pipe
+        self.class_candidates = np.zeros(len(pipe.class_names), np.int32)
+
+    def __call__(self, logits: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, int]:
+        from smearsight.runtime.postprocess import decode_nms
+
+        spec = self.pipe.spec
+        counts = np.zeros(len(self.class_candidates), np.int64)
+        result = decode_nms(logits, deltas, self.pipe.anchors, score_threshold=spec.score_threshold,
+                            iou_threshold=spec.iou_threshold, pre_nms_topk=spec.pre_nms_topk,
+                            max_detections=self.pipe.max_det, image_size=self.pipe.image_size,
+                            class_candidates=counts)
+        self.class_candidates[:] = counts
+        return result
+
+
+def test_a_binding_cap_is_reported_from_the_gpu_decoders_counts(models):
+    det = open_backend(models / "detector", "onnx")
+    det.manifest.detector.pre_nms_topk = 3
+    pipe = pl.Pipeline(det, [])
+    try:
+        pipe.process(frames(1)[0])
+        crowded = list(pipe.capped_classes)
+        assert crowded
+        pipe._gpu_decoder = _CountingHostDecoder(pipe)
+        pipe.capped_classes = []
+        pipe.process(frames(1)[0])
+        assert pipe.capped_classes == crowded  # read from the decoder's counts, not the CPU path's
+        pipe._gpu_decoder.class_candidates[:] = 0
+        pipe._note_caps(pipe._gpu_decoder.class_candidates)
+        assert pipe.cap_warning() == ""
+    finally:
+        pipe._gpu_decoder = None
+        pipe.close()
