@@ -268,7 +268,6 @@ class Pipeline:
             dets, n = self._gpu_decoder.run_on_device(
                 det.device_output(self.spec.class_output), det.device_output(self.spec.box_output)
             )
-            self._note_caps(self._gpu_decoder.class_candidates)
             return dets, n, box
         finally:
             ctx.pop()
@@ -279,11 +278,9 @@ class Pipeline:
         ctx.push()
         try:
             det.enqueue(x)
-            result = self._gpu_decoder.run_on_device(
+            return self._gpu_decoder.run_on_device(
                 det.device_output(self.spec.class_output), det.device_output(self.spec.box_output)
             )
-            self._note_caps(self._gpu_decoder.class_candidates)
-            return result
         finally:
             ctx.pop()
 
@@ -292,21 +289,19 @@ class Pipeline:
         logits = outputs[self.spec.class_output]
         deltas = outputs[self.spec.box_output]
         if self._gpu_decoder is not None:
-            result = self._gpu_decoder(logits, deltas)
-            self._note_caps(self._gpu_decoder.class_candidates)
-            return result
-        result = decode_nms(
+            return self._gpu_decoder(logits, deltas)
+        return decode_nms(
             logits, deltas, self.anchors, score_threshold=self.spec.score_threshold,
             iou_threshold=self.spec.iou_threshold, pre_nms_topk=self.spec.pre_nms_topk,
             max_detections=self.max_det, image_size=self.image_size, out=self._dets,
             class_candidates=self._class_candidates,
         )
-        self._note_caps(self._class_candidates)
-        return result
 
-    def _note_caps(self, class_candidates: np.ndarray) -> None:
+    def _note_caps(self) -> None:
+        """Set ``capped_classes`` from the last decode's per-class candidate counts (CUDA or NumPy)."""
+        counts = self._gpu_decoder.class_candidates if self._gpu_decoder is not None else self._class_candidates
         cap = self.spec.pre_nms_topk
-        self.capped_classes = [name for name, count in zip(self.class_names, class_candidates.tolist(), strict=True)
+        self.capped_classes = [name for name, count in zip(self.class_names, counts.tolist(), strict=True)
                                if count > cap]
 
     def cap_warning(self) -> str:
@@ -426,6 +421,7 @@ class Pipeline:
                 outputs = self.detector.infer(x)
                 t2 = time.perf_counter()
                 dets, n = self.decode(outputs)
+        self._note_caps()
         out[:] = EMPTY_ROW
         if n:
             h, w = box.frame_size

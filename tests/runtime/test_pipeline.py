@@ -308,7 +308,7 @@ def test_a_binding_cap_is_reported_from_the_gpu_decoders_counts(models):
         pipe.process(frames(1)[0])
         assert pipe.capped_classes == crowded  # read from the decoder's counts, not the CPU path's
         pipe._gpu_decoder.class_candidates[:] = 0
-        pipe._note_caps(pipe._gpu_decoder.class_candidates)
+        pipe._note_caps()
         assert pipe.cap_warning() == ""
     finally:
         pipe._gpu_decoder = None
