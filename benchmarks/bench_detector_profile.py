@@ -3,12 +3,13 @@
     python benchmarks/bench_detector_profile.py [--models DIR ...] [--runs 8] [--threads 2]
 
 For each model folder (default: the packaged demo detector and its int8 version) the script opens an
-ONNX Runtime session with the runtime's settings (all graph optimisations, ``--threads`` intra-op threads,
-no spinning), runs ``--runs`` frames of the manifest's input size after two warm-up runs, and reads the
-session's profile (``SessionOptions.enable_profiling``). Kernel time is summed per part of the network:
-the exported module path's first component (``backbone``, ``fpn``, ``class_net``, ``box_net``), or for
-nodes ONNX Runtime inserted itself (layout reorders) the operator type. It prints mean ms per frame and
-the share of each part, beside the median wall time of ``session.run``. Needs onnxruntime only.
+ONNX Runtime session with the runtime's own options (``session_options``: all graph optimisations,
+``--threads`` intra-op threads, no spinning unless ``SMEARSIGHT_ORT_SPIN=1``), runs ``--runs`` frames of
+the manifest's input size after two warm-up runs, and reads the session's profile
+(``SessionOptions.enable_profiling``). Kernel time is summed per part of the network: the exported
+module path's first component (``backbone``, ``fpn``, ``class_net``, ``box_net``), or for nodes ONNX
+Runtime inserted itself (layout reorders) the operator type. It prints mean ms per frame and the share
+of each part, beside the median wall time of ``session.run``. Needs onnxruntime only.
 """
 
 from __future__ import annotations
@@ -39,14 +40,11 @@ def profile_model(model_dir: Path, runs: int, threads: int) -> tuple[float, Coun
     import onnxruntime as ort
 
     from smearsight.manifest import load_manifest
+    from smearsight.runtime.backends.onnxruntime import session_options
 
     manifest = load_manifest(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = session_options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")
         session = ort.InferenceSession(str(model_dir / manifest.onnx_file), opts, providers=["CPUExecutionProvider"])

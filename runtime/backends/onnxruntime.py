@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,22 @@ def default_threads() -> int:
         return max(os.cpu_count() or 1, 1)
 
 
+def session_options(threads: int | None = None) -> Any:
+    """The runtime's ONNX Runtime session options: all graph optimisations, ``threads`` intra-op threads
+    (default: the runtime's choice), no spinning unless ``SMEARSIGHT_ORT_SPIN=1``."""
+    ort = require("onnxruntime", "running ONNX models")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if os.environ.get("SMEARSIGHT_ORT_SPIN", "0") != "1":
+        # passive waits: the capture thread and the main loop share the few cores with the pool
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 class OnnxRuntimeBackend(InferenceBackend):
     """A real onnxruntime session. Outputs of static shape are bound once to preallocated arrays
     (IOBinding), so a frame only binds its input and runs."""
@@ -48,15 +65,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         if use_cuda and not cuda_ok:
             self.notes.append("the ONNX Runtime CUDA provider is not installed; running on the CPU")
             use_cuda = False
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.intra_op_num_threads = threads or default_threads()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        if os.environ.get("SMEARSIGHT_ORT_SPIN", "0") != "1":
-            # passive waits: the capture thread and the main loop share the few cores with the pool
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = session_options(threads)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
