@@ -55,9 +55,12 @@ def test_registry_lists_variants_and_rejects_unknown() -> None:
     from smearsight.train.detector.registry import list_variants, variant_settings
 
     names = list_variants()
-    for v in ("efficientdet_d0", "efficientdet_d3", "efficientdet_lite0", "efficientdet_lite2", "test_efficientdet"):
+    for v in ("efficientdet_d0", "efficientdet_d3", "efficientdet_lite0", "efficientdet_lite0_narrow",
+              "efficientdet_lite2", "test_efficientdet"):
         assert v in names
     assert variant_settings("efficientdet_d3")["fpn_channels"] == 160
+    narrow, lite0 = variant_settings("efficientdet_lite0_narrow"), variant_settings("efficientdet_lite0")
+    assert narrow["backbone"] == lite0["backbone"] and narrow["fpn_channels"] < lite0["fpn_channels"]
     with pytest.raises(InputError, match="unknown"):
         variant_settings("efficientdet_d9")
 
