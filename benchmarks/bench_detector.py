@@ -50,8 +50,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="efficientdet_lite0")
     p.add_argument("--classes", type=int, default=6)
-    p.add_argument("--anchors", choices=["default", "p3p7", "p3p5"], default="p3p5",
-                   help="default = TPS P2-P6 8 px layout; p3p7 = effdet; p3p5 = the layout the recipe picks for BCCD")
+    p.add_argument("--anchors", choices=["default", "p3p7", "p3p5", "p2p4"], default="p3p5",
+                   help="default = TPS P2-P6 8 px layout; p3p7 = effdet; p3p5 = the layout the recipe picks for "
+                        "BCCD; p2p4 = the one it picked for the synthetic smears (the demo detector's)")
     p.add_argument("--train-size", type=_size, default=(256, 320))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=3)
@@ -65,7 +66,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     anchors = {"default": default_detector_anchors(), "p3p7": AnchorConfig(),
-               "p3p5": AnchorConfig(levels=[3, 4, 5], anchor_scale=2.0)}[args.anchors]
+               "p3p5": AnchorConfig(levels=[3, 4, 5], anchor_scale=2.0),
+               "p2p4": AnchorConfig(levels=[2, 3, 4], anchor_scale=2.0)}[args.anchors]
     cfg = model_config_for(args.variant, args.classes, anchors.levels, anchors.anchors_per_location)
     net = build_from_config(cfg, pretrained=False)
     rows: list[tuple[str, str, str]] = []
