@@ -76,7 +76,7 @@ def efficientdet_lite0() -> dict[str, Any]:
 def efficientdet_lite0_narrow() -> dict[str, Any]:
     """Lite0 backbone with a 48-channel BiFPN of 2 repeats and 2-layer heads, for CPU-only devices.
 
-    At 768x1024 with P2-P4 anchors its int8 ONNX model runs in ~80 % of Lite0's time (docs/models.md).
+    At 768x1024 with P2-P4 anchors its int8 ONNX model runs in 0.7-0.9 of Lite0's time (docs/benchmarks.md).
     """
     return _variant("tf_efficientnet_lite0", 48, 2, 2, 320, act="relu6")
 
