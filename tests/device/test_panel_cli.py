@@ -21,13 +21,21 @@ from smearsight.device.panel.protocol import Alert, AlertLevel, MsgType, RunStat
 pytestmark = pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs pseudo-terminals")
 
 
+# The CLI with Ctrl-C (SIGINT) raising KeyboardInterrupt, as when started from a terminal: a test run
+# started in the background by a non-interactive shell inherits SIGINT ignored, and so would the CLI.
+_CLI_WITH_CTRL_C = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from smearsight.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 class Proc:
     """A ``smearsight`` subprocess whose output lines are collected as they come."""
 
     def __init__(self, *args: str, stdin: int = subprocess.DEVNULL) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "smearsight.cli", *args],
+            [sys.executable, "-c", _CLI_WITH_CTRL_C, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=stdin,
