@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs pseudo
 # The CLI with Ctrl-C (SIGINT) raising KeyboardInterrupt, as when started from a terminal: a test run
 # started in the background by a non-interactive shell inherits SIGINT ignored, and so would the CLI.
 _CLI_WITH_CTRL_C = (
-    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "from smearsight.cli import main; sys.exit(main(sys.argv[1:]))"
+    "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from smearsight.cli import entry; entry()"
 )
 
 
