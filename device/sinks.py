@@ -22,6 +22,7 @@ presses q/Esc.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -39,6 +40,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from smearsight.errors import InputError, require
+from smearsight.fileio import atomic_write_bytes, fsync_dir, fsync_file
 
 
 class FrameSink:
@@ -515,13 +517,34 @@ class VideoFileSink(FrameSink):
         self._writer.release()
         self._writer = None
         try:
-            if self._tmp.exists() and self._tmp.stat().st_size > 0:
+            if readable_video_frames(self._tmp) > 0:
+                fsync_file(self._tmp)
                 os.replace(self._tmp, self.path)
-            else:
-                self.error = f"{self.uri}: nothing was written (is the disk full?)"
-                self._tmp.unlink(missing_ok=True)
+                fsync_dir(self.path.parent)
+                return
+            self.error = (f"{self.uri}: the video could not be finished and was not kept "
+                          f"({self.frames} frames; is the disk full?)")
         except OSError as exc:
             self.error = f"{self.uri}: could not finish the video ({exc.strerror or exc})"
+        with contextlib.suppress(OSError):
+            self._tmp.unlink(missing_ok=True)
+
+
+def readable_video_frames(path: Path) -> int:
+    """How many frames OpenCV reports in a closed video file; 0 when it cannot open it or read its first frame
+    (a file cut short by a full disk has no index and does not open)."""
+    import cv2
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            return 0
+        ok, _ = cap.read()
+        return max(1, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))) if ok else 0
+    finally:
+        cap.release()
 
 
 class ImageDirSink(FrameSink):
@@ -550,18 +573,10 @@ class ImageDirSink(FrameSink):
         if not ok:
             self.error = f"{self.uri}: could not encode {name}"
             return
-        target = self.directory / name
-        tmp = self.directory / f".{name}.tmp"
         try:
-            with open(tmp, "wb") as handle:
-                handle.write(buf.tobytes())
-            os.replace(tmp, target)
+            atomic_write_bytes(self.directory / name, buf.tobytes())
         except OSError as exc:
             self.error = f"{self.uri}: could not save {name} ({exc.strerror or exc}); frames are not being saved"
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             return
         if self.error:
             self.error = ""

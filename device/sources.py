@@ -22,6 +22,7 @@ Corrupt frames (an unreadable image, a wrong shape or size) are skipped with a s
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -43,6 +44,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg")
 _FILE_EXT = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 _WARNING_HOLD_S = 5.0
+MAX_DISTINCT_PROBLEMS = 50
+MIN_FRAME_SIDE = 16  # synth:// sizes below this are a typo, not a camera
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,7 +170,7 @@ def v4l2_index(path: str) -> int | None:
 
 def _natural_key(path: Path) -> list[Any]:
     """Sort key putting frame2.png before frame10.png."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name)]
+    return [(0, int(t), "") if t.isdecimal() else (1, 0, t) for t in re.split(r"(\d+)", path.name)]
 
 
 class _DirReader(_Reader):
@@ -275,6 +280,18 @@ class SourceStats:
     skipped: int = 0
     reconnects: int = 0
     last_problem: str = ""
+    problems: dict[str, int] = field(default_factory=dict)
+    """Each distinct problem (skipped frame, camera lost) and how often it happened; at most
+    :data:`MAX_DISTINCT_PROBLEMS` entries, the rest counted under "(other problems)"."""
+
+    def count(self, message: str) -> bool:
+        """Count one occurrence of ``message``; True the first time it is seen."""
+        key = message if message in self.problems or len(self.problems) < MAX_DISTINCT_PROBLEMS \
+            else "(other problems)"
+        first = key not in self.problems
+        self.problems[key] = self.problems.get(key, 0) + 1
+        self.last_problem = message
+        return first
 
 
 def to_rgb_frame(image: Any, *, bgr: bool, expect_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -341,7 +358,7 @@ class FrameSource:
         self._lost_until = 0.0
         self._warning = ""
         self._warning_t = 0.0
-        self._final = ""
+        self._error = ""
         self._finished = False
         self._last: Frame | None = None
         self._last_stale_t = 0.0
@@ -360,7 +377,12 @@ class FrameSource:
                 return f"{self._lost_msg} — retrying in {max(1, round(left))} s"
             if self._warning and time.monotonic() - self._warning_t < _WARNING_HOLD_S:
                 return self._warning
-            return self._final
+            return self.error
+
+    @property
+    def error(self) -> str:
+        """Why reading stopped before the end: set once the end was delivered; empty after a normal end."""
+        return self._error if self._finished else ""
 
     @property
     def lost(self) -> bool:
@@ -372,7 +394,9 @@ class FrameSource:
         with self._lock:
             self._warning = message
             self._warning_t = time.monotonic()
-            self.stats.last_problem = message
+            first = self.stats.count(message)
+        if first:
+            log.warning("%s: %s", self.uri, message)
 
     # ---- capture thread
     def _put(self, item: Any, *, force_block: bool = False) -> bool:
@@ -394,7 +418,9 @@ class FrameSource:
         with self._lock:
             self._lost_msg = message
             self._lost_until = time.monotonic() + backoff
-            self.stats.last_problem = message
+            first = self.stats.count(message)
+        if first:
+            log.warning("%s: %s", self.uri, message)
 
     def _run(self) -> None:
         reader = self._reader
@@ -422,7 +448,7 @@ class FrameSource:
                     self._warn(str(exc))
                     continue
                 except InputError as exc:
-                    self._final = str(exc)
+                    self._error = str(exc)
                     break
                 except Exception as exc:  # an unexpected driver/codec error: keep a live camera going
                     if reader.live:
@@ -433,17 +459,19 @@ class FrameSource:
                         self._stop.wait(backoff)
                         backoff = min(backoff * 2.0, self._backoff_max)
                         continue
-                    self._final = f"{reader.name}: stopped reading ({type(exc).__name__}: {exc})"
+                    self._error = f"{reader.name}: stopped reading ({type(exc).__name__}: {exc})"
                     break
                 if raw is None:
                     if self.loop and good_in_pass > 0:
                         good_in_pass = 0
-                        reader.rewind()
+                        try:
+                            reader.rewind()
+                        except Exception as exc:  # the file vanished or changed between passes
+                            self._error = f"{reader.name}: could not start it again ({type(exc).__name__}: {exc})"
+                            break
                         continue
                     if self.stats.captured == 0:
-                        self._final = f"{reader.name}: no readable frames"
-                    else:
-                        self._final = "end of stream"
+                        self._error = f"{reader.name}: no readable frames"
                     break
                 try:
                     image = to_rgb_frame(raw, bgr=reader.bgr, expect_size=self._expect_size)
@@ -555,6 +583,8 @@ def _parse_size(value: str, what: str) -> tuple[int, int]:
         w, h = (int(v) for v in value.lower().split("x"))
     except ValueError as exc:
         raise InputError(f"{what}: expected WIDTHxHEIGHT such as 1024x768, got {value!r}") from exc
+    if min(w, h) < MIN_FRAME_SIDE:
+        raise InputError(f"{what}: expected a width and height of at least {MIN_FRAME_SIDE} pixels, got {value!r}")
     return h, w
 
 

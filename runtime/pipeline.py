@@ -15,10 +15,11 @@ the picture and in the log, and the loop keeps going where it can.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -543,16 +544,19 @@ class _Problems:
 
     def __init__(self) -> None:
         self.seen: dict[str, int] = {}
+        self.logged: set[str] = set()
         self.current = ""
         self.until = 0.0
 
-    def report(self, message: str, hold_s: float = 5.0) -> None:
+    def report(self, message: str, hold_s: float = 5.0, *, count: bool = True) -> None:
+        """Show ``message``; ``count=False`` for a state polled every frame (counted where it happens)."""
         if not message:
             return
-        if message not in self.seen:
+        if message not in self.logged:
             log.warning(message)
-            self.seen[message] = 0
-        self.seen[message] += 1
+            self.logged.add(message)
+        if count:
+            self.seen[message] = self.seen.get(message, 0) + 1
         self.current = message
         self.until = time.monotonic() + hold_s
 
@@ -577,7 +581,8 @@ def choose_sink(sink: str | None, headless: bool) -> tuple[str, str]:
 def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -> dict[str, Any]:
     """Run the pipeline from ``cfg.source`` to ``cfg.sink``; returns (and optionally writes) the stats.
 
-    Raises InputError only when nothing can run at all (no models, an unknown source or sink).
+    Raises InputError only when nothing can run at all: no models, an unknown source or sink, a source
+    that gave no frame, a ``--stats-json`` that cannot be written.
     """
     from smearsight.deploy.sdnotify import Watchdog
     from smearsight.device.sinks import open_sink
@@ -585,6 +590,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     from smearsight.runtime.annotate import annotate
 
     say = echo or (lambda msg: log.info(msg))
+    if cfg.stats_json is not None:
+        _check_writable_file(Path(cfg.stats_json), "--stats-json")
     own_pipeline = pipeline is None
     pipe = pipeline or open_pipeline(cfg.models, cfg.backend, morphology=cfg.morphology, precision=cfg.precision,
                                      reuse_morphology=cfg.morphology_reuse, detect_every=cfg.detect_every,
@@ -643,7 +650,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         for item in worker:
             frame = item.frame
             watchdog.ping()
-            problems.report(source.status)
+            problems.report(source.status, count=False)
             if bridge is not None:
                 problems.report(bridge.status_line())
                 session_id = _apply_panel_requests(bridge.take_requests(), recorder, session_id, cfg, pipe,
@@ -744,11 +751,14 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             recorder.close()
         if sink is not None:
             sink.close()
+            problems.report(getattr(sink, "error", ""))  # e.g. a video that could not be finished
         if source is not None:
             source.close()
         worker_done = worker.close() if worker is not None else True
         if bridge is not None:
             bridge.close(str(session_id or ""), elapsed, frames, captures, totals)
+        if source is not None:
+            problems.report(source.error)
         stats = {
             "frames": frames,
             "fps": round(frames / elapsed, 3) if elapsed > 0 and frames else 0.0,
@@ -775,6 +785,12 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "sink": sink_uri,
             "problems": {msg: n for msg, n in problems.seen.items()},
         }
+        if source is not None:
+            stats["source_stats"] = {k: v for k, v in asdict(source.stats).items() if k != "last_problem"}
+            for msg, n in source.stats.problems.items():  # each skipped frame or lost camera, as it happened
+                stats["problems"][msg] = stats["problems"].get(msg, 0) + n
+            if source.error:
+                stats["source_error"] = source.error
         if session_id is not None and session_id >= 0:
             stats["session_id"] = session_id
             stats["record"] = str(cfg.record)
@@ -783,8 +799,24 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         if own_pipeline and worker_done:  # never under a frame still being inferred
             pipe.close()
     if cfg.stats_json is not None:
-        atomic_write_json(Path(cfg.stats_json), stats)
+        try:
+            atomic_write_json(Path(cfg.stats_json), stats)
+        except OSError as exc:
+            raise InputError(f"--stats-json {cfg.stats_json}: could not write it ({exc.strerror or exc})") from exc
+    if frames == 0 and stats.get("source_error"):
+        raise InputError(f"{cfg.source}: no frame was processed: {stats['source_error']}")
     return stats
+
+
+def _check_writable_file(path: Path, what: str) -> None:
+    """Fail before a run, not after it, when its output file cannot be created."""
+    if path.is_dir():
+        raise InputError(f"{what} {path}: is a folder; expected a file name")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{what} {path}: {parent} is not a folder")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: the folder {parent} is not writable")
 
 
 def frame_status(frame_index: int, fps: float, counts: dict[str, int], problem: str, pipe: Pipeline,

@@ -2,12 +2,19 @@
 
 Exit codes: 0 success, 1 bad input (:class:`~smearsight.errors.InputError`), 2 a missing optional
 dependency (:class:`~smearsight.errors.MissingDependencyError`), 130 interrupted.
+
+SIGTERM (``systemctl stop``, ``docker stop``) is handled like Ctrl-C, so that commands clean up: ``run``
+ends its recorded session, closes the video it writes and writes its stats, then exits 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from smearsight.cli_app import app
 from smearsight.errors import SmearSightError
@@ -38,6 +45,27 @@ def _register_commands() -> None:
 _register_commands()
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn the first SIGTERM into KeyboardInterrupt (later ones are ignored while cleaning up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = False
+
+    def _on_term(signum: int, frame: object) -> None:
+        nonlocal received
+        if not received:
+            received = True
+            raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the process exit code (also used by the console script)."""
     from rich.console import Console
@@ -45,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        result = app(args=argv, prog_name="smearsight", standalone_mode=False)
+        with sigterm_as_interrupt():
+            result = app(args=argv, prog_name="smearsight", standalone_mode=False)
     except SmearSightError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
         return exc.exit_code

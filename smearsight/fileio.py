@@ -62,6 +62,15 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a file written by someone else (e.g. a video encoder) before renaming it into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """fsync a directory so that a rename inside it survives a power cut (no-op where unsupported)."""
     try:

@@ -174,6 +174,50 @@ def test_video_file_sink_roundtrip(tmp_path: Path) -> None:
         assert np.all(np.abs(f.image[60, 80].astype(int) - colors[i % 3]) < 25), (i, f.image[60, 80])
 
 
+def test_readable_video_frames_refuses_a_cut_short_file(tmp_path: Path) -> None:
+    from smearsight.device.sinks import readable_video_frames
+
+    out = tmp_path / "whole.mp4"
+    sink = open_sink(f"file://{out}", fps=10)
+    for i in range(6):
+        sink.write(_solid((40 * i, 30, 200)), {})
+    sink.close()
+    assert readable_video_frames(out) == 6
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(out.read_bytes()[: out.stat().st_size // 2])  # what a full disk leaves: no index at the end
+    assert readable_video_frames(cut) == 0
+    assert readable_video_frames(tmp_path / "missing.mp4") == 0
+
+
+@contextlib.contextmanager
+def _tiny_filesystem(tmp_path: Path, size: str = "96k") -> Iterator[Path]:
+    """A real, nearly full disk: a small tmpfs (needs root and mount; skipped otherwise)."""
+    target = tmp_path / "small"
+    target.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a small tmpfs needs root and mount")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {res.stderr.decode().strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_video_sink_on_a_full_disk_keeps_no_broken_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    with _tiny_filesystem(tmp_path) as small:
+        out = small / "run.mp4"
+        sink = open_sink(f"file://{out}", fps=10)
+        for _ in range(40):  # noise does not compress: far more than 96 KiB
+            sink.write(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), {})
+        sink.close()
+        assert not out.exists(), "a truncated video must not appear under its name"
+        assert not list(small.glob(".*partial*")), "nor be left behind half-written"
+        assert "not kept" in sink.error and "disk full" in sink.error
+
+
 def test_image_dir_sink_roundtrip(tmp_path: Path) -> None:
     out = tmp_path / "frames"
     sink = open_sink(f"file://{out}/", ext="png")

@@ -50,7 +50,7 @@ def test_video_file_roundtrip_rgb_order(tmp_path: Path) -> None:
         assert f.image.dtype == np.uint8 and f.image.shape == (96, 128, 3)
         assert _close_to(f.image, COLORS[i % len(COLORS)]), (i, f.image[48, 64])
     assert src.stats.dropped == 0
-    assert src.status == "end of stream"
+    assert src.finished and src.status == "" and src.error == ""  # a normal end is not a problem
 
 
 def test_video_file_loop(tmp_path: Path) -> None:
@@ -81,6 +81,9 @@ def test_image_dir_sorted_with_corrupt_and_wrong_size(tmp_path: Path) -> None:
         assert _close_to(f.image, COLORS[i], tol=2)
     assert src.stats.skipped == 2
     assert "img_002b.png" in src.status or "60x50" in src.status  # the last warning is still shown
+    # every skip is kept, not only the latest, and counted once per frame skipped
+    assert len(src.stats.problems) == 2 and sum(src.stats.problems.values()) == 2
+    assert any("img_002b.png" in m for m in src.stats.problems) and any("60x50" in m for m in src.stats.problems)
 
 
 def test_image_dir_loop_and_grayscale(tmp_path: Path) -> None:
@@ -111,6 +114,32 @@ def test_bad_uris_raise_input_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"not a video at all")
     with pytest.raises(InputError, match="cannot open it as a video"):
         open_source(f"file://{bad}")
+    for size in ("0x0", "-640x480", "640x8"):
+        with pytest.raises(InputError, match="at least 16 pixels"):
+            open_source(f"synth://?size={size}")
+
+
+def test_folder_of_only_unreadable_images_ends_with_an_error(tmp_path: Path) -> None:
+    (tmp_path / "x.jpg").write_bytes(b"garbage, not a jpeg")
+    with open_source(f"file://{tmp_path}/") as src:
+        assert list(src) == []
+        assert src.finished
+        assert "no readable frames" in src.error
+        assert src.stats.skipped == 1
+
+
+def test_looped_video_that_vanishes_ends_with_an_error(tmp_path: Path) -> None:
+    video = tmp_path / "clip.mp4"
+    _write_video(video, 3)
+    src = open_source(f"file://{video}", loop=True, queue_size=1)
+    try:
+        first = next(src)
+        video.unlink()  # gone before the second pass: the capture thread must not die with a traceback
+        rest = list(src)
+    finally:
+        src.close()
+    assert first.index == 0 and len(rest) == 2
+    assert "could not start it again" in src.error and "clip.mp4" in src.error
 
 
 def test_gstreamer_sources_refused_without_gstreamer() -> None:
@@ -330,8 +359,9 @@ def test_read_with_timeout_and_finished(tmp_path: Path) -> None:
 def test_image_dir_natural_order(tmp_path: Path) -> None:
     for i in (10, 2, 1):
         cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((20, 20), i, np.uint8))
+    cv2.imwrite(str(tmp_path / "f20\u00b21.png"), np.full((20, 20), 99, np.uint8))  # '²' is a digit, not decimal
     with open_source(f"file://{tmp_path}/") as src:
-        assert [int(f.image[0, 0, 0]) for f in src] == [1, 2, 10]
+        assert [int(f.image[0, 0, 0]) for f in src] == [1, 2, 10, 99]
 
 
 def test_v4l2_device_names_map_to_indices(tmp_path: Path) -> None:

@@ -136,3 +136,70 @@ def test_http_status_json_tells_how_the_boxes_were_found():
     assert all(s["sperm_judged"] <= s["counts"]["immature_sperm"] + s["counts"]["mature_sperm"] for s in seen)
     assert "infer" in seen[-1]["latency_ms"]
     assert "boxes_age_ms" in page and "sperm_abnormal" in page
+
+
+def test_source_that_gives_no_frame_is_an_error(models, tmp_path, capfd):
+    src = tmp_path / "frames"
+    src.mkdir()
+    (src / "x.jpg").write_bytes(b"not a jpeg")
+    stats = tmp_path / "stats.json"
+    rc = main(["run", f"file://{src}/", "null://", "--models", str(models), "--backend", "onnx", "--headless",
+               "--stats-json", str(stats)])
+    assert rc == 1
+    err = capfd.readouterr().err
+    assert "no frame was processed" in err and "no readable frames" in err
+    data = json.loads(stats.read_text())  # the stats still say what happened
+    assert data["frames"] == 0 and "no readable frames" in data["source_error"]
+    assert data["source_stats"]["skipped"] == 1 and sum(data["source_stats"]["problems"].values()) == 1
+
+
+def test_unwritable_stats_json_fails_before_running(models, tmp_path, capfd):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for target, expected in ((tmp_path, "is a folder"), (blocker / "stats.json", "is not a folder")):
+        rc = main(["run", "synth://", "null://", "--models", str(models), "--backend", "onnx", "--headless",
+                   "--max-frames", "2", "--stats-json", str(target)])
+        assert rc == 1
+        err = capfd.readouterr().err
+        assert expected in err and "--stats-json" in err and "Traceback" not in err
+
+
+def test_sigterm_ends_the_run_cleanly(models, tmp_path):
+    """systemctl stop: the video is finished, the session ended and the stats written, exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out, stats, rec = tmp_path / "out.mp4", tmp_path / "stats.json", tmp_path / "rec.db"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smearsight.cli", "run", "synth://", f"file://{out}", "--models", str(models),
+         "--backend", "onnx", "--headless", "--stats-json", str(stats), "--record", str(rec)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        partial = tmp_path / ".out.partial.mp4"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial.exists() and partial.stat().st_size > 0:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)  # a few more frames
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "stopped" in err
+    data = json.loads(stats.read_text())
+    # the signal may land between counting a frame and recording it
+    assert data["frames"] >= 1 and data["frames"] - 1 <= data["session_summary"]["frames"] <= data["frames"]
+    assert out.exists() and not partial.exists()
+    frames = 0
+    cap = cv2.VideoCapture(str(out))
+    while cap.read()[0]:
+        frames += 1
+    cap.release()
+    assert frames >= data["frames"] - 1
