@@ -7,6 +7,7 @@ morphology graph holds teacher + student + discrepancy score.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,15 +181,17 @@ def export_checkpoint(
     del model.graph.value_info[:]
     onnx.checker.check_model(model, full_check=True)
 
-    out_dir = Path(out_dir)
-    onnx_path = atomic_write_bytes(out_dir / "model.onnx", model.SerializeToString())
+    # the manifest is built and checked before anything is written: a bad checkpoint leaves no stray model.onnx
+    data = model.SerializeToString()
     batch_dim = -1 if dynamic_batch else 1
     shape[0] = batch_dim
     output_shapes = {n: [batch_dim, *list(o.shape[1:])] for n, o in zip(output_names, outputs, strict=True)}
-    ckpt_hash = sha256_file(weights)
-    manifest = make_manifest(checkpoint, shape, output_shapes, ckpt_hash, opset, name=_default_name(checkpoint),
-                             overrides=overrides)
-    manifest.onnx_sha256 = sha256_file(onnx_path)
+    manifest = make_manifest(checkpoint, shape, output_shapes, sha256_file(weights), opset,
+                             name=_default_name(checkpoint), overrides=overrides)
+    manifest.onnx_sha256 = hashlib.sha256(data).hexdigest()
+    manifest = Manifest.from_dict(manifest.to_dict())  # the same checks a device applies when it loads it
+    out_dir = Path(out_dir)
+    atomic_write_bytes(out_dir / "model.onnx", data)
     manifest.save(out_dir)
     return ExportResult(out_dir, manifest, simplified)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from smearsight.anchors import generate_anchors
 from smearsight.errors import InputError, require
-from smearsight.manifest import Manifest, load_manifest
+from smearsight.manifest import Manifest, load_manifest, verify_files
 
 FP16_MAX = 65504.0
 CHECK_BATCH = 16  # inputs per ONNX Runtime run: every intermediate tensor of a run is held for the FP16 check
@@ -101,8 +101,8 @@ def compare_detections(
 
     ref_dets, ref_n = ref[0][: ref[1]], ref[1]
     got_dets, got_n = got[0][: got[1]], got[1]
-    matched = 0
     used = np.zeros(got_n, bool)
+    found = np.zeros(ref_n, bool)
     if ref_n and got_n:
         iou = box_iou(ref_dets[:, :4], got_dets[:, :4])
         same = ref_dets[:, 5:6] == got_dets[None, :, 5]
@@ -111,13 +111,13 @@ def compare_detections(
             candidates = np.where(~used & (iou[i] >= MATCH_IOU))[0]
             if len(candidates):
                 used[candidates[np.argmax(iou[i, candidates])]] = True
-                matched += 1
+                found[i] = True
+    matched = int(found.sum())
     near = lambda d: np.abs(d[:, 4] - score_threshold) <= margin  # noqa: E731
-    unmatched_ref = ref_n - matched
-    unmatched_got = got_dets[~used]
-    borderline = min(int(near(unmatched_got).sum()) + int(unmatched_ref > 0 and near(ref_dets).sum()),
+    # only a detection seen on one side alone may be excused by a score at the threshold
+    borderline = min(int(near(got_dets[~used]).sum()) + int(near(ref_dets[~found]).sum()),
                      max(ref_n, got_n) - matched)
-    return Agreement(int(ref_n), int(got_n), int(matched), int(borderline))
+    return Agreement(int(ref_n), int(got_n), matched, int(borderline))
 
 
 def compare_decisions(ref_scores: np.ndarray, got_scores: np.ndarray, threshold: float) -> Agreement:
@@ -144,10 +144,12 @@ def detector_inputs(manifest: Manifest, count: int, seed: int = 0) -> np.ndarray
 def morphology_inputs(manifest: Manifest, count: int, data: Path | None, seed: int = 0) -> np.ndarray:
     """MHSMA validation crops when ``data`` is given, else deterministic synthetic crops; normalised."""
     if data is not None:
+        from smearsight.train.morphology.data import load_npy_images
+
         path = Path(data) / "x_64_valid.npy"
         if not path.is_file():
             raise InputError(f"{path}: MHSMA crops not found (expected x_64_valid.npy under --data)")
-        crops = np.load(path)[:count].astype(np.float32)
+        crops = load_npy_images(path)[:count].astype(np.float32)
     else:
         rng = np.random.default_rng(seed)
         yy, xx = np.mgrid[:64, :64]
@@ -172,7 +174,12 @@ def run_onnx_batches(
     options = ort.SessionOptions()
     options.log_severity_level = 3
     source = str(model) if isinstance(model, str | Path) else model.SerializeToString()
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+        what = str(model) if isinstance(model, str | Path) else "the converted model"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise InputError(f"{what}: onnxruntime cannot load it ({type(exc).__name__}: {first})") from None
     step = 1 if batch_one else max(int(batch), 1)
     for start in range(0, len(inputs), step):
         yield session.run(None, {input_name: inputs[start : start + step]})
@@ -253,6 +260,9 @@ def check_export(
 
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
+    problems = verify_files(model_dir, manifest)
+    if problems:
+        raise InputError("; ".join(problems))
     checkpoint = load_checkpoint(weights)
     if checkpoint["kind"] != manifest.kind:
         raise InputError(

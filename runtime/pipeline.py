@@ -33,7 +33,7 @@ from smearsight.fileio import atomic_write_json
 from smearsight.manifest import MANIFEST_NAME, load_manifest
 from smearsight.runtime.backends import InferenceBackend, cpu_only, open_backend
 from smearsight.runtime.frame_worker import InferenceWorker, Processed
-from smearsight.runtime.postprocess import EMPTY_ROW, decode_nms
+from smearsight.runtime.postprocess import decode_nms, to_frame_pixels
 from smearsight.runtime.preprocess import Preprocessor
 
 log = logging.getLogger("smearsight.runtime")
@@ -423,16 +423,8 @@ class Pipeline:
                 t2 = time.perf_counter()
                 dets, n = self.decode(outputs)
         self._note_caps()
-        out[:] = EMPTY_ROW
-        if n:
-            h, w = box.frame_size
-            out[:n, 4:6] = dets[:n, 4:6]
-            np.subtract(dets[:n, 0:4:2], box.offset_x, out=out[:n, 0:4:2])
-            out[:n, 0:4:2] /= box.scale_x
-            np.subtract(dets[:n, 1:4:2], box.offset_y, out=out[:n, 1:4:2])
-            out[:n, 1:4:2] /= box.scale_y
-            np.clip(out[:n, 0:4:2], 0, w, out=out[:n, 0:4:2])
-            np.clip(out[:n, 1:4:2], 0, h, out=out[:n, 1:4:2])
+        _, n = to_frame_pixels(dets, n, scale=(box.scale_x, box.scale_y), offset=(box.offset_x, box.offset_y),
+                               frame_size=box.frame_size, out=out)
         times.update(preprocess=t1 - t0, infer=t2 - t1, decode_nms=time.perf_counter() - t2)
         return n
 

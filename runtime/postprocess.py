@@ -37,6 +37,7 @@ import numpy as np
 from smearsight.anchors import BBOX_LOG_CLAMP
 
 EMPTY_ROW = np.array([0, 0, 0, 0, 0, -1], dtype=np.float32)
+MIN_BOX_SIDE = 1.0  # frame pixels: a box thinner than this after clipping lay on the padding, not on a cell
 _ANCHOR_BITS = 24  # up to 16.7M anchors
 _MAX_CLASSES = 128
 _SCORE_MASK = np.int64(0x7FFFFFFF)
@@ -56,6 +57,37 @@ def empty_detections(max_detections: int) -> np.ndarray:
     out = np.empty((max_detections, 6), dtype=np.float32)
     out[:] = EMPTY_ROW
     return out
+
+
+def to_frame_pixels(dets: np.ndarray, n: int, *, scale: tuple[float, float], offset: tuple[float, float],
+                    frame_size: tuple[int, int], out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Map the first ``n`` detections from model-input to frame pixels (``frame = (model - offset) / scale``),
+    clip them to the frame and drop those left thinner than a pixel: boxes found on the letterbox padding.
+
+    ``scale``/``offset``: (x, y). Returns ``(out, kept)``; ``out`` (default a new ``dets``-shaped array) holds
+    the kept rows first, in their order, then empty rows.
+    """
+    if out is None:
+        out = np.empty_like(dets)
+    out[:] = EMPTY_ROW
+    if n == 0:
+        return out, 0
+    h, w = frame_size
+    rows = out[:n]
+    rows[:, 4:6] = dets[:n, 4:6]
+    np.subtract(dets[:n, 0:4:2], np.float32(offset[0]), out=rows[:, 0:4:2])
+    rows[:, 0:4:2] /= np.float32(scale[0])
+    np.subtract(dets[:n, 1:4:2], np.float32(offset[1]), out=rows[:, 1:4:2])
+    rows[:, 1:4:2] /= np.float32(scale[1])
+    np.clip(rows[:, 0:4:2], 0, w, out=rows[:, 0:4:2])
+    np.clip(rows[:, 1:4:2], 0, h, out=rows[:, 1:4:2])
+    solid = (rows[:, 2] - rows[:, 0] >= MIN_BOX_SIDE) & (rows[:, 3] - rows[:, 1] >= MIN_BOX_SIDE)
+    if solid.all():
+        return out, n
+    kept = int(solid.sum())
+    out[:kept] = rows[solid]
+    out[kept:n] = EMPTY_ROW
+    return out, kept
 
 
 def _logit_floor(score_threshold: float) -> float:

@@ -45,6 +45,26 @@ def atomic_open(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
     fsync_dir(path.parent)
 
 
+def check_output_dir(path: str | os.PathLike[str], what: str = "--out") -> Path:
+    """Fail early, before long work, when the output folder ``path`` could not be created or written in.
+
+    Creates nothing (the command does, once its inputs are known good). Raises InputError naming ``what``.
+    """
+    from smearsight.errors import InputError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{what} {out}: is a file; expected a folder (new or existing)")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{what} {out}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {out}: {existing} is not writable")
+    return out
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     with atomic_open(path, mode) as handle:

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from smearsight.anchors import AnchorConfig
 from smearsight.config import StrictConfig, format_validation_error
@@ -23,12 +23,25 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 
 
-class TensorSpec(StrictConfig):
+class _ManifestPart(StrictConfig):
+    """Manifest sections take JSON types as written (no "0.3" for 0.3, no true for 1) and finite numbers only."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+
+class TensorSpec(_ManifestPart):
     """A graph input or output. ``-1`` in ``shape`` marks a dynamic dimension (batch)."""
 
     name: str
     shape: list[int]
     dtype: Literal["float32", "float16", "int64", "int32", "uint8"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _dimensions(cls, shape: list[int]) -> list[int]:
+        if not shape or any(d == 0 or d < -1 for d in shape):
+            raise ValueError(f"dimensions must be positive (or -1 for a dynamic one), got {shape}")
+        return shape
 
 
 class InputSpec(TensorSpec):
@@ -61,7 +74,7 @@ class InputSpec(TensorSpec):
 DEFAULT_PRE_NMS_TOPK = 4000
 
 
-class DetectorSpec(StrictConfig):
+class DetectorSpec(_ManifestPart):
     """What the runtime needs to decode the detector's raw outputs."""
 
     class_names: list[str]
@@ -74,7 +87,7 @@ class DetectorSpec(StrictConfig):
     box_output: str = "box_regression"
 
 
-class MorphologySpec(StrictConfig):
+class MorphologySpec(_ManifestPart):
     """Morphology decision: a crop is abnormal when its score is at or above ``threshold``."""
 
     part: Literal["head", "acrosome", "vacuole", "tail"]
@@ -83,7 +96,7 @@ class MorphologySpec(StrictConfig):
     mode: Literal["unsupervised", "supervised"] = "unsupervised"
 
 
-class EngineSpec(StrictConfig):
+class EngineSpec(_ManifestPart):
     """A TensorRT engine and the build environment it is tied to."""
 
     file: str = "model.engine"
@@ -95,7 +108,7 @@ class EngineSpec(StrictConfig):
     build_flags: dict[str, object] = Field(default_factory=dict)
 
 
-class QuantizationSpec(StrictConfig):
+class QuantizationSpec(_ManifestPart):
     """How an int8 model was made from its float32 original (``smearsight export int8``)."""
 
     method: Literal["static-qdq"] = "static-qdq"
@@ -106,7 +119,7 @@ class QuantizationSpec(StrictConfig):
     agreement: float | None = Field(None, ge=0.0, le=1.0)
 
 
-class Manifest(StrictConfig):
+class Manifest(_ManifestPart):
     """Everything the runtime needs to run an exported model, and what it was made from."""
 
     schema_version: int = SCHEMA_VERSION
@@ -164,6 +177,8 @@ def load_manifest(path: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a manifest (JSON nested too deeply)") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     from pydantic import ValidationError

@@ -17,6 +17,7 @@ Detector checkpoints add ``class_names``, ``anchors`` (AnchorConfig dict) and ``
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -71,5 +72,11 @@ def _validate(payload: dict[str, Any], source: str) -> None:
             if key not in payload:
                 raise InputError(f"{source}: detector checkpoint lacks field '{key}'")
     else:
-        if "morphology" not in payload:
-            raise InputError(f"{source}: morphology checkpoint lacks field 'morphology'")
+        morph = payload.get("morphology")
+        if not isinstance(morph, dict):
+            raise InputError(f"{source}: morphology checkpoint lacks field 'morphology' (a dict)")
+        if not isinstance(morph.get("part"), str):
+            raise InputError(f"{source}: field 'morphology.part' must be a part name, got {morph.get('part')!r}")
+        threshold = morph.get("threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+            raise InputError(f"{source}: field 'morphology.threshold' must be a finite number, got {threshold!r}")

@@ -64,6 +64,12 @@ def test_morphology_manifest(tmp_path):
         (lambda d: d["detector"].update(score_threshold=2), "detector.score_threshold"),
         (lambda d: d.update(surprise=1), "unknown field 'surprise'"),
         (lambda d: d["detector"].update(box_output="boxes"), "not among outputs"),
+        (lambda d: d["input"].update(std=[float("nan")] * 3), "input.std"),
+        (lambda d: d["input"].update(mean=[0.5, float("inf"), 0.5]), "input.mean"),
+        (lambda d: d["input"].update(shape=[1, 3, 0, 96]), "dimensions must be positive"),
+        (lambda d: d["outputs"][0].update(shape=[1, -5, 6]), "dimensions must be positive"),
+        (lambda d: d["detector"].update(score_threshold="0.3"), "detector.score_threshold"),
+        (lambda d: d["detector"].update(max_detections=True), "detector.max_detections"),
     ],
 )
 def test_broken_manifests_rejected_with_field(tmp_path, mutate, expected):
@@ -79,6 +85,22 @@ def test_broken_manifests_rejected_with_field(tmp_path, mutate, expected):
 def test_not_json(tmp_path):
     (tmp_path / "manifest.json").write_text("{nope")
     with pytest.raises(InputError, match="not valid JSON"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("[" * 100_000)
+    with pytest.raises(InputError, match="nested too deeply"):
+        load_manifest(tmp_path)
+
+
+def test_morphology_threshold_must_be_finite(tmp_path):
+    data = Manifest(
+        kind="morphology", name="head", model_version="1",
+        input=InputSpec(name="crops", shape=[-1, 1, 64, 64], color="gray", mean=[0.5], std=[0.5]),
+        outputs=[TensorSpec(name="scores", shape=[-1])],
+        morphology=MorphologySpec(part="head", threshold=0.3),
+    ).to_dict()
+    data["morphology"]["threshold"] = float("nan")
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="morphology.threshold"):
         load_manifest(tmp_path)
 
 

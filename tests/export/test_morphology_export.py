@@ -67,3 +67,31 @@ def test_check_reports_missing_mhsma_file(morphology_export, tiny_morphology_che
                "--data", str(tmp_path)])
     assert rc == 1
     assert "x_64_valid.npy" in capsys.readouterr().err
+
+
+def test_check_refuses_mhsma_crops_of_the_wrong_shape(morphology_export, tiny_morphology_checkpoint, tmp_path,
+                                                      capsys):
+    np.save(tmp_path / "x_64_valid.npy", np.zeros((4, 32, 32), np.uint8))
+    rc = main(["export", "check", str(morphology_export), "--weights", str(tiny_morphology_checkpoint),
+               "--data", str(tmp_path)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "x_64_valid.npy" in err and "[N, 64, 64]" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ({"threshold": float("nan")}, "morphology.threshold"),
+    ({"threshold": "0.3"}, "morphology.threshold"),
+    ({"part": None}, "morphology.part"),
+])
+def test_export_of_a_bad_morphology_checkpoint_writes_nothing(tiny_morphology_checkpoint, tmp_path, capsys,
+                                                              bad, expected):
+    ckpt = torch.load(tiny_morphology_checkpoint, map_location="cpu", weights_only=False)
+    ckpt["morphology"] = {**ckpt["morphology"], **bad}
+    weights = tmp_path / "bad.pt"
+    torch.save(ckpt, weights)  # written by hand or an old tool: save_checkpoint would refuse it
+    out = tmp_path / "out"
+    rc = main(["export", "onnx", "--weights", str(weights), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and expected in err and "Traceback" not in err
+    assert not (out / "model.onnx").exists() and not (out / "manifest.json").exists()

@@ -126,3 +126,41 @@ def test_inspect_detects_tampering(detector_export, tmp_path, capsys):
 def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     assert main(["export", "onnx", "--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path)]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_compare_detections_excuses_only_unmatched_borderline_boxes():
+    from smearsight.export.parity import compare_detections
+
+    ref = np.array([[0, 0, 10, 10, 0.301, 0], [20, 20, 30, 30, 0.3005, 0], [50, 50, 60, 60, 0.95, 0]], np.float32)
+    # a confident box missing: the two matched borderline ones must not excuse it
+    missing = compare_detections((ref, 3), (ref[:2], 2), score_threshold=0.3)
+    assert missing.matched == 2 and missing.borderline == 0 and not missing.ok
+    # a box right at the threshold missing on one side: excused
+    at_threshold = compare_detections((ref, 3), (ref[[0, 2]], 2), score_threshold=0.3)
+    assert at_threshold.matched == 2 and at_threshold.borderline == 1 and at_threshold.ok
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_export_check_on_a_damaged_model_is_one_line_error(detector_export, tiny_detector_checkpoint, tmp_path,
+                                                          capsys, damage):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(detector_export, broken)
+    if damage == "missing":
+        (broken / "model.onnx").unlink()
+    else:
+        (broken / "model.onnx").write_bytes(b"not an onnx model")
+    rc = main(["export", "check", str(broken), "--weights", str(tiny_detector_checkpoint), "--count", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "model.onnx" in err and ("missing" in err if damage == "missing" else "sha256" in err)
+
+
+def test_onnx_session_errors_are_input_errors(tmp_path):
+    from smearsight.export.parity import run_onnx
+
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(InputError, match=r"model.onnx: onnxruntime cannot load it"):
+        run_onnx(bad, np.zeros((1, 3, 8, 8), np.float32), "images", batch_one=True)

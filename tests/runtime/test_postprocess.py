@@ -232,3 +232,31 @@ def test_nms_extreme_spans_against_torchvision(seed):
     ])
     assert np.array_equal(np.sort(keep), np.sort(want))
 
+
+
+def test_to_frame_pixels_maps_clips_and_drops_padding_boxes() -> None:
+    from smearsight.runtime.postprocess import EMPTY_ROW, to_frame_pixels
+
+    rng = np.random.default_rng(5)
+    n, cap = 300, 320
+    dets = np.tile(EMPTY_ROW, (cap, 1))
+    xy = rng.uniform(-20, 260, (n, 2)).astype(np.float32)  # model canvas 256x256; frame letterboxed into it
+    wh = rng.uniform(0, 30, (n, 2)).astype(np.float32)
+    dets[:n, 0:2], dets[:n, 2:4] = xy, xy + wh
+    dets[:n, 4] = np.sort(rng.uniform(0.2, 1.0, n))[::-1]
+    dets[:n, 5] = rng.integers(0, 6, n)
+    scale, offset, frame = (0.5, 0.5), (0.0, 64.0), (256, 512)  # a 512x256 frame, padded above and below
+    out, kept = to_frame_pixels(dets, n, scale=scale, offset=offset, frame_size=frame)
+    expected = []
+    for x1, y1, x2, y2, score, cls in dets[:n].tolist():  # the same mapping, one box at a time
+        fx1, fx2 = (min(max((v - offset[0]) / scale[0], 0.0), frame[1]) for v in (x1, x2))
+        fy1, fy2 = (min(max((v - offset[1]) / scale[1], 0.0), frame[0]) for v in (y1, y2))
+        if fx2 - fx1 >= 1 and fy2 - fy1 >= 1:
+            expected.append((fx1, fy1, fx2, fy2, score, cls))
+    assert 0 < kept == len(expected) < n
+    np.testing.assert_allclose(out[:kept], np.array(expected, np.float32), rtol=1e-6, atol=1e-4)
+    assert (out[kept:] == EMPTY_ROW).all()
+    same = np.tile(EMPTY_ROW, (cap, 1))  # writing into a given array gives the same
+    out2, kept2 = to_frame_pixels(dets, n, scale=scale, offset=offset, frame_size=frame, out=same)
+    assert out2 is same and kept2 == kept and np.array_equal(out2, out)
+    assert to_frame_pixels(dets, 0, scale=scale, offset=offset, frame_size=frame)[1] == 0

@@ -202,6 +202,25 @@ def test_predictor_pad_maps_boxes_back(trained_run) -> None:
     assert s == pytest.approx((round(180 * fit) / 180, round(140 * fit) / 140))
 
 
+@pytest.mark.parametrize("resize", ["letterbox", "pad"])
+def test_predictor_keeps_no_box_from_the_padding(trained_run, resize) -> None:
+    """A tall frame letterboxed (or padded) leaves most of the canvas empty; at a near-zero threshold the
+    model fires there too, and those boxes must not come back as zero-width boxes on the frame edge."""
+    from smearsight.train.detector.predictor import Predictor
+
+    ckpt = load_checkpoint(trained_run / "best.pt")
+    pred = Predictor.from_checkpoint(ckpt, score_threshold=0.0001, resize=resize)
+    img = np.random.default_rng(3).uniform(0, 255, (300, 20, 3)).astype(np.uint8)
+    canvas, (sx, sy) = pred.prepare(img)
+    assert canvas.shape[1] * sx > 2 * 20 * sx, "the frame must cover well under half the canvas width"
+    det = pred.predict_batch([img])[0]
+    assert len(det) > 0
+    w, h = det[:, 2] - det[:, 0], det[:, 3] - det[:, 1]
+    assert (w >= 1).all() and (h >= 1).all(), det[(w < 1) | (h < 1)][:5]
+    assert (det[:, 0] >= 0).all() and (det[:, 2] <= 20).all() and (det[:, 3] <= 300).all()
+    assert (np.diff(det[:, 4]) <= 0).all(), "still ordered by score"
+
+
 def test_bad_input_errors(synth_data, trained_run, tmp_path, capsys) -> None:
     from smearsight.train.datasets.coco import write_coco
     from smearsight.train.datasets.formats import read_dataset

@@ -306,6 +306,10 @@ def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     (root / "x_64_train.npy.npz").replace(root / "x_64_train.npy")  # an .npz archive under a .npy name
     with pytest.raises(InputError, match="x_64_train.npy: expected a single .npy array"):
         load_crops(root, "head", "train")
+    np.save(root / "x_64_train.npy", np.zeros((0, 64, 64), np.uint8))
+    np.save(root / "y_head_train.npy", np.zeros(0, np.uint8))
+    with pytest.raises(InputError, match="x_64_train.npy: the 'train' split holds no crops"):
+        load_crops(root, "head", "train")
 
     data = write_mhsma(tmp_path / "data", n_train=8, n_valid=8)
     np.save(data / "y_head_valid.npy", np.zeros(8, np.uint8))  # one class only
@@ -335,6 +339,9 @@ def test_png_csv_layout(tmp_path: Path) -> None:
     loaded = load_crops(tmp_path, "head", "valid")
     np.testing.assert_array_equal(loaded.images, crops)
     np.testing.assert_array_equal(loaded.labels, [0, 1, 0])
+    text = (tmp_path / "labels.csv").read_text()
+    (tmp_path / "labels.csv").write_text(text, encoding="utf-8-sig")  # as Excel saves "CSV UTF-8"
+    np.testing.assert_array_equal(load_crops(tmp_path, "head", "valid").labels, [0, 1, 0])
     with pytest.raises(InputError, match="missing column 'acrosome'"):
         load_crops(tmp_path, "acrosome", "valid")
     with pytest.raises(InputError, match="no rows with split 'train'"):

@@ -13,6 +13,7 @@ import typer
 
 from smearsight.cli_app import data_app, eval_app, predict_app, train_app
 from smearsight.errors import InputError
+from smearsight.fileio import check_output_dir
 
 FORMATS = ("coco", "voc", "yolo")
 
@@ -85,6 +86,7 @@ def train_detector_cmd(
     """Train the EfficientDet cell detector (the default recipe is tuned to work without extra flags)."""
     from smearsight.train.detector.config import TrainConfig
 
+    check_output_dir(out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _setup_torch(threads)
     _check_device(device)
@@ -150,6 +152,7 @@ def eval_detector_cmd(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Evaluate a detector checkpoint: COCO mAP@[.5:.95], mAP@0.5, recall per class (pycocotools)."""
+    check_output_dir(out)
     _setup_torch(threads)
     _check_device(device)
     from smearsight.train.detector.data import check_class_names, load_split
@@ -179,6 +182,7 @@ def predict_detector_cmd(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Detect cells in images; writes annotated images and one JSON per image (plus detections.json)."""
+    check_output_dir(out)
     _setup_torch(threads)
     _check_device(device)
     import cv2

@@ -10,6 +10,7 @@ import torch
 
 from smearsight.anchors import AnchorConfig
 from smearsight.manifest import DEFAULT_PRE_NMS_TOPK
+from smearsight.runtime.postprocess import to_frame_pixels
 from smearsight.train.detector.augment import letterbox
 from smearsight.train.detector.boxes import decode_nms
 from smearsight.train.detector.data import fit_scale, round_up
@@ -109,14 +110,9 @@ class Predictor:
                 )
                 results.append(dets[:n].cpu().numpy())
         out = []
-        for (_, (sx, sy)), img, det in zip(prepared, images, results, strict=True):
-            det = det.copy()
-            det[:, 0:4:2] /= sx
-            det[:, 1:4:2] /= sy
-            h, w = img.shape[:2]
-            det[:, 0:4:2] = np.clip(det[:, 0:4:2], 0, w)
-            det[:, 1:4:2] = np.clip(det[:, 1:4:2], 0, h)
-            out.append(det)
+        for (_, scale), img, det in zip(prepared, images, results, strict=True):  # the frame sits top-left
+            frame, kept = to_frame_pixels(det, len(det), scale=scale, offset=(0.0, 0.0), frame_size=img.shape[:2])
+            out.append(frame[:kept])
         return out
 
     def predict_files(self, paths: list[Path], batch_size: int = 4) -> list[np.ndarray]:

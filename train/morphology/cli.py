@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from smearsight.cli_app import eval_app, train_app
+from smearsight.fileio import check_output_dir
 
 
 @train_app.command("morphology")
@@ -46,6 +47,7 @@ def train_morphology_cmd(
     from smearsight.train.morphology.train_loop import train_morphology
 
     check_part(part)
+    check_output_dir(out)
     cfg = MorphologyTrainConfig.from_yaml(config) if config else MorphologyTrainConfig()
     data_cfg = cfg.to_dict()
     if epochs is not None:
@@ -87,6 +89,7 @@ def eval_morphology_cmd(
     from smearsight.train.morphology.evaluate import evaluate_morphology
 
     check_part(part)
+    check_output_dir(out)
     if threads:
         import torch
 

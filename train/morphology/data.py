@@ -82,6 +82,11 @@ def _load_npy(path: Path) -> np.ndarray:
     return array
 
 
+def load_npy_images(path: Path) -> np.ndarray:
+    """A ``x_64_*.npy`` crop array, checked: uint8-valued ``[N, 64, 64]`` (InputError naming the file)."""
+    return validate_images(_load_npy(path), str(path))
+
+
 def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
     """Load one split of one part from an MHSMA folder or a PNG+CSV folder."""
     check_part(part)
@@ -91,10 +96,12 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
     x_path = root / f"x_64_{split}.npy"
     if x_path.is_file() or (root / f"y_{part}_{split}.npy").is_file():
         y_path = root / f"y_{part}_{split}.npy"
-        images = validate_images(_load_npy(x_path), str(x_path))
+        images = load_npy_images(x_path)
         labels = validate_labels(_load_npy(y_path), str(y_path))
         if len(images) != len(labels):
             raise InputError(f"{y_path}: {len(labels)} labels for {len(images)} images in {x_path.name}")
+        if len(images) == 0:
+            raise InputError(f"{x_path}: the '{split}' split holds no crops")
         return CropSet(images, labels, str(x_path))
     csv_path = root / "labels.csv"
     if csv_path.is_file():
@@ -106,7 +113,7 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
     import cv2
 
     try:
-        with csv_path.open(newline="", encoding="utf-8") as handle:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # spreadsheets add a BOM
             reader = csv.DictReader(handle)
             fields = reader.fieldnames or []
             for column in ("file", "split", part):

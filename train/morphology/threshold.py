@@ -37,9 +37,8 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, fallback_quantile: 
     if normal.size == 0:
         raise InputError("threshold: the validation split holds no normal sample; cannot choose a threshold")
     if np.all(labels == 0):
-        value = float(np.quantile(normal, fallback_quantile))
-        if value <= scores.min():  # all scores equal: flag nothing rather than everything
-            value = float(np.nextafter(scores.max(), np.inf))
+        # just above the quantile: scores tied with it stay normal, so at most 1 - quantile of them is flagged
+        value = float(np.nextafter(np.quantile(normal, fallback_quantile), np.inf))
         note = (
             f"validation holds no abnormal sample: threshold = {fallback_quantile:.2f} quantile of normal scores "
             "(F0.5 cannot be optimised)"
