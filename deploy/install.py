@@ -307,11 +307,15 @@ class Device:
         self.recover()
         current = self.current()
         state = self.load_state()
+        skipped: list[str] = []
         if to is not None:
             candidates = [to]
         else:
             candidates = [v for v in reversed(state["history"]) if v != current]
             candidates += [v for v in reversed(self.installed()) if v != current and v not in candidates]
+            # a release rolled back from before is not a way back (name it with --to to force it)
+            skipped = [v for v in candidates if v in state["rejected"]]
+            candidates = [v for v in candidates if v not in state["rejected"]]
         checked = []
         for version in candidates:
             if version == current:
@@ -331,6 +335,8 @@ class Device:
             self.switch(version, trial=False)
             self.log_event("rollback", version=version, previous=current, reason=reason, auto=auto)
             return {"status": "rolled-back", "version": version, "previous": current, "reason": reason}
+        checked += [f"{v}: rolled back from before ({state['rejected'][v]}); use --to {v} to return to it anyway"
+                    for v in skipped]
         detail = "; ".join(checked) if checked else "no previous release is installed"
         raise UpdateError(f"cannot roll back from {current}: {detail}")
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
+import os
 import posixpath
 import re
 import shutil
+import tempfile
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -31,11 +34,12 @@ from tuf.repository import Repository
 from smearsight.deploy.bundle import read_index, version_key
 from smearsight.deploy.keys import ROLES, generate_key, load_signer
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_open, atomic_write_bytes, atomic_write_json, sha256_file
+from smearsight.fileio import DIR_MODE, atomic_open, atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
 
 CONFIG_NAME = "repository.json"
 ONNX_KEY = "onnx"
 GPU_KEY_RE = re.compile(r"^sm_[0-9]{2,3}-trt[0-9]+\.[0-9]+$")
+MAX_EXPIRY_DAYS = 36500.0  # a hundred years: beyond it dates overflow, and no key should live that long
 DEFAULT_EXPIRY_DAYS: dict[str, float] = {"root": 365.0, "targets": 90.0, "snapshot": 30.0, "timestamp": 7.0}
 
 
@@ -122,28 +126,50 @@ class FileRepository(Repository):
     # -- operations ----------------------------------------------------------------------------
     @classmethod
     def init(cls, repo_dir: str | Path, expiry_days: dict[str, float] | None = None) -> FileRepository:
-        """Create keys and version-1 metadata for all four top-level roles."""
+        """Create keys and version-1 metadata for all four top-level roles.
+
+        Built in a staging folder beside ``repo_dir`` and moved into place at the end: a failure part-way
+        leaves no half-made repository behind (nor one that ``init`` would refuse as existing).
+        """
         repo_dir = Path(repo_dir)
         for role, days in (expiry_days or {}).items():
             if role not in ROLES:
                 raise InputError(f"--expiry-days: unknown role '{role}' (expected one of {', '.join(ROLES)})")
-            if days <= 0:
-                raise InputError(f"--expiry-days: {role} must expire in a positive number of days, got {days}")
+            if not (math.isfinite(days) and 0 < days <= MAX_EXPIRY_DAYS):
+                raise InputError(f"--expiry-days: {role} must expire in more than 0 and at most {MAX_EXPIRY_DAYS:g}"
+                                 f" days, got {days}")
         if (repo_dir / "metadata").exists() or (repo_dir / "keys").exists():
             raise InputError(f"{repo_dir}: already holds a repository (metadata/ or keys/ exists)")
-        repo_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(repo_dir / CONFIG_NAME, {"expiry_days": {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}})
-        repo = cls(repo_dir)
-        repo.targets_dir.mkdir(exist_ok=True)
-        signers = {role: generate_key(repo.keys_dir, role) for role in ROLES}
-        root = Root(consistent_snapshot=True)
-        for role, signer in signers.items():
-            root.add_key(signer.public_key, role)
-        repo._sign_and_write(Root.type, Metadata(root))
-        repo._sign_and_write(Targets.type, Metadata(Targets()))
-        repo._sign_and_write(Snapshot.type, Metadata(Snapshot()))
-        repo._sign_and_write(Timestamp.type, Metadata(Timestamp()))
-        return repo
+        if repo_dir.exists() and not repo_dir.is_dir():
+            raise InputError(f"{repo_dir}: is a file; expected a folder for the repository")
+        repo_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.init-", dir=repo_dir.parent))
+        try:
+            stage.chmod(DIR_MODE)
+            atomic_write_json(stage / CONFIG_NAME, {"expiry_days": {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}})
+            staged = cls(stage)
+            staged.targets_dir.mkdir()
+            signers = {role: generate_key(staged.keys_dir, role) for role in ROLES}
+            root = Root(consistent_snapshot=True)
+            for role, signer in signers.items():
+                root.add_key(signer.public_key, role)
+            staged._sign_and_write(Root.type, Metadata(root))
+            staged._sign_and_write(Targets.type, Metadata(Targets()))
+            staged._sign_and_write(Snapshot.type, Metadata(Snapshot()))
+            staged._sign_and_write(Timestamp.type, Metadata(Timestamp()))
+            if repo_dir.is_dir() and not any(repo_dir.iterdir()):
+                repo_dir.rmdir()
+            if not repo_dir.exists():
+                os.replace(stage, repo_dir)
+            else:  # a folder holding other files: move the pieces in, metadata/ (what marks a repository) last
+                for name in (CONFIG_NAME, "targets", "keys", "metadata"):
+                    os.replace(stage / name, repo_dir / name)
+                stage.rmdir()
+            fsync_dir(repo_dir.parent)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return cls(repo_dir)
 
     def published(self) -> dict[str, dict[str, Any]]:
         """``{target path: {"version", "length", "sha256", ...}}`` of every published bundle."""

@@ -20,6 +20,8 @@ def _current_umask() -> int:
 
 # mkstemp creates files 0600; atomically written files get the permissions a plain open() would give.
 _FILE_MODE = 0o666 & ~_current_umask()
+DIR_MODE = 0o777 & ~_current_umask()
+"""What ``mkdir`` would give a folder; for folders made by ``tempfile.mkdtemp`` (0700) that are kept."""
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ or TensorRT version.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,7 @@ from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_json, sha256_file
 
 MANIFEST_NAME = "manifest.json"
+PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,128}")
 SCHEMA_VERSION = 1
 
 
@@ -96,10 +98,18 @@ class MorphologySpec(_ManifestPart):
     mode: Literal["unsupervised", "supervised"] = "unsupervised"
 
 
+def _plain_file_name(name: str) -> str:
+    """A file beside the manifest: no folders, no '..' (a bundle unpacks these names)."""
+    if not PLAIN_FILE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError("must be a plain file name beside the manifest (letters, digits, . _ + -)")
+    return name
+
+
 class EngineSpec(_ManifestPart):
     """A TensorRT engine and the build environment it is tied to."""
 
     file: str = "model.engine"
+    _file_name = field_validator("file")(_plain_file_name)
     sha256: str
     tensorrt_version: str
     cuda_version: str
@@ -135,6 +145,7 @@ class Manifest(_ManifestPart):
     source_checkpoint_sha256: str = ""
     onnx_file: str = "model.onnx"
     onnx_sha256: str = ""
+    _onnx_file_name = field_validator("onnx_file")(_plain_file_name)
     opset: int = 17
     engine: EngineSpec | None = None
     quantization: QuantizationSpec | None = None

@@ -70,6 +70,7 @@ def test_morphology_manifest(tmp_path):
         (lambda d: d["outputs"][0].update(shape=[1, -5, 6]), "dimensions must be positive"),
         (lambda d: d["detector"].update(score_threshold="0.3"), "detector.score_threshold"),
         (lambda d: d["detector"].update(max_detections=True), "detector.max_detections"),
+        (lambda d: d.update(onnx_file="../model.onnx"), "plain file name"),
     ],
 )
 def test_broken_manifests_rejected_with_field(tmp_path, mutate, expected):

@@ -40,8 +40,44 @@ def test_init_refuses_existing_repo_and_bad_expiry(repo, tmp_path):
         FileRepository.init(repo.dir)
     with pytest.raises(InputError, match="unknown role 'bogus'"):
         FileRepository.init(tmp_path / "r2", {"bogus": 3})
-    with pytest.raises(InputError, match="positive number of days"):
-        FileRepository.init(tmp_path / "r3", {"timestamp": 0})
+    for days in (0, -1, float("nan"), float("inf"), 1e9):
+        with pytest.raises(InputError, match="more than 0 and at most 36500 days"):
+            FileRepository.init(tmp_path / "r3", {"timestamp": days})
+    assert not (tmp_path / "r3").exists()
+
+
+def test_init_that_fails_part_way_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A crash while signing (here: the snapshot key cannot be made) must not leave a half-made repository
+    that init would then refuse as existing."""
+    from smearsight.deploy import repository as repository_module
+
+    real = repository_module.generate_key
+
+    def failing(keys_dir, role):
+        if role == "snapshot":
+            raise OSError(28, "No space left on device")
+        return real(keys_dir, role)
+
+    monkeypatch.setattr(repository_module, "generate_key", failing)
+    target = tmp_path / "repo"
+    with pytest.raises(OSError):
+        FileRepository.init(target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(repository_module, "generate_key", real)
+    repo = FileRepository.init(target)  # and a second attempt works
+    assert (repo.meta_dir / "root.json").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700
+
+
+def test_init_into_an_existing_folder_keeps_its_files(tmp_path):
+    target = tmp_path / "srv"
+    target.mkdir()
+    (target / "README").write_text("ours")
+    repo = FileRepository.init(target)
+    assert (target / "README").read_text() == "ours" and (repo.meta_dir / "timestamp.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["srv"]  # no staging folder left
 
 
 def test_expiry_settings_are_used(tmp_path):

@@ -297,3 +297,59 @@ def test_gpu_bundle_with_a_real_engine_is_chosen_and_smoke_tested(repo, device_r
     result = update(device_root, str(repo.dir), profile=profile)
     assert result["key"] == key and result["backends"] == {"detector": "trt"}
     assert health_check(device_root).ok
+
+
+def test_rollback_skips_a_release_rolled_back_from_before(repo, bundles, device_root, capsys):
+    for version in ("1.0", "1.1"):
+        repo.publish(bundles[version])
+        update(device_root, str(repo.dir))
+    device = Device(device_root)
+    assert device.rollback(reason="1.1 crashed")["version"] == "1.0"
+    repo.publish(bundles["1.2"])
+    update(device_root, str(repo.dir))
+    assert device.current() == "1.2" and "1.1" in device.installed()
+    # the newest previous release is 1.1, but it was rejected: the way back is 1.0
+    assert device.rollback(reason="1.2 crashed")["version"] == "1.0"
+    assert set(device.load_state()["rejected"]) == {"1.1", "1.2"}
+    # only rejected releases left: refused in plain words, and --to still forces one
+    assert main(["deploy", "rollback", "--root-dir", str(device_root)]) == 3
+    assert "rolled back from before" in capsys.readouterr().err
+    assert device.rollback(to="1.1")["version"] == "1.1"
+
+
+def _rewrite_bundle(src, dst, name, change):
+    """A copy of bundle ``src`` with member ``name`` (JSON) changed and the index updated to match: what a
+    release tool with a bug could produce and sign."""
+    import hashlib
+    import io
+    import tarfile
+
+    with tarfile.open(src) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    data = {m.name: d for m, d in members}
+    doc = json.loads(data[name])
+    change(doc)
+    data[name] = json.dumps(doc).encode()
+    index = json.loads(data["bundle.json"])
+    index["files"][name] = {"sha256": hashlib.sha256(data[name]).hexdigest(), "size": len(data[name])}
+    data["bundle.json"] = json.dumps(index).encode()
+    with tarfile.open(dst, "w:gz") as tar:
+        for member, _ in members:
+            if member.isfile():
+                member.size = len(data[member.name])
+                tar.addfile(member, io.BytesIO(data[member.name]))
+            else:
+                tar.addfile(member)
+    return dst
+
+
+def test_signed_bundle_with_an_unusable_manifest_is_refused_as_an_update(repo, bundles, device_root, tmp_path,
+                                                                         capsys):
+    bad = _rewrite_bundle(bundles["1.0"], tmp_path / "smearsight-1.0.tar.gz", "models/detector/manifest.json",
+                          lambda m: m.update(onnx_file="../model.onnx"))
+    repo.publish(bad)
+    rc = main(["deploy", "update", "--root-dir", str(device_root), "--repo", str(repo.dir)])
+    err = capsys.readouterr().err
+    assert rc == 3, err  # an update problem, not bad command-line input
+    assert "failed verification" in err and "plain file name" in err and "nothing was installed" in err
+    assert Device(device_root).current() is None

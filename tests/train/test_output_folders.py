@@ -41,3 +41,8 @@ def test_check_output_dir_creates_nothing(tmp_path: Path):
     (tmp_path / "f").write_text("")
     with pytest.raises(InputError, match="is a file, so the folder cannot be created"):
         check_output_dir(tmp_path / "f" / "run")
+
+
+def test_localise_count_is_range_checked(tmp_path, capfd):
+    rc = main([*COMMANDS["eval morphology"], "--out", str(tmp_path / "e"), "--localise", "-3"])
+    assert rc == 2 and "--localise" in capfd.readouterr().err

@@ -81,7 +81,8 @@ def eval_morphology_cmd(
     part: str = typer.Option(..., "--part"),
     split: str = typer.Option(..., "--split"),
     out: Path = typer.Option(..., "--out", help="Report folder: metrics.json, roc.png, score_hist.png, localisation/."),
-    localise: int = typer.Option(8, "--localise", help="Number of localisation examples."),
+    localise: int = typer.Option(8, "--localise", min=0, max=200,
+                                 help="Number of localisation examples (0 to 200)."),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
     """Evaluate a morphology checkpoint on a split (normal = positive class for precision/recall/F0.5)."""
