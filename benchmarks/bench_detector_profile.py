@@ -1,6 +1,6 @@
 """Where the detector's CPU time goes: ONNX Runtime's own profile, split by part of the network.
 
-    python benchmarks/bench_detector_profile.py [--models DIR ...] [--runs 8] [--threads 2]
+    python benchmarks/bench_detector_profile.py [--models DIR ...] [--runs 8] [--threads 2] [--by part|op]
 
 For each model folder (default: the packaged demo detector and its int8 version) the script opens an
 ONNX Runtime session with the runtime's own options (``session_options``: all graph optimisations,
@@ -9,7 +9,9 @@ the manifest's input size after two warm-up runs, and reads the session's profil
 (``SessionOptions.enable_profiling``). Kernel time is summed per part of the network: the exported
 module path's first component (``backbone``, ``fpn``, ``class_net``, ``box_net``), or for nodes ONNX
 Runtime inserted itself (layout reorders) the operator type. It prints mean ms per frame and the share
-of each part, beside the median wall time of ``session.run``. Needs onnxruntime only.
+of each part, beside the median wall time of ``session.run``. ``--by op`` sums by operator type instead,
+convolutions split into depthwise (``:dw``), 1x1 and other kernels, read from the graph ONNX Runtime
+optimised (needs onnx too): it shows which operators int8 speeds up. Needs onnxruntime only.
 """
 
 from __future__ import annotations
@@ -35,8 +37,28 @@ def part_of(node_name: str, op_type: str) -> str:
     return op_type
 
 
-def profile_model(model_dir: Path, runs: int, threads: int) -> tuple[float, Counter]:
-    """(median wall ms of ``session.run``, mean kernel ms per frame by part) for one model folder."""
+def conv_kinds(optimized_onnx: Path) -> dict[str, str]:
+    """Node name -> op type, convolutions tagged ``:dw`` (grouped), ``:1x1`` or their kernel size."""
+    import onnx
+
+    kinds = {}
+    for node in onnx.load(str(optimized_onnx), load_external_data=False).graph.node:
+        kind = node.op_type
+        if "Conv" in kind:
+            attrs = {a.name: a for a in node.attribute}
+            kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else None
+            if "group" in attrs and attrs["group"].i > 1:
+                kind += ":dw"
+            elif kernel == [1, 1]:
+                kind += ":1x1"
+            elif kernel:
+                kind += ":" + "x".join(map(str, kernel))
+        kinds[node.name] = kind
+    return kinds
+
+
+def profile_model(model_dir: Path, runs: int, threads: int, by: str = "part") -> tuple[float, Counter]:
+    """(median wall ms of ``session.run``, mean kernel ms per frame by part or operator) for one model."""
     import onnxruntime as ort
 
     from smearsight.manifest import load_manifest
@@ -47,6 +69,8 @@ def profile_model(model_dir: Path, runs: int, threads: int) -> tuple[float, Coun
         opts = session_options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")
+        if by == "op":
+            opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         session = ort.InferenceSession(str(model_dir / manifest.onnx_file), opts, providers=["CPUExecutionProvider"])
         meta = session.get_inputs()[0]
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in manifest.input.shape]
@@ -59,13 +83,16 @@ def profile_model(model_dir: Path, runs: int, threads: int) -> tuple[float, Coun
             if i >= WARMUP:
                 walls.append((time.perf_counter() - start) * 1000)
         events = json.loads(Path(session.end_profiling()).read_text())
+        kinds = conv_kinds(Path(opts.optimized_model_filepath)) if by == "op" else {}
     windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[WARMUP:]
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
                and any(lo <= e["ts"] <= hi for lo, hi in windows)]
     parts: Counter = Counter()
     for event in kernels:
         name = event["name"][: -len("_kernel_time")]
-        parts[part_of(name, event["args"].get("op_name", "?"))] += event["dur"] / 1000 / runs
+        op_type = event["args"].get("op_name", "?")
+        group = kinds.get(name, op_type) if by == "op" else part_of(name, op_type)
+        parts[group] += event["dur"] / 1000 / runs
     return statistics.median(walls), parts
 
 
@@ -74,8 +101,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", type=Path, default=[MODELS / "detector", MODELS / "detector_int8"])
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--by", choices=["part", "op"], default="part")
     args = parser.parse_args()
-    results = [(d, *profile_model(d, args.runs, args.threads)) for d in args.models]
+    results = [(d, *profile_model(d, args.runs, args.threads, args.by)) for d in args.models]
     names = sorted({p for _, _, parts in results for p in parts}, key=lambda p: -results[0][2].get(p, 0))
     print(f"| model | run() median ms | kernels ms | {' | '.join(names)} |")
     print("| --- " * (3 + len(names)) + "|")

@@ -499,6 +499,9 @@ class VideoFileSink(FrameSink):
         if self.error and self._writer is None and self._size is not None:
             return
         h, w = image_rgb.shape[:2]
+        if (h | w) & 1:  # the codecs need even sizes and would crop silently: pad the last row/column instead
+            image_rgb = cv2.copyMakeBorder(image_rgb, 0, h & 1, 0, w & 1, cv2.BORDER_REPLICATE)
+            h, w = image_rgb.shape[:2]
         if self._writer is None:
             self._size = (w, h)
             self._writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))

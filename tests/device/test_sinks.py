@@ -174,6 +174,19 @@ def test_video_file_sink_roundtrip(tmp_path: Path) -> None:
         assert np.all(np.abs(f.image[60, 80].astype(int) - colors[i % 3]) < 25), (i, f.image[60, 80])
 
 
+def test_video_sink_keeps_every_pixel_of_an_odd_sized_frame(tmp_path: Path) -> None:
+    out = tmp_path / "odd.mp4"
+    sink = open_sink(f"file://{out}", fps=10)
+    frame = _solid((200, 40, 40), h=121, w=161)
+    frame[:, -1] = (40, 40, 200)  # the last column, which a silent crop would lose
+    for _ in range(3):
+        sink.write(frame, {})
+    sink.close()
+    back = next(iter(open_source(f"file://{out}")))
+    assert back.image.shape == (122, 162, 3)
+    assert np.abs(back.image[60, 160].astype(int) - (40, 40, 200)).max() < 40, back.image[60, 158:]
+
+
 def test_readable_video_frames_refuses_a_cut_short_file(tmp_path: Path) -> None:
     from smearsight.device.sinks import readable_video_frames
 
