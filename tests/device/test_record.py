@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -209,22 +207,7 @@ def test_kill9_while_writing_flat_out(tmp_path: Path, mode: str) -> None:
     assert all(per_frame[i] == 2 for i in idx) and morph == len(idx)
 
 
-@contextlib.contextmanager
-def _tmpfs(tmp_path: Path, name: str, options: str) -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and mount to create a tmpfs")
-    target = tmp_path / name
-    target.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)
-
-
-def test_read_only_location_gives_a_clear_error(tmp_path: Path) -> None:
+def test_read_only_location_gives_a_clear_error(tmp_path: Path, tmpfs) -> None:
     if os.geteuid() != 0:
         ro = tmp_path / "ro"
         ro.mkdir()
@@ -235,14 +218,14 @@ def test_read_only_location_gives_a_clear_error(tmp_path: Path) -> None:
         finally:
             ro.chmod(0o755)
         return
-    with _tmpfs(tmp_path, "ro", "ro,size=64k") as ro:
+    with tmpfs("ro", "ro,size=64k") as ro:
         pattern = r"session record .*s\.db: (the disk or file is read-only|the file cannot be opened)"
         with pytest.raises(RecordError, match=pattern):
             SessionRecorder(ro / "s.db")
 
 
-def test_full_disk_is_reported_not_raised_and_recovers(tmp_path: Path) -> None:
-    with _tmpfs(tmp_path, "tiny", "size=256k") as tiny:
+def test_full_disk_is_reported_not_raised_and_recovers(tmp_path: Path, tmpfs) -> None:
+    with tmpfs("tiny", "size=256k") as tiny:
         rec = SessionRecorder(tiny / "s.db", batch_frames=4)
         rec.start_session({"source": "x"})
         filler = _fill_disk(tiny)
@@ -288,8 +271,8 @@ def test_background_writer_same_content_and_errors(tmp_path: Path) -> None:
     assert outputs[0][0]["frames"] == 11
 
 
-def test_background_writer_reports_full_disk(tmp_path: Path) -> None:
-    with _tmpfs(tmp_path, "tiny_bg", "size=256k") as tiny:
+def test_background_writer_reports_full_disk(tmp_path: Path, tmpfs) -> None:
+    with tmpfs("tiny_bg", "size=256k") as tiny:
         rec = SessionRecorder(tiny / "s.db", batch_frames=4, background=True)
         rec.start_session({"source": "x"})
         _fill_disk(tiny)

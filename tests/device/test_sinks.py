@@ -202,25 +202,9 @@ def test_readable_video_frames_refuses_a_cut_short_file(tmp_path: Path) -> None:
     assert readable_video_frames(tmp_path / "missing.mp4") == 0
 
 
-@contextlib.contextmanager
-def _tiny_filesystem(tmp_path: Path, size: str = "96k") -> Iterator[Path]:
-    """A real, nearly full disk: a small tmpfs (needs root and mount; skipped otherwise)."""
-    target = tmp_path / "small"
-    target.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("a small tmpfs needs root and mount")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {res.stderr.decode().strip()}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=False)
-
-
-def test_video_sink_on_a_full_disk_keeps_no_broken_file(tmp_path: Path) -> None:
+def test_video_sink_on_a_full_disk_keeps_no_broken_file(tmpfs) -> None:
     rng = np.random.default_rng(0)
-    with _tiny_filesystem(tmp_path) as small:
+    with tmpfs("small", "size=96k") as small:  # a real, nearly full disk
         out = small / "run.mp4"
         sink = open_sink(f"file://{out}", fps=10)
         for _ in range(40):  # noise does not compress: far more than 96 KiB
@@ -245,30 +229,23 @@ def test_image_dir_sink_roundtrip(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _readonly_dir(tmp_path: Path) -> Iterator[Path]:
+def _readonly_dir(tmp_path: Path, tmpfs) -> Iterator[Path]:
     """A directory nobody can write into: chmod for ordinary users, a read-only tmpfs mount for root."""
-    target = tmp_path / "ro"
-    target.mkdir()
     if os.geteuid() != 0:
+        target = tmp_path / "ro"
+        target.mkdir()
         target.chmod(0o555)
         try:
             yield target
         finally:
             target.chmod(0o755)
         return
-    if shutil.which("mount") is None:
-        pytest.skip("running as root without mount: cannot make a read-only directory")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(target)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {res.stderr.decode().strip()}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=False)
+    with tmpfs("ro", "ro,size=64k") as ro:
+        yield ro
 
 
-def test_file_sinks_refuse_read_only_folder(tmp_path: Path) -> None:
-    with _readonly_dir(tmp_path) as ro:
+def test_file_sinks_refuse_read_only_folder(tmp_path: Path, tmpfs) -> None:
+    with _readonly_dir(tmp_path, tmpfs) as ro:
         with pytest.raises(InputError, match="cannot write in"):
             open_sink(f"file://{ro}/")
         with pytest.raises(InputError, match="cannot create the folder"):
