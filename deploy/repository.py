@@ -34,7 +34,15 @@ from tuf.repository import Repository
 from smearsight.deploy.bundle import read_index, version_key
 from smearsight.deploy.keys import ROLES, generate_key, load_signer
 from smearsight.errors import InputError
-from smearsight.fileio import DIR_MODE, atomic_open, atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+from smearsight.fileio import (
+    DIR_MODE,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_dir,
+    fsync_dir,
+    sha256_file,
+)
 
 CONFIG_NAME = "repository.json"
 ONNX_KEY = "onnx"
@@ -140,8 +148,7 @@ class FileRepository(Repository):
                                  f" days, got {days}")
         if (repo_dir / "metadata").exists() or (repo_dir / "keys").exists():
             raise InputError(f"{repo_dir}: already holds a repository (metadata/ or keys/ exists)")
-        if repo_dir.exists() and not repo_dir.is_dir():
-            raise InputError(f"{repo_dir}: is a file; expected a folder for the repository")
+        check_output_dir(repo_dir, "deploy repo init")
         repo_dir.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.init-", dir=repo_dir.parent))
         try:

@@ -15,7 +15,6 @@ the picture and in the log, and the loop keeps going where it can.
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 from collections import deque
@@ -29,7 +28,7 @@ import numpy as np
 from smearsight.anchors import generate_anchors
 from smearsight.catalog import MORPHOLOGY_PARTS
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_write_json
+from smearsight.fileio import atomic_write_json, check_output_file
 from smearsight.manifest import MANIFEST_NAME, load_manifest
 from smearsight.runtime.backends import InferenceBackend, cpu_only, open_backend
 from smearsight.runtime.frame_worker import InferenceWorker, Processed
@@ -583,7 +582,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
 
     say = echo or (lambda msg: log.info(msg))
     if cfg.stats_json is not None:
-        _check_writable_file(Path(cfg.stats_json), "--stats-json")
+        check_output_file(cfg.stats_json, "--stats-json")
     own_pipeline = pipeline is None
     pipe = pipeline or open_pipeline(cfg.models, cfg.backend, morphology=cfg.morphology, precision=cfg.precision,
                                      reuse_morphology=cfg.morphology_reuse, detect_every=cfg.detect_every,
@@ -799,16 +798,6 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         raise InputError(f"{cfg.source}: no frame was processed: {stats['source_error']}")
     return stats
 
-
-def _check_writable_file(path: Path, what: str) -> None:
-    """Fail before a run, not after it, when its output file cannot be created."""
-    if path.is_dir():
-        raise InputError(f"{what} {path}: is a folder; expected a file name")
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"{what} {path}: {parent} is not a folder")
-    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: the folder {parent} is not writable")
 
 
 def frame_status(frame_index: int, fps: float, counts: dict[str, int], problem: str, pipe: Pipeline,

@@ -67,6 +67,20 @@ def check_output_dir(path: str | os.PathLike[str], what: str = "--out") -> Path:
     return out
 
 
+def check_output_file(path: str | os.PathLike[str], what: str) -> Path:
+    """Fail early when the output file ``path`` could not be written (it is a folder, or its folder could not be
+    created or written in); creates nothing. Raises InputError naming ``what``."""
+    from smearsight.errors import InputError
+
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"{what} {out}: is a folder; expected a file name")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InputError(f"{what} {out}: {out.parent} is not a folder")
+    check_output_dir(out.parent, f"{what} {out}: its folder")
+    return out
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     with atomic_open(path, mode) as handle:
