@@ -535,18 +535,17 @@ class _Problems:
 
     def __init__(self) -> None:
         self.seen: dict[str, int] = {}
-        self.logged: set[str] = set()
         self.current = ""
         self.until = 0.0
 
     def report(self, message: str, hold_s: float = 5.0, *, count: bool = True) -> None:
-        """Show ``message``; ``count=False`` for a state polled every frame (counted where it happens)."""
+        """Show ``message``, logged and counted; ``count=False`` only shows it: a state polled every frame
+        whose events the reporter (the frame source) logs and counts itself."""
         if not message:
             return
-        if message not in self.logged:
-            log.warning(message)
-            self.logged.add(message)
         if count:
+            if message not in self.seen:
+                log.warning(message)
             self.seen[message] = self.seen.get(message, 0) + 1
         self.current = message
         self.until = time.monotonic() + hold_s
