@@ -156,6 +156,22 @@ def test_resume_after_kill_equals_uninterrupted_run(synth_data, trained_run, tmp
     assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], rel=1e-5)
 
 
+def test_resume_continues_the_matchers_random_sampling(synth_data, tmp_path) -> None:
+    """With ``sampling: random`` the matcher draws from its own generator; resume must carry its state."""
+    from smearsight.train.detector.config import MatcherConfig
+    from smearsight.train.detector.train_loop import train_detector
+
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg(matcher=MatcherConfig(sampling="random", topk=2))
+    whole = train_detector(synth_data, "coco", "train", None, tmp_path / "whole", cfg, progress=False)
+    train_detector(synth_data, "coco", "train", None, tmp_path / "split", cfg, progress=False, stop_after_epochs=1)
+    split = train_detector(synth_data, "coco", "train", None, tmp_path / "split", cfg, resume=True, progress=False)
+    assert [h["loss"] for h in split["history"]] == pytest.approx([h["loss"] for h in whole["history"]], rel=1e-5)
+    a, b = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+
+
 def test_eval_and_predict_cli(synth_data, trained_run, tmp_path, capsys) -> None:
     out = tmp_path / "eval"
     rc = main(["eval", "detector", "--weights", str(trained_run / "best.pt"), "--data", str(synth_data),
@@ -291,3 +307,25 @@ def test_train_cli_one_epoch_then_resume_is_a_no_op(synth_data, tmp_path, capsys
     assert main(args + ["--resume"]) == 0  # already finished: nothing more to train
     assert load_checkpoint(out / "last.pt")["step"] == ckpt["step"]
     assert main(args) == 1 and "--resume" in capsys.readouterr().err
+
+
+def test_train_cli_resume_refuses_a_changed_recipe_but_takes_threads(synth_data, tmp_path, capsys) -> None:
+    out = tmp_path / "cli_run"
+    args = ["train", "detector", "--data", str(synth_data), "--format", "coco", "--val-split", "none",
+            "--out", str(out), "--variant", "test_efficientdet", "--random-init", "--epochs", "1",
+            "--batch-size", "4", "--image-size", "128x128", "--no-progress"]
+    assert main(args + ["--threads", "1"]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    changed = [a if a != "1" else "3" for a in args]  # --epochs 3
+    assert main(changed + ["--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "epochs 3 (saved 1)" in err and "new --out" in err and len(err.strip().splitlines()) == 1
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lr: 0.5\n")
+    assert main(args + ["--config", str(recipe), "--resume"]) == 1
+    assert "lr 0.5 (saved" in capsys.readouterr().err
+    try:
+        assert main(args + ["--threads", "2", "--resume"]) == 0, capsys.readouterr()  # the machine may change
+        assert json.loads((out / "metrics.json").read_text())["threads"] == 2
+    finally:
+        torch.set_num_threads(1)

@@ -80,7 +80,9 @@ def train_detector_cmd(
     time_budget: float | None = typer.Option(None, "--time-budget", help="Minutes (0 = none)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from last.pt with its saved recipe (--threads may change)."
+    ),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Train the EfficientDet cell detector (the default recipe is tuned to work without extra flags)."""
@@ -98,17 +100,20 @@ def train_detector_cmd(
         "threads": threads,
     }
     data_dict = base.to_dict()
+    explicit = set(base.model_fields_set) | {k for k, v in updates.items() if v is not None}
     data_dict.update({k: v for k, v in updates.items() if v is not None})
     if random_init:
         data_dict["pretrained"] = False
+        explicit.add("pretrained")
     if time_budget is not None:
         data_dict["time_budget_min"] = time_budget if time_budget > 0 else None
+        explicit.add("time_budget_min")
     cfg = TrainConfig.from_dict(data_dict, source=str(config) if config else "options")
     from smearsight.train.detector.train_loop import train_detector
 
     summary = train_detector(
         data, _fmt(fmt), train_split, None if val_split.lower() == "none" else val_split, out, cfg,
-        resume=resume, progress=not no_progress, device=device,
+        resume=resume, explicit_fields=explicit, progress=not no_progress, device=device,
     )
     val = summary.get("val")
     msg = f"done: {summary['epochs_done']} epochs in {summary['train_minutes']} min"

@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,26 @@ def _checkpoint_payload(state: dict[str, Any], weights: dict[str, Any]) -> dict[
     }
 
 
+def _resumed_recipe(
+    resumed: dict[str, Any], requested: TrainConfig, explicit_fields: Collection[str], last_path: Path
+) -> TrainConfig:
+    """The saved recipe of the run in ``last_path``; InputError when an explicit request contradicts it."""
+    saved = TrainConfig.from_dict(resumed["train_config"], source=f"{last_path} train_config")
+    conflicts = [
+        f"{name} {getattr(requested, name)!r} (saved {getattr(saved, name)!r})"
+        for name in sorted(set(explicit_fields) - {"threads"})
+        if getattr(requested, name) != getattr(saved, name)
+    ]
+    if conflicts:
+        raise InputError(
+            f"{last_path}: --resume continues the run with its saved recipe, but this call asks for "
+            f"{'; '.join(conflicts)}: drop those options to resume, or train into a new --out"
+        )
+    if "threads" in explicit_fields:
+        saved.threads = requested.threads
+    return saved
+
+
 def train_detector(
     data: str | Path,
     fmt: str,
@@ -118,11 +139,16 @@ def train_detector(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    explicit_fields: Collection[str] = (),
     progress: bool = True,
     device: str | None = None,
     stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train a detector; returns the final metrics dict (also written to ``out/metrics.json``).
+
+    With ``resume`` the run continues with the recipe saved in ``out/last.pt``. ``explicit_fields`` names the
+    ``cfg`` fields the caller set on purpose (CLI options, keys of a --config file): on resume each must equal
+    the saved recipe's, else InputError, except ``threads``, which applies to this invocation only.
 
     ``stop_after_epochs`` ends this invocation after that many epochs as if it had been killed right after
     writing last.pt (tests use it to check ``resume``).
@@ -149,7 +175,7 @@ def train_detector(
         if not last_path.is_file():
             raise InputError(f"{last_path}: nothing to resume (no last.pt in the run folder)")
         resumed = load_checkpoint(last_path, kind="detector")
-        cfg = TrainConfig.from_dict(resumed["train_config"], source=f"{last_path} train_config")
+        cfg = _resumed_recipe(resumed, cfg, explicit_fields, last_path)
     elif last_path.exists():
         raise InputError(f"{out}: run folder already holds last.pt; pass --resume to continue it or pick a new --out")
 
@@ -211,6 +237,8 @@ def train_detector(
             state[key] = resumed[key]
         state["elapsed"] = resumed["elapsed_s"]
         torch.set_rng_state(resumed["rng"]["torch"])
+        if "matcher" in resumed["rng"]:  # checkpoints before the matcher's state was saved lack it
+            wrapper.generator.set_state(resumed["rng"]["matcher"])
         log.info("resumed %s at epoch %d (step %d)", last_path, state["epoch"], state["step"])
 
     out.mkdir(parents=True, exist_ok=True)
@@ -317,7 +345,7 @@ def train_detector(
             payload = _checkpoint_payload(state, ema.module.state_dict())
             payload.update({"model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "ema": ema.state_dict(), "scaler": scaler.state_dict(),
-                            "rng": {"torch": torch.get_rng_state()}})
+                            "rng": {"torch": torch.get_rng_state(), "matcher": wrapper.generator.get_state()}})
             save_checkpoint(last_path, payload)
             if val_ds is None:
                 save_checkpoint(out / "best.pt", _checkpoint_payload(state, ema.module.state_dict()))
