@@ -112,3 +112,58 @@ def test_convert_refuses_bad_records_unless_skip_bad(tmp_path: Path, capsys: pyt
     assert main([*args, "--skip-bad"]) == 0
     back, problems = read_dataset(tmp_path / "y", "yolo", "train")
     assert problems == [] and back.num_boxes == 2  # both rbc boxes dropped
+
+
+def test_convert_refusing_an_existing_folder_places_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_dataset(_dataset(tmp_path / "src"), tmp_path / "voc", "voc", "train")
+    out = tmp_path / "y"
+    (out / "images").mkdir(parents=True)
+    (out / "classes.txt").write_text("other\n")
+    rc = main(["data", "convert", str(tmp_path / "voc"), "--from", "voc", "--to", "yolo", "--out", str(out)])
+    assert rc == 1 and "already lists classes ['other']" in capsys.readouterr().err
+    assert list((out / "images").iterdir()) == []  # no image copied before the refusal
+    (out / "classes.txt").write_text("wbc\nrbc\n")
+    (out / "data.yaml").write_text("names: [unclosed\n")
+    rc = main(["data", "convert", str(tmp_path / "voc"), "--from", "voc", "--to", "yolo", "--out", str(out)])
+    assert rc == 1 and "cannot update the existing file" in capsys.readouterr().err
+    assert list((out / "images").iterdir()) == [] and not (out / "labels").exists()
+
+
+def test_convert_into_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_dataset(_dataset(tmp_path / "src"), tmp_path / "voc", "voc", "train")
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        rc = main(["data", "convert", str(tmp_path / "voc"), "--from", "voc", "--to", "coco", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 1 and "--out" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_keeps_escaping_file_names_inside_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    root = tmp_path / "deep" / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "esc.png"), np.zeros((48, 64, 3), np.uint8))
+    (root / "annotations" / "train.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "../../../esc.png"}], "annotations": [],
+        "categories": [{"id": 1, "name": "cell"}]}))
+    out = tmp_path / "deep" / "out" / "y"
+    rc = main(["data", "convert", str(root), "--from", "coco", "--to", "yolo", "--out", str(out), "--split", "train"])
+    assert rc == 0, capsys.readouterr()
+    assert (out / "images" / "esc.png").is_file() and not (tmp_path / "deep" / "out" / "esc.png").exists()
+
+
+def test_check_shows_bracketed_names_literally_and_refuses_an_empty_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ds = _dataset(tmp_path / "src")
+    ds.class_names = ["cell [dead]", "sperm[/]"]
+    write_dataset(ds, tmp_path / "d[/]x", "voc", "train")
+    assert main(["data", "check", str(tmp_path / "d[/]x"), "--format", "voc"]) == 0
+    out = capsys.readouterr().out
+    assert "cell [dead]" in out and "sperm[/]" in out and "d[/]x" in out
+    (tmp_path / "empty" / "Annotations").mkdir(parents=True)
+    assert main(["data", "check", str(tmp_path / "empty"), "--format", "voc"]) == 1
+    assert "no images found" in capsys.readouterr().err

@@ -180,12 +180,13 @@ def test_voc_bad_records(tmp_path: Path) -> None:
         "a.png",
         [
             ("cell", 1, 1, 64, 48),  # whole image: fine (1-based inclusive)
-            ("cell", 0, 1, 10, 10),  # xmin 0 is outside in the 1-based convention
+            ("cell", -3, 1, 10, 10),  # outside the image
             ("sperm", 5, 5, 65, 10),  # beyond the right edge
             ("sperm", 9, 5, 4, 10),  # negative width
             ("platelet", 2, 2, 9, 9),  # unknown class
             ("cell", "abc", 2, 9, 9),  # non-numeric
             ("sperm", 7, 7, 7, 7),  # xmin == xmax: a 1x1 px box, valid
+            ("cell", 0, 0, 10, 10),  # a 0-based exporter's border box: clamped to the border, kept
         ],
     )
     _voc_file(root, "b", "b.png", [("cell", 2, 2, 9, 9)], w=100, h=48)  # size disagrees with the image
@@ -197,7 +198,7 @@ def test_voc_bad_records(tmp_path: Path) -> None:
     split.write_text("a\nb\nc\nd\ne\nf\n")
     ds, problems = read_dataset(root, "voc", "train")
     _find(problems, "a.xml", "outside", "object 1 (cell) bndbox")
-    assert "xmin=0" in _find(problems, "a.xml", "outside", "object 1").message
+    assert "xmin=-3" in _find(problems, "a.xml", "outside", "object 1").message
     _find(problems, "a.xml", "outside", "object 2 (sperm)")
     _find(problems, "a.xml", "zero or negative size", "object 3 (sperm)")
     _find(problems, "a.xml", "unknown class 'platelet'", "object 4")
@@ -209,7 +210,7 @@ def test_voc_bad_records(tmp_path: Path) -> None:
     _find(problems, "train.txt", "f.xml not found", "line 6")
     assert len(problems) == 10
     assert [r.path.name for r in ds.images] == ["a.png", "b.png"]
-    assert ds.images[0].boxes.tolist() == [[0, 0, 64, 48], [6, 6, 7, 7]]
+    assert ds.images[0].boxes.tolist() == [[0, 0, 64, 48], [6, 6, 7, 7], [0, 0, 10, 10]]
 
 
 def test_voc_non_finite_size_is_a_problem_not_a_crash(tmp_path: Path) -> None:
@@ -281,3 +282,92 @@ def test_yolo_malformed_yaml_and_missing_names(tmp_path: Path) -> None:
     assert problems[0].where.startswith("line ")
     (root / "data.yaml").write_text("names: 7\n")
     _find(read_dataset(root, "yolo", None)[1], "data.yaml", "'names' must be a list", "names")
+
+
+def test_coco_file_refuses_another_split_name(tmp_path: Path) -> None:
+    root = _coco(tmp_path, [{"id": 1, "file_name": "a.png"}], [])
+    _image(root / "images" / "a.png")
+    json_path = root / "annotations" / "train.json"
+    assert len(read_dataset(json_path, "coco", "train")[0]) == 1
+    with pytest.raises(InputError, match=r"one COCO file holds one split, but split 'val' was asked for"):
+        read_dataset(json_path, "coco", "val")  # else validation would silently run on the training file
+
+
+def test_coco_records_that_used_to_pass_unreported(tmp_path: Path) -> None:
+    images = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"id": 2, "image_id": 2, "category_id": 1, "bbox": [2, 2, 5, 5]},
+        {"id": 3, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": "0"},
+        {"id": 4, "image_id": 3, "category_id": 1, "bbox": [1, 1, 10**400, 5]},
+        {"id": 5, "image_id": 3, "category_id": 2, "bbox": [3, 3, 4, 4], "iscrowd": 1},
+    ]
+    root = _coco(tmp_path, images, anns)
+    for name in ("a.png", "b.png"):
+        _image(root / "images" / name)
+    json_path = root / "annotations" / "train.json"
+    data = json.loads(json_path.read_text())
+    data["categories"].append({"id": 3, "name": "cell"})
+    json_path.write_text(json.dumps(data))
+    ds, problems = read_dataset(root, "coco", "train")
+    _find(problems, "train.json", "file_name 'a.png' is already image id 1", "images[1]")
+    _find(problems, "train.json", "'iscrowd' must be 0 or 1, got '0'", "annotations[2]")
+    _find(problems, "train.json", "'bbox' must be 4 numbers", "annotations[3]")
+    _find(problems, "train.json", "duplicate category name 'cell'", "categories[2]")
+    assert len(problems) == 4
+    assert [r.path.name for r in ds.images] == ["a.png", "b.png"] and ds.num_boxes == 1  # the crowd box is skipped
+
+
+def test_class_lists_with_a_byte_order_mark(tmp_path: Path) -> None:
+    voc = tmp_path / "voc"
+    _image(voc / "JPEGImages" / "a.png")
+    _voc_file(voc, "a", "a.png", [("cell", 2, 2, 9, 9)])
+    (voc / "classes.txt").write_text("\ufeffcell\nsperm\n", encoding="utf-8")  # as Windows Notepad saves it
+    ds, problems = read_dataset(voc, "voc", None)
+    assert problems == [] and ds.class_names == ["cell", "sperm"] and ds.num_boxes == 1
+    yolo = tmp_path / "yolo"
+    _image(yolo / "images" / "a.png")
+    (yolo / "labels").mkdir(parents=True)
+    (yolo / "labels" / "a.txt").write_text("\ufeff0 0.5 0.5 0.25 0.25\n", encoding="utf-8")
+    (yolo / "classes.txt").write_text("\ufeffcell\n", encoding="utf-8")
+    ds, problems = read_dataset(yolo, "yolo", None)
+    assert problems == [] and ds.class_names == ["cell"] and ds.num_boxes == 1
+
+
+def test_voc_split_list_keeps_names_with_spaces(tmp_path: Path) -> None:
+    root = tmp_path / "voc"
+    for stem in ("slide 01", "b"):
+        _image(root / "JPEGImages" / f"{stem}.png")
+        _voc_file(root, stem, f"{stem}.png", [("cell", 2, 2, 9, 9)])
+    (root / "classes.txt").write_text("cell\n")
+    split = root / "ImageSets" / "Main" / "train.txt"
+    split.parent.mkdir(parents=True)
+    split.write_text("slide 01\nb  1\n")  # a stem with a space; VOC's "stem flag" form
+    ds, problems = read_dataset(root, "voc", "train")
+    assert problems == [] and [r.path.name for r in ds.images] == ["slide 01.png", "b.png"]
+
+
+def test_images_in_symlinked_folders_are_found_once(tmp_path: Path) -> None:
+    from smearsight.train.datasets.images import list_images
+
+    outside = tmp_path / "disk" / "train"
+    _image(outside / "x.png")
+    images = tmp_path / "yolo" / "images"
+    images.mkdir(parents=True)
+    (images / "train").symlink_to(outside, target_is_directory=True)
+    (outside / "loop").symlink_to(images, target_is_directory=True)  # a cycle must not hang the walk
+    assert [p.name for p in list_images(images)] == ["x.png"]
+
+
+def test_training_split_drops_a_corrupt_image_before_training(tmp_path: Path, caplog) -> None:
+    """A PNG cut short after its header passes a header read; training must not meet it mid-epoch."""
+    from smearsight.train.detector.data import load_split
+
+    root = _coco(tmp_path, [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+                 [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}])
+    _image(root / "images" / "a.png")
+    _truncated_png(root / "images" / "b.png")
+    with caplog.at_level("WARNING"):
+        ds = load_split(root, "coco", "train", "training split")
+    assert [r.path.name for r in ds.images] == ["a.png"]
+    assert "1 bad record(s) skipped" in caplog.text and "b.png" in caplog.text

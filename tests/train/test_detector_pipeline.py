@@ -290,9 +290,9 @@ def test_bad_input_errors(synth_data, trained_run, tmp_path, capsys) -> None:
 
 
 def test_data_anchors_cli(synth_data, capsys) -> None:
-    rc = main(["data", "anchors", str(synth_data), "--format", "coco", "--split", "train"])
+    rc = main(["data", "anchors", str(synth_data), "--format", "COCO", "--split", "train"])  # any letter case
     out = capsys.readouterr().out
-    assert rc == 0 and "recipe auto" in out and "covered" in out
+    assert rc == 0 and "recipe auto" in out and "covered" in out and "[train]" in out
 
 
 def test_train_cli_one_epoch_then_resume_is_a_no_op(synth_data, tmp_path, capsys) -> None:

@@ -70,7 +70,7 @@ def f32_value(value: float) -> float:
 def read_list_file(path: Path, what: str) -> str:
     """Text of a file the dataset as a whole depends on (split list); InputError naming it when unreadable."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read the {what} ({exc})") from None
 
@@ -139,12 +139,13 @@ def summarize(ds: DetectionDataset) -> dict:
 
 
 def render_summary(ds: DetectionDataset, title: str) -> Table:
-    """A rich Table of :func:`summarize`'s figures."""
+    """A rich Table of :func:`summarize`'s figures (names and title shown literally, never as markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
     info = summarize(ds)
     table = Table(
-        title=title,
+        title=escape(title),
         caption=(
             f"{info['images']} images, {info['images_without_boxes']} without boxes, {info['boxes']} boxes; "
             "size = sqrt(w*h) in px"
@@ -157,7 +158,7 @@ def render_summary(ds: DetectionDataset, title: str) -> Table:
         table.add_column(f"size {p}", justify="right")
     for row in info["classes"]:
         table.add_row(
-            row["class"],
+            escape(row["class"]),
             str(row["boxes"]),
             str(row["images"]),
             *("-" if math.isnan(row[p]) else f"{row[p]:.1f}" for p in ("p5", "p50", "p95")),
@@ -189,7 +190,7 @@ def probe_image(
 def read_class_names_file(path: Path, problems: list[Problem]) -> list[str] | None:
     """Class names from a text file, one per line (blank lines ignored); None after a Problem."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(str(path), f"cannot read the class list: {exc}"))
         return None
@@ -200,16 +201,22 @@ def read_class_names_file(path: Path, problems: list[Problem]) -> list[str] | No
     return names
 
 
+def check_class_names_file(path: Path, class_names: list[str]) -> bool:
+    """True when ``classes.txt`` already lists ``class_names``, False when there is none yet; InputError when
+    it lists others (label indices would shift). Writers call it before they write anything."""
+    if not path.is_file():
+        return False
+    existing = [line.strip() for line in read_list_file(path, "class list").splitlines() if line.strip()]
+    if existing != list(class_names):
+        raise InputError(
+            f"{path}: already lists classes {existing}, not {list(class_names)}; write this split to a new folder"
+        )
+    return True
+
+
 def write_class_names_file(path: Path, class_names: list[str]) -> None:
     """Write ``classes.txt``; refuse to change an existing, different list (label indices would shift)."""
     from smearsight.fileio import atomic_write_text
 
-    if path.is_file():
-        existing = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if existing != list(class_names):
-            raise InputError(
-                f"{path}: already lists classes {existing}, not {list(class_names)}; "
-                "write this split to a new folder"
-            )
-        return
-    atomic_write_text(path, "".join(f"{n}\n" for n in class_names))
+    if not check_class_names_file(path, class_names):
+        atomic_write_text(path, "".join(f"{n}\n" for n in class_names))

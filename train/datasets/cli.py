@@ -54,6 +54,8 @@ def check_command(
         ds, problems = read_dataset(path, fmt, split, verify_images=not fast, progress=progress)
     title = f"{path} ({fmt.lower()}{f', split {split}' if split else ''})"
     console.print(render_summary(ds, title))
+    if len(ds) == 0 and not problems:
+        raise InputError(f"{path}: no images found{f' in split {split!r}' if split else ''} (nothing to check)")
     notes = tiny_box_notes(ds)
     if notes:
         console.print(f"\n{len(notes)} box(es) with a side under {TINY_BOX_PX:g} px (valid, but worth a look):")
@@ -84,8 +86,11 @@ def convert_command(
     """
     from rich.console import Console
 
+    from smearsight.fileio import check_output_dir
+
     from .formats import read_dataset, write_dataset
 
+    check_output_dir(out)
     console = Console(highlight=False, soft_wrap=True)
     with _progress(console, "reading") as progress:
         ds, problems = read_dataset(src, src_fmt, split, progress=progress)
@@ -98,8 +103,12 @@ def convert_command(
             )
         console.print(f"[yellow]dropping {len(problems)} bad record(s)[/] (see smearsight data check)")
     out_split = split or ds.split
-    result = write_dataset(ds, out, dst_fmt, out_split, image_mode="link" if link else "copy")
+    try:
+        result = write_dataset(ds, out, dst_fmt, out_split, image_mode="link" if link else "copy")
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write the dataset ({exc.strerror or exc}: {exc.filename})") from None
     console.print(
         f"wrote {len(ds)} images, {ds.num_boxes} boxes, {len(ds.class_names)} classes as {dst_fmt.lower()} "
-        f"to {result}"
+        f"to {result}",
+        markup=False,
     )

@@ -86,6 +86,11 @@ def coco_json_path(path: Path, split: str | None) -> Path:
     """The annotation file for ``path`` (a JSON file, or a root with ``annotations/<split>.json``)."""
     path = Path(path)
     if path.is_file():
+        if split is not None and split != path.stem:
+            raise InputError(
+                f"{path}: one COCO file holds one split, but split {split!r} was asked for; give the dataset "
+                f"folder (annotations/{split}.json) or this file's own split name {path.stem!r}"
+            )
         return path
     if not path.is_dir():
         raise InputError(f"{path}: no such COCO file or dataset folder")
@@ -112,7 +117,14 @@ def _image_dirs(json_path: Path, split: str | None) -> list[Path]:
 
 
 def _num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A JSON number that fits a float (not a bool, not an integer like 10**400)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def read_coco(
@@ -135,7 +147,7 @@ def read_coco(
     root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
     empty = DetectionDataset([], [], root=root, split=split or json_path.stem)
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
+        data = json.loads(json_path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         return empty, [Problem(file, f"malformed JSON: {exc.msg}", f"line {exc.lineno} column {exc.colno}")]
     except (OSError, UnicodeDecodeError) as exc:
@@ -158,6 +170,9 @@ def read_coco(
         if cat["id"] in cats:
             problems.append(Problem(file, f"duplicate category id {cat['id']}", where))
             continue
+        if cat["name"] in cats.values():
+            problems.append(Problem(file, f"duplicate category name {cat['name']!r}", where))
+            continue
         cats[cat["id"]] = cat["name"]
     cat_ids = sorted(cats)
     class_of = {cid: k for k, cid in enumerate(cat_ids)}
@@ -167,6 +182,7 @@ def read_coco(
     records: dict[int, ImageRecord] = {}
     order: list[int] = []
     bad_images: set[int] = set()
+    file_names: dict[str, int] = {}
     for i, img in enumerate(data["images"]):
         if progress is not None:
             progress(i, len(data["images"]))
@@ -181,6 +197,12 @@ def read_coco(
         if image_id in records or image_id in bad_images:
             problems.append(Problem(file, f"duplicate image id {image_id}", where))
             continue
+        if img["file_name"] in file_names:
+            problems.append(Problem(file, f"file_name {img['file_name']!r} is already image id "
+                                          f"{file_names[img['file_name']]}", where))
+            bad_images.add(image_id)
+            continue
+        file_names[img["file_name"]] = image_id
         candidates = [d / img["file_name"] for d in dirs]
         image_path = next((c for c in candidates if c.is_file()), candidates[0])
         size = probe_image(image_path, verify_images, problems, file, where)
@@ -205,7 +227,11 @@ def read_coco(
             continue
         if "id" in ann:
             where = f"annotations[{i}] (id {ann['id']})"
-        if ann.get("iscrowd", 0):
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1) or isinstance(crowd, float):
+            problems.append(Problem(file, f"'iscrowd' must be 0 or 1, got {crowd!r}", where + " iscrowd"))
+            continue
+        if crowd:
             continue
         image_id = ann.get("image_id")
         if not isinstance(image_id, int):

@@ -137,10 +137,19 @@ def image_size(path: str | os.PathLike[str], decode: bool = False) -> tuple[int,
 
 
 def list_images(directory: Path) -> list[Path]:
-    """Image files under ``directory`` (recursively), sorted."""
+    """Image files under ``directory`` (recursively, into symlinked folders too, each folder once), sorted."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found: list[Path] = []
+    seen: set[str] = set()
+    for folder, subdirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop, or a folder linked twice
+            subdirs.clear()
+            continue
+        seen.add(real)
+        found.extend(Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in found if p.is_file())
 
 
 def _source_image_root(root: Path | None, path: Path) -> Path | None:
@@ -190,7 +199,9 @@ def place_images(
     for src in paths:
         src = Path(src)
         base = _source_image_root(source_root, src)
-        rel = Path(src.name) if flat or base is None else src.relative_to(base)
+        rel = Path(src.name) if flat or base is None else Path(os.path.normpath(src.relative_to(base)))
+        if rel.parts and rel.parts[0] == "..":  # a name like "../x.png" must not escape dest_dir
+            rel = Path(src.name)
         key = rel.with_suffix("").as_posix().lower()
         n = 1
         while key in used:

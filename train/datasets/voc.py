@@ -24,6 +24,7 @@ from smearsight.fileio import atomic_write_text
 
 from .check import (
     ProgressFn,
+    check_class_names_file,
     f32_value,
     probe_image,
     read_class_names_file,
@@ -100,7 +101,9 @@ def read_voc(
             tokens = line.split()
             if not tokens:
                 continue
-            xml_path = ann_dir / f"{tokens[0]}.xml"
+            # "stem" or VOC's "stem flag"; a stem may itself hold spaces ("slide 01")
+            whole = ann_dir / f"{line.strip()}.xml"
+            xml_path = whole if whole.is_file() else ann_dir / f"{tokens[0]}.xml"
             missing = None
             if not xml_path.is_file():
                 missing = Problem(str(split_file), f"annotation file {xml_path} not found", f"line {n}")
@@ -169,6 +172,8 @@ def read_voc(
             if len(values) < 4:
                 continue
             xmin, ymin, xmax, ymax = values
+            # VOC is 1-based, but 0-based exporters (CVAT, LabelImg) write 0 for a box on the left/top border
+            xmin, ymin = (1.0 if 0.0 <= v < 1.0 else v for v in (xmin, ymin))
             box, message = validate_box((xmin - 1.0, ymin - 1.0, xmax, ymax), size[0], size[1])
             if message is not None:
                 raw = f"VOC xmin={xmin:g} ymin={ymin:g} xmax={xmax:g} ymax={ymax:g}"
@@ -220,11 +225,12 @@ def write_voc(
     """
     root = Path(root)
     images_dir = root / "JPEGImages"
-    paths = place_images([r.path for r in ds.images], ds.root, images_dir, mode=image_mode, flat=True)
+    check_class_names_file(root / "classes.txt", list(ds.class_names))  # refuses before anything is placed
     if image_mode == "none":
-        for p in paths:
-            if p.parent.absolute() != images_dir.absolute():
-                raise InputError(f"{p}: VOC needs its images in {images_dir} (copy or link them)")
+        for rec in ds.images:
+            if Path(rec.path).parent.absolute() != images_dir.absolute():
+                raise InputError(f"{rec.path}: VOC needs its images in {images_dir} (copy or link them)")
+    paths = place_images([r.path for r in ds.images], ds.root, images_dir, mode=image_mode, flat=True)
     write_class_names_file(root / "classes.txt", list(ds.class_names))
     stems = []
     for rec, dest in zip(ds.images, paths, strict=True):

@@ -26,6 +26,7 @@ from smearsight.fileio import atomic_write_text
 
 from .check import (
     ProgressFn,
+    check_class_names_file,
     f32_value,
     probe_image,
     read_class_names_file,
@@ -41,7 +42,7 @@ def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -134,7 +135,7 @@ def _parse_labels(
     labels: list[int] = []
     file = str(label_path)
     try:
-        text = label_path.read_text(encoding="utf-8")
+        text = label_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(file, f"cannot read the label file: {exc}"))
         return boxes, labels
@@ -237,25 +238,28 @@ def write_yolo(ds: DetectionDataset, root: Path, split: str | None, *, image_mod
 
     root = Path(root)
     images_dir = root / "images"
-    paths = place_images([r.path for r in ds.images], ds.root, images_dir, mode=image_mode)
-    for p in paths:
+    # Everything that can refuse the write is checked before the first file is placed.
+    check_class_names_file(root / "classes.txt", list(ds.class_names))
+    yaml_path = root / "data.yaml"
+    data: dict[str, Any] = {}
+    if yaml_path.is_file():
         try:
-            p.absolute().relative_to(images_dir.absolute())
-        except ValueError:
-            raise InputError(f"{p}: YOLO needs its images under {images_dir} (copy or link them)") from None
+            loaded = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise InputError(f"{yaml_path}: cannot update the existing file ({str(exc).splitlines()[0]})") from None
+        data = loaded if isinstance(loaded, dict) else {}
+    if image_mode == "none":
+        for p in ds.images:
+            try:
+                p.path.absolute().relative_to(images_dir.absolute())
+            except ValueError:
+                raise InputError(f"{p.path}: YOLO needs its images under {images_dir} (copy or link them)") from None
+    paths = place_images([r.path for r in ds.images], ds.root, images_dir, mode=image_mode)
     write_class_names_file(root / "classes.txt", list(ds.class_names))
     listed = []
     for rec, dest in zip(ds.images, paths, strict=True):
         atomic_write_text(_label_path(root, dest), yolo_lines(rec))
         listed.append("./" + dest.absolute().relative_to(root.absolute()).as_posix())
-    yaml_path = root / "data.yaml"
-    data: dict[str, Any] = {}
-    if yaml_path.is_file():
-        try:
-            loaded = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise InputError(f"{yaml_path}: cannot update the existing file ({str(exc).splitlines()[0]})") from None
-        data = loaded if isinstance(loaded, dict) else {}
     if split is not None:
         atomic_write_text(root / f"{split}.txt", "".join(f"{s}\n" for s in listed))
         data[split] = f"{split}.txt"

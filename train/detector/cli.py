@@ -19,9 +19,9 @@ FORMATS = ("coco", "voc", "yolo")
 
 
 def _fmt(fmt: str) -> str:
-    if fmt not in FORMATS:
+    if fmt.lower() not in FORMATS:
         raise InputError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    return fmt
+    return fmt.lower()
 
 
 def _parse_size(text: str | None) -> list[int] | None:
@@ -277,7 +277,7 @@ def data_anchors_cmd(
         layouts.append(("detector default (P2-P6, 8 px)", default_detector_anchors()))
     layouts.append(("effdet P3-P7 x4", AnchorConfig()))
     layouts.append(("recipe auto", choose_anchors(boxes, hw, positive_iou=positive_iou)))
-    console = Console()
+    console = Console(markup=False)  # paths and class names are shown literally
     console.print(f"{path} [{split}]: {len(ds)} images, {len(boxes)} boxes at model input {hw[0]}x{hw[1]} "
                   f"(positive IoU {positive_iou})")
     for name, cfg in layouts:

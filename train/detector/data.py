@@ -18,7 +18,7 @@ def load_split(path: str | Path, fmt: str, split: str | None, what: str = "split
     """Read a dataset split; InputError when it cannot be read or holds no images."""
     from smearsight.train.datasets.formats import read_dataset
 
-    ds, problems = read_dataset(path, fmt, split)
+    ds, problems = read_dataset(path, fmt, split, verify_images=True)  # a corrupt image is skipped now, not mid-run
     if len(ds) == 0:
         detail = f" ({len(problems)} problem(s), first: {problems[0]})" if problems else ""
         raise InputError(f"{path}: {what} {split!r} holds no usable images{detail}")
