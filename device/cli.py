@@ -7,14 +7,19 @@ import io
 import json
 import os
 import platform
+import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from smearsight.cli_app import device_app, sessions_app
 from smearsight.errors import InputError
+
+if TYPE_CHECKING:
+    from smearsight.device.record import RecordReader
 
 _DB_HELP = "Session record (SQLite). Default: $SMEARSIGHT_SESSIONS_DB or ~/.local/share/smearsight/sessions.db."
 
@@ -97,10 +102,9 @@ def sessions_show(
         con.print(f"[red]{summ['frames_not_saved']} frame(s) could not be saved (disk problem)[/]")
 
 
-def _export_csv(db: Path, session_id: int) -> str:
-    from smearsight.device.record import session_frames, session_parts
-
-    parts = session_parts(db, session_id)
+def _csv_chunks(reader: RecordReader, session_id: int) -> Iterator[str]:
+    """The CSV export, one detection a row, a frame at a time."""
+    parts = reader.parts(session_id)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     header = ["session_id", "frame_index", "timestamp", "det", "class_id", "class_name", "score",
@@ -110,7 +114,7 @@ def _export_csv(db: Path, session_id: int) -> str:
     # 0: the frame's boxes were found on a frame boxes_age_ms earlier, moved with the stage (--detect-every)
     header += ["detected", "boxes_age_ms"]
     writer.writerow(header)
-    for frame in session_frames(db, session_id):
+    for frame in reader.frames(session_id):
         for d in frame["detections"]:
             row = [session_id, frame["frame_index"], f"{frame['timestamp']:.6f}", d["det"], d["class_id"],
                    d["class_name"], f"{d['score']:.5f}", *(f"{v:.2f}" for v in d["box"])]
@@ -123,7 +127,21 @@ def _export_csv(db: Path, session_id: int) -> str:
                             "n/a" if m["abnormal"] is None else int(m["abnormal"])]
             row += [int(frame["detected"]), f"{frame['boxes_age_ms']:.1f}"]
             writer.writerow(row)
-    return buf.getvalue()
+        yield buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+    yield buf.getvalue()
+
+
+def _json_chunks(reader: RecordReader, session_id: int) -> Iterator[str]:
+    """The JSON export: the session's fields, then ``frames`` as a list written one frame a line."""
+    marker = '"__frames__"'
+    head, tail = json.dumps({**reader.session(session_id), "frames": "__frames__"}, indent=1,
+                            default=str).split(marker)
+    yield head + "["
+    for n, frame in enumerate(reader.frames(session_id)):
+        yield ("," if n else "") + "\n  " + json.dumps(frame, default=str)
+    yield "\n ]" + tail + "\n"
 
 
 @sessions_app.command("export")
@@ -133,27 +151,33 @@ def sessions_export(
     out: Path | None = typer.Option(None, "--out", help="Output file (written atomically); default stdout."),
     db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
 ) -> None:
-    """Export a session's detections and morphology results as CSV or JSON."""
-    from smearsight.device.record import get_session, session_frames
-    from smearsight.fileio import atomic_write_text
+    """Export a session's detections and morphology results as CSV or JSON.
+
+    The export is one consistent snapshot even while the session is still being recorded, and it is
+    streamed: a long session is never held in memory whole.
+    """
+    from smearsight.device.record import RecordReader
+    from smearsight.fileio import atomic_open, check_output_file
 
     fmt = fmt.lower()
     if fmt not in ("csv", "json"):
         raise InputError(f"--format: expected csv or json, got {fmt!r}")
-    path = _db(db)
-    session = get_session(path, session_id)
-    if fmt == "csv":
-        text = _export_csv(path, session_id)
-    else:
-        session["frames"] = list(session_frames(path, session_id))
-        text = json.dumps(session, indent=1, default=str) + "\n"
-    if out is None:
-        typer.echo(text, nl=False)
-        return
-    try:
-        atomic_write_text(out, text)
-    except OSError as exc:
-        raise InputError(f"{out}: cannot write the export ({exc.strerror or exc})") from exc
+    if out is not None:
+        check_output_file(out, "--out")
+    with RecordReader(_db(db)) as reader:
+        reader.session(session_id)  # an unknown id is refused before anything is written
+        chunks = _csv_chunks(reader, session_id) if fmt == "csv" else _json_chunks(reader, session_id)
+        if out is None:
+            for chunk in chunks:
+                sys.stdout.write(chunk)
+            sys.stdout.flush()
+            return
+        try:
+            with atomic_open(out) as handle:
+                for chunk in chunks:
+                    handle.write(chunk.encode("utf-8"))
+        except OSError as exc:
+            raise InputError(f"{out}: cannot write the export ({exc.strerror or exc})") from exc
     typer.echo(f"wrote {out}", err=True)
 
 

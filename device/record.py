@@ -264,6 +264,10 @@ class SessionRecorder:
     def _prepare(self) -> None:
         """WAL, durable commits, the tables; check and upgrade the schema version as one writer."""
         conn = self._conn
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "schema_info" not in tables:
+            raise RecordError(f"{self.path}: an SQLite file of another program (tables {sorted(tables)[:5]}); "
+                              "record into another file")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
@@ -457,22 +461,55 @@ def _frame_columns(conn: sqlite3.Connection) -> set[str]:
     return {row[1] for row in conn.execute("PRAGMA table_info(frames)")}
 
 
+_READ_COLUMNS = {  # what the readers query; older records lack frames.detected / boxes_age_ms (read as defaults)
+    "sessions": {"id", "started_at", "ended_at", "source", "meta_json", "class_names_json", "summary_json"},
+    "frames": {"session_id", "frame_index", "timestamp", "n_detections"},
+    "detections": {"session_id", "frame_index", "det", "class_id", "class_name", "score", "x1", "y1", "x2", "y2"},
+    "morphology": {"session_id", "frame_index", "det", "part", "score", "abnormal"},
+}
+
+
+def _open_readonly(path: Path, immutable: bool) -> sqlite3.Connection:
+    flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+    conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?{flags}", uri=True, timeout=5.0)
+    conn.row_factory = sqlite3.Row
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except BaseException:
+        conn.close()
+        raise
+    for table, needed in _READ_COLUMNS.items():
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")} if table in tables else set()
+        if not needed <= columns:
+            conn.close()
+            what = f"no table {table!r}" if not columns else f"table {table!r} lacks {sorted(needed - columns)}"
+            raise InputError(f"session record {path}: not a SmearSight session record ({what})")
+    return conn
+
+
 def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """Open a record for reading; InputError naming the file when it is missing or not a record."""
+    """Open a record for reading; InputError naming the file when it is missing or not a record.
+
+    A record on read-only media (a write-protected card) opens too: SQLite's WAL mode wants to create a
+    ``-shm`` file beside it, so when that fails and no ``-wal`` file holds unmerged frames the file is read
+    as immutable.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"{path}: no session record here (record one with smearsight run --record FILE)")
     try:
-        conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=5.0)
+        return _open_readonly(path, immutable=False)
     except sqlite3.Error as exc:
-        raise InputError(explain_db_error(path, exc)) from exc
+        wal = path.with_name(path.name + "-wal")
+        if "unable to open" not in str(exc).lower():
+            raise InputError(explain_db_error(path, exc)) from exc
+        if wal.exists():
+            raise InputError(f"session record {path}: cannot be read where it is (its folder is read-only and "
+                             f"{wal.name} holds frames not yet merged); copy both files to a writable folder") from exc
     try:
-        conn.row_factory = sqlite3.Row
-        conn.execute("SELECT id FROM sessions LIMIT 1").fetchall()
+        return _open_readonly(path, immutable=True)
     except sqlite3.Error as exc:
-        conn.close()
         raise InputError(explain_db_error(path, exc)) from exc
-    return conn
 
 
 def _session_dict(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
@@ -488,16 +525,6 @@ def _session_dict(conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
         "frames_saved": int(frames),
         "detections_saved": int(dets),
     }
-
-
-def list_sessions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All sessions in a record, oldest first."""
-    conn = connect_readonly(path)
-    try:
-        rows = conn.execute("SELECT * FROM sessions ORDER BY id").fetchall()
-        return [_session_dict(conn, row) for row in rows]
-    finally:
-        conn.close()
 
 
 def summary_from_rows(conn: sqlite3.Connection, session_id: int, class_names: Sequence[str]) -> dict[str, Any]:
@@ -539,63 +566,141 @@ def summary_from_rows(conn: sqlite3.Connection, session_id: int, class_names: Se
     }
 
 
-def get_session(path: str | os.PathLike[str], session_id: int) -> dict[str, Any]:
-    """One session: columns, meta, class names and summary (rebuilt from rows if it never ended)."""
-    conn = connect_readonly(path)
+def _json_field(row: sqlite3.Row, field: str, default: str, where: str) -> Any:
     try:
-        row = conn.execute("SELECT * FROM sessions WHERE id = ?", (int(session_id),)).fetchone()
+        return json.loads(row[field] or default)
+    except (json.JSONDecodeError, TypeError):
+        raise InputError(f"{where}: {field} is damaged (not JSON)") from None
+
+
+class RecordReader:
+    """A read-only view of a record as of one moment: every query runs in one read transaction, so an
+    export taken while ``smearsight run`` is still recording agrees with itself (summary, frames, rows).
+
+    Use as a context manager. Frames are streamed (:meth:`frames`), so a long session is never held in
+    memory at once. SQLite errors become one-line InputErrors naming the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        self.conn = connect_readonly(self.path)
+        self._query("BEGIN")
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise InputError(explain_db_error(self.path, exc)) from exc
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> Iterator[sqlite3.Row]:
+        cursor = self._query(sql, args)
+        while True:
+            try:
+                rows = cursor.fetchmany(1000)
+            except sqlite3.Error as exc:
+                raise InputError(explain_db_error(self.path, exc)) from exc
+            if not rows:
+                return
+            yield from rows
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """All sessions, oldest first."""
+        try:
+            return [_session_dict(self.conn, row) for row in self._query("SELECT * FROM sessions ORDER BY id")]
+        except sqlite3.Error as exc:
+            raise InputError(explain_db_error(self.path, exc)) from exc
+
+    def _session_row(self, session_id: int) -> sqlite3.Row:
+        row = None
+        if 0 <= session_id < 2**63:
+            row = self._query("SELECT * FROM sessions WHERE id = ?", (int(session_id),)).fetchone()
         if row is None:
-            ids = [r[0] for r in conn.execute("SELECT id FROM sessions ORDER BY id")]
+            ids = [r[0] for r in self._query("SELECT id FROM sessions ORDER BY id")]
             known = ", ".join(map(str, ids[-10:])) or "none"
-            raise InputError(f"{path}: no session {session_id} (sessions: {known})")
-        out = _session_dict(conn, row)
-        out["meta"] = json.loads(row["meta_json"] or "{}")
-        out["class_names"] = json.loads(row["class_names_json"] or "[]")
-        if row["summary_json"]:
-            out["summary"] = json.loads(row["summary_json"])
-        else:
-            out["summary"] = summary_from_rows(conn, row["id"], out["class_names"])
+            raise InputError(f"{self.path}: no session {session_id} (sessions: {known})")
+        return row
+
+    def session(self, session_id: int) -> dict[str, Any]:
+        """One session: columns, meta, class names and summary (rebuilt from rows if it never ended)."""
+        row = self._session_row(session_id)
+        where = f"{self.path} session {session_id}"
+        try:
+            out = _session_dict(self.conn, row)
+            out["meta"] = _json_field(row, "meta_json", "{}", where)
+            out["class_names"] = _json_field(row, "class_names_json", "[]", where)
+            if row["summary_json"]:
+                out["summary"] = _json_field(row, "summary_json", "{}", where)
+            else:
+                out["summary"] = summary_from_rows(self.conn, row["id"], out["class_names"])
+        except sqlite3.Error as exc:
+            raise InputError(explain_db_error(self.path, exc)) from exc
         return out
-    finally:
-        conn.close()
 
-
-def session_parts(path: str | os.PathLike[str], session_id: int) -> list[str]:
-    """Morphology parts present in a session, sorted."""
-    conn = connect_readonly(path)
-    try:
-        return [r[0] for r in conn.execute(
+    def parts(self, session_id: int) -> list[str]:
+        """Morphology parts present in a session, sorted."""
+        return [r[0] for r in self._query(
             "SELECT DISTINCT part FROM morphology WHERE session_id = ? ORDER BY part", (int(session_id),))]
-    finally:
-        conn.close()
+
+    def frames(self, session_id: int) -> Iterator[dict[str, Any]]:
+        """Frames of a session in order, each with its detections and their morphology by part (streamed: the
+        three tables are read side by side in frame order)."""
+        sid = (int(session_id),)
+        morph_rows = self._rows(
+            "SELECT frame_index, det, part, score, abnormal FROM morphology WHERE session_id = ? "
+            "ORDER BY frame_index, det, part", sid)
+        det_rows = self._rows(
+            "SELECT frame_index, det, class_id, class_name, score, x1, y1, x2, y2 FROM detections "
+            "WHERE session_id = ? ORDER BY frame_index, det", sid)
+        columns = _frame_columns(self.conn)
+        added = ", ".join(name if name in columns else str(default) for name, _, default in _ADDED_FRAME_COLUMNS)
+        frame_rows = self._rows(
+            f"SELECT frame_index, timestamp, n_detections, {added} FROM frames WHERE session_id = ? "
+            "ORDER BY frame_index", sid)
+        next_det, next_morph = next(det_rows, None), next(morph_rows, None)
+        for r in frame_rows:
+            frame_index = r[0]
+            dets: list[dict[str, Any]] = []
+            while next_det is not None and next_det[0] <= frame_index:
+                d = next_det
+                next_det = next(det_rows, None)
+                if d[0] < frame_index:
+                    continue  # rows of a frame whose frame row is missing
+                while next_morph is not None and (next_morph[0], next_morph[1]) < (d[0], d[1]):
+                    next_morph = next(morph_rows, None)
+                morphology: dict[str, dict[str, Any]] = {}
+                while next_morph is not None and (next_morph[0], next_morph[1]) == (d[0], d[1]):
+                    morphology[next_morph[2]] = {
+                        "score": next_morph[3], "abnormal": None if next_morph[4] is None else bool(next_morph[4])}
+                    next_morph = next(morph_rows, None)
+                dets.append({"det": d[1], "class_id": d[2], "class_name": d[3], "score": d[4],
+                             "box": [d[5], d[6], d[7], d[8]], "morphology": morphology})
+            yield {"frame_index": frame_index, "timestamp": r[1], "n_detections": r[2], "detected": bool(r[3]),
+                   "boxes_age_ms": float(r[4]), "detections": dets}
+
+
+def list_sessions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All sessions in a record, oldest first."""
+    with RecordReader(path) as reader:
+        return reader.sessions()
+
+
+def get_session(path: str | os.PathLike[str], session_id: int) -> dict[str, Any]:
+    """One session (see :meth:`RecordReader.session`)."""
+    with RecordReader(path) as reader:
+        return reader.session(session_id)
 
 
 def session_frames(path: str | os.PathLike[str], session_id: int) -> Iterator[dict[str, Any]]:
-    """Frames of a session in order, each with its detections and their morphology by part."""
-    conn = connect_readonly(path)
-    try:
-        morph: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
-        for r in conn.execute(
-            "SELECT frame_index, det, part, score, abnormal FROM morphology WHERE session_id = ?", (int(session_id),)
-        ):
-            morph.setdefault((r[0], r[1]), {})[r[2]] = {
-                "score": r[3], "abnormal": None if r[4] is None else bool(r[4])}
-        dets: dict[int, list[dict[str, Any]]] = {}
-        for r in conn.execute(
-            "SELECT frame_index, det, class_id, class_name, score, x1, y1, x2, y2 FROM detections "
-            "WHERE session_id = ? ORDER BY frame_index, det", (int(session_id),)
-        ):
-            dets.setdefault(r[0], []).append({
-                "det": r[1], "class_id": r[2], "class_name": r[3], "score": r[4],
-                "box": [r[5], r[6], r[7], r[8]], "morphology": morph.get((r[0], r[1]), {}),
-            })
-        columns = _frame_columns(conn)
-        added = ", ".join(name if name in columns else str(default) for name, _, default in _ADDED_FRAME_COLUMNS)
-        for r in conn.execute(
-            f"SELECT frame_index, timestamp, n_detections, {added} FROM frames WHERE session_id = ? "
-            "ORDER BY frame_index", (int(session_id),),
-        ):
-            yield {"frame_index": r[0], "timestamp": r[1], "n_detections": r[2], "detected": bool(r[3]),
-                   "boxes_age_ms": float(r[4]), "detections": dets.get(r[0], [])}
-    finally:
-        conn.close()
+    """Frames of a session in order (see :meth:`RecordReader.frames`)."""
+    with RecordReader(path) as reader:
+        reader._session_row(session_id)
+        yield from reader.frames(session_id)

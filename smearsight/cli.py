@@ -1,7 +1,9 @@
 """``smearsight`` entry point: assembles the command groups and turns errors into one-line messages.
 
 Exit codes: 0 success, 1 bad input (:class:`~smearsight.errors.InputError`), 2 a missing optional
-dependency (:class:`~smearsight.errors.MissingDependencyError`), 130 interrupted.
+dependency (:class:`~smearsight.errors.MissingDependencyError`), 130 interrupted. When the reader of stdout
+goes away (``| head``) the command ends quietly with 1; a full disk behind a redirected stdout is a one-line
+error (exit 1), not a silently cut file.
 
 SIGTERM (``systemctl stop``, ``docker stop``) is handled like Ctrl-C, so that commands clean up: ``run``
 ends its recorded session, closes the video it writes and writes its stats, then exits 0.
@@ -10,7 +12,9 @@ ends its recorded session, closes the video it writes and writes its stats, then
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -66,6 +70,19 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's exit flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the process exit code (also used by the console script)."""
     from rich.console import Console
@@ -75,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             result = app(args=argv, prog_name="smearsight", standalone_mode=False)
+            sys.stdout.flush()  # a full disk behind "> file" shows here, not silently at exit
+    except BrokenPipeError:  # "smearsight ... | head": the reader left; say nothing (click answers 1 likewise)
+        _silence_stdout()
+        return 1
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        _silence_stdout()
+        where = exc.filename or "standard output"
+        err.print(f"[bold red]error:[/] {escape(str(where))}: cannot write ({escape(exc.strerror or str(exc))})")
+        return 1
     except SmearSightError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
         return exc.exit_code

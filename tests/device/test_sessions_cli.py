@@ -138,3 +138,107 @@ def test_cli_module_is_import_light() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _long_session(path: Path, frames: int) -> Path:
+    rec = SessionRecorder(path, batch_frames=50)
+    rec.start_session({"source": "synth://", "class_names": list(TPS_CLASS_NAMES)})
+    for i in range(frames):
+        rec.record_frame(i, 100.0 + i / 10, _dets([5, 4, 3, 2, 1, 0, 5, 5]), TPS_CLASS_NAMES)
+    rec.end_session({})
+    rec.close()
+    return path
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smearsight.cli", *args], capture_output=True, text=True, **kw)
+
+
+def test_export_to_stdout_on_a_full_disk_fails_instead_of_cutting_the_file(tmp_path: Path, tmpfs) -> None:
+    db = _long_session(tmp_path / "long.db", 300)  # ~2,400 CSV rows, ~190 kB
+    with tmpfs("full", "size=64k") as full:
+        with open(full / "x.csv", "w") as target:
+            proc = subprocess.run([sys.executable, "-m", "smearsight.cli", "sessions", "export", "1", "--db", str(db)],
+                                  stdout=target, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot write (No space left on device)" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_export_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    db = _long_session(tmp_path / "long.db", 300)
+    proc = subprocess.Popen([sys.executable, "-m", "smearsight.cli", "sessions", "export", "1", "--db", str(db)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(100)  # "| head -c 100"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and err == ""  # click's convention for a closed pipe: quiet, exit 1
+
+
+def test_record_on_read_only_media_is_readable(tmp_path: Path, tmpfs) -> None:
+    db = _long_session(tmp_path / "long.db", 3)
+    with tmpfs("card", "size=1m") as card:
+        (card / "s.db").write_bytes(db.read_bytes())  # still marked WAL in its header, as every record is
+        subprocess.run(["mount", "-o", "remount,ro", str(card)], check=True)
+        proc = _cli("sessions", "list", "--db", str(card / "s.db"), "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)[0]["frames_saved"] == 3
+    with tmpfs("card2", "size=1m") as card:
+        (card / "s.db").write_bytes(db.read_bytes())
+        (card / "s.db-wal").write_bytes(b"\0" * 32)  # a run killed before its frames were merged
+        subprocess.run(["mount", "-o", "remount,ro", str(card)], check=True)
+        proc = _cli("sessions", "list", "--db", str(card / "s.db"))
+        assert proc.returncode == 1 and "copy both files to a writable folder" in proc.stderr
+
+
+def test_export_is_one_snapshot_while_a_run_records(tmp_path: Path) -> None:
+    from smearsight.device.record import RecordReader
+
+    db = tmp_path / "live.db"
+    rec = SessionRecorder(db, batch_frames=1)
+    sid = rec.start_session({"source": "synth://", "class_names": list(TPS_CLASS_NAMES)})
+    for i in range(3):
+        rec.record_frame(i, float(i), _dets([5, 4]), TPS_CLASS_NAMES)
+    with RecordReader(db) as reader:
+        before = reader.session(sid)["summary"]
+        for i in range(3, 6):  # the run goes on while the export is being read
+            rec.record_frame(i, float(i), _dets([5, 4]), TPS_CLASS_NAMES)
+        frames = list(reader.frames(sid))
+        assert before["frames"] == len(frames) == 3 and before["detections"] == 6
+        assert sum(len(f["detections"]) for f in frames) == 6
+    rec.end_session({})
+    rec.close()
+    assert len(list(RecordReader(db).frames(sid))) == 6
+
+
+def test_files_that_are_not_records_are_one_line_errors(tmp_path: Path, db: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, name TEXT)")
+    for command in (["list"], ["show", "1"], ["export", "1"]):
+        assert main(["sessions", *command, "--db", str(other)]) == 1
+        assert "not a SmearSight session record" in capsys.readouterr().err
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE sessions SET summary_json = '{broken' WHERE id = 1")
+    assert main(["sessions", "show", "1", "--db", str(db)]) == 1
+    assert "summary_json is damaged" in capsys.readouterr().err
+    assert main(["sessions", "show", "99999999999999999999999", "--db", str(db)]) == 1
+    assert "no session 99999999999999999999999" in capsys.readouterr().err
+
+
+def test_recording_refuses_another_programs_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from smearsight.device.record import RecordError
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE foo (x)")
+    with pytest.raises(RecordError, match="an SQLite file of another program"):
+        SessionRecorder(other)
+    with sqlite3.connect(other) as conn:
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["foo"]
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
