@@ -323,6 +323,25 @@ def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert metrics["threshold_method"] == "normal_quantile"  # valid without abnormal: quantile fallback
     with pytest.raises(InputError, match="normal samples only"):
         evaluate_morphology(tmp_path / "r" / "best.pt", data, "head", "valid", tmp_path / "e")
+    np.save(data / "y_head_valid.npy", np.ones(8, np.uint8))  # abnormal only: refused before any training
+    with pytest.raises(InputError, match="validation split holds no normal sample"):
+        train_morphology(data, "head", tmp_path / "r2", cfg, log=lambda *_: None, progress=False)
+    assert not (tmp_path / "r2").exists()
+
+
+def test_pixels_scaled_to_unit_range_or_not_finite_are_refused(tmp_path: Path) -> None:
+    root = write_mhsma(tmp_path / "data", n_train=8, n_valid=8)
+    x = np.load(root / "x_64_train.npy")
+    np.save(root / "x_64_train.npy", x.astype(np.float32) / 255.0)  # a common preprocessing slip
+    with pytest.raises(InputError, match=r"x_64_train.npy: pixels look scaled to 0..1 .*expected 0..255"):
+        load_crops(root, "head", "train")
+    nan = x.astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    np.save(root / "x_64_train.npy", nan)
+    with pytest.raises(InputError, match="NaN or infinity"):
+        load_crops(root, "head", "train")
+    np.save(root / "x_64_train.npy", x.astype(np.float64))  # 0..255 floats are fine
+    np.testing.assert_array_equal(load_crops(root, "head", "train").images, x)
 
 
 def test_png_csv_layout(tmp_path: Path) -> None:
@@ -349,6 +368,16 @@ def test_png_csv_layout(tmp_path: Path) -> None:
     with (tmp_path / "labels.csv").open("a", newline="") as handle:
         handle.write("c0.png,valid\n")  # short row: no 'head' cell
     with pytest.raises(InputError, match=r"labels.csv: a 'valid' row lacks its 'file' or 'head' value"):
+        load_crops(tmp_path, "head", "valid")
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png\n")  # no split cell at all
+    with pytest.raises(InputError, match=r"labels.csv line 2: the row has no 'split' value"):
+        load_crops(tmp_path, "head", "valid")
+    cv2.imwrite(str(tmp_path.parent / "outside.png"), crops[0])
+    (tmp_path / "labels.csv").write_text("file,split,head\n../outside.png,valid,0\n")
+    with pytest.raises(InputError, match=r"'../outside.png' lies outside"):
+        load_crops(tmp_path, "head", "valid")
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,0\n./c0.png,valid,1\n")
+    with pytest.raises(InputError, match=r"'./c0.png' is listed twice in split 'valid'"):
         load_crops(tmp_path, "head", "valid")
     (tmp_path / "labels.csv").write_bytes(b"file,split,head\n\xff\xfe.png,valid,1\n")
     with pytest.raises(InputError, match="labels.csv: not a readable UTF-8 CSV"):

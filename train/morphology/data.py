@@ -47,8 +47,15 @@ def validate_images(images: np.ndarray, source: str) -> np.ndarray:
     if images.dtype == np.uint8:
         return images
     if np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer):
-        if images.size and (np.nanmin(images) < 0 or np.nanmax(images) > 255 or np.isnan(images).any()):
-            raise InputError(f"{source}: pixel values must lie in 0..255, got {images.min()}..{images.max()}")
+        if not images.size:
+            return images.astype(np.uint8)
+        if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+            raise InputError(f"{source}: pixel values must be finite numbers in 0..255 (found NaN or infinity)")
+        low, high = images.min(), images.max()
+        if low < 0 or high > 255:
+            raise InputError(f"{source}: pixel values must lie in 0..255, got {low}..{high}")
+        if np.issubdtype(images.dtype, np.floating) and high <= 1.0:
+            raise InputError(f"{source}: pixels look scaled to 0..1 (max {high}); expected 0..255 (multiply by 255)")
         return np.round(images).astype(np.uint8)
     raise InputError(f"{source}: expected uint8 pixels, got dtype {images.dtype}")
 
@@ -110,8 +117,9 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
 
 
 def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
-    import cv2
+    from smearsight.errors import require
 
+    cv2 = require("cv2", "PNG crops")
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # spreadsheets add a BOM
             reader = csv.DictReader(handle)
@@ -119,17 +127,30 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
             for column in ("file", "split", part):
                 if column not in fields:
                     raise InputError(f"{csv_path}: missing column '{column}' (columns: {', '.join(fields)})")
-            rows = [row for row in reader if row["split"] == split]
+            rows = []
+            for n, row in enumerate(reader, start=2):  # line 1 is the header
+                if row["split"] is None:  # DictReader fills a short row's missing cells with None
+                    raise InputError(f"{csv_path} line {n}: the row has no 'split' value ({row['file']!r})")
+                if row["split"] == split:
+                    rows.append(row)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{csv_path}: not a readable UTF-8 CSV file ({type(exc).__name__}: {exc})") from None
     if not rows:
         raise InputError(f"{csv_path}: no rows with split '{split}'")
     images, labels = [], []
+    seen: set[Path] = set()
+    base = root.resolve()
     for row in rows:
         if not row["file"] or row[part] is None:  # short row: DictReader fills missing cells with None
             raise InputError(f"{csv_path}: a '{split}' row lacks its 'file' or '{part}' value (file={row['file']!r})")
         path = root / row["file"]
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        resolved = path.resolve()
+        if not resolved.is_relative_to(base):
+            raise InputError(f"{csv_path}: {row['file']!r} lies outside {root} (paths are relative to the folder)")
+        if resolved in seen:
+            raise InputError(f"{csv_path}: {row['file']!r} is listed twice in split '{split}'")
+        seen.add(resolved)
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path.is_file() else None
         if image is None:
             raise InputError(f"{path}: missing or unreadable image (listed in {csv_path.name})")
         if image.shape != (CROP_SIZE, CROP_SIZE):

@@ -208,6 +208,9 @@ def train_morphology(
         raise InputError(f"{train.source}: the train split holds no normal sample for part '{part}'")
     if cfg.model.supervised and len(set(train.labels.tolist())) < 2:
         raise InputError(f"{train.source}: --supervised needs both classes in the train split for part '{part}'")
+    if not (valid.labels == 0).any():  # checked before training: the threshold needs normal validation scores
+        raise InputError(f"{valid.source}: the validation split holds no normal sample for part '{part}' "
+                         "(the threshold is chosen on it)")
     valid_two_classes = len(set(valid.labels.tolist())) == 2
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
