@@ -6,8 +6,9 @@ Ultralytics rule; flat datasets get ``labels/<stem>.txt``). Each label line is `
 centre and size normalised by the image width/height. A missing label file means an image without boxes
 (a negative), as in Ultralytics. Class names come from ``ROOT/classes.txt`` (one per line) or
 ``ROOT/data.yaml`` (``names`` as a list or a ``{index: name}`` mapping). A split is ``ROOT/<split>.txt``
-listing image paths relative to ROOT (``./images/x.jpg`` or ``images/x.jpg``; absolute paths are allowed),
-or the ``<split>`` entry of ``data.yaml`` (a folder or a list file); ``split=None`` takes every image.
+or the ``<split>`` entry of ``data.yaml`` (a folder, or a list file); a list file names image paths
+relative to the list file's own folder, as in Ultralytics (``./images/x.jpg`` or ``images/x.jpg``;
+absolute paths are allowed). ``split=None`` takes every image.
 
 Image sizes are read from the image headers (no decode) unless ``verify_images`` is set. The writer
 stores normalised values with 10 significant digits, so boxes round-trip far below 1e-3 px.
