@@ -244,12 +244,16 @@ def units_cmd(
 ) -> None:
     """Write the systemd units (runtime with watchdog, update timer, rollback) and the udev rules example."""
     from smearsight.deploy.systemd import UNIT_FILES, read_unit
-    from smearsight.fileio import atomic_write_text
+    from smearsight.fileio import atomic_write_text, check_output_dir
 
+    check_output_dir(out)
     for name in UNIT_FILES:
         text = read_unit(name).replace("/opt/smearsight/venv/bin/smearsight", smearsight_bin)
         text = text.replace("/var/lib/smearsight", root_dir.rstrip("/"))
-        atomic_write_text(out / name, text)
+        try:
+            atomic_write_text(out / name, text)
+        except OSError as exc:
+            raise InputError(f"--out {out}: cannot write {name} ({exc.strerror or exc})") from None
         typer.echo(f"wrote {out / name}")
     typer.echo("udev rules: copy 99-smearsight.rules to /etc/udev/rules.d/ and edit the device IDs; then "
                "systemctl daemon-reload && systemctl enable --now smearsight-runtime.service smearsight-update.timer")

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import platform
-import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,8 +135,8 @@ def _csv_chunks(reader: RecordReader, session_id: int) -> Iterator[str]:
 def _json_chunks(reader: RecordReader, session_id: int) -> Iterator[str]:
     """The JSON export: the session's fields, then ``frames`` as a list written one frame a line."""
     marker = '"__frames__"'
-    head, tail = json.dumps({**reader.session(session_id), "frames": "__frames__"}, indent=1,
-                            default=str).split(marker)
+    head, _, tail = json.dumps({**reader.session(session_id), "frames": "__frames__"}, indent=1,
+                               default=str).rpartition(marker)  # "frames" is the last key
     yield head + "["
     for n, frame in enumerate(reader.frames(session_id)):
         yield ("," if n else "") + "\n  " + json.dumps(frame, default=str)
@@ -157,7 +156,7 @@ def sessions_export(
     streamed: a long session is never held in memory whole.
     """
     from smearsight.device.record import RecordReader
-    from smearsight.fileio import atomic_open, check_output_file
+    from smearsight.fileio import atomic_open, check_output_file, write_stdout
 
     fmt = fmt.lower()
     if fmt not in ("csv", "json"):
@@ -169,8 +168,7 @@ def sessions_export(
         chunks = _csv_chunks(reader, session_id) if fmt == "csv" else _json_chunks(reader, session_id)
         if out is None:
             for chunk in chunks:
-                sys.stdout.write(chunk)
-            sys.stdout.flush()
+                write_stdout(chunk)
             return
         try:
             with atomic_open(out) as handle:

@@ -567,10 +567,16 @@ def summary_from_rows(conn: sqlite3.Connection, session_id: int, class_names: Se
 
 
 def _json_field(row: sqlite3.Row, field: str, default: str, where: str) -> Any:
+    """A JSON column of the sessions table, of the same type as ``default`` (an object or a list)."""
     try:
-        return json.loads(row[field] or default)
+        value = json.loads(row[field] or default)
     except (json.JSONDecodeError, TypeError):
         raise InputError(f"{where}: {field} is damaged (not JSON)") from None
+    expected = type(json.loads(default))
+    if not isinstance(value, expected):
+        raise InputError(f"{where}: {field} is damaged (expected a JSON {'object' if expected is dict else 'list'}, "
+                         f"got {type(value).__name__})")
+    return value
 
 
 class RecordReader:
@@ -584,7 +590,11 @@ class RecordReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser()
         self.conn = connect_readonly(self.path)
-        self._query("BEGIN")
+        try:
+            self._query("BEGIN")
+        except BaseException:
+            self.conn.close()
+            raise
 
     def __enter__(self) -> RecordReader:
         return self

@@ -12,7 +12,6 @@ ends its recorded session, closes the video it writes and writes its stats, then
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
 import os
 import signal
@@ -21,7 +20,7 @@ import threading
 from collections.abc import Iterator
 
 from smearsight.cli_app import app
-from smearsight.errors import SmearSightError
+from smearsight.errors import SmearSightError, StdoutError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "smearsight.train.datasets.cli",
@@ -70,9 +69,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
-
-
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's exit flush does not fail a second time."""
     try:
@@ -81,6 +77,15 @@ def _silence_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError):
         pass
+
+
+def _stdout_is_broken() -> bool:
+    """True when stdout cannot take what is waiting for it (a full disk behind ``> file``, a closed pipe)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,17 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             result = app(args=argv, prog_name="smearsight", standalone_mode=False)
+        try:
             sys.stdout.flush()  # a full disk behind "> file" shows here, not silently at exit
-    except BrokenPipeError:  # "smearsight ... | head": the reader left; say nothing (click answers 1 likewise)
-        _silence_stdout()
-        return 1
-    except OSError as exc:
-        if exc.errno not in _WRITE_ERRNOS:
-            raise
-        _silence_stdout()
-        where = exc.filename or "standard output"
-        err.print(f"[bold red]error:[/] {escape(str(where))}: cannot write ({escape(exc.strerror or str(exc))})")
-        return 1
+        except BrokenPipeError:  # "| head" leaving early is normal: quiet, exit 1, like click
+            return 1
+        except OSError as exc:
+            raise StdoutError(exc) from None
     except SmearSightError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True)
         return exc.exit_code
@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:  # pragma: no cover - console-script shim
-    sys.exit(main())
+    code = main()
+    if _stdout_is_broken():
+        _silence_stdout()
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,15 @@ class InputError(SmearSightError):
     exit_code = 1
 
 
+class StdoutError(SmearSightError):
+    """Standard output cannot take the command's output (a full disk behind ``> file``). Exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(f"standard output: cannot write ({exc.strerror or exc})")
+
+
 class MissingDependencyError(SmearSightError):
     """An optional dependency is not installed. Exit code 2."""
 

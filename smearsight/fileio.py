@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +129,17 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` to stdout. A failure (a full disk behind ``> file``) becomes
+    :class:`~smearsight.errors.StdoutError`; a reader that went away (``| head``) stays a
+    :class:`BrokenPipeError`, which the CLI ends quietly."""
+    from smearsight.errors import StdoutError
+
+    try:
+        sys.stdout.write(text)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise StdoutError(exc) from None

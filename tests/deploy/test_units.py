@@ -106,6 +106,18 @@ def test_units_command_substitutes_paths(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(UNIT_FILES)
 
 
+def test_units_on_a_full_disk_or_into_a_file_is_one_line(tmp_path, tmpfs, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["deploy", "units", "--out", str(blocker)]) == 1
+    assert "is a file" in capsys.readouterr().err
+    with tmpfs("full", "size=8k") as full:
+        rc = main(["deploy", "units", "--out", str(full), "--smearsight-bin", "/" + "a" * 20000])
+        err = capsys.readouterr().err
+        assert rc == 1 and "cannot write" in err and "No space left" in err
+        assert not [p for p in full.iterdir() if p.name.endswith(".tmp")]  # nothing half-written
+
+
 def test_every_shipped_file_matches_the_package_data_globs():
     import fnmatch
 

@@ -191,6 +191,18 @@ def test_record_on_read_only_media_is_readable(tmp_path: Path, tmpfs) -> None:
         assert proc.returncode == 1 and "copy both files to a writable folder" in proc.stderr
 
 
+def test_json_export_of_a_source_named_like_its_placeholder(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    rec = SessionRecorder(tmp_path / "s.db")
+    rec.start_session({"source": "__frames__", "class_names": list(TPS_CLASS_NAMES)})
+    rec.record_frame(0, 1.0, _dets([5]), TPS_CLASS_NAMES)
+    rec.end_session({})
+    rec.close()
+    assert main(["sessions", "export", "1", "--format", "json", "--db", str(tmp_path / "s.db")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["source"] == "__frames__" and len(data["frames"]) == 1
+
+
 def test_export_is_one_snapshot_while_a_run_records(tmp_path: Path) -> None:
     from smearsight.device.record import RecordReader
 
@@ -208,7 +220,8 @@ def test_export_is_one_snapshot_while_a_run_records(tmp_path: Path) -> None:
         assert sum(len(f["detections"]) for f in frames) == 6
     rec.end_session({})
     rec.close()
-    assert len(list(RecordReader(db).frames(sid))) == 6
+    with RecordReader(db) as reader:
+        assert len(list(reader.frames(sid))) == 6
 
 
 def test_files_that_are_not_records_are_one_line_errors(tmp_path: Path, db: Path,
@@ -225,6 +238,10 @@ def test_files_that_are_not_records_are_one_line_errors(tmp_path: Path, db: Path
         conn.execute("UPDATE sessions SET summary_json = '{broken' WHERE id = 1")
     assert main(["sessions", "show", "1", "--db", str(db)]) == 1
     assert "summary_json is damaged" in capsys.readouterr().err
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE sessions SET summary_json = '[1]' WHERE id = 1")  # JSON, but not an object
+    assert main(["sessions", "show", "1", "--db", str(db)]) == 1
+    assert "summary_json is damaged (expected a JSON object, got list)" in capsys.readouterr().err
     assert main(["sessions", "show", "99999999999999999999999", "--db", str(db)]) == 1
     assert "no session 99999999999999999999999" in capsys.readouterr().err
 

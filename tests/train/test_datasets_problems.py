@@ -301,6 +301,7 @@ def test_coco_records_that_used_to_pass_unreported(tmp_path: Path) -> None:
         {"id": 3, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": "0"},
         {"id": 4, "image_id": 3, "category_id": 1, "bbox": [1, 1, 10**400, 5]},
         {"id": 5, "image_id": 3, "category_id": 2, "bbox": [3, 3, 4, 4], "iscrowd": 1},
+        {"id": 6, "image_id": 3, "category_id": 2, "bbox": [5, 5, 4, 4], "iscrowd": None},  # null: not a crowd
     ]
     root = _coco(tmp_path, images, anns)
     for name in ("a.png", "b.png"):
@@ -315,7 +316,7 @@ def test_coco_records_that_used_to_pass_unreported(tmp_path: Path) -> None:
     _find(problems, "train.json", "'bbox' must be 4 numbers", "annotations[3]")
     _find(problems, "train.json", "duplicate category name 'cell'", "categories[2]")
     assert len(problems) == 4
-    assert [r.path.name for r in ds.images] == ["a.png", "b.png"] and ds.num_boxes == 1  # the crowd box is skipped
+    assert [r.path.name for r in ds.images] == ["a.png", "b.png"] and ds.num_boxes == 2  # the crowd box is skipped
 
 
 def test_class_lists_with_a_byte_order_mark(tmp_path: Path) -> None:
@@ -368,6 +369,6 @@ def test_training_split_drops_a_corrupt_image_before_training(tmp_path: Path, ca
     _image(root / "images" / "a.png")
     _truncated_png(root / "images" / "b.png")
     with caplog.at_level("WARNING"):
-        ds = load_split(root, "coco", "train", "training split")
+        ds = load_split(root, "coco", "train", "training split", verify_images=True)
     assert [r.path.name for r in ds.images] == ["a.png"]
     assert "1 bad record(s) skipped" in caplog.text and "b.png" in caplog.text

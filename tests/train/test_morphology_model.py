@@ -379,6 +379,12 @@ def test_png_csv_layout(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,0\n./c0.png,valid,1\n")
     with pytest.raises(InputError, match=r"'./c0.png' is listed twice in split 'valid'"):
         load_crops(tmp_path, "head", "valid")
+    elsewhere = tmp_path.parent / "crops_elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    cv2.imwrite(str(elsewhere / "c0.png"), crops[0])
+    (tmp_path / "linked").symlink_to(elsewhere, target_is_directory=True)  # a linked sub-folder is inside
+    (tmp_path / "labels.csv").write_text("file,split,head\nlinked/c0.png,valid,0\nc1.png,valid,1\n")
+    np.testing.assert_array_equal(load_crops(tmp_path, "head", "valid").labels, [0, 1])
     (tmp_path / "labels.csv").write_bytes(b"file,split,head\n\xff\xfe.png,valid,1\n")
     with pytest.raises(InputError, match="labels.csv: not a readable UTF-8 CSV"):
         load_crops(tmp_path, "head", "valid")

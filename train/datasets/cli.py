@@ -106,7 +106,8 @@ def convert_command(
     try:
         result = write_dataset(ds, out, dst_fmt, out_split, image_mode="link" if link else "copy")
     except OSError as exc:
-        raise InputError(f"--out {out}: cannot write the dataset ({exc.strerror or exc}: {exc.filename})") from None
+        where = f": {exc.filename}" if exc.filename else ""
+        raise InputError(f"--out {out}: cannot write the dataset ({exc.strerror or exc}{where})") from None
     console.print(
         f"wrote {len(ds)} images, {ds.num_boxes} boxes, {len(ds.class_names)} classes as {dst_fmt.lower()} "
         f"to {result}",

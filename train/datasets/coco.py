@@ -227,7 +227,7 @@ def read_coco(
             continue
         if "id" in ann:
             where = f"annotations[{i}] (id {ann['id']})"
-        crowd = ann.get("iscrowd", 0)
+        crowd = ann.get("iscrowd") or 0  # some exporters write null
         if crowd not in (0, 1) or isinstance(crowd, float):
             problems.append(Problem(file, f"'iscrowd' must be 0 or 1, got {crowd!r}", where + " iscrowd"))
             continue

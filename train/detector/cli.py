@@ -63,7 +63,9 @@ def _check_device(device: str | None) -> None:
 
 @train_app.command("detector")
 def train_detector_cmd(
-    data: Path = typer.Option(..., "--data", help="Dataset root (or COCO JSON)."),
+    data: Path = typer.Option(
+        ..., "--data", help="Dataset root (or one COCO JSON file, named after its split: train.json)."
+    ),
     fmt: str = typer.Option(..., "--format", help="coco | voc | yolo"),
     train_split: str = typer.Option("train", "--train-split"),
     val_split: str = typer.Option("val", "--val-split", help="Validation split ('none' to skip)."),

@@ -14,11 +14,15 @@ from smearsight.train.detector.augment import clip_boxes, letterbox, mosaic_tran
 from smearsight.train.detector.config import AugmentConfig
 
 
-def load_split(path: str | Path, fmt: str, split: str | None, what: str = "split") -> DetectionDataset:
-    """Read a dataset split; InputError when it cannot be read or holds no images."""
+def load_split(
+    path: str | Path, fmt: str, split: str | None, what: str = "split", *, verify_images: bool = False
+) -> DetectionDataset:
+    """Read a dataset split; InputError when it cannot be read or holds no images. Bad records are skipped
+    with a warning; ``verify_images`` decodes every image first (training: a corrupt file is skipped then,
+    not met mid-epoch), otherwise only image headers are read."""
     from smearsight.train.datasets.formats import read_dataset
 
-    ds, problems = read_dataset(path, fmt, split, verify_images=True)  # a corrupt image is skipped now, not mid-run
+    ds, problems = read_dataset(path, fmt, split, verify_images=verify_images)
     if len(ds) == 0:
         detail = f" ({len(problems)} problem(s), first: {problems[0]})" if problems else ""
         raise InputError(f"{path}: {what} {split!r} holds no usable images{detail}")

@@ -186,8 +186,8 @@ def train_detector(
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    train_ds = load_split(data, fmt, train_split, "training split")
-    val_ds = load_split(data, fmt, val_split, "validation split") if val_split is not None else None
+    train_ds = load_split(data, fmt, train_split, "training split", verify_images=True)
+    val_ds = load_split(data, fmt, val_split, "validation split", verify_images=True) if val_split is not None else None
     if val_ds is not None:
         check_class_names(train_ds.class_names, val_ds.class_names, f"{data} [{val_split}]")
     if train_ds.num_boxes == 0:

@@ -8,6 +8,7 @@ Every problem raises :class:`InputError` naming the file and what was expected.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,14 +140,14 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
         raise InputError(f"{csv_path}: no rows with split '{split}'")
     images, labels = [], []
     seen: set[Path] = set()
-    base = root.resolve()
+    base = Path(os.path.normpath(root.absolute()))
     for row in rows:
         if not row["file"] or row[part] is None:  # short row: DictReader fills missing cells with None
             raise InputError(f"{csv_path}: a '{split}' row lacks its 'file' or '{part}' value (file={row['file']!r})")
         path = root / row["file"]
-        resolved = path.resolve()
-        if not resolved.is_relative_to(base):
+        if not Path(os.path.normpath(path.absolute())).is_relative_to(base):  # a linked sub-folder is fine
             raise InputError(f"{csv_path}: {row['file']!r} lies outside {root} (paths are relative to the folder)")
+        resolved = path.resolve()
         if resolved in seen:
             raise InputError(f"{csv_path}: {row['file']!r} is listed twice in split '{split}'")
         seen.add(resolved)
