@@ -255,11 +255,19 @@ _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>SmearSight</title>
 <style>body{{margin:0;background:#111;color:#eee;font:16px sans-serif}} img{{max-width:100%;display:block}}
-#s{{padding:8px}} .err{{color:#f66;font-weight:bold}} td{{padding:2px 10px}}</style></head>
-<body><img src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
+#s,#b{{padding:8px}} .err{{color:#f66;font-weight:bold}} .warn{{color:#fc3;font-weight:bold}}
+td{{padding:2px 10px}}</style></head>
+<body><div id="b"></div><img src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
 <script>
 const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;');
-async function tick(){{try{{const r=await fetch('/status.json');const s=await r.json();
+let seen=null;
+async function tick(){{let s;try{{const r=await fetch('/status.json',{{cache:'no-store'}});s=await r.json();}}
+catch(e){{const b=document.getElementById('b');b.textContent='no connection to the device'+
+(seen?' since '+seen.toLocaleTimeString():'')+': the picture is not live';b.className='err';return;}}
+seen=new Date();const b=document.getElementById('b');
+if(s.age_s>3){{b.textContent='no new picture for '+Math.round(s.age_s)+' s';b.className='err';}}
+else if(s.frozen){{b.textContent='FROZEN: this field is held (release it on the panel)';b.className='warn';}}
+else{{b.textContent='';b.className='';}}
 let h='';const msg=s.error||s.status||'';if(msg)h+='<p class="err">'+esc(msg)+'</p>';
 h+='<p>frame '+esc(s.frame??'-')+' &middot; '+(s.fps!=null?Number(s.fps).toFixed(1):'-')+' FPS';
 if(s.detect_every==='async')h+=' &middot; boxes '+Number(s.boxes_age_ms||0).toFixed(0)+' ms old';
@@ -284,6 +292,7 @@ class _Latest:
         self.jpeg_seq = -1
         self.status: dict[str, Any] = {}
         self.status_json = b"{}"
+        self.written_at: float | None = None  # monotonic time of the last write: /status.json says its age
         self.clients = 0
         self.closed = False
         self.quality = quality
@@ -323,12 +332,22 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, code: int, ctype: str, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (ConnectionError, TimeoutError):  # the viewer left (a reload, a closed tab, Wi-Fi)
+            self.close_connection = True
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming; uptime checks use HEAD
+        if urlsplit(self.path).path == "/stream.mjpg":
+            self._send(200, f"multipart/x-mixed-replace; boundary={_BOUNDARY}", b"")
+        else:
+            self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = urlsplit(self.path).path
@@ -337,7 +356,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream()
         elif path == "/status.json":
             with latest.cond:
-                body = latest.status_json
+                body, written_at = latest.status_json, latest.written_at
+            if written_at is not None:  # how old the shown picture is: a hung or stopped run shows here
+                status = {**json.loads(body), "age_s": round(time.monotonic() - written_at, 1)}
+                body = json.dumps(status).encode("utf-8")
             self._send(200, "application/json", body)
         elif path == "/snapshot.jpg":
             with latest.cond:
@@ -357,11 +379,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self) -> None:
         latest = self.latest
-        self.send_response(200)
-        self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.end_headers()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.end_headers()
+        except (ConnectionError, TimeoutError):
+            return
         sent = -1
         with latest.cond:
             latest.clients += 1
@@ -392,8 +417,37 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` at once (more get a quick 503), a listen queue
+    that lets a room of tablets connect together, and no traceback on stderr when a viewer drops."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
+    max_connections = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 class HttpSink(FrameSink):
@@ -445,6 +499,7 @@ class HttpSink(FrameSink):
             latest.seq += 1
             latest.status = dict(status or {})
             latest.status_json = status_json
+            latest.written_at = time.monotonic()
             if latest.clients:
                 latest.encode_locked()  # once here, then shared by every client
             latest.cond.notify_all()

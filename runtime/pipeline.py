@@ -597,6 +597,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     watchdog = Watchdog()
     last_img: np.ndarray | None = None
     last_counts: dict[str, int] = {}
+    last_status: dict[str, Any] = {}  # the frozen field's status: its counts stay on the tablet
     captures = 0
     timer = StageTimer()
     totals = dict.fromkeys(pipe.class_names, 0)
@@ -628,6 +629,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             from smearsight.runtime.panel_bridge import PanelBridge
 
             bridge = PanelBridge(cfg.panel)
+        sink_uri = getattr(sink, "uri", sink_uri)  # http://:0 -> the port the system chose
         watchdog.ready(f"running {cfg.source} -> {sink_uri}")
         say(f"running {cfg.source} -> {sink_uri} with {pipe.detector.name}"
             + (f" + {len(pipe.morphology_backends)} morphology model(s)" if pipe.morphology_backends else ""))
@@ -647,18 +649,18 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                                                    worker.reset_morphology, say)
                 if bridge.frozen and last_img is not None:  # hold the field the technician froze
                     worker.hold.set()
-                    sink.write(last_img, {"frozen": True, "frame": frames})
+                    sink.write(last_img, {**last_status, "frozen": True})
                     bridge.publish(frame.index, fps, last_counts, "", str(session_id or ""))
                     continue
                 worker.hold.clear()
                 if item.held:  # drawn while the field was frozen, just released: the field stays a moment
-                    sink.write(last_img, {"frozen": True, "frame": frames})
+                    sink.write(last_img, {**last_status, "frozen": True})
                     continue
             if frame.stale:  # camera lost: keep the message on screen, no inference
                 img = frame.image.copy()
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
                          {"error": problems.active() or "camera lost", "title": "SmearSight"})
-                sink.write(img, {"error": problems.active(), "frames": frames})
+                sink.write(img, {"error": problems.active(), "frame": frame.index})
                 continue
             if item.generation != worker.generation:  # judged before a new session reset the morphology
                 continue
@@ -704,7 +706,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             try:
                 img = annotate(frame.image, valid, pipe.class_names, morph, overlay)
                 t6 = time.perf_counter()
-                sink.write(img, frame_status(frame.index, fps, frame_counts, active, pipe, item, overlay["latency_ms"]))
+                status = frame_status(frame.index, fps, frame_counts, active, pipe, item, overlay["latency_ms"])
+                sink.write(img, status)
                 t7 = time.perf_counter()
                 if recorder is not None:
                     recorder.record_frame(frame.index, frame.timestamp, valid, pipe.class_names, morph,
@@ -713,7 +716,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                     if last_img is None or last_img.shape != img.shape:
                         last_img = np.empty_like(img)
                     np.copyto(last_img, img)
-                    last_counts = frame_counts
+                    last_counts, last_status = frame_counts, status
                     for _ in range(bridge.take_captures()):
                         captures += 1
                         say(f"captured {save_capture(img, cfg.captures, frame.index)}")

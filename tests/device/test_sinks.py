@@ -147,6 +147,66 @@ def test_http_client_that_stops_reading_is_dropped() -> None:
         sink.close()
 
 
+def test_http_status_says_how_old_the_picture_is_and_head_works() -> None:
+    sink = open_sink("http://127.0.0.1:0")
+    try:
+        with urllib.request.urlopen(f"{sink.url}/status.json", timeout=10) as resp:
+            assert json.loads(resp.read()) == {}  # nothing written yet
+        sink.write(_solid((1, 2, 3)), {"frame": 7, "counts": {"sertoli": 1}})
+        time.sleep(0.3)
+        with urllib.request.urlopen(f"{sink.url}/status.json", timeout=10) as resp:
+            status = json.loads(resp.read())
+        assert status["frame"] == 7 and 0.2 <= status["age_s"] < 5  # a hung run shows as a growing age
+        page = urllib.request.urlopen(f"{sink.url}/", timeout=10).read().decode()
+        assert "age_s" in page and "frozen" in page and "no connection to the device" in page
+        head = urllib.request.urlopen(urllib.request.Request(f"{sink.url}/status.json", method="HEAD"), timeout=10)
+        assert head.status == 200 and head.read() == b""
+    finally:
+        sink.close()
+
+
+def test_http_viewers_that_reset_leave_no_traceback(capfd) -> None:
+    import struct
+
+    sink = open_sink("http://127.0.0.1:0")
+    try:
+        sink.write(_solid((9, 9, 9), 480, 640), {"frame": 1})
+        for path in ("/", "/status.json", "/snapshot.jpg", "/stream.mjpg"):
+            sock = socket.create_connection(("127.0.0.1", sink.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+            sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            sock.close()
+        for i in range(5):
+            sink.write(_solid((9, 9, i), 480, 640), {"frame": i})
+            time.sleep(0.05)
+    finally:
+        sink.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+
+
+def test_http_many_viewers_connect_at_once_and_extra_ones_get_503() -> None:
+    sink = open_sink("http://127.0.0.1:0")
+    held = []
+    try:
+        for _ in range(sink._server.max_connections):  # noqa: SLF001 - fill every slot with an idle client
+            sock = socket.create_connection(("127.0.0.1", sink.port))
+            sock.sendall(b"GET /stream.mjpg HTTP/1.0\r\n\r\n")
+            held.append(sock)
+        deadline = time.monotonic() + 10
+        while sink.clients < len(held) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.clients == len(held)
+        extra = socket.create_connection(("127.0.0.1", sink.port), timeout=5)
+        extra.sendall(b"GET /status.json HTTP/1.0\r\n\r\n")
+        assert extra.recv(64).startswith(b"HTTP/1.0 503")
+        extra.close()
+    finally:
+        for sock in held:
+            sock.close()
+        sink.close()
+
+
 def test_http_port_in_use_is_an_input_error() -> None:
     first = open_sink("http://127.0.0.1:0")
     try:

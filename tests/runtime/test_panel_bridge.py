@@ -23,7 +23,19 @@ def modem():
     pair.close()
 
 
-def test_panel_commands_drive_the_run(tiny, tmp_path, modem):
+def test_panel_commands_drive_the_run(tiny, tmp_path, modem, monkeypatch):
+    from smearsight.device import sinks
+
+    written: list[dict] = []
+    real_open_sink = sinks.open_sink
+
+    def recording_sink(uri, **opts):  # the real null sink, noting each status the pipeline hands it
+        sink = real_open_sink(uri, **opts)
+        write = sink.write
+        sink.write = lambda image, status=None: (written.append(dict(status or {})), write(image, status))[1]
+        return sink
+
+    monkeypatch.setattr(sinks, "open_sink", recording_sink)
     models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), seed=1, score_threshold=0.2)
     received: dict[int, list] = {}
     panel = SerialLink(modem.b, name="test-panel")
@@ -38,7 +50,8 @@ def test_panel_commands_drive_the_run(tiny, tmp_path, modem):
         panel.send(Capture())
         time.sleep(0.3)
         panel.send(Freeze(FreezeMode.ON))
-        while not any(s.state.name == "FROZEN" for s in received.get(MsgType.STATUS, [])):
+        while not (any(s.state.name == "FROZEN" for s in received.get(MsgType.STATUS, []))
+                   and any(w.get("frozen") for w in written)):  # the screen has shown the held field
             if time.monotonic() > deadline:
                 break
             time.sleep(0.02)
@@ -64,5 +77,9 @@ def test_panel_commands_drive_the_run(tiny, tmp_path, modem):
     statuses = received[MsgType.STATUS]
     assert statuses and any(s.state.name == "FROZEN" for s in statuses)
     assert received[MsgType.COUNTS][-1].counts.keys() >= {"mature_sperm"}
+    frozen = [w for w in written if w.get("frozen")]
+    live = [w for w in written if not w.get("frozen")]
+    assert frozen and all("counts" in w for w in frozen)  # the held field keeps its counts on the tablet
+    assert {w["frame"] for w in frozen} <= {w["frame"] for w in live}  # a shown frame's index, not a count
     summary = received[MsgType.SUMMARY][-1]
     assert summary.captures == 1 and summary.frames == stats["frames"]
