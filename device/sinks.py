@@ -275,7 +275,7 @@ else if(s.detect_every>1)h+=' &middot; detector 1/'+esc(s.detect_every)+' frames
 h+='</p>';if(s.sperm_judged)h+='<p>abnormal sperm: '+esc(s.sperm_abnormal)+'/'+esc(s.sperm_judged)+'</p>';
 if(s.counts){{h+='<table>';
 for(const[k,v]of Object.entries(s.counts))h+='<tr><td>'+esc(k)+'</td><td>'+esc(v)+'</td></tr>';
-h+='</table>';}}document.getElementById('s').innerHTML=h;}}catch(e){{}}}}
+h+='</table>';}}document.getElementById('s').innerHTML=h;}}
 setInterval(tick,1000);tick();
 </script></body></html>
 """

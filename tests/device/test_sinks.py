@@ -165,6 +165,47 @@ def test_http_status_says_how_old_the_picture_is_and_head_works() -> None:
         sink.close()
 
 
+_PAGE_HARNESS = """
+const els = {b: {textContent: '', className: ''}, s: {innerHTML: ''}};
+global.document = {getElementById: id => els[id]};
+let replies = [];
+global.fetch = async () => { const r = replies.shift(); if (r === null) throw new Error('refused');
+                             return {json: async () => r}; };
+global.setInterval = () => {};
+eval(require('fs').readFileSync(process.argv[2], 'utf8').replace('tick();', ''));
+(async () => {
+  const out = [];
+  for (const reply of JSON.parse(require('fs').readFileSync(process.argv[3], 'utf8'))) {
+    replies = [reply]; await tick(); out.push([els.b.textContent, els.s.innerHTML]);
+  }
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_status_page_script_shows_frozen_stale_and_unreachable(tmp_path: Path) -> None:
+    """The tablet page's own JavaScript, run under node with a stand-in DOM and fetch."""
+    from smearsight.device.sinks import _PAGE
+
+    script = _PAGE.format(body="").split("<script>")[1].split("</script>")[0]
+    (tmp_path / "page.js").write_text(script)
+    (tmp_path / "harness.js").write_text(_PAGE_HARNESS)
+    replies = [{"frame": 5, "fps": 10, "counts": {"rbc": 3}, "frozen": True, "age_s": 0.2},
+               {"frame": 6, "fps": 10, "counts": {"rbc": 3}, "age_s": 7.4},
+               None,  # the device went away
+               {"frame": 7, "fps": 10, "counts": {"rbc": 4}, "age_s": 0.1}]
+    (tmp_path / "replies.json").write_text(json.dumps(replies))
+    proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"),
+                           str(tmp_path / "replies.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (frozen, frozen_body), (stale, _), (gone, gone_body), (live, live_body) = json.loads(proc.stdout)
+    assert frozen.startswith("FROZEN") and "<td>rbc</td><td>3</td>" in frozen_body
+    assert stale == "no new picture for 7 s"
+    assert gone.startswith("no connection to the device") and "<td>3</td>" in gone_body  # last counts stay
+    assert live == "" and "<td>rbc</td><td>4</td>" in live_body
+
+
 def test_http_viewers_that_reset_leave_no_traceback(capfd) -> None:
     import struct
 
