@@ -88,7 +88,8 @@ def test_evaluation_caps_keep_every_cell_of_a_dense_field() -> None:
     logits = np.repeat(4.0 - 0.01 * np.arange(len(cells), dtype=np.float32), per_cell)[:, None]  # one class
     cfg = TrainConfig()
     caps = cfg.evaluation_caps(num_classes=1)
-    assert caps == {"pre_nms_topk": per_cell * cfg.max_detections, "max_detections": cfg.max_detections}
+    assert caps == {"pre_nms_topk": per_cell * cfg.max_detections, "max_detections": cfg.max_detections,
+                    "max_per_class": cfg.max_detections}
     device = {"pre_nms_topk": cfg.pre_nms_topk, "max_detections": cfg.max_detections}
     assert _detected_cells(logits, anchors, cells, device).sum() == 4000 // per_cell
     assert _detected_cells(logits, anchors, cells, caps).all()
@@ -106,6 +107,22 @@ def test_evaluation_caps_count_detections_per_class() -> None:
     assert caps["max_detections"] == 2000
     assert _detected_cells(logits, cells, cells, {"pre_nms_topk": 4000, "max_detections": 1000})[1000:].sum() == 0
     assert _detected_cells(logits, cells, cells, caps).all()
+    # Fewer detections allowed than the crowded class holds: still each class gets its own maxDets.
+    small = TrainConfig(max_detections=100).evaluation_caps(num_classes=2)
+    found = _detected_cells(logits, cells, cells, small)
+    assert found[:1000].sum() == 100 and found[1000:].all()  # without a per-class cap: 200 and 0
+
+
+def test_coco_evaluation_scores_at_a_max_dets_below_100(tmp_path) -> None:
+    """pycocotools sorts its maxDets: a cap of 5 must be scored as 5, not as its largest entry (100)."""
+    pytest.importorskip("pycocotools")
+    from smearsight.train.detector.evaluate import coco_evaluate
+
+    gt = _cell_grid(20, 5)
+    ds = DetectionDataset(["c"], [ImageRecord(tmp_path / "x.jpg", 200, 200, gt, np.zeros(20, np.int64))])
+    det = np.concatenate([gt, np.linspace(0.9, 0.5, 20, dtype=np.float32)[:, None], np.zeros((20, 1))], 1)
+    metrics, _ = coco_evaluate(ds, [det.astype(np.float32)], max_dets=5)
+    assert metrics["recall"] == pytest.approx(5 / 20) and metrics["max_dets"] == 5
 
 
 def test_best_anchor_iou_is_exact_against_brute_force() -> None:

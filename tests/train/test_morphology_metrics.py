@@ -50,6 +50,19 @@ def test_roc_curve_area_matches_auc() -> None:
     assert math.isnan(roc_auc(np.zeros(3, int), np.arange(3.0)))
 
 
+def test_roc_curve_with_tied_scores_matches_scikit_learn() -> None:
+    """Saturated sigmoids tie at exactly 1.0: the curve must step over a tie at once, not draw a staircase."""
+    y = np.r_[np.zeros(10, int), np.zeros(40, int), np.ones(50, int)]
+    s = np.r_[np.full(10, 0.2), np.full(90, 1.0)]
+    rng = np.random.default_rng(3)
+    for order in (np.arange(100), rng.permutation(100)):
+        fpr, tpr = roc_curve(y[order], s[order])
+        ref_fpr, ref_tpr, _ = metrics_sk.roc_curve(y[order], s[order], drop_intermediate=False)
+        np.testing.assert_allclose(fpr, ref_fpr)
+        np.testing.assert_allclose(tpr, ref_tpr)
+        assert np.trapezoid(tpr, fpr) == pytest.approx(metrics_sk.roc_auc_score(y, s))
+
+
 def test_threshold_maximises_f05_over_all_cuts() -> None:
     rng = np.random.default_rng(1)
     y = (rng.random(120) < 0.3).astype(int)

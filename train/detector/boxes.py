@@ -46,11 +46,14 @@ def decode_nms(
     pre_nms_topk: int,
     max_detections: int,
     image_size: tuple[int, int] | None = None,
+    max_per_class: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Torch twin of ``smearsight.runtime.postprocess.decode_nms`` for one image.
 
     ``class_logits [A, C]``, ``box_regression [A, 4]``, ``anchors [A, 4]``. Returns a float32
     ``[max_detections, 6]`` tensor (x1, y1, x2, y2, score, class), unused rows (0, 0, 0, 0, 0, -1), and the count.
+    ``max_per_class`` (evaluation only; the runtime has no such cap) keeps each class's best that many after
+    NMS, as COCO's ``maxDets`` counts them, so that a crowded class cannot push a rarer one out of the list.
     """
     from torchvision.ops import batched_nms
 
@@ -85,7 +88,16 @@ def decode_nms(
     # Final order: score desc, then class asc, then anchor index asc.
     key = cl * (num_anchors + 1) + idx
     order = torch.sort(key, stable=True).indices
-    order = order[torch.sort(-sc[order], stable=True).indices][:max_detections]
+    order = order[torch.sort(-sc[order], stable=True).indices]
+    if max_per_class is not None:
+        ordered_cls = cl[order]
+        grouped = torch.sort(ordered_cls, stable=True).indices  # by class, best first within each
+        counts = torch.bincount(ordered_cls, minlength=num_classes)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(ordered_cls)
+        rank[grouped] = torch.arange(grouped.numel(), device=rank.device) - starts[ordered_cls[grouped]]
+        order = order[rank < max_per_class]
+    order = order[:max_detections]
     n = int(order.numel())
     out[:n, :4] = boxes[order]
     out[:n, 4] = sc[order]

@@ -137,7 +137,8 @@ class TrainConfig(StrictConfig):
 def evaluation_caps(
     pre_nms_topk: int, matcher_topk: int | None, max_dets: int, num_classes: int, override: int | None = None
 ) -> dict[str, int]:
-    """The predictor's caps when scoring AP down to a low score: ``{"pre_nms_topk", "max_detections"}``.
+    """The predictor's caps when scoring AP down to a low score: ``{"pre_nms_topk", "max_detections",
+    "max_per_class"}``.
 
     Candidates per class before NMS: ``override`` if given, else room for ``max_dets`` cells with the
     ``matcher_topk`` anchors each that training made positive (at least ``pre_nms_topk``, the device's cap,
@@ -148,4 +149,5 @@ def evaluation_caps(
     """
     if override is None:
         override = max(int(pre_nms_topk), int(matcher_topk or DEFAULT_MATCHER_TOPK) * int(max_dets))
-    return {"pre_nms_topk": int(override), "max_detections": int(max_dets) * int(num_classes)}
+    return {"pre_nms_topk": int(override), "max_detections": int(max_dets) * int(num_classes),
+            "max_per_class": int(max_dets)}

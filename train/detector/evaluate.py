@@ -61,12 +61,13 @@ def coco_evaluate(
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, "bbox")
-        ev.params.maxDets = [1, 100, max_dets]
+        ev.params.maxDets = sorted({1, 100, int(max_dets)})  # pycocotools sorts them itself
+        at = ev.params.maxDets.index(int(max_dets))
         ev.params.areaRng, ev.params.areaRngLbl = ev.params.areaRng[:1], ev.params.areaRngLbl[:1]  # "all" only
         ev.evaluate()
         ev.accumulate()
-    precision = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K] at area=all, maxDets=max_dets
-    recall = ev.eval["recall"][:, :, 0, -1]  # [T, K]
+    precision = ev.eval["precision"][:, :, :, 0, at]  # [T, R, K] at area=all, maxDets=max_dets
+    recall = ev.eval["recall"][:, :, 0, at]  # [T, K]
     has_gt = counts > 0
 
     def mean_valid(a: np.ndarray) -> float:

@@ -37,6 +37,7 @@ class Predictor:
         iou_threshold: float = 0.5,
         pre_nms_topk: int = DEFAULT_PRE_NMS_TOPK,
         max_detections: int = 1000,
+        max_per_class: int | None = None,
         resize: str = "letterbox",
         device: str | torch.device = "cpu",
     ) -> None:
@@ -50,6 +51,7 @@ class Predictor:
         self.iou_threshold = iou_threshold
         self.pre_nms_topk = pre_nms_topk
         self.max_detections = max_detections
+        self.max_per_class = max_per_class
         if resize not in ("letterbox", "pad"):
             raise ValueError(f"resize must be 'letterbox' or 'pad', got {resize!r}")
         self.resize = resize
@@ -106,7 +108,7 @@ class Predictor:
                     logits[i], deltas[i], anchors,
                     score_threshold=self.score_threshold, iou_threshold=self.iou_threshold,
                     pre_nms_topk=self.pre_nms_topk, max_detections=self.max_detections,
-                    image_size=tuple(xt.shape[-2:]),
+                    image_size=tuple(xt.shape[-2:]), max_per_class=self.max_per_class,
                 )
                 results.append(dets[:n].cpu().numpy())
         out = []

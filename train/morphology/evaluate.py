@@ -53,6 +53,7 @@ def evaluate_morphology(
     }
     _plots(out, crops.labels, scores, threshold, metrics["auc"], part, split)
     order = np.argsort(-scores)
+    n_localise = min(n_localise, len(order))  # the most and least anomalous crops, each at most once
     pick = list(order[: n_localise // 2]) + list(order[::-1][: n_localise - n_localise // 2])
     names = [f"{rank:02d}_idx{idx}_{'abnormal' if crops.labels[idx] else 'normal'}" for rank, idx in enumerate(pick)]
     captions = [f"score {scores[i]:.3g} label {'abn' if crops.labels[i] else 'nor'}" for i in pick]

@@ -45,12 +45,14 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false-positive rate, true-positive rate) with abnormal as the detected class, for plotting."""
+    """(false-positive rate, true-positive rate) with abnormal as the detected class, for plotting: one point
+    per distinct score (tied scores move both rates at once, so the curve's area is the AUC)."""
     labels = np.asarray(labels).astype(np.int64)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    hits = labels[order]
-    tpr = np.concatenate([[0.0], np.cumsum(hits) / max(1, hits.sum())])
-    fpr = np.concatenate([[0.0], np.cumsum(1 - hits) / max(1, (1 - hits).sum())])
+    ordered = -np.sort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    hits = labels[np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")]
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(ordered)), len(ordered) - 1] if len(ordered) else []
+    tpr = np.concatenate([[0.0], np.cumsum(hits)[last_of_each_score] / max(1, hits.sum())])
+    fpr = np.concatenate([[0.0], np.cumsum(1 - hits)[last_of_each_score] / max(1, (1 - hits).sum())])
     return fpr, tpr
 
 
