@@ -178,12 +178,12 @@ class PanelSim:
             keys = "  ".join(f"[bold]{k}[/] {v}" for k, v in KEYS.items())
             how = f"keys: {keys}  [bold]q[/] quit" if interactive else f"script: {','.join(script or []) or '(none)'}"
             self.console.print(f"[bold]panel-sim[/] {escape(self.link.port_name)} — {how}")
+        keys = _KeyReader() if interactive else None  # before the link says "connected": no key is lost
         self.link.start()
         steps = list(script or [])
         step = 0
         next_at = self.t0 + interval
         script_done_at: float | None = None
-        keys = _KeyReader() if interactive else None
         try:
             while not stop.is_set():
                 now = time.monotonic()
@@ -240,7 +240,7 @@ class _KeyReader:
 
         self._fd = sys.stdin.fileno()
         self._saved = termios.tcgetattr(self._fd)
-        tty.setcbreak(self._fd)
+        tty.setcbreak(self._fd, termios.TCSANOW)  # TCSAFLUSH (the default) would drop keys typed already
 
     def read(self, timeout: float) -> str | None:
         ready, _, _ = select.select([self._fd], [], [], timeout)

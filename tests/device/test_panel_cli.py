@@ -206,6 +206,29 @@ def test_panel_sim_interactive_keys_from_a_terminal() -> None:
     assert "keys:" in out and "PONG" in out and "rtt" in out
 
 
+def test_panel_sim_keeps_a_key_typed_before_it_is_ready() -> None:
+    """A key pressed while the simulator is still starting is acted on, not dropped."""
+    term_master, term_slave = os.openpty()
+    with VirtualNullModem() as nm:
+        link = PanelLink(nm.b)
+        got: list[str] = []
+        link.on_any(lambda f: got.append(f.type_name))
+        with link:
+            assert link.wait_connected(2)
+            os.write(term_master, b"p")  # typed before the simulator has even started
+            sim = Proc("device", "panel-sim", nm.a, "--duration", "60", stdin=term_slave)
+            try:
+                assert wait_until(lambda: "PING" in got), (got, sim.lines)
+                os.write(term_master, b"q")
+                rc = sim.finish()
+            finally:
+                if sim.p.poll() is None:
+                    sim.p.kill()
+                os.close(term_master)
+                os.close(term_slave)
+    assert rc == 0, sim.lines
+
+
 def wait_until(pred, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
