@@ -167,3 +167,18 @@ def test_check_shows_bracketed_names_literally_and_refuses_an_empty_split(
     (tmp_path / "empty" / "Annotations").mkdir(parents=True)
     assert main(["data", "check", str(tmp_path / "empty"), "--format", "voc"]) == 1
     assert "no images found" in capsys.readouterr().err
+
+
+def test_check_notes_16_bit_images_holding_12_bit_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds = _dataset(tmp_path / "src")
+    write_dataset(ds, tmp_path / "voc", "voc", "train")
+    dark = tmp_path / "voc" / "JPEGImages" / "img1.png"
+    twelve_bit = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) % 4096)[:, :, None].repeat(3, 2)
+    assert cv2.imwrite(str(dark), twelve_bit)
+    bright = tmp_path / "voc" / "JPEGImages" / "img2.png"
+    assert cv2.imwrite(str(bright), (twelve_bit.astype(np.uint32) * 16).astype(np.uint16))  # full 16-bit range
+    assert main(["data", "check", str(tmp_path / "voc"), "--format", "voc"]) == 0
+    out = capsys.readouterr().out
+    assert "1 image(s) with 16-bit pixels" in out and "img1.png" in out
+    assert f"brightest value is {twelve_bit.max()}" in out
+    assert "img2.png: a 16-bit" not in out

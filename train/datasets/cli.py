@@ -48,6 +48,7 @@ def check_command(
 
     from .check import TINY_BOX_PX, render_summary, tiny_box_notes
     from .formats import read_dataset
+    from .images import low_bit_depth_note
 
     console = Console(highlight=False, soft_wrap=True)
     with _progress(console, "checking images") as progress:
@@ -60,6 +61,11 @@ def check_command(
     if notes:
         console.print(f"\n{len(notes)} box(es) with a side under {TINY_BOX_PX:g} px (valid, but worth a look):")
         for line in notes:
+            console.print(f"  note: {line}", markup=False)
+    dark = [] if fast else [n for n in map(low_bit_depth_note, (r.path for r in ds.images)) if n]
+    if dark:
+        console.print(f"\n{len(dark)} image(s) with 16-bit pixels that will look nearly black:")
+        for line in dark:
             console.print(f"  note: {line}", markup=False)
     if problems:
         console.print(f"\n[bold red]{len(problems)} bad record(s):[/]")

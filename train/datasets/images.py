@@ -58,6 +58,30 @@ def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def low_bit_depth_note(path: str | os.PathLike[str]) -> str | None:
+    """A note when a 16-bit PNG/TIFF holds only low values (12-bit camera data in a 16-bit file, say).
+
+    Every reader here, like OpenCV's, keeps the top 8 of the 16 bits, so such an image trains and runs as
+    nearly black; the note says so, with the brightest value found. None for other images.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".tif", ".tiff"):
+        return None
+    cv2 = _cv2()
+    try:
+        image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except (OSError, cv2.error):
+        return None
+    if image is None or image.dtype != np.uint16:
+        return None
+    peak = int(image.max())
+    if peak >= 4096:
+        return None
+    return (f"{path}: a 16-bit image whose brightest value is {peak} (at most {peak.bit_length()}-bit data): "
+            f"it is read as 8-bit by keeping the top 8 bits, so it looks nearly black (max {peak >> 8}); "
+            "rescale it to 8-bit by its real bit depth first")
+
+
 def _png_size(head: bytes) -> tuple[int, int] | None:
     if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
         w, h = struct.unpack(">II", head[16:24])
