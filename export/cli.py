@@ -28,7 +28,11 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
 def export_onnx(
     weights: Path = typer.Option(..., "--weights", help="Detector or morphology checkpoint (.pt)."),
     out: Path = typer.Option(..., "--out", help="Output directory for model.onnx and manifest.json."),
-    image_size: str | None = typer.Option(None, "--image-size", help="Detector input HxW (default: training size)."),
+    image_size: str | None = typer.Option(
+        None, "--image-size",
+        help="Detector input HxW (default: the training size, frames letterboxed as in training). Another size "
+             "keeps cells at their trained pixel size: frames are padded, not rescaled (larger ones shrunk).",
+    ),
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
     dynamic_batch: bool | None = typer.Option(
         None, "--dynamic-batch/--static-batch", help="Dynamic batch (default: static detector, dynamic morphology)."

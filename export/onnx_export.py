@@ -53,7 +53,7 @@ def input_shape(checkpoint: dict[str, Any], image_size: tuple[int, int] | None, 
     if height % stride or width % stride:
         raise InputError(
             f"--image-size {height}x{width}: both sides must be multiples of the largest stride {stride} "
-            "(the runtime letterboxes camera frames into this size)"
+            "(camera frames are placed in an input of this size)"
         )
     return [batch, 3, int(height), int(width)]
 
@@ -70,6 +70,11 @@ def make_manifest(
     """Fill a manifest from the checkpoint's contract fields (see smearsight.train.checkpoint).
 
     ``overrides`` (detector only) replaces the checkpoint's ``score``, ``pre_nms_topk`` or ``max_detections``.
+
+    A detector exported at its training size keeps the training's ``letterbox`` (frames scaled to fit, as the
+    trainer scaled its images). Exported at another size (larger frames from a camera of the same optics) it
+    gets ``pad``: frames are not rescaled, so cells keep the pixel size the network learned; letterboxing
+    into the larger canvas would enlarge every small frame's cells (a 384x512 frame 2x into 768x1024).
     """
     norm = checkpoint["normalization"]
     version = str(checkpoint.get("model_version") or f"{__version__}+{checkpoint_sha256[:8]}")
@@ -77,6 +82,7 @@ def make_manifest(
         from smearsight.train.detector.augment import PAD_VALUE
 
         thresholds = {**checkpoint["thresholds"], **(overrides or {})}
+        resize = "letterbox" if [int(v) for v in shape[2:]] == [int(v) for v in checkpoint["image_size"]] else "pad"
         detector = DetectorSpec(
             class_names=list(checkpoint["class_names"]),
             anchors=AnchorConfig(**checkpoint["anchors"]),
@@ -90,7 +96,7 @@ def make_manifest(
             name=name,
             model_version=version,
             input=InputSpec(name=DETECTOR_INPUT, shape=shape, color=norm.get("color", "rgb"),
-                            mean=list(norm["mean"]), std=list(norm["std"]), resize="letterbox",
+                            mean=list(norm["mean"]), std=list(norm["std"]), resize=resize,
                             pad_value=float(norm.get("pad_value", PAD_VALUE))),  # the trainer's letterbox grey
             outputs=[TensorSpec(name=n, shape=s) for n, s in output_shapes.items()],
             detector=detector,

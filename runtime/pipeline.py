@@ -33,7 +33,7 @@ from smearsight.manifest import MANIFEST_NAME, load_manifest
 from smearsight.runtime.backends import InferenceBackend, cpu_only, open_backend
 from smearsight.runtime.frame_worker import InferenceWorker, Processed
 from smearsight.runtime.postprocess import decode_nms, to_frame_pixels
-from smearsight.runtime.preprocess import Preprocessor
+from smearsight.runtime.preprocess import Preprocessor, shrink_note
 
 log = logging.getLogger("smearsight.runtime")
 
@@ -172,6 +172,7 @@ class Pipeline:
         self._frame_dets = np.empty((self.max_det, 6), np.float32)
         self._class_candidates = np.zeros(len(self.class_names), np.int64)
         self.capped_classes: list[str] = []  # see cap_warning
+        self.size_note: str | None = None  # frames larger than a ``pad`` model's input (see cap_warning)
         self._gpu_decoder = None
         self._gpu_preprocess = None
         self._decode_on_device = False
@@ -307,9 +308,10 @@ class Pipeline:
     def cap_warning(self) -> str:
         """Plain words when the last decode (NumPy or CUDA) had more candidates of a class above the score
         threshold than the manifest's ``pre_nms_topk``: the weakest of them were dropped before NMS, so on
-        such a crowded field some cells may be neither boxed nor counted (empty otherwise)."""
+        such a crowded field some cells may be neither boxed nor counted; or when the frames are larger than
+        a ``pad`` detector's input and were shrunk (empty otherwise)."""
         if not self.capped_classes:
-            return ""
+            return self.size_note or ""
         return (f"more {', '.join(self.capped_classes)} candidates than the model's pre_nms_topk "
                 f"({self.spec.pre_nms_topk}): some cells may be missed and counts low; re-export with a larger "
                 f"--pre-nms-topk")
@@ -407,6 +409,7 @@ class Pipeline:
     def _detect(self, frame_rgb: np.ndarray, out: np.ndarray, times: dict[str, float]) -> int:
         """Pre-process, infer, decode + NMS into ``out`` (frame pixels); returns the detection count."""
         t0 = time.perf_counter()
+        self.size_note = shrink_note(frame_rgb.shape[:2], self.detector.manifest.input)
         if self._gpu_preprocess is not None:  # upload, preprocess, engine, decode + NMS: one GPU stream
             t1 = t0
             dets, n, box = self._all_gpu(np.ascontiguousarray(frame_rgb))

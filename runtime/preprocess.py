@@ -5,7 +5,9 @@
 - ``letterbox``: scale by ``min(H/h, W/w)`` (rounded size, INTER_AREA when shrinking, else
   INTER_LINEAR), placed at the top-left of the canvas (as in training), the rest ``pad_value``.
 - ``stretch``: resize to exactly (H, W).
-- ``pad``: no resize; the frame at the top-left of the canvas (cropped when larger).
+- ``pad``: cells keep their pixel size (a detector trained at the camera's scale): no resize, the frame at
+  the top-left of the canvas; a frame larger than the canvas is shrunk to fit (as ``letterbox``), never
+  cropped, and :func:`shrink_note` says so.
 
 ``pad_value`` is a pixel value (0-255) before normalisation.
 
@@ -58,13 +60,27 @@ def geometry(frame_hw: tuple[int, int], spec: InputSpec) -> tuple[Letterbox, tup
     H, W = int(spec.shape[2]), int(spec.shape[3])  # noqa: N806
     if spec.resize == "stretch":
         return Letterbox(W / w, H / h, 0.0, 0.0, (h, w)), (H, W)
-    if spec.resize == "pad":
-        return Letterbox(1.0, 1.0, 0.0, 0.0, (h, w)), (h, w)
     scale = min(H / h, W / w)
+    if spec.resize == "pad":
+        if scale >= 1.0:
+            return Letterbox(1.0, 1.0, 0.0, 0.0, (h, w)), (h, w)
+        # larger than the canvas: shrunk to fit rather than cropped (the whole field stays in view)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     # the per-axis scales of the pixels as resized (nw / w, nh / h), not ``scale``: they differ by the
     # rounding of the resized size, up to half a pixel at the far edge
     return Letterbox(nw / w, nh / h, 0.0, 0.0, (h, w)), (nh, nw)
+
+
+def shrink_note(frame_hw: tuple[int, int], spec: InputSpec) -> str | None:
+    """A plain-words note when a ``pad`` model gets frames larger than its input (they are shrunk, so cells
+    look smaller than the model was trained on); None otherwise."""
+    h, w = frame_hw
+    H, W = int(spec.shape[2]), int(spec.shape[3])  # noqa: N806
+    if spec.resize != "pad" or (h <= H and w <= W):
+        return None
+    return (f"frames of {h}x{w} are larger than the detector's {H}x{W} input, so they are shrunk "
+            f"{min(H / h, W / w):.2f}x and small cells may be missed; export the detector with --image-size "
+            f"{h}x{w} (rounded up to its stride) for this camera")
 
 
 class Preprocessor:

@@ -82,6 +82,20 @@ def test_image_size_must_fit_stride(tiny_detector_checkpoint, tmp_path):
     assert not (tmp_path / "model.onnx").exists()
 
 
+def test_export_at_another_size_keeps_cells_at_their_trained_pixel_size(tiny_detector_checkpoint, tmp_path):
+    """At the training size frames are letterboxed as in training; at a larger size they are only padded,
+    so a frame of the training size is not enlarged (its cells would double) and the manifest says so."""
+    from smearsight.export.onnx_export import export_checkpoint
+    from smearsight.manifest import load_manifest as load
+    from smearsight.runtime.preprocess import geometry
+
+    export_checkpoint(tiny_detector_checkpoint, tmp_path / "big", image_size=(128, 192))
+    spec = load(tmp_path / "big").input
+    assert spec.resize == "pad" and spec.shape == [1, 3, 128, 192]
+    box, resized = geometry((64, 96), spec)  # a frame of the training size
+    assert (box.scale_x, box.scale_y, resized) == (1.0, 1.0, (64, 96))
+
+
 def test_operating_point_comes_from_the_checkpoint_or_the_command_line(detector_export, tiny_detector_checkpoint,
                                                                       tiny_morphology_checkpoint, tmp_path, capsys):
     spec = load_manifest(detector_export).detector

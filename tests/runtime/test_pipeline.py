@@ -313,3 +313,28 @@ def test_a_binding_cap_is_reported_from_the_gpu_decoders_counts(models):
     finally:
         pipe._gpu_decoder = None
         pipe.close()
+
+
+@pytest.mark.parametrize("size", [(384, 512), (480, 640)])
+def test_shipped_detector_keeps_cell_size_on_smaller_camera_frames(size):
+    """The demo detector learned cells at their pixel size; a smaller camera frame (same optics) must not be
+    enlarged to fill the 768x1024 input, or every cell doubles in size and the counts go wrong."""
+    from smearsight.anchors import box_iou
+    from smearsight.train.datasets.synth import SmearSynthesizer
+
+    det = open_backend(pl.packaged_models_root() / "detector", "onnx")
+    pipe = pl.Pipeline(det, [])
+    try:
+        matched = found = truth = 0
+        smears = SmearSynthesizer(seed=777, size=size)
+        for index in range(2):
+            image, boxes, _ = smears.render(index)
+            dets, n, _, _ = pipe.process(image)
+            found, truth = found + n, truth + len(boxes)
+            if n and len(boxes):
+                matched += int((box_iou(boxes, dets[:n, :4]).max(axis=1) >= 0.5).sum())
+        assert pipe.cap_warning() == ""  # smaller than the input: nothing is shrunk
+    finally:
+        pipe.close()
+    assert matched / truth >= 0.9, (matched, truth)
+    assert 0.85 <= found / truth <= 1.15, (found, truth)  # letterboxing 2x gave ~1.4 boxes a cell, recall 0.25

@@ -8,7 +8,7 @@ import pytest
 
 from smearsight.errors import InputError
 from smearsight.manifest import InputSpec
-from smearsight.runtime.preprocess import Letterbox, Preprocessor, geometry, preprocess_frame
+from smearsight.runtime.preprocess import Letterbox, Preprocessor, geometry, preprocess_frame, shrink_note
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
@@ -67,12 +67,23 @@ def test_stretch_bgr_and_gray(frame):
     assert np.abs(g[0, 0] - want).max() <= 1.0 / 255 / STD[0] + 1e-6  # within one grey level of rounding
 
 
-def test_pad_mode_crops_and_pads(frame):
-    x, box = preprocess_frame(frame, spec(64, 96, resize="pad", pad_value=0))
-    assert (box.scale_x, box.offset_x) == (1.0, 0.0)
-    canvas = np.zeros((64, 96, 3), np.uint8)
-    canvas[:60, :96] = frame[:, :96]
+def test_pad_mode_pads_and_shrinks_a_larger_frame_to_fit(frame):
+    x, box = preprocess_frame(frame, spec(64, 128, resize="pad", pad_value=0))  # 60x100 fits: no resize
+    assert (box.scale_x, box.scale_y, box.offset_x) == (1.0, 1.0, 0.0)
+    canvas = np.zeros((64, 128, 3), np.uint8)
+    canvas[:60, :100] = frame
     np.testing.assert_allclose(x[0], normalise(canvas, MEAN, STD), atol=1e-6)
+    assert shrink_note((60, 100), spec(64, 128, resize="pad")) is None
+    # 60x100 into 64x96: wider than the input, so shrunk to fit (0.96x), never cropped
+    x, box = preprocess_frame(frame, spec(64, 96, resize="pad", pad_value=0))
+    small = cv2.resize(frame, (96, 58), interpolation=cv2.INTER_AREA)
+    canvas = np.zeros((64, 96, 3), np.uint8)
+    canvas[:58, :96] = small
+    np.testing.assert_allclose(x[0], normalise(canvas, MEAN, STD), atol=1e-6)
+    assert box.scale_x == pytest.approx(96 / 100) and box.scale_y == pytest.approx(58 / 60)
+    note = shrink_note((60, 100), spec(64, 96, resize="pad"))
+    assert note.startswith("frames of 60x100 are larger than the detector's 64x96 input") and "0.96x" in note
+    assert shrink_note((60, 100), spec(64, 96, resize="letterbox")) is None  # letterbox scales by design
 
 
 def test_inverse_box_mapping_round_trip():
