@@ -575,7 +575,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     """Run the pipeline from ``cfg.source`` to ``cfg.sink``; returns (and optionally writes) the stats.
 
     Raises InputError only when nothing can run at all: no models, an unknown source or sink, a source
-    that gave no frame, a ``--stats-json`` that cannot be written.
+    that gave no frame, a ``--stats-json`` that cannot be written. The stats' ``counts`` are detections
+    per class summed over the frames shown (a cell in view for ten frames counts ten times), not cells.
     """
     from smearsight.deploy.sdnotify import Watchdog
     from smearsight.device.sinks import open_sink
@@ -871,7 +872,7 @@ def stats_text(stats: dict[str, Any]) -> str:
     lat = ", ".join(f"{k} {v:.1f}" for k, v in stats["latency_ms"].items())
     counts = ", ".join(f"{k} {v}" for k, v in stats["counts"].items() if v)
     return (f"{stats['frames']} frames at {stats['fps']:.1f} FPS ({stats['backend']}); median ms: {lat}"
-            + (f"; cells: {counts}" if counts else ""))
+            + (f"; detections summed over the frames: {counts}" if counts else ""))
 
 
 __all__ = ["ModelSet", "Pipeline", "RunConfig", "find_models", "open_pipeline", "run", "stats_text"]
