@@ -38,6 +38,11 @@ from smearsight.errors import InputError, require
 from smearsight.runtime.backends.base import InferenceBackend
 from smearsight.runtime.stage_motion import StageShift
 
+# Crop side / head box side that frames a head as the MHSMA training crops do: there a head's longer side
+# is 26 px of 64 (median; quartiles 24-29), `python benchmarks/bench_morphology_framing.py`. The detector's
+# sperm boxes cover the head only (train/datasets/synth_cells.py), so the crop is 2.5 x the box.
+MHSMA_CROP_SCALE = 2.5
+
 MEASURE = object()  # MorphologyStage(shift=...) default: measure the stage's shift itself
 PROBE_CROPS = 2  # the first chunk judged when a crop's cost is not known yet
 
@@ -85,7 +90,7 @@ class MorphologyStage:
         backends: Sequence[InferenceBackend],
         class_names: Sequence[str],
         *,
-        crop_scale: float = 1.5,
+        crop_scale: float = MHSMA_CROP_SCALE,
         min_side: float = 16.0,
         max_batch: int = 64,
         max_sperm: int = 256,

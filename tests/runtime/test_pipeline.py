@@ -11,7 +11,7 @@ import pytest
 from smearsight.errors import InputError
 from smearsight.runtime import pipeline as pl
 from smearsight.runtime.backends import open_backend
-from smearsight.runtime.morphology_stage import crop_square
+from smearsight.runtime.morphology_stage import MHSMA_CROP_SCALE, crop_square
 from smearsight.runtime.postprocess import decode_nms
 from smearsight.runtime.preprocess import geometry
 
@@ -95,7 +95,7 @@ def test_morphology_scores_each_sperm_detection(models):
         assert sperm and [m["det"] for m in morph] == sperm
         gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
         for m in morph:
-            crop = crop_square(gray, dets[m["det"]], 1.5, 16.0)
+            crop = crop_square(gray, dets[m["det"]], MHSMA_CROP_SCALE, 16.0)
             interp = cv2.INTER_AREA if crop.shape[0] > 64 else cv2.INTER_LINEAR
             mean = ((cv2.resize(crop, (64, 64), interpolation=interp) / 255.0 - 0.5) / 0.5).mean()
             assert m["parts"]["head"]["score"] == pytest.approx(mean, abs=1e-4)
