@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -178,8 +180,11 @@ def test_panel_modules_import_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_panel_sim_interactive_keys_from_a_terminal() -> None:
-    """Keys typed on a (pseudo-)terminal: p ping, s start, f freeze, x stop, q quit."""
+@contextlib.contextmanager
+def _sim_on_a_terminal(typed_first: bytes = b"") -> Iterator[tuple[int, list[str], Proc]]:
+    """A ``panel-sim`` whose stdin is a pseudo-terminal, talking to a PanelLink over a null modem; yields
+    (the terminal's master fd to type into, the message types the link received, the process). ``typed_first``
+    is typed before the simulator starts."""
     term_master, term_slave = os.openpty()
     with VirtualNullModem() as nm:
         link = PanelLink(nm.b)
@@ -187,19 +192,27 @@ def test_panel_sim_interactive_keys_from_a_terminal() -> None:
         link.on_any(lambda f: got.append(f.type_name))
         with link:
             assert link.wait_connected(2)
+            if typed_first:
+                os.write(term_master, typed_first)
             sim = Proc("device", "panel-sim", nm.a, "--duration", "60", stdin=term_slave)
             try:
-                assert sim.wait_line(lambda s: "connected" in s and "connecting" not in s), sim.lines
-                for n, key in enumerate("psfx", start=1):
-                    os.write(term_master, key.encode())
-                    assert wait_until(lambda n=n: len(got) >= n), (key, got, sim.lines)
-                os.write(term_master, b"q")
-                rc = sim.finish()
+                yield term_master, got, sim
             finally:
                 if sim.p.poll() is None:
                     sim.p.kill()
                 os.close(term_master)
                 os.close(term_slave)
+
+
+def test_panel_sim_interactive_keys_from_a_terminal() -> None:
+    """Keys typed on a (pseudo-)terminal: p ping, s start, f freeze, x stop, q quit."""
+    with _sim_on_a_terminal() as (term, got, sim):
+        assert sim.wait_line(lambda s: "connected" in s and "connecting" not in s), sim.lines
+        for n, key in enumerate("psfx", start=1):
+            os.write(term, key.encode())
+            assert wait_until(lambda n=n: len(got) >= n), (key, got, sim.lines)
+        os.write(term, b"q")
+        rc = sim.finish()
     assert rc == 0, sim.lines
     assert got == ["PING", "START_SESSION", "FREEZE", "STOP_SESSION"]
     out = "\n".join(sim.lines)
@@ -208,24 +221,10 @@ def test_panel_sim_interactive_keys_from_a_terminal() -> None:
 
 def test_panel_sim_keeps_a_key_typed_before_it_is_ready() -> None:
     """A key pressed while the simulator is still starting is acted on, not dropped."""
-    term_master, term_slave = os.openpty()
-    with VirtualNullModem() as nm:
-        link = PanelLink(nm.b)
-        got: list[str] = []
-        link.on_any(lambda f: got.append(f.type_name))
-        with link:
-            assert link.wait_connected(2)
-            os.write(term_master, b"p")  # typed before the simulator has even started
-            sim = Proc("device", "panel-sim", nm.a, "--duration", "60", stdin=term_slave)
-            try:
-                assert wait_until(lambda: "PING" in got), (got, sim.lines)
-                os.write(term_master, b"q")
-                rc = sim.finish()
-            finally:
-                if sim.p.poll() is None:
-                    sim.p.kill()
-                os.close(term_master)
-                os.close(term_slave)
+    with _sim_on_a_terminal(typed_first=b"p") as (term, got, sim):
+        assert wait_until(lambda: "PING" in got), (got, sim.lines)
+        os.write(term, b"q")
+        rc = sim.finish()
     assert rc == 0, sim.lines
 
 
