@@ -466,14 +466,18 @@ class HttpSink(FrameSink):
         host = parts.hostname or ""
         self._latest = _Latest(quality)
         handler = type("Handler", (_Handler,), {"latest": self._latest, "timeout": float(client_timeout)})
+        server_class = _Server
+        if ":" in host:  # http://[::1]:PORT: an IPv6 address
+            server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
         try:
-            self._server = _Server((host, port), handler)
+            self._server = server_class((host, port), handler)
         except OSError as exc:
             raise InputError(f"{uri}: cannot listen on port {port} ({exc.strerror or exc})") from exc
         self.host = host or "0.0.0.0"
         self.port = int(self._server.server_address[1])
-        self.uri = f"http://{host}:{self.port}"
-        self.url = f"http://{host or '127.0.0.1'}:{self.port}"
+        shown = f"[{host}]" if ":" in host else host
+        self.uri = f"http://{shown}:{self.port}"
+        self.url = f"http://{shown or '127.0.0.1'}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"http-sink:{self.port}", daemon=True)
         self._thread.start()

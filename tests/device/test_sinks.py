@@ -248,6 +248,22 @@ def test_http_many_viewers_connect_at_once_and_extra_ones_get_503() -> None:
         sink.close()
 
 
+def test_http_sink_on_ipv6_loopback() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        sink = open_sink("http://[::1]:0")
+    except InputError as exc:  # a container without an IPv6 loopback
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        assert sink.url == f"http://[::1]:{sink.port}"
+        sink.write(_solid((5, 6, 7)), {"frame": 3})
+        with urllib.request.urlopen(f"{sink.url}/status.json", timeout=10) as resp:
+            assert json.loads(resp.read())["frame"] == 3
+    finally:
+        sink.close()
+
+
 def test_http_port_in_use_is_an_input_error() -> None:
     first = open_sink("http://127.0.0.1:0")
     try:
