@@ -12,6 +12,7 @@ ends its recorded session, closes the video it writes and writes its stats, then
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import signal
@@ -69,6 +70,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's exit flush does not fail a second time."""
     try:
@@ -109,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except OSError as exc:
+        # A write that failed for want of space or permission, naming its file (fileio.atomic_open names
+        # it): one line. Anything else is a bug and shows its traceback.
+        if exc.filename is None or exc.errno not in _WRITE_ERRNOS:
+            raise
+        err.print(f"[bold red]error:[/] {escape(str(exc.filename))}: cannot write ({escape(exc.strerror or '')})")
+        return 1
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except Exception as exc:
@@ -125,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             show()
             return code
         raise
+    if result == 130:  # click hands typer's Exit(130), its form of Ctrl-C / SIGTERM, back as the result
+        err.print("interrupted")
     return result if isinstance(result, int) else 0
 
 

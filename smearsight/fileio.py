@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,8 +29,9 @@ DIR_MODE = 0o777 & ~_current_umask()
 def atomic_open(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[BinaryIO]:
     """A binary file that appears as ``path`` only when the block ends without error.
 
-    Written under a temporary name in the same folder, fsynced, renamed over ``path`` and the folder
-    fsynced; on error nothing is left behind. ``mode`` defaults to what ``open()`` would create.
+    Written under a temporary name in the same folder (see :func:`remove_stale_temp_files`), fsynced,
+    renamed over ``path`` and the folder fsynced; on error nothing is left behind. ``mode`` defaults to
+    what ``open()`` would create. An OSError of the write (a full disk) names ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,10 +43,27 @@ def atomic_open(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> int:
+    """Delete the temporary files :func:`atomic_open` left in ``folder`` for ``names`` when its process was
+    killed mid-write (``.NAME.XXXXXXXX.tmp``); returns how many. Call it before writing those files again."""
+    removed = 0
+    for name in names:
+        for stale in Path(folder).glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                removed += 1
+    return removed
 
 
 def check_output_dir(path: str | os.PathLike[str], what: str = "--out") -> Path:

@@ -320,6 +320,9 @@ def test_train_cli_resume_refuses_a_changed_recipe_but_takes_threads(synth_data,
     assert main(changed + ["--resume"]) == 1
     err = capsys.readouterr().err
     assert "epochs 3 (saved 1)" in err and "new --out" in err and len(err.strip().splitlines()) == 1
+    same = [a if a != "--image-size" else "--backbone" for a in args]  # what "auto" resolved to is no conflict
+    same[same.index("--backbone") + 1] = load_checkpoint(out / "last.pt")["model_config"]["backbone"]
+    assert main(same + ["--resume"]) == 0, capsys.readouterr()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("lr: 0.5\n")
     assert main(args + ["--config", str(recipe), "--resume"]) == 1
@@ -329,3 +332,50 @@ def test_train_cli_resume_refuses_a_changed_recipe_but_takes_threads(synth_data,
         assert json.loads((out / "metrics.json").read_text())["threads"] == 2
     finally:
         torch.set_num_threads(1)
+
+
+def _cli_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "detector", "--data", str(data), "--format", "coco", "--val-split", "none", "--out", str(out),
+            "--variant", "test_efficientdet", "--random-init", "--batch-size", "4", "--image-size", "128x128",
+            "--threads", "1", "--no-progress", *extra]
+
+
+def test_train_on_a_full_disk_is_one_line_and_keeps_nothing_half_written(synth_data, tmpfs, capsys) -> None:
+    with tmpfs("full", "size=512k") as full:  # smaller than one checkpoint
+        assert main(_cli_args(synth_data, full / "run", "--epochs", "1")) == 1
+        err = capsys.readouterr().err
+        assert "cannot write (No space left on device)" in err and "Traceback" not in err
+        assert "last.pt" in err or "best.pt" in err
+        assert not list((full / "run").glob(".*.tmp"))
+
+
+def test_resume_refuses_a_checkpoint_without_training_state_and_clears_stale_temp_files(
+    synth_data, tmp_path, capsys
+) -> None:
+    out = tmp_path / "run"
+    assert main(_cli_args(synth_data, out, "--epochs", "1")) == 0, capsys.readouterr()
+    stale = out / ".last.pt.k1ll3d00.tmp"  # what a kill -9 in the middle of a save leaves
+    stale.write_bytes(b"\0" * 1000)
+    assert main(_cli_args(synth_data, out, "--epochs", "1", "--resume")) == 0
+    assert not stale.exists()
+    shutil.copy(out / "best.pt", out / "last.pt")
+    capsys.readouterr()
+    assert main(_cli_args(synth_data, out, "--epochs", "1", "--resume")) == 1
+    assert "not a resumable last.pt (no training state" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_says_interrupted(synth_data, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "smearsight.cli", *_cli_args(synth_data, tmp_path / "run",
+                                                                                  "--epochs", "500")],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # one epoch done: training is under way
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err.splitlines()[-1], err[-2000:]

@@ -323,6 +323,8 @@ def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert metrics["threshold_method"] == "normal_quantile"  # valid without abnormal: quantile fallback
     with pytest.raises(InputError, match="normal samples only"):
         evaluate_morphology(tmp_path / "r" / "best.pt", data, "head", "valid", tmp_path / "e")
+    with pytest.raises(InputError, match="run folder already holds best.pt"):  # its other files would mix
+        train_morphology(data, "head", tmp_path / "r", cfg, log=lambda *_: None, progress=False)
     np.save(data / "y_head_valid.npy", np.ones(8, np.uint8))  # abnormal only: refused before any training
     with pytest.raises(InputError, match="validation split holds no normal sample"):
         train_morphology(data, "head", tmp_path / "r2", cfg, log=lambda *_: None, progress=False)

@@ -115,10 +115,17 @@ def _resumed_recipe(
 ) -> TrainConfig:
     """The saved recipe of the run in ``last_path``; InputError when an explicit request contradicts it."""
     saved = TrainConfig.from_dict(resumed["train_config"], source=f"{last_path} train_config")
+    # what the recipe resolved "auto" (None) to: asking for that very value is no conflict
+    resolved = {"image_size": list(resumed["image_size"]), "backbone": resumed["model_config"].get("backbone")}
+
+    def same(name: str) -> bool:
+        asked, had = getattr(requested, name), getattr(saved, name)
+        return asked == had or (had is None and name in resolved and asked == resolved[name])
+
     conflicts = [
         f"{name} {getattr(requested, name)!r} (saved {getattr(saved, name)!r})"
         for name in sorted(set(explicit_fields) - {"threads"})
-        if getattr(requested, name) != getattr(saved, name)
+        if not same(name)
     ]
     if conflicts:
         raise InputError(
@@ -155,7 +162,7 @@ def train_detector(
     """
     import torch
 
-    from smearsight.fileio import atomic_write_json
+    from smearsight.fileio import atomic_write_json, remove_stale_temp_files
     from smearsight.train.backbones import backbone_normalization
     from smearsight.train.checkpoint import load_checkpoint, save_checkpoint
     from smearsight.train.detector import plots
@@ -175,6 +182,10 @@ def train_detector(
         if not last_path.is_file():
             raise InputError(f"{last_path}: nothing to resume (no last.pt in the run folder)")
         resumed = load_checkpoint(last_path, kind="detector")
+        missing = [k for k in ("model_state", "optimizer", "ema", "rng", "train_config", "epoch") if k not in resumed]
+        if missing:
+            raise InputError(f"{last_path}: not a resumable last.pt (no training state: {', '.join(missing)}); "
+                             "is it a copy of best.pt?")
         cfg = _resumed_recipe(resumed, cfg, explicit_fields, last_path)
     elif last_path.exists():
         raise InputError(f"{out}: run folder already holds last.pt; pass --resume to continue it or pick a new --out")
@@ -242,6 +253,7 @@ def train_detector(
         log.info("resumed %s at epoch %d (step %d)", last_path, state["epoch"], state["step"])
 
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out, ("last.pt", "best.pt", "metrics.json", "curves.png"))  # left by a kill -9
     log.info("input %sx%s, anchors levels %s (%d anchors), %s, device %s", image_size[0], image_size[1],
              anchors.levels, anchors.num_anchors((image_size[0], image_size[1])), model_cfg.variant, dev)
 

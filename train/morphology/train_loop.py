@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_write_bytes, atomic_write_json
+from smearsight.fileio import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 from smearsight.train.morphology.config import MorphologyTrainConfig
 from smearsight.train.morphology.data import CropSet, check_part, load_crops, to_tensor_input
 from smearsight.train.morphology.metrics import binary_metrics, roc_auc
 from smearsight.train.morphology.threshold import choose_threshold
+
+RUN_FILES = ("best.pt", "metrics.json", "history.json", "curves.png")  # what a run folder holds
 
 NORMALIZATION = {"color": "gray", "mean": [0.5], "std": [0.5]}
 
@@ -213,11 +215,14 @@ def train_morphology(
                          "(the threshold is chosen on it)")
     valid_two_classes = len(set(valid.labels.tolist())) == 2
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "best.pt").exists():  # its metrics, history and curves would be mixed with this run's
+        raise InputError(f"{out}: run folder already holds best.pt; pick a new --out (or delete the old run)")
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.model)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out, RUN_FILES)  # left by a kill -9 of an earlier try
     if init_from is not None:
         _load_student(model, init_from)
     elif cfg.epochs == 0:
@@ -333,10 +338,11 @@ def train_morphology(
         "train_config": cfg.to_dict(),
         "metrics": metrics,
     }
-    save_checkpoint(out / "best.pt", payload)
+    # best.pt last: a folder that holds it holds the whole run (a kill before leaves no best.pt to reuse)
     atomic_write_json(out / "metrics.json", _finite(metrics))
     atomic_write_json(out / "history.json", _finite({"student": history, "classifier": classifier_info}))
     _plot_curves(out / "curves.png", history)
+    save_checkpoint(out / "best.pt", payload)
     return metrics
 
 
