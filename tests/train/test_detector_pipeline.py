@@ -327,6 +327,12 @@ def test_train_cli_resume_refuses_a_changed_recipe_but_takes_threads(synth_data,
     recipe.write_text("lr: 0.5\n")
     assert main(args + ["--config", str(recipe), "--resume"]) == 1
     assert "lr 0.5 (saved" in capsys.readouterr().err
+    recipe.write_text("augment: {hflip: 0.1}\n")  # a nested section: only the key that differs is named
+    assert main(args + ["--config", str(recipe), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "augment.hflip 0.1 (saved 0.5)" in err and "vflip" not in err
+    assert main(args + ["--time-budget", "5", "--resume"]) == 1
+    assert "time_budget_min (--time-budget) 5.0 (saved 40.0)" in capsys.readouterr().err
     try:
         assert main(args + ["--threads", "2", "--resume"]) == 0, capsys.readouterr()  # the machine may change
         assert json.loads((out / "metrics.json").read_text())["threads"] == 2

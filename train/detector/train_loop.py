@@ -110,6 +110,20 @@ def _checkpoint_payload(state: dict[str, Any], weights: dict[str, Any]) -> dict[
     }
 
 
+_OPTION_OF = {"time_budget_min": "--time-budget", "batch_size": "--batch-size", "image_size": "--image-size",
+              "backbone_weights": "--backbone-weights", "pretrained": "--random-init"}
+
+
+def _difference(name: str, asked: Any, saved: Any) -> str:
+    """``"epochs 3 (saved 1)"``; for a nested section only the keys that differ (``"augment.hflip 0.1 (saved
+    0.5)"``); a field set by a CLI option is named by that option."""
+    if isinstance(asked, dict) and isinstance(saved, dict):
+        keys = sorted(k for k in set(asked) | set(saved) if asked.get(k) != saved.get(k))
+        return "; ".join(_difference(f"{name}.{k}", asked.get(k), saved.get(k)) for k in keys)
+    label = f"{name} ({_OPTION_OF[name]})" if name in _OPTION_OF else name
+    return f"{label} {asked!r} (saved {saved!r})"
+
+
 def _resumed_recipe(
     resumed: dict[str, Any], requested: TrainConfig, explicit_fields: Collection[str], last_path: Path
 ) -> TrainConfig:
@@ -122,8 +136,9 @@ def _resumed_recipe(
         asked, had = getattr(requested, name), getattr(saved, name)
         return asked == had or (had is None and name in resolved and asked == resolved[name])
 
+    asked_dict, saved_dict = requested.to_dict(), saved.to_dict()
     conflicts = [
-        f"{name} {getattr(requested, name)!r} (saved {getattr(saved, name)!r})"
+        _difference(name, asked_dict[name], saved_dict[name])
         for name in sorted(set(explicit_fields) - {"threads"})
         if not same(name)
     ]
