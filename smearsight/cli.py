@@ -92,6 +92,18 @@ def _stdout_is_broken() -> bool:
     return False
 
 
+def _raised_while_interrupted(exc: BaseException) -> bool:
+    """True when ``exc`` arose while a KeyboardInterrupt (Ctrl-C, SIGTERM) was unwinding the command."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return True
+        seen.add(id(link))
+        link = link.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the process exit code (also used by the console script)."""
     from rich.console import Console
@@ -123,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except Exception as exc:
+        if _raised_while_interrupted(exc):  # e.g. torch.save cut short by Ctrl-C fails as it closes its file
+            err.print("interrupted")
+            return 130
         # Usage errors from the (possibly vendored) click that typer uses: they know how to show themselves.
         import typer
 

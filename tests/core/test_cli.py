@@ -43,3 +43,25 @@ def test_console_script_runs():
         [sys.executable, "-m", "smearsight.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"smearsight {__version__}"
+
+
+def test_an_error_raised_while_ctrl_c_unwinds_is_reported_as_interrupted(monkeypatch, capsys):
+    """A file writer cut short by Ctrl-C (torch.save) can fail again as it closes: still 'interrupted'."""
+    import smearsight.cli as cli
+
+    def command(**_kw):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("unexpected pos 1234 vs 1200")  # noqa: B012 - what the writer's close does
+
+    monkeypatch.setattr(cli, "app", command)
+    assert main(["anything"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+    def bug(**_kw):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(cli, "app", bug)
+    with pytest.raises(RuntimeError, match="a real bug"):  # not every error is an interruption
+        main(["anything"])
