@@ -48,8 +48,9 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     """(false-positive rate, true-positive rate) with abnormal as the detected class, for plotting: one point
     per distinct score (tied scores move both rates at once, so the curve's area is the AUC)."""
     labels = np.asarray(labels).astype(np.int64)
-    ordered = -np.sort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
-    hits = labels[np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")]
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    ordered, hits = scores[order], labels[order]
     last_of_each_score = np.r_[np.flatnonzero(np.diff(ordered)), len(ordered) - 1] if len(ordered) else []
     tpr = np.concatenate([[0.0], np.cumsum(hits)[last_of_each_score] / max(1, hits.sum())])
     fpr = np.concatenate([[0.0], np.cumsum(1 - hits)[last_of_each_score] / max(1, (1 - hits).sum())])
