@@ -34,6 +34,7 @@ older SmearSight builds can no longer write to them (a record of a newer version
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -264,7 +265,7 @@ class SessionRecorder:
     def _prepare(self) -> None:
         """WAL, durable commits, the tables; check and upgrade the schema version as one writer."""
         conn = self._conn
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = _tables(conn)
         if tables and "schema_info" not in tables:
             raise RecordError(f"{self.path}: an SQLite file of another program (tables {sorted(tables)[:5]}); "
                               "record into another file")
@@ -457,6 +458,10 @@ class SessionRecorder:
 _ADDED_FRAME_COLUMNS = (("detected", "INTEGER", 1), ("boxes_age_ms", "REAL", 0))
 
 
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
 def _frame_columns(conn: sqlite3.Connection) -> set[str]:
     return {row[1] for row in conn.execute("PRAGMA table_info(frames)")}
 
@@ -474,7 +479,7 @@ def _open_readonly(path: Path, immutable: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?{flags}", uri=True, timeout=5.0)
     conn.row_factory = sqlite3.Row
     try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = _tables(conn)
     except BaseException:
         conn.close()
         raise
@@ -605,29 +610,31 @@ class RecordReader:
     def close(self) -> None:
         self.conn.close()
 
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+    @contextlib.contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """SQLite errors inside the block become one-line InputErrors naming the record."""
         try:
-            return self.conn.execute(sql, args)
+            yield
         except sqlite3.Error as exc:
             raise InputError(explain_db_error(self.path, exc)) from exc
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with self._sqlite_errors():
+            return self.conn.execute(sql, args)
 
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> Iterator[sqlite3.Row]:
         cursor = self._query(sql, args)
         while True:
-            try:
+            with self._sqlite_errors():
                 rows = cursor.fetchmany(1000)
-            except sqlite3.Error as exc:
-                raise InputError(explain_db_error(self.path, exc)) from exc
             if not rows:
                 return
             yield from rows
 
     def sessions(self) -> list[dict[str, Any]]:
         """All sessions, oldest first."""
-        try:
+        with self._sqlite_errors():
             return [_session_dict(self.conn, row) for row in self._query("SELECT * FROM sessions ORDER BY id")]
-        except sqlite3.Error as exc:
-            raise InputError(explain_db_error(self.path, exc)) from exc
 
     def _session_row(self, session_id: int) -> sqlite3.Row:
         row = None
@@ -643,7 +650,7 @@ class RecordReader:
         """One session: columns, meta, class names and summary (rebuilt from rows if it never ended)."""
         row = self._session_row(session_id)
         where = f"{self.path} session {session_id}"
-        try:
+        with self._sqlite_errors():
             out = _session_dict(self.conn, row)
             out["meta"] = _json_field(row, "meta_json", "{}", where)
             out["class_names"] = _json_field(row, "class_names_json", "[]", where)
@@ -651,8 +658,6 @@ class RecordReader:
                 out["summary"] = _json_field(row, "summary_json", "{}", where)
             else:
                 out["summary"] = summary_from_rows(self.conn, row["id"], out["class_names"])
-        except sqlite3.Error as exc:
-            raise InputError(explain_db_error(self.path, exc)) from exc
         return out
 
     def parts(self, session_id: int) -> list[str]:
