@@ -332,16 +332,14 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, code: int, ctype: str, body: bytes) -> None:
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-        except (ConnectionError, TimeoutError):  # the viewer left (a reload, a closed tab, Wi-Fi)
-            self.close_connection = True
+        # a viewer that leaves mid-reply (a reload, a closed tab, Wi-Fi) is _Server.handle_error's to ignore
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming; uptime checks use HEAD
         if urlsplit(self.path).path == "/stream.mjpg":
@@ -379,14 +377,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self) -> None:
         latest = self.latest
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("Connection", "close")
-            self.end_headers()
-        except (ConnectionError, TimeoutError):
-            return
+        self.send_response(200)
+        self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={_BOUNDARY}")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
         sent = -1
         with latest.cond:
             latest.clients += 1
