@@ -59,6 +59,11 @@ def run_command(
         False, "--overlap/--sequential", help="Run the models one frame ahead on their own thread while the main "
         "thread draws, shows and records (meant for a detector on a GPU; on a CPU-only device it gains nothing), "
         "or finish each frame before reading the next."),
+    tile: bool = typer.Option(
+        True, "--tile/--shrink", help="Frames larger than the input of a detector exported with resize 'pad' "
+        "(one that learned cells at the camera's pixel size): detect them at their own scale in overlapping "
+        "input-sized tiles, one detector run per tile; or shrink them to fit the input (faster, but the cells "
+        "look smaller than the detector learned them and small ones are missed)."),
     panel: str = typer.Option(None, "--panel", help="Serial port of an attached panel (e.g. /dev/ttyUSB0, loop://)."),
     captures: Path = typer.Option(Path("captures"), "--captures", help="Folder for fields captured from the panel."),
 ) -> None:
@@ -85,6 +90,6 @@ def run_command(
                     morphology=not no_morphology, morphology_reuse=not morphology_every_frame, precision=precision,
                     detect_every=every, target_fps=target_fps,
                     morphology_budget_s=morphology_budget_ms / 1000.0 if morphology_budget_ms > 0 else None,
-                    overlap=overlap, panel=panel, captures=captures)
+                    overlap=overlap, tile=tile, panel=panel, captures=captures)
     stats = run(cfg, echo=lambda msg: console.print(msg, markup=False))
     console.print(stats_text(stats), markup=False)

@@ -32,8 +32,9 @@ from smearsight.fileio import atomic_write_json, check_output_file
 from smearsight.manifest import MANIFEST_NAME, load_manifest
 from smearsight.runtime.backends import InferenceBackend, cpu_only, open_backend
 from smearsight.runtime.frame_worker import InferenceWorker, Processed
-from smearsight.runtime.postprocess import decode_nms, to_frame_pixels
+from smearsight.runtime.postprocess import EMPTY_ROW, decode_nms, to_frame_pixels
 from smearsight.runtime.preprocess import Preprocessor, shrink_note
+from smearsight.runtime.tiling import Tile, default_overlap, keep_owned, plan_tiles
 
 log = logging.getLogger("smearsight.runtime")
 
@@ -143,11 +144,15 @@ class Pipeline:
     The stage's shift is measured once per frame (the ``motion`` stage) whenever carrying detections or
     morphology results needs it; :attr:`boxes_age_s` is how much earlier than the last frame the frame its
     boxes were found on came in (0 when the detector ran on it).
+
+    ``tile`` (a detector exported with resize ``pad``): a frame larger than the input is detected at its own
+    scale in overlapping input-sized tiles (runtime/tiling.py; :attr:`tiles_last` says into how many) rather
+    than shrunk to fit.
     """
 
     def __init__(self, detector: InferenceBackend, morphology: list[InferenceBackend] | None = None, *,
                  reuse_morphology: bool = False, detect_every: int | str = 1, target_fps: float = 10.0,
-                 morphology_budget_s: float | None = 0.1) -> None:
+                 morphology_budget_s: float | None = 0.1, tile: bool = True) -> None:
         from smearsight.runtime.morphology_stage import MorphologyStage
         from smearsight.runtime.stage_motion import DetectionCarry, StageShift
 
@@ -173,6 +178,12 @@ class Pipeline:
         self._class_candidates = np.zeros(len(self.class_names), np.int64)
         self.capped_classes: list[str] = []  # see cap_warning
         self.size_note: str | None = None  # frames larger than a ``pad`` model's input (see cap_warning)
+        # frames larger than a ``pad`` model's input detected unscaled in overlapping tiles (runtime/tiling.py)
+        self.tile = tile and man.input.resize == "pad"
+        self.tile_overlap = default_overlap(self.anchors)
+        self._tiles: tuple[tuple[int, int], list[Tile]] | None = None
+        self._tile_dets = np.empty((self.max_det, 6), np.float32)
+        self.tiles_last = 1  # tiles the last detected frame was split into
         self._gpu_decoder = None
         self._gpu_preprocess = None
         self._decode_on_device = False
@@ -407,9 +418,54 @@ class Pipeline:
         return n
 
     def _detect(self, frame_rgb: np.ndarray, out: np.ndarray, times: dict[str, float]) -> int:
-        """Pre-process, infer, decode + NMS into ``out`` (frame pixels); returns the detection count."""
+        """Pre-process, infer, decode + NMS into ``out`` (frame pixels); returns the detection count. With
+        :attr:`tile`, a frame larger than the input is detected tile by tile and the tiles' detections merged
+        (their stage times summed)."""
+        tiles = self._plan(frame_rgb.shape[:2])
+        self.tiles_last = len(tiles) if tiles else 1
+        if not tiles:
+            self.size_note = shrink_note(frame_rgb.shape[:2], self.detector.manifest.input)
+            n, stage_times = self._detect_one(frame_rgb, out)
+            self._note_caps()
+            times.update(zip(("preprocess", "infer", "decode_nms"), stage_times, strict=True))
+            return n
+        self.size_note = None
+        totals = [0.0, 0.0, 0.0]
+        kept, capped = [], set()
+        for tile in tiles:
+            n, stage_times = self._detect_one(frame_rgb[tile.y0:tile.y1, tile.x0:tile.x1], self._tile_dets)
+            self._note_caps()
+            capped.update(self.capped_classes)
+            t0 = time.perf_counter()
+            kept.append(keep_owned(self._tile_dets, n, tile))
+            totals = [a + b for a, b in zip(totals, stage_times, strict=True)]
+            totals[2] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.size_note = shrink_note(frame_rgb.shape[:2], self.detector.manifest.input)
+        merged = np.concatenate(kept)
+        order = np.argsort(-merged[:, 4], kind="stable")[: self.max_det]
+        n = len(order)
+        out[:n] = merged[order]
+        out[n:] = EMPTY_ROW
+        self.capped_classes = [name for name in self.class_names if name in capped]
+        totals[2] += time.perf_counter() - t0
+        times.update(zip(("preprocess", "infer", "decode_nms"), totals, strict=True))
+        return n
+
+    def _plan(self, frame_hw: tuple[int, int]) -> list[Tile] | None:
+        """The tiles for a frame size, or None when the frame is detected whole (no :attr:`tile`, or it fits)."""
+        if not self.tile:
+            return None
+        h, w = int(frame_hw[0]), int(frame_hw[1])
+        H, W = self.image_size  # noqa: N806
+        if h <= H and w <= W:
+            return None
+        if self._tiles is None or self._tiles[0] != (h, w):
+            self._tiles = ((h, w), plan_tiles((h, w), (H, W), self.tile_overlap))
+        return self._tiles[1]
+
+    def _detect_one(self, frame_rgb: np.ndarray, out: np.ndarray) -> tuple[int, tuple[float, float, float]]:
+        """One image through the detector into ``out`` (its pixels); the count and the three stage times."""
+        t0 = time.perf_counter()
         if self._gpu_preprocess is not None:  # upload, preprocess, engine, decode + NMS: one GPU stream
             t1 = t0
             dets, n, box = self._all_gpu(np.ascontiguousarray(frame_rgb))
@@ -424,11 +480,9 @@ class Pipeline:
                 outputs = self.detector.infer(x)
                 t2 = time.perf_counter()
                 dets, n = self.decode(outputs)
-        self._note_caps()
         _, n = to_frame_pixels(dets, n, scale=(box.scale_x, box.scale_y), offset=(box.offset_x, box.offset_y),
                                frame_size=box.frame_size, out=out)
-        times.update(preprocess=t1 - t0, infer=t2 - t1, decode_nms=time.perf_counter() - t2)
-        return n
+        return n, (t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     def reset(self) -> None:
         """Forget what was carried from earlier frames (a new slide or session): the next frame is detected."""
@@ -466,7 +520,7 @@ def _check_rgb_frame(frame: np.ndarray) -> None:
 
 def open_pipeline(models: Path | str | None, backend: str = "auto", *, morphology: bool = True,
                   precision: str = "auto", reuse_morphology: bool = True, detect_every: int | str = 1,
-                  target_fps: float = 10.0, morphology_budget_s: float | None = 0.1) -> Pipeline:
+                  target_fps: float = 10.0, morphology_budget_s: float | None = 0.1, tile: bool = True) -> Pipeline:
     """Open the detector and morphology models found by :func:`find_models` as a :class:`Pipeline`."""
     found = find_models(models, precision, backend)
     detector = open_backend(found.detector, backend)  # type: ignore[arg-type]
@@ -480,7 +534,7 @@ def open_pipeline(models: Path | str | None, backend: str = "auto", *, morpholog
                 detector.notes.append(f"morphology model skipped: {exc}")
                 log.warning("morphology model skipped: %s", exc)
     return Pipeline(detector, morph, reuse_morphology=reuse_morphology, detect_every=detect_every,
-                    target_fps=target_fps, morphology_budget_s=morphology_budget_s)
+                    target_fps=target_fps, morphology_budget_s=morphology_budget_s, tile=tile)
 
 
 # ------------------------------------------------------------------------------------------- run loop
@@ -510,6 +564,8 @@ class RunConfig:
     # infer the next frame while this one is drawn and shown (runtime/frame_worker.py); off by default: no
     # gain on a CPU-only device, where ONNX Runtime already uses every core; meant for GPU devices (unmeasured)
     overlap: bool = False
+    # frames larger than a ``pad`` detector's input: detected unscaled in overlapping tiles (False: shrunk)
+    tile: bool = True
     panel: str | None = None
     captures: Path = Path("captures")
 
@@ -589,7 +645,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     own_pipeline = pipeline is None
     pipe = pipeline or open_pipeline(cfg.models, cfg.backend, morphology=cfg.morphology, precision=cfg.precision,
                                      reuse_morphology=cfg.morphology_reuse, detect_every=cfg.detect_every,
-                                     target_fps=cfg.target_fps, morphology_budget_s=cfg.morphology_budget_s)
+                                     target_fps=cfg.target_fps, morphology_budget_s=cfg.morphology_budget_s,
+                                     tile=cfg.tile)
     problems = _Problems()
     for note in pipe.notes:
         problems.report(note, hold_s=10.0)
@@ -778,6 +835,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "frame_interval_ms": _spread_ms(intervals),
             "morphology_reuse": bool(pipe.morphology is not None and pipe.morphology.reuse),
             "overlap": worker is not None and worker.threaded,
+            "detector_tiles": pipe.tiles_last,
             "source": cfg.source,
             "sink": sink_uri,
             "problems": {msg: n for msg, n in problems.seen.items()},
@@ -871,7 +929,8 @@ def stats_text(stats: dict[str, Any]) -> str:
     """A short plain-text summary of a run's stats."""
     lat = ", ".join(f"{k} {v:.1f}" for k, v in stats["latency_ms"].items())
     counts = ", ".join(f"{k} {v}" for k, v in stats["counts"].items() if v)
-    return (f"{stats['frames']} frames at {stats['fps']:.1f} FPS ({stats['backend']}); median ms: {lat}"
+    tiles = f", {stats['detector_tiles']} tiles a frame" if stats.get("detector_tiles", 1) > 1 else ""
+    return (f"{stats['frames']} frames at {stats['fps']:.1f} FPS ({stats['backend']}{tiles}); median ms: {lat}"
             + (f"; detections summed over the frames: {counts}" if counts else ""))
 
 

@@ -80,7 +80,7 @@ def shrink_note(frame_hw: tuple[int, int], spec: InputSpec) -> str | None:
         return None
     return (f"frames of {h}x{w} are larger than the detector's {H}x{W} input, so they are shrunk "
             f"{min(H / h, W / w):.2f}x and small cells may be missed; export the detector with --image-size "
-            f"{h}x{w} (rounded up to its stride) for this camera")
+            f"{h}x{w} (rounded up to its stride) for this camera, or run without --shrink")
 
 
 class Preprocessor:
