@@ -325,3 +325,35 @@ def test_letterbox_boxes_follow_the_resized_pixels() -> None:
     lb, (nh, nw) = geometry((600, 1000), spec)
     assert (nh, nw) == (77, 128)
     np.testing.assert_allclose(lb.to_model(frame_box), boxes, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("augment: {hflip: 2}\n", "augment.hflip"),
+        ("augment: {blur: -0.1}\n", "augment.blur"),
+        ("augment: {saturation: 1.5}\n", "augment.saturation"),
+        ("augment: {scale_min: 1.5, scale_max: 1.2}\n", "scale_min 1.5 must not exceed scale_max 1.2"),
+        ("augment: {scale_min: 0}\n", "augment.scale_min"),
+        ("score_threshold: 1.5\n", "score_threshold"),
+        ("iou_threshold: 0\n", "iou_threshold"),
+        ("min_lr_ratio: 2\n", "min_lr_ratio"),
+        ("grad_clip: 0\n", "grad_clip"),
+        ("image_size: [384]\n", "image_size"),
+        ("image_size: [8, 512]\n", "image_size.0"),
+        ("loss: {huber_delta: 0}\n", "loss.huber_delta"),
+    ],
+)
+def test_a_recipe_out_of_range_is_refused_before_training(tmp_path, capsys, text, field) -> None:
+    """A probability of 2 or an empty scale range would train for an hour on a meaningless recipe."""
+    from smearsight.cli import main
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text(text)
+    data = tmp_path / "no-data-needed"  # the recipe is refused before the data is read
+    rc = main(["train", "detector", "--data", str(data), "--format", "voc", "--out", str(tmp_path / "run"),
+               "--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert field in err and str(config) in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -39,7 +39,7 @@ class DetectorModelConfig(StrictConfig):
     head_repeats: int = Field(3, ge=1)
     act: Literal["silu", "relu6", "relu"] = "silu"
     separable: bool = True
-    prior_prob: float = 0.01
+    prior_prob: float = Field(0.01, gt=0, lt=1)
 
 
 DEFAULT_MATCHER_TOPK = 20
@@ -68,29 +68,37 @@ class LossConfig(StrictConfig):
 
     focal_alpha: float = Field(0.25, ge=0, le=1)
     focal_gamma: float = Field(1.5, ge=0)
-    huber_delta: float = 0.1
-    box_weight: float = 50.0
-    giou_weight: float = 1.0
+    huber_delta: float = Field(0.1, gt=0)
+    box_weight: float = Field(50.0, ge=0)
+    giou_weight: float = Field(1.0, ge=0)
 
 
 class AugmentConfig(StrictConfig):
-    """Microscopy augmentation probabilities and ranges."""
+    """Microscopy augmentation: probabilities (``hflip`` ... ``rot90``, ``color``, ``blur``, ``noise``, ``mosaic``)
+    and ranges (a scale in ``[scale_min, scale_max]``; ``hue`` a fraction of the hue circle either way; the
+    others a relative change either way)."""
 
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rot90: float = 0.25
-    scale_min: float = 0.75
-    scale_max: float = 1.25
-    color: float = 0.8
-    hue: float = 0.04
-    saturation: float = 0.3
-    brightness: float = 0.2
-    contrast: float = 0.2
-    stain: float = 0.08
-    blur: float = 0.2
-    noise: float = 0.1
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rot90: float = Field(0.25, ge=0, le=1)
+    scale_min: float = Field(0.75, gt=0)
+    scale_max: float = Field(1.25, gt=0)
+    color: float = Field(0.8, ge=0, le=1)
+    hue: float = Field(0.04, ge=0, le=0.5)
+    saturation: float = Field(0.3, ge=0, le=1)
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+    stain: float = Field(0.08, ge=0, le=1)
+    blur: float = Field(0.2, ge=0, le=1)
+    noise: float = Field(0.1, ge=0, le=1)
     mosaic: float = Field(0.0, ge=0, le=1)  # probability of a four-image mosaic (augment.mosaic_transform)
     min_visible: float = Field(0.4, gt=0, le=1)  # a box cut by the canvas stays a box with this share visible
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> AugmentConfig:
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min {self.scale_min} must not exceed scale_max {self.scale_max}")
+        return self
 
 
 class TrainConfig(StrictConfig):
@@ -100,30 +108,31 @@ class TrainConfig(StrictConfig):
     backbone: str | None = None
     pretrained: bool = True
     backbone_weights: str | None = None
-    image_size: list[int] | None = None  # [H, W]; None = the variant's default (rounded to max stride)
+    # [H, W]; None = the variant's default (rounded to max stride)
+    image_size: list[Annotated[int, Field(ge=32)]] | None = Field(None, min_length=2, max_length=2)
     anchors: AnchorConfig | Literal["auto", "default"] = "auto"
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-3, gt=0)
     backbone_lr_mult: float = Field(0.5, gt=0)
     freeze_stages: int = Field(3, ge=0)  # pretrained backbones only: stem + first N stages stay frozen (BN too)
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.02
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.02, ge=0, le=1)
     time_budget_min: float | None = Field(40.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    grad_clip: float = 10.0
+    grad_clip: float = Field(10.0, gt=0)
     amp: bool = True
     eval_every: int = Field(2, ge=1)
     workers: int = Field(0, ge=0)
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = Field(None, ge=0)  # None or 0: torch's default
     matcher: MatcherConfig = Field(default_factory=MatcherConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    score_threshold: float = 0.3
-    eval_score_threshold: float = 0.01
-    iou_threshold: float = 0.5
+    score_threshold: float = Field(0.3, ge=0, lt=1)
+    eval_score_threshold: float = Field(0.01, ge=0, lt=1)
+    iou_threshold: float = Field(0.5, gt=0, le=1)
     pre_nms_topk: int = Field(DEFAULT_PRE_NMS_TOPK, ge=1)
     eval_pre_nms_topk: int | None = Field(None, ge=1)
     max_detections: int = Field(1000, ge=1)
