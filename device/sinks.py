@@ -6,8 +6,11 @@
 - ``http://:PORT`` (all interfaces) or ``http://HOST:PORT``: ``/stream.mjpg`` (MJPEG of the latest frame,
   encoded once per frame whoever watches), ``/snapshot.jpg``, ``/status.json`` (the latest status dict) and
   ``/`` (a small page with the stream and the counts). Port 0 picks a free port (see ``.port``/``.url``).
-- ``file://out.mp4`` (or .avi/.mkv): a video (``mp4v``), written under a temporary name and renamed on close.
-- ``file://dir/``: numbered frames ``frame_000000.jpg`` (``ext="png"`` for PNG), each written atomically.
+- ``file://out.mp4`` (or .avi/.mkv): a video (``mp4v``; ``fps``, default 15), written under a temporary name and
+  renamed on close; a disk filling up is reported while writing, and a video cut short by it is kept (an
+  .avi/.mkv still plays the frames it holds) with ``.error`` saying how many frames it holds.
+- ``file://dir/``: numbered frames ``frame_000000.jpg`` (``ext="png"`` for PNG), each written atomically; a
+  folder holding an earlier run's frames is continued after the highest number (``.note`` says so).
 - ``null://``: discards frames (benchmarks, ``--headless`` without output).
 
 The status dict given to ``write`` is served as-is by ``/status.json`` (what ``smearsight run`` puts in it:
@@ -26,6 +29,7 @@ import contextlib
 import html
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -565,8 +569,11 @@ class VideoFileSink(FrameSink):
                 return
         if (w, h) != self._size:
             image_rgb = cv2.resize(image_rgb, self._size, interpolation=cv2.INTER_AREA)
-        self._writer.write(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+        self._writer.write(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))  # never reports a failed write
         self.frames += 1
+        if self.frames % DISK_CHECK_FRAMES == 0 and not self.error and disk_full(self._tmp.parent):
+            self.error = (f"{self.uri}: the disk is nearly full: the video may lose its frames from about "
+                          f"frame {self.frames} on (free some space, or write elsewhere)")
 
     def close(self) -> None:
         if self._writer is None:
@@ -574,10 +581,14 @@ class VideoFileSink(FrameSink):
         self._writer.release()
         self._writer = None
         try:
-            if readable_video_frames(self._tmp) > 0:
+            saved = readable_video_frames(self._tmp)
+            if saved > 0:
                 fsync_file(self._tmp)
                 os.replace(self._tmp, self.path)
                 fsync_dir(self.path.parent)
+                if saved < self.frames:  # cut short (a full disk): kept, for the frames it holds
+                    self.error = (f"{self.uri}: only {saved} of the {self.frames} frames were saved "
+                                  "(is the disk full?)")
                 return
             self.error = (f"{self.uri}: the video could not be finished and was not kept "
                           f"({self.frames} frames; is the disk full?)")
@@ -588,26 +599,48 @@ class VideoFileSink(FrameSink):
 
 
 def readable_video_frames(path: Path) -> int:
-    """How many frames OpenCV reports in a closed video file; 0 when it cannot open it or read its first frame
-    (a file cut short by a full disk has no index and does not open)."""
+    """How many frames a closed video file holds: the count in its index (exact in the files OpenCV writes)
+    when its last frame reads, else (an .avi cut short by a full disk) the frames that decode; 0 when it cannot
+    open it or read its first frame (an .mp4 cut short has no index and does not open)."""
     import cv2
 
     if not path.is_file() or path.stat().st_size == 0:
         return 0
     cap = cv2.VideoCapture(str(path))
     try:
-        if not cap.isOpened():
+        if not cap.isOpened() or not cap.read()[0]:
             return 0
-        ok, _ = cap.read()
-        return max(1, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))) if ok else 0
+        stated = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if stated == 1 or stated > 1 and cap.set(cv2.CAP_PROP_POS_FRAMES, stated - 1) and cap.read()[0]:
+            return stated
+        cap.release()
+        cap = cv2.VideoCapture(str(path))
+        count = 0
+        while cap.grab():
+            count += 1
+        return count
     finally:
         cap.release()
+
+
+DISK_CHECK_FRAMES = 25  # a video sink checks the free space this often (OpenCV's writer never reports a failure)
+DISK_FULL_BYTES = 1 << 20
+
+
+def disk_full(directory: Path) -> bool:
+    """True when the file system holding ``directory`` has less than 1 MiB left for this user."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < DISK_FULL_BYTES
 
 
 class ImageDirSink(FrameSink):
     """Numbered frames in a folder, each written under a temporary name and renamed (atomic for readers)."""
 
-    def __init__(self, uri: str, directory: Path, *, ext: str = "jpg", quality: int = 90, start: int = 0) -> None:
+    def __init__(self, uri: str, directory: Path, *, ext: str = "jpg", quality: int = 90,
+                 start: int | None = None) -> None:
         super().__init__()
         require("cv2", "writing images")
         ext = ext.lower().lstrip(".")
@@ -617,8 +650,22 @@ class ImageDirSink(FrameSink):
         self.directory = directory
         self.ext = ext
         self.quality = quality
-        self.index = start
         _check_writable_dir(directory, uri)
+        self.note = ""  # plain words on where this run's frames start when the folder held earlier ones
+        if start is None:
+            start = self._after_existing_frames()
+            if start:
+                self.note = (f"{uri}: the folder already holds frames up to frame_{start - 1:06d}.{ext}; this "
+                             f"run's frames start at frame_{start:06d}.{ext}")
+        self.index = start
+        self._failing_since = ""  # the first frame that could not be saved, while saving fails
+
+    def _after_existing_frames(self) -> int:
+        """One past the highest ``frame_NNNNNN`` already in the folder (0 when none): a new run never
+        overwrites an earlier one's frames."""
+        numbers = [int(m.group(1)) for p in self.directory.iterdir()
+                   if (m := re.fullmatch(r"frame_(\d+)\.(?:jpe?g|png)", p.name, re.IGNORECASE))]
+        return max(numbers) + 1 if numbers else 0
 
     def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
         import cv2
@@ -633,14 +680,35 @@ class ImageDirSink(FrameSink):
         try:
             atomic_write_bytes(self.directory / name, buf.tobytes())
         except OSError as exc:
-            self.error = f"{self.uri}: could not save {name} ({exc.strerror or exc}); frames are not being saved"
+            # one message for the whole failure (the frame it began at), not one per frame
+            self._failing_since = self._failing_since or name
+            self.error = (f"{self.uri}: frames are not being saved since {self._failing_since} "
+                          f"({exc.strerror or exc})")
             return
+        self._failing_since = ""
         if self.error:
             self.error = ""
         self.frames += 1
 
 
 # --------------------------------------------------------------------------------------------- factory
+def _local_path(uri: str) -> Path | None:
+    text = str(uri).strip()
+    if text.startswith("file://"):
+        return Path(text[len("file://") :]).expanduser()
+    return Path(text).expanduser() if "://" not in text else None
+
+
+def check_sink_is_not_source(sink_uri: str, source_uri: str) -> None:
+    """Raise InputError when a ``file://`` output is the source video or image folder itself (writing it
+    would destroy the recording being read)."""
+    out, src = _local_path(sink_uri), _local_path(source_uri)
+    if out is None or src is None:
+        return
+    if os.path.realpath(out) == os.path.realpath(src):
+        raise InputError(f"{sink_uri}: is the source {source_uri} itself; write the output elsewhere")
+
+
 def open_sink(uri: str, *, headless: bool = False, **opts: Any) -> FrameSink:
     """Open a sink from a URI (see the module docstring).
 
@@ -669,6 +737,9 @@ def open_sink(uri: str, *, headless: bool = False, **opts: Any) -> FrameSink:
         return HttpSink(text, **pick("quality"))
     if text.startswith("file://"):
         path = Path(text[len("file://") :]).expanduser()
+        if path.is_dir() and not text.endswith("/") and path.suffix.lower() in _VIDEO_EXT:
+            raise InputError(f"{text}: is a folder, not a video file (end the output with / to save image "
+                             "frames in it)")
         if text.endswith("/") or path.is_dir() or not path.suffix:
             return ImageDirSink(text, path, **pick("ext", "quality", "start"))
         if path.suffix.lower() not in _VIDEO_EXT:

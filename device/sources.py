@@ -5,9 +5,10 @@ URIs:
 - ``v4l2:///dev/videoN`` or a camera index (``0``, ``"0"``, ``v4l2://0``): ``cv2.VideoCapture`` with ``CAP_V4L2``.
 - ``csi://N``: an ``nvarguscamerasrc`` GStreamer pipeline (Jetson CSI camera); needs an OpenCV built with
   GStreamer (the Jetson system OpenCV; pip wheels have none).
-- a raw GStreamer pipeline (any string containing ``!``), ending in ``appsink``.
+- a raw GStreamer pipeline (any other string containing ``!`` that is not an existing path), ending in
+  ``appsink``.
 - ``file://video.mp4``: a video file; ``file://dir/``: an image sequence in natural order (2 before 10).
-  ``loop=True`` restarts at the end.
+  ``loop=True`` restarts at the end (a folder is listed again for each pass).
 - ``synth://?seed=S&speed=P[&fps=F&size=WxH&slide=WxH]``: a synthetic smear slide under a slowly moving stage
   (:class:`smearsight.train.datasets.synth.SyntheticSlide`).
 
@@ -17,7 +18,9 @@ image folders and ``synth://`` deliver every frame (the consumer sets the pace) 
 A camera that vanishes is retried with exponential backoff while :attr:`FrameSource.status` says so in
 plain words; while it is gone, iteration yields the last good picture about once a second with
 ``Frame.stale = True`` so that a display can keep showing the message (skip inference on stale frames).
-Corrupt frames (an unreadable image, a wrong shape or size) are skipped with a status message.
+Corrupt frames (an unreadable image, a wrong shape or size, a video frame that does not decode) are skipped
+with a status message; a video file that ends well before the frame count in its index says so in
+:attr:`FrameSource.error`.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class CorruptFrame(Exception):
 
 
 _END = object()
+# a video file whose read fails is read on this far: frames after a damaged one still decode
+FILE_LOOKAHEAD_FRAMES = 25
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -92,6 +97,11 @@ class _Reader:
 
     def close(self) -> None:
         pass
+
+    @property
+    def nominal_fps(self) -> float | None:
+        """The rate the frames were taken at, when the source says (a video file, a paced synthetic slide)."""
+        return None
 
 
 class _CaptureReader(_Reader):
@@ -116,8 +126,13 @@ class _CaptureReader(_Reader):
         self.props = props or {}
         self._factory = capture_factory
         self._cap: Any = None
+        self._held: np.ndarray | None = None  # the good frame found past undecodable ones (files)
+        self._fps: float | None = None
+        self._read = 0  # frames read from a file in this pass, good or not
 
     def open(self) -> None:
+        import cv2
+
         if self.device_path is not None and not os.path.exists(self.device_path):
             raise SourceLost(f"camera lost: {self.device_path} not found")
         target = self.target
@@ -127,8 +142,6 @@ class _CaptureReader(_Reader):
         if self._factory is not None:
             cap = self._factory(target, self.api)
         else:
-            import cv2
-
             cap = cv2.VideoCapture(target, self.api)
         if not cap.isOpened():
             cap.release()
@@ -137,19 +150,51 @@ class _CaptureReader(_Reader):
             raise InputError(f"{self.name}: cannot open it as a video (missing file, or a codec OpenCV lacks)")
         for prop, value in self.props.items():
             cap.set(prop, value)
+        if not self.live:  # a file's rate, read here, before the capture thread reads frames
+            fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+            self._fps = fps if 0.5 <= fps <= 1000.0 else None
         self._cap = cap
 
     def read(self) -> np.ndarray | None:
         if self._cap is None:
             self.open()
+        if self._held is not None:
+            image, self._held = self._held, None
+            return image
         ok, image = self._cap.read()
         if ok and image is not None:
+            self._read += 1
             return image
         if self.live:
             gone = self.device_path is not None and not os.path.exists(self.device_path)
             raise SourceLost(f"camera lost: {self.device_path} disconnected" if gone
                              else "camera lost: no frames coming")
+        return self._past_failed_read()
+
+    def _past_failed_read(self) -> np.ndarray | None:
+        """A file's read failed: a damaged frame when a later one decodes (raises CorruptFrame, the good frame
+        comes next), else the end; a file that ends well before its stated frame count raises InputError."""
+        import cv2
+
+        for failed in range(1, FILE_LOOKAHEAD_FRAMES + 1):
+            ok, image = self._cap.read()
+            if ok and image is not None:
+                self._held = image
+                at, self._read = self._read, self._read + failed + 1
+                raise CorruptFrame(f"skipped {failed} damaged frame{'s' if failed > 1 else ''} at frame {at}")
+        stated = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        if stated > 0 and self._read < stated - max(2, stated // 50):  # the count is an estimate in some containers
+            raise InputError(f"{self.name}: ended early, after {self._read} of its {stated} frames "
+                             "(the rest is damaged or missing)")
         return None
+
+    def rewind(self) -> None:
+        self._held, self._read = None, 0
+        super().rewind()
+
+    @property
+    def nominal_fps(self) -> float | None:
+        return None if self.live else self._fps
 
     def close(self) -> None:
         if self._cap is not None:
@@ -212,7 +257,7 @@ class _DirReader(_Reader):
         return image
 
     def rewind(self) -> None:
-        self._pos = 0
+        self.open()  # again: images added or removed since the last pass count
 
 
 class _SynthReader(_Reader):
@@ -250,7 +295,10 @@ class _SynthReader(_Reader):
             kwargs["frame_size"] = self.frame_size
         if self.slide_size:
             kwargs["slide_size"] = self.slide_size
-        self._slide = SyntheticSlide(self.seed, **kwargs)
+        try:
+            self._slide = SyntheticSlide(self.seed, **kwargs)
+        except InputError as exc:
+            raise InputError(f"{self.name}: {exc}") from exc
         self._path = iter(self._slide.stage_path(speed_px_per_frame=self.speed))
 
     def read(self) -> np.ndarray | None:
@@ -267,6 +315,10 @@ class _SynthReader(_Reader):
 
     def rewind(self) -> None:
         pass
+
+    @property
+    def nominal_fps(self) -> float | None:
+        return 1.0 / self.period if self.period else None
 
 
 # --------------------------------------------------------------------------------------------- source
@@ -517,6 +569,11 @@ class FrameSource:
         self._last = item
         return item
 
+    @property
+    def nominal_fps(self) -> float | None:
+        """The rate the source's frames were taken at, when it says (a video file, a paced ``synth://``)."""
+        return self._reader.nominal_fps
+
     def __iter__(self) -> FrameSource:
         return self
 
@@ -623,7 +680,8 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
         props[cv2.CAP_PROP_FPS] = float(fps)
 
     reader: _Reader
-    if "!" in text:
+    schemes = ("file://", "synth://", "v4l2://", "csi://")
+    if "!" in text and not text.startswith(schemes) and not Path(text).expanduser().exists():
         if factory is None:
             _require_gstreamer("GStreamer pipeline")
         pipeline = text if "appsink" in text else text + " ! videoconvert ! appsink drop=true max-buffers=1"
@@ -672,6 +730,8 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
             raise InputError(f"{text}: seed must be an integer, speed and fps numbers ({exc})") from exc
         if not speed > 0 or (synth_fps is not None and not synth_fps > 0):
             raise InputError(f"{text}: speed and fps must be greater than 0")
+        if seed < 0:
+            raise InputError(f"{text}: seed must be 0 or more, got {seed}")
         frame_size = _parse_size(query["size"][0], f"{text} size") if "size" in query else None
         slide_size = _parse_size(query["slide"][0], f"{text} slide") if "slide" in query else None
         reader = _SynthReader(seed=seed, speed=speed, fps=synth_fps, frame_size=frame_size,

@@ -635,7 +635,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     per class summed over the frames shown (a cell in view for ten frames counts ten times), not cells.
     """
     from smearsight.deploy.sdnotify import Watchdog
-    from smearsight.device.sinks import open_sink
+    from smearsight.device.sinks import check_sink_is_not_source, open_sink
     from smearsight.device.sources import open_source
     from smearsight.runtime.annotate import annotate
 
@@ -671,9 +671,13 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     session_id = None
     t_start = time.perf_counter()
     try:
+        check_sink_is_not_source(sink_uri, cfg.source)
         source = open_source(cfg.source, loop=cfg.loop)
+        # a video plays at the source's own rate when it has one (a file), else at the rate aimed for
         sink = open_sink(sink_uri, headless=cfg.headless, fullscreen=cfg.fullscreen,
-                         wait=cfg.wait_display or None)
+                         wait=cfg.wait_display or None, fps=source.nominal_fps or cfg.target_fps)
+        if getattr(sink, "note", ""):
+            say(sink.note)
         if cfg.record is not None:
             from smearsight.device.record import RecordError, SessionRecorder
 
@@ -838,6 +842,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             "detector_tiles": pipe.tiles_last,
             "source": cfg.source,
             "sink": sink_uri,
+            "sink_frames": getattr(sink, "frames", 0),  # frames the sink took (saved, for an image folder)
             "problems": {msg: n for msg, n in problems.seen.items()},
         }
         if source is not None:

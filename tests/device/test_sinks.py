@@ -504,3 +504,79 @@ def test_plain_paths_mean_files(tmp_path: Path) -> None:
     sink.close()
     assert (tmp_path / "frames" / "frame_000000.jpg").exists()
     assert open_sink(str(tmp_path / "v.mp4")).uri == f"file://{tmp_path}/v.mp4"
+
+
+def test_avi_sink_cut_short_by_a_full_disk_is_kept_and_says_how_much(tmpfs) -> None:
+    """An .avi or .mkv cut short still plays the frames it holds: kept, and the sink says it is incomplete
+    (before: kept without a word, the stats claiming every frame)."""
+    from smearsight.device.sinks import DISK_CHECK_FRAMES, readable_video_frames
+
+    rng = np.random.default_rng(1)
+    with tmpfs("small", "size=3m") as small:
+        out = small / "run.avi"
+        sink = open_sink(f"file://{out}", fps=10, fourcc="MJPG")
+        warned_at = None
+        for i in range(40):  # noise frames of ~200 KB: the disk fills after about 15
+            sink.write(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), {})
+            if sink.error and warned_at is None:
+                warned_at = i + 1
+        sink.close()
+        saved = readable_video_frames(out)
+        assert 0 < saved < 40 and out.exists()
+        assert warned_at == DISK_CHECK_FRAMES  # said while running, not only at the end
+        assert f"only {saved} of the 40 frames were saved" in sink.error
+
+
+def test_readable_video_frames_counts_an_avi_without_its_index(tmp_path: Path) -> None:
+    import re
+
+    from smearsight.device.sinks import readable_video_frames
+
+    out = tmp_path / "whole.avi"
+    sink = open_sink(f"file://{out}", fps=10, fourcc="MJPG")
+    for i in range(12):
+        sink.write(_solid((20 * i, 30, 200)), {})
+    sink.close()
+    data = out.read_bytes()
+    chunks = [m.start() for m in re.finditer(b"00dc", data)][1:]
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: chunks[5]])  # frames 0-4 and no index: OpenCV's count says 0
+    assert readable_video_frames(out) == 12
+    assert readable_video_frames(cut) == 5
+
+
+def test_image_dir_sink_continues_after_an_earlier_runs_frames(tmp_path: Path) -> None:
+    out = tmp_path / "frames"
+    first = open_sink(f"file://{out}/")
+    for i in range(3):
+        first.write(_solid((i * 40, 0, 0)), {})
+    first.close()
+    second = open_sink(f"file://{out}/")
+    assert "frame_000003.jpg" in second.note
+    second.write(_solid((0, 200, 0)), {})
+    second.close()
+    assert sorted(p.name for p in out.iterdir()) == [f"frame_{i:06d}.jpg" for i in range(4)]
+    fresh = open_sink(f"file://{tmp_path / 'new'}/")
+    assert fresh.note == "" and fresh.index == 0
+
+
+def test_image_dir_sink_failing_frames_give_one_message(tmp_path: Path) -> None:
+    out = tmp_path / "frames"
+    sink = open_sink(f"file://{out}/", start=0)
+    for i in range(2, 6):  # frames 2-5 cannot be written: a folder stands where each file would go
+        (out / f"frame_{i:06d}.jpg").mkdir(parents=True)
+    messages = set()
+    for _ in range(7):
+        sink.write(_solid((10, 20, 30)), {})
+        messages.add(sink.error)
+    sink.close()
+    assert sink.frames == 3 and sink.error == ""  # frame 6 was saved again
+    failures = messages - {""}
+    assert len(failures) == 1 and "since frame_000002.jpg" in failures.pop()
+
+
+def test_a_video_named_folder_is_not_silently_an_image_sink(tmp_path: Path) -> None:
+    (tmp_path / "x.mp4").mkdir()
+    with pytest.raises(InputError, match="is a folder, not a video file"):
+        open_sink(f"file://{tmp_path / 'x.mp4'}")
+    assert open_sink(f"file://{tmp_path / 'x.mp4'}/").directory == tmp_path / "x.mp4"  # asked for: a folder

@@ -372,3 +372,96 @@ def test_v4l2_device_names_map_to_indices(tmp_path: Path) -> None:
     assert v4l2_index(str(link)) == 7
     assert v4l2_index("/dev/video12") == 12
     assert v4l2_index(str(tmp_path)) is None
+
+
+# ------------------------------------------------------------------ damaged files, odd names, rescans
+def _write_numbered_avi(path: Path, n: int = 15) -> bytes:
+    """An MJPG .avi of ``n`` frames (frame i shows the number i); returns its bytes."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
+    for i in range(n):
+        img = np.full((240, 320, 3), 200, np.uint8)
+        cv2.putText(img, str(i), (50, 150), 0, 3, (0, 0, 0), 5)
+        writer.write(img)
+    writer.release()
+    return path.read_bytes()
+
+
+def _frame_chunks(data: bytes) -> list[int]:
+    import re
+
+    return [m.start() for m in re.finditer(b"00dc", data)][1:]  # the first is the header's stream list
+
+
+def test_a_damaged_frame_mid_video_is_skipped_and_the_rest_read(tmp_path: Path) -> None:
+    data = bytearray(_write_numbered_avi(tmp_path / "clip.avi"))
+    start = _frame_chunks(bytes(data))[7] + 8 + 200  # inside frame 7's JPEG data
+    data[start:start + 300] = np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged.avi"
+    damaged.write_bytes(bytes(data))
+    with open_source(f"file://{damaged}") as src:
+        frames = list(src)
+    assert len(frames) == 14  # before: the video ended silently at frame 7
+    assert src.stats.skipped == 1 and src.error == ""
+    assert any("damaged frame" in msg for msg in src.stats.problems)
+
+
+def test_a_video_cut_short_says_so(tmp_path: Path) -> None:
+    data = _write_numbered_avi(tmp_path / "clip.avi")
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[:_frame_chunks(data)[7]])  # the index still promises 15 frames
+    with open_source(f"file://{cut}") as src:
+        frames = list(src)
+    assert len(frames) == 7
+    assert "ended early, after 7 of its 15 frames" in src.error
+    with open_source(f"file://{tmp_path / 'clip.avi'}") as whole:  # a whole file ends without a word
+        assert len(list(whole)) == 15 and whole.error == "" and whole.stats.skipped == 0
+
+
+def test_a_file_name_with_an_exclamation_mark_is_a_file_not_a_pipeline(tmp_path: Path) -> None:
+    folder = tmp_path / "slide 3!"
+    folder.mkdir()
+    video = folder / "take!.mp4"
+    _write_video(video, 3)
+    for uri in (f"file://{video}", str(video)):
+        with open_source(uri) as src:
+            assert len(list(src)) == 3
+    cv2.imwrite(str(folder / "0.png"), _frame_rgb(0))
+    with open_source(f"file://{folder}/") as src:
+        assert len(list(src)) == 1
+
+
+def test_a_video_file_tells_its_frame_rate(tmp_path: Path) -> None:
+    video = tmp_path / "clip.mp4"
+    _write_video(video, 3, fps=30.0)
+    with open_source(f"file://{video}") as src:
+        assert src.nominal_fps == pytest.approx(30.0)
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "0.png"), _frame_rgb(0))
+    with open_source(f"file://{tmp_path}/images/") as folder:  # a folder of images has no rate
+        assert folder.nominal_fps is None
+
+
+def test_synth_uri_bad_seed_and_slide_are_one_line_errors() -> None:
+    with pytest.raises(InputError, match=r"synth://\?seed=-1: seed must be 0 or more"):
+        open_source("synth://?seed=-1")
+    if not _synth_available():
+        return
+    with pytest.raises(InputError, match=r"synth://\?slide=100x100: the frame \(1024x768, WxH\) does not fit"):
+        open_source("synth://?slide=100x100")
+
+
+def test_looping_folder_is_read_again_each_pass(tmp_path: Path) -> None:
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((20, 30, 3), 50 * (i + 1), np.uint8))
+    src = open_source(f"file://{tmp_path}/", loop=True, queue_size=1)
+    try:
+        first = [int(next(src).image[0, 0, 0]) for _ in range(2)]
+        cv2.imwrite(str(tmp_path / "2.png"), np.full((20, 30, 3), 150, np.uint8))  # added during the run
+        shown = [int(next(src).image[0, 0, 0]) for _ in range(8)]
+        for p in tmp_path.glob("*.png"):
+            p.unlink()
+        list(src)
+    finally:
+        src.close()
+    assert first == [50, 100] and 150 in shown
+    assert "could not start it again" in src.error and "no images found" in src.error

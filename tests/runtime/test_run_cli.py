@@ -203,3 +203,34 @@ def test_sigterm_ends_the_run_cleanly(models, tmp_path):
         frames += 1
     cap.release()
     assert frames >= data["frames"] - 1
+
+
+def _write_clip(path, frames: int, fps: float) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (144, 96))
+    rng = np.random.default_rng(1)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, size=(96, 144, 3), dtype=np.uint8))
+    writer.release()
+
+
+def test_output_over_the_source_video_is_refused(models, tmp_path, capfd):
+    clip = tmp_path / "slide.mp4"
+    _write_clip(clip, 5, 10.0)
+    before = clip.read_bytes()
+    for sink in (f"file://{clip}", str(clip)):
+        rc = main(["run", f"file://{clip}", sink, "--models", str(models), "--backend", "onnx", "--max-frames", "3"])
+        err = capfd.readouterr().err
+        assert rc == 1 and "is the source" in err and "Traceback" not in err
+    assert clip.read_bytes() == before  # before: replaced by the 3 annotated frames
+
+
+def test_output_video_plays_at_the_source_rate(models, tmp_path):
+    clip, out = tmp_path / "in.mp4", tmp_path / "out.mp4"
+    _write_clip(clip, 6, 30.0)
+    assert main(["run", f"file://{clip}", f"file://{out}", "--models", str(models), "--backend", "onnx"]) == 0
+    cap = cv2.VideoCapture(str(out))
+    try:
+        assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(30.0)  # before: always 15
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
+    finally:
+        cap.release()

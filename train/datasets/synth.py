@@ -131,7 +131,8 @@ class SyntheticSlide:
         self.slide_size = (int(slide_size[0]), int(slide_size[1]))
         self.frame_size = (int(frame_size[0]), int(frame_size[1]))
         if self.frame_size[0] > self.slide_size[0] or self.frame_size[1] > self.slide_size[1]:
-            raise InputError(f"frame_size {frame_size} is larger than slide_size {slide_size}")
+            (fh, fw), (sh, sw) = self.frame_size, self.slide_size
+            raise InputError(f"the frame ({fw}x{fh}, WxH) does not fit on the slide ({sw}x{sh}, WxH)")
         self.class_names: tuple[str, ...] = TPS_CLASS_NAMES
         self.style = make_style(np.random.default_rng([self.seed, 0x511DE]))
         self.textures = make_textures(np.random.default_rng([self.seed, 0x7E47]))
