@@ -584,9 +584,13 @@ def _json_field(row: sqlite3.Row, field: str, default: str, where: str) -> Any:
     return value
 
 
+FRAMES_PER_READ = 32  # frames a RecordReader reads per short transaction
+
+
 class RecordReader:
-    """A read-only view of a record as of one moment: every query runs in one read transaction, so an
-    export taken while ``smearsight run`` is still recording agrees with itself (summary, frames, rows).
+    """A read-only view of a record as of one moment: the queries run in one read transaction up to the first
+    :meth:`frames`, which then reads the frames of that moment in batches (see there), so an export taken
+    while ``smearsight run`` is still recording agrees with itself (summary, frames, rows).
 
     Use as a context manager. Frames are streamed (:meth:`frames`), so a long session is never held in
     memory at once. SQLite errors become one-line InputErrors naming the file.
@@ -621,15 +625,6 @@ class RecordReader:
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         with self._sqlite_errors():
             return self.conn.execute(sql, args)
-
-    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> Iterator[sqlite3.Row]:
-        cursor = self._query(sql, args)
-        while True:
-            with self._sqlite_errors():
-                rows = cursor.fetchmany(1000)
-            if not rows:
-                return
-            yield from rows
 
     def sessions(self) -> list[dict[str, Any]]:
         """All sessions, oldest first."""
@@ -666,20 +661,48 @@ class RecordReader:
             "SELECT DISTINCT part FROM morphology WHERE session_id = ? ORDER BY part", (int(session_id),))]
 
     def frames(self, session_id: int) -> Iterator[dict[str, Any]]:
-        """Frames of a session in order, each with its detections and their morphology by part (streamed: the
-        three tables are read side by side in frame order)."""
-        sid = (int(session_id),)
-        morph_rows = self._rows(
-            "SELECT frame_index, det, part, score, abnormal FROM morphology WHERE session_id = ? "
-            "ORDER BY frame_index, det, part", sid)
-        det_rows = self._rows(
-            "SELECT frame_index, det, class_id, class_name, score, x1, y1, x2, y2 FROM detections "
-            "WHERE session_id = ? ORDER BY frame_index, det", sid)
+        """Frames of a session in order, each with its detections and their morphology by part.
+
+        Streamed: the frames up to the session's last one in this reader's snapshot are read
+        :data:`FRAMES_PER_READ` at a time, each batch in its own short read transaction (the three tables read
+        side by side in frame order). A slow consumer (a pager, a stalled pipe) so never holds a read
+        transaction open, which would keep a device recording into the same file from checkpointing its
+        write-ahead log, and the frames stay those of the snapshot: rows are only ever appended, a frame's
+        detections and morphology in the same commit as the frame.
+        """
+        sid = int(session_id)
+        last = self._query("SELECT MAX(frame_index) FROM frames WHERE session_id = ?", (sid,)).fetchone()[0]
         columns = _frame_columns(self.conn)
         added = ", ".join(name if name in columns else str(default) for name, _, default in _ADDED_FRAME_COLUMNS)
-        frame_rows = self._rows(
-            f"SELECT frame_index, timestamp, n_detections, {added} FROM frames WHERE session_id = ? "
-            "ORDER BY frame_index", sid)
+        if self.conn.in_transaction:
+            self.conn.commit()  # the snapshot's end: from here on each batch is read in its own transaction
+        lo = None if last is None else -(2**63)
+        while lo is not None:
+            with self._sqlite_errors():
+                self.conn.execute("BEGIN")
+                try:
+                    batch, hi = self._frame_batch(sid, lo, last, added)
+                finally:
+                    self.conn.commit()
+            yield from batch
+            lo = hi + 1 if hi is not None and hi < last else None
+
+    def _frame_batch(self, sid: int, lo: int, last: int, added: str) -> tuple[list[dict[str, Any]], int | None]:
+        """Up to :data:`FRAMES_PER_READ` frames of session ``sid`` from frame index ``lo`` (at most ``last``),
+        built from the three tables' rows read in frame order, and the last frame index read."""
+        frame_rows = self.conn.execute(
+            f"SELECT frame_index, timestamp, n_detections, {added} FROM frames WHERE session_id = ? AND "
+            "frame_index BETWEEN ? AND ? ORDER BY frame_index LIMIT ?", (sid, lo, last, FRAMES_PER_READ)).fetchall()
+        if not frame_rows:
+            return [], None
+        span = (sid, lo, frame_rows[-1][0])
+        det_rows = iter(self.conn.execute(
+            "SELECT frame_index, det, class_id, class_name, score, x1, y1, x2, y2 FROM detections "
+            "WHERE session_id = ? AND frame_index BETWEEN ? AND ? ORDER BY frame_index, det", span).fetchall())
+        morph_rows = iter(self.conn.execute(
+            "SELECT frame_index, det, part, score, abnormal FROM morphology WHERE session_id = ? AND "
+            "frame_index BETWEEN ? AND ? ORDER BY frame_index, det, part", span).fetchall())
+        batch = []
         next_det, next_morph = next(det_rows, None), next(morph_rows, None)
         for r in frame_rows:
             frame_index = r[0]
@@ -698,8 +721,9 @@ class RecordReader:
                     next_morph = next(morph_rows, None)
                 dets.append({"det": d[1], "class_id": d[2], "class_name": d[3], "score": d[4],
                              "box": [d[5], d[6], d[7], d[8]], "morphology": morphology})
-            yield {"frame_index": frame_index, "timestamp": r[1], "n_detections": r[2], "detected": bool(r[3]),
-                   "boxes_age_ms": float(r[4]), "detections": dets}
+            batch.append({"frame_index": frame_index, "timestamp": r[1], "n_detections": r[2],
+                          "detected": bool(r[3]), "boxes_age_ms": float(r[4]), "detections": dets})
+        return batch, frame_rows[-1][0]
 
 
 def list_sessions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -394,3 +394,34 @@ def test_a_record_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(RecordError, match=rf"future.db: written by a newer SmearSight .*version {SCHEMA_VERSION + 1}"):
         SessionRecorder(db)
+
+
+def test_a_slow_export_lets_the_recording_device_checkpoint_and_keeps_its_snapshot(tmp_path: Path) -> None:
+    """An export read slowly (a pager) while the device records into the same file: the device's WAL can
+    still be checkpointed, and the export holds exactly the frames there were when it started."""
+    from smearsight.device.record import FRAMES_PER_READ, RecordReader
+
+    path = tmp_path / "rec.db"
+    rec = SessionRecorder(path, batch_frames=50)
+    sid = rec.start_session({"source": "test"})
+    first = 2 * FRAMES_PER_READ + 10
+    for i in range(first):
+        rec.record_frame(i, float(i), _dets(3, [MATURE, 0, 1]), TPS_CLASS_NAMES)
+    rec.flush()
+    with RecordReader(path) as reader:
+        frames = reader.frames(sid)
+        seen = [next(frames)]  # the consumer stalls here, as behind a pager
+        for i in range(first, first + 300):  # the device goes on recording
+            rec.record_frame(i, float(i), _dets(2, [MATURE, 0]), TPS_CLASS_NAMES)
+        rec.flush()
+        other = sqlite3.connect(path, timeout=0.2)
+        try:
+            busy, log_frames, checkpointed = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            other.close()
+        seen.extend(frames)
+    rec.close()
+    assert busy == 0, "a reader held the write-ahead log (before: the whole export was one transaction)"
+    assert [f["frame_index"] for f in seen] == list(range(first))  # nothing recorded after the export began
+    assert all(len(f["detections"]) == 3 for f in seen)
+    assert seen[-1]["detections"][0]["class_name"] == "mature_sperm"
