@@ -9,6 +9,7 @@ import typer
 
 from smearsight.cli_app import export_app
 from smearsight.errors import InputError
+from smearsight.fileio import check_output_file
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -80,6 +81,8 @@ def export_check(
     from smearsight.export.parity import check_export
     from smearsight.fileio import atomic_write_json
 
+    if json_out is not None:
+        check_output_file(json_out, "--json")
     report = check_export(model_dir, weights, count=count, data=data, fp16=fp16)
     table = Table(title=f"{report.kind} export parity on {report.inputs} inputs")
     for column in ("run", "output", "max abs err", "max rel err", "agreement"):
@@ -160,6 +163,8 @@ def export_int8_cmd(
     from smearsight.export.quantize import quantize_detector
     from smearsight.fileio import atomic_write_json
 
+    if json_out is not None:
+        check_output_file(json_out, "--json")
     with Progress(transient=True) as progress:
         task = progress.add_task("quantizing", total=count + check_count)
         report = quantize_detector(

@@ -16,7 +16,7 @@ from typing import Any
 from smearsight import __version__
 from smearsight.anchors import AnchorConfig
 from smearsight.errors import InputError, require
-from smearsight.fileio import atomic_write_bytes, sha256_file
+from smearsight.fileio import atomic_write_bytes, check_output_dir, sha256_file
 from smearsight.manifest import DetectorSpec, InputSpec, Manifest, MorphologySpec, TensorSpec
 
 DETECTOR_INPUT = "images"
@@ -159,6 +159,7 @@ def export_checkpoint(
         raise InputError(f"--score-threshold {score_threshold}: must lie in [0, 1]")
     if dynamic_batch is None:
         dynamic_batch = kind == "morphology"
+    out_dir = check_output_dir(out_dir)
     shape = input_shape(checkpoint, image_size, batch=1)
     module = build_exportable(checkpoint)
     example = torch.zeros(shape, dtype=torch.float32)
@@ -174,10 +175,14 @@ def export_checkpoint(
     with torch.no_grad():
         outputs = module(example)
         outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
-        torch.onnx.export(
-            module, (example,), buffer, dynamo=False, opset_version=opset, input_names=[input_name],
-            output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                module, (example,), buffer, dynamo=False, opset_version=opset, input_names=[input_name],
+                output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+        except Exception as exc:  # an opset the exporter or an operator lacks, most often
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"--opset {opset}: the ONNX export failed ({first})") from None
     model = onnx.load_from_string(buffer.getvalue())
     simplified = False
     if simplify:
@@ -192,11 +197,17 @@ def export_checkpoint(
     batch_dim = -1 if dynamic_batch else 1
     shape[0] = batch_dim
     output_shapes = {n: [batch_dim, *list(o.shape[1:])] for n, o in zip(output_names, outputs, strict=True)}
-    manifest = make_manifest(checkpoint, shape, output_shapes, sha256_file(weights), opset,
-                             name=_default_name(checkpoint), overrides=overrides)
-    manifest.onnx_sha256 = hashlib.sha256(data).hexdigest()
-    manifest = Manifest.from_dict(manifest.to_dict())  # the same checks a device applies when it loads it
-    out_dir = Path(out_dir)
+    from pydantic import ValidationError
+
+    from smearsight.config import format_validation_error
+
+    try:  # the same checks a device applies when it loads the manifest
+        manifest = make_manifest(checkpoint, shape, output_shapes, sha256_file(weights), opset,
+                                 name=_default_name(checkpoint), overrides=overrides)
+        manifest.onnx_sha256 = hashlib.sha256(data).hexdigest()
+        manifest = Manifest.model_validate(manifest.to_dict())
+    except ValidationError as exc:
+        raise InputError(format_validation_error(exc, f"{weights}: its manifest")) from None
     atomic_write_bytes(out_dir / "model.onnx", data)
     manifest.save(out_dir)
     return ExportResult(out_dir, manifest, simplified)

@@ -76,6 +76,9 @@ class InputSpec(TensorSpec):
 DEFAULT_PRE_NMS_TOPK = 4000
 
 
+MAX_DETECTIONS_LIMIT = 100_000
+
+
 class DetectorSpec(_ManifestPart):
     """What the runtime needs to decode the detector's raw outputs."""
 
@@ -84,7 +87,7 @@ class DetectorSpec(_ManifestPart):
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)
     iou_threshold: float = Field(0.5, gt=0.0, le=1.0)
     pre_nms_topk: int = Field(DEFAULT_PRE_NMS_TOPK, ge=1)
-    max_detections: int = Field(1000, ge=1)
+    max_detections: int = Field(1000, ge=1, le=MAX_DETECTIONS_LIMIT)  # the device allocates [max, 6] once
     class_output: str = "class_logits"
     box_output: str = "box_regression"
 
@@ -163,9 +166,29 @@ class Manifest(_ManifestPart):
             for out in (self.detector.class_output, self.detector.box_output):
                 if out not in names:
                     raise ValueError(f"detector output '{out}' is not among outputs {sorted(names)}")
+            self._detector_outputs_agree()
         if self.morphology is not None and self.morphology.score_output not in names:
             raise ValueError(f"morphology output '{self.morphology.score_output}' is not among outputs")
         return self
+
+    def _detector_outputs_agree(self) -> None:
+        """The detector's output shapes (where fixed) against its class names and anchors: a manifest that
+        disagrees with its graph would fail on every frame of the device."""
+        spec = self.detector
+        assert spec is not None
+        shapes = {o.name: o.shape for o in self.outputs}
+        logits, deltas = shapes[spec.class_output], shapes[spec.box_output]
+        if len(logits) >= 2 and logits[-1] > 0 and logits[-1] != len(spec.class_names):
+            raise ValueError(f"output '{spec.class_output}' scores {logits[-1]} classes but detector.class_names "
+                             f"lists {len(spec.class_names)}")
+        if deltas and deltas[-1] > 0 and deltas[-1] != 4:
+            raise ValueError(f"output '{spec.box_output}' must end in 4 box coordinates, got shape {deltas}")
+        if len(self.input.shape) == 4 and min(self.input.shape[2:]) > 0:
+            expected = spec.anchors.num_anchors(self.image_size)
+            for name, shape in ((spec.class_output, logits), (spec.box_output, deltas)):
+                if len(shape) >= 2 and shape[-2] > 0 and shape[-2] != expected:
+                    raise ValueError(f"output '{name}' has {shape[-2]} anchors but detector.anchors give {expected} "
+                                     f"at {self.image_size[0]}x{self.image_size[1]}")
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -57,6 +57,9 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str
     return payload
 
 
+DETECTOR_THRESHOLDS = ("score", "iou", "pre_nms_topk", "max_detections")  # what training writes
+
+
 def _validate(payload: dict[str, Any], source: str) -> None:
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
@@ -71,6 +74,16 @@ def _validate(payload: dict[str, Any], source: str) -> None:
         for key in ("class_names", "anchors", "thresholds"):
             if key not in payload:
                 raise InputError(f"{source}: detector checkpoint lacks field '{key}'")
+        model_config = payload.get("model_config")
+        classes = model_config.get("num_classes") if isinstance(model_config, dict) else None
+        if isinstance(classes, int) and classes != len(payload["class_names"]):
+            raise InputError(f"{source}: field 'class_names' lists {len(payload['class_names'])} classes but the "
+                             f"network scores {classes} (model_config.num_classes)")
+        thresholds = payload["thresholds"]
+        for key in DETECTOR_THRESHOLDS:
+            value = thresholds.get(key) if isinstance(thresholds, dict) else None
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InputError(f"{source}: field 'thresholds.{key}' must be a finite number, got {value!r}")
     else:
         morph = payload.get("morphology")
         if not isinstance(morph, dict):

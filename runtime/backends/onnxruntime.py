@@ -81,6 +81,12 @@ class OnnxRuntimeBackend(InferenceBackend):
         missing = [o.name for o in manifest.outputs if o.name not in self.output_names]
         if missing:
             raise InputError(f"{path}: model has no output(s) {missing} named by the manifest")
+        graph = {o.name: o.shape for o in self.session.get_outputs()}
+        for out in manifest.outputs:  # fixed dimensions must agree: a wrong one fails on every frame
+            dims = [(m, g) for m, g in zip(out.shape, graph[out.name], strict=False) if m > 0 and isinstance(g, int)]
+            if len(out.shape) != len(graph[out.name]) or any(m != g for m, g in dims):
+                raise InputError(f"{path}: output '{out.name}' has shape {graph[out.name]} but the manifest says "
+                                 f"{out.shape}")
         self._static = None
         self._binding = None
         if not use_cuda:

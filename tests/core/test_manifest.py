@@ -17,6 +17,8 @@ from smearsight.manifest import (
     verify_files,
 )
 
+ANCHORS_64x96 = AnchorConfig().num_anchors((64, 96))
+
 
 def detector_manifest(**overrides):
     fields = dict(
@@ -25,8 +27,8 @@ def detector_manifest(**overrides):
         model_version="0.1.0",
         input=InputSpec(name="images", shape=[1, 3, 64, 96], mean=[0.5] * 3, std=[0.5] * 3),
         outputs=[
-            TensorSpec(name="class_logits", shape=[1, 100, 6]),
-            TensorSpec(name="box_regression", shape=[1, 100, 4]),
+            TensorSpec(name="class_logits", shape=[1, ANCHORS_64x96, 6]),
+            TensorSpec(name="box_regression", shape=[1, ANCHORS_64x96, 4]),
         ],
         detector=DetectorSpec(class_names=list("abcdef"), anchors=AnchorConfig()),
     )
@@ -124,3 +126,34 @@ def test_engine_compatibility_in_plain_words():
     assert check_engine_compatibility(engine, "10.3.0", "8.7") is None
     assert "TensorRT 10.3.0" in check_engine_compatibility(engine, "10.7.0", "8.7")
     assert "compute capability 8.7" in check_engine_compatibility(engine, "10.3.0", "9.0")
+
+
+@pytest.mark.parametrize(
+    ("outputs", "expected"),
+    [
+        (([1, ANCHORS_64x96, 5], [1, ANCHORS_64x96, 4]), "scores 5 classes but detector.class_names lists 6"),
+        (([1, 100, 6], [1, 100, 4]), f"has 100 anchors but detector.anchors give {ANCHORS_64x96} at 64x96"),
+        (([1, ANCHORS_64x96, 6], [1, ANCHORS_64x96, 5]), "must end in 4 box coordinates"),
+    ],
+)
+def test_a_detector_manifest_that_disagrees_with_its_outputs_is_refused(tmp_path, outputs, expected):
+    """Such a manifest (hand-edited, or from a checkpoint whose class list lost a name) failed on every frame
+    of the device, which kept running and logging."""
+    logits, deltas = outputs
+    data = detector_manifest().to_dict()
+    data["outputs"] = [{"name": "class_logits", "shape": logits}, {"name": "box_regression", "shape": deltas}]
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match=expected):
+        load_manifest(tmp_path)
+    dynamic = {**data, "outputs": [{"name": "class_logits", "shape": [-1, -1, 6]},
+                                   {"name": "box_regression", "shape": [-1, -1, 4]}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(dynamic))
+    assert load_manifest(tmp_path).detector.class_names == list("abcdef")  # dynamic dims are not checked
+
+
+def test_max_detections_is_bounded(tmp_path):
+    data = detector_manifest().to_dict()
+    data["detector"]["max_detections"] = 10**11  # the device would allocate [max, 6] floats: 2 TiB
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="detector.max_detections"):
+        load_manifest(tmp_path)

@@ -178,3 +178,89 @@ def test_onnx_session_errors_are_input_errors(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(InputError, match=r"model.onnx: onnxruntime cannot load it"):
         run_onnx(bad, np.zeros((1, 3, 8, 8), np.float32), "images", batch_one=True)
+
+
+def _edited_checkpoint(source, path, edit):
+    """A copy of ``source`` edited by hand (torch.save: save_checkpoint refuses to write such files)."""
+    from smearsight.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(source)
+    edit(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_checkpoints_that_cannot_make_a_working_model_are_one_line_errors(tiny_detector_checkpoint, tmp_path,
+                                                                          capsys):
+    """Each of these gave a traceback, or an export the device failed on at every frame."""
+    five = _edited_checkpoint(tiny_detector_checkpoint, tmp_path / "five.pt",
+                              lambda c: c.__setitem__("class_names", c["class_names"][:-1]))
+    bare = _edited_checkpoint(tiny_detector_checkpoint, tmp_path / "bare.pt", lambda c: c.__setitem__("thresholds", {}))
+    gray = _edited_checkpoint(tiny_detector_checkpoint, tmp_path / "gray.pt",
+                              lambda c: c["normalization"].__setitem__("mean", [0.5]))
+    image = tmp_path / "cells.png"
+    import cv2
+
+    cv2.imwrite(str(image), np.full((64, 96, 3), 200, np.uint8))
+    cases = [
+        (["export", "onnx", "--weights", str(five)], "lists 5 classes but the network scores 6"),
+        (["predict", "detector", str(image), "--weights", str(five)], "lists 5 classes but the network scores 6"),
+        (["predict", "detector", str(image), "--weights", str(bare)], "thresholds.score"),
+        (["export", "onnx", "--weights", str(gray)], "mean/std need 3 values"),
+        (["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--opset", "100"], "--opset 100"),
+        (["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--max-detections", str(10**11)],
+         "max_detections"),
+    ]
+    for n, (args, expected) in enumerate(cases):
+        out = tmp_path / f"out{n}"
+        assert main([*args, "--out", str(out)]) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert expected in err[-1] and "Traceback" not in "\n".join(err), (args, err[-3:])
+        assert not out.exists() or not any(out.iterdir()), args
+
+
+def test_output_paths_are_checked_before_the_work(detector_export, tiny_detector_checkpoint, tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep me")
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(a_file)]) == 1
+    assert "is a file; expected a folder" in capsys.readouterr().err and a_file.read_text() == "keep me"
+    assert main(["export", "check", str(detector_export), "--weights", str(tiny_detector_checkpoint), "--count", "1",
+                 "--no-fp16", "--json", str(tmp_path)]) == 1
+    assert "--json" in capsys.readouterr().err
+    assert main(["export", "int8", str(detector_export), "--out", str(tmp_path / "q8"), "--json", str(tmp_path)]) == 1
+    assert "--json" in capsys.readouterr().err and not (tmp_path / "q8").exists()
+
+
+def test_predict_refuses_before_writing_anything(tiny_detector_checkpoint, tmp_path, capsys):
+    import cv2
+
+    good, named, corrupt = tmp_path / "good.png", tmp_path / "detections.png", tmp_path / "corrupt.png"
+    for path in (good, named):
+        cv2.imwrite(str(path), np.full((64, 96, 3), 200, np.uint8))
+    corrupt.write_bytes(b"\x89PNG not really")
+    for images, flags, expected in (
+        ([good, corrupt], [], "corrupt.png"),  # before: good.json and good_pred.jpg were left behind
+        ([good, named], [], "would overwrite the summary detections.json"),
+        ([good], ["--score-threshold", "2"], "--score-threshold 2.0: must lie in [0, 1]"),
+        ([good], ["--score-threshold", "nan"], "must lie in [0, 1]"),
+    ):
+        out = tmp_path / "out"
+        rc = main(["predict", "detector", *map(str, images), "--weights", str(tiny_detector_checkpoint),
+                   "--out", str(out), *flags])
+        assert rc == 1 and expected in capsys.readouterr().err
+        assert not out.exists() or not any(out.iterdir()), images
+
+
+def test_onnx_runtime_refuses_a_manifest_whose_output_shape_differs_from_the_graph(detector_export, tmp_path):
+    import shutil
+
+    from smearsight.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    edited = tmp_path / "edited"
+    shutil.copytree(detector_export, edited)
+    data = json.loads((edited / "manifest.json").read_text())
+    data["outputs"][0]["shape"] = [1, -1, data["outputs"][0]["shape"][2]]  # agrees with the anchors and classes
+    data["outputs"][0]["shape"].insert(1, 7)  # ... but now one dimension more than the graph's
+    (edited / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="has shape .* but the manifest says"):
+        OnnxRuntimeBackend(edited, load_manifest(edited))

@@ -16,6 +16,7 @@ from smearsight.errors import InputError
 from smearsight.fileio import check_output_dir
 
 FORMATS = ("coco", "voc", "yolo")
+SUMMARY_STEM = "detections"  # predict detector: OUT/detections.json beside OUT/<image stem>.json
 
 
 def _fmt(fmt: str) -> str:
@@ -201,6 +202,8 @@ def predict_detector_cmd(
 
     if resize not in ("letterbox", "pad"):
         raise InputError(f"--resize: expected letterbox or pad, got {resize!r}")
+    if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
+        raise InputError(f"--score-threshold {score_threshold}: must lie in [0, 1]")
     files: list[Path] = []
     for p in images:
         if p.is_dir():
@@ -213,10 +216,14 @@ def predict_detector_cmd(
         raise InputError("no images given (folders held no image files)")
     by_stem: dict[str, Path] = {}
     for f in files:  # outputs are named after the stem: two inputs must not write the same files
+        if f.stem == SUMMARY_STEM:
+            raise InputError(f"{f}: its results would overwrite the summary {SUMMARY_STEM}.json; rename the image")
         if f.stem in by_stem and by_stem[f.stem] != f:
             raise InputError(f"{f}: same file name stem as {by_stem[f.stem]}; their outputs would overwrite each other")
         by_stem[f.stem] = f
     ckpt = _load(weights)
+    for f in files:  # every image decodes before anything is written (read again below, one at a time)
+        read_image_rgb(f)
     names = list(ckpt["class_names"])
     # Offline, no frame budget: the evaluation's candidate cap, so that a crowded field is not clipped.
     topk = _evaluation_caps(ckpt, ckpt["thresholds"]["max_detections"], None)["pre_nms_topk"]
@@ -238,7 +245,7 @@ def predict_detector_cmd(
         if ok:
             atomic_write_bytes(out / f"{f.stem}_pred.jpg", buf.tobytes())
         summary.append({"image": str(f), "detections": len(items)})
-    atomic_write_json(out / "detections.json", summary)
+    atomic_write_json(out / f"{SUMMARY_STEM}.json", summary)
     typer.echo(f"{len(files)} image(s), {sum(s['detections'] for s in summary)} detection(s) -> {out}")
 
 
