@@ -15,8 +15,9 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import urllib3
 from tuf.api import exceptions as tuf_errors
-from tuf.ngclient import FetcherInterface, Updater
+from tuf.ngclient import FetcherInterface, Updater, Urllib3Fetcher
 
 from smearsight.deploy.bundle import check_version, version_key
 from smearsight.deploy.install import (
@@ -116,11 +117,31 @@ class LocalFetcher(FetcherInterface):
         return chunks()
 
 
+class HttpFetcher(Urllib3Fetcher):
+    """ngclient's urllib3 fetcher, with a connection that breaks mid-download reported as a DownloadError.
+
+    Urllib3Fetcher only converts timeouts; a server that announces a length and then closes raises
+    urllib3's ProtocolError from the middle of the stream, which ngclient passes on as it is."""
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        chunks = super()._fetch(url)
+
+        def guarded() -> Iterator[bytes]:
+            try:
+                yield from chunks
+            except urllib3.exceptions.HTTPError as exc:
+                detail = str(exc.args[0]) if exc.args else type(exc).__name__
+                detail = detail.removeprefix("Connection broken: ")
+                raise tuf_errors.DownloadError(f"connection broken while downloading {url}: {detail}") from None
+
+        return guarded()
+
+
 def repo_location(repo: str) -> tuple[str, FetcherInterface | None]:
     """Base URL and fetcher for an ``http(s)://`` URL, a ``file://`` URL or a directory path."""
     parsed = urlparse(repo)
     if parsed.scheme in {"http", "https"}:
-        return repo.rstrip("/"), None
+        return repo.rstrip("/"), HttpFetcher()
     path = Path(url2pathname(parsed.path)) if parsed.scheme == "file" else Path(repo)
     if parsed.scheme not in {"", "file"}:
         raise InputError(f"--repo: '{repo}' is neither an http(s):// URL nor a directory")

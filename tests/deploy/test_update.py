@@ -353,3 +353,45 @@ def test_signed_bundle_with_an_unusable_manifest_is_refused_as_an_update(repo, b
     assert rc == 3, err  # an update problem, not bad command-line input
     assert "failed verification" in err and "plain file name" in err and "nothing was installed" in err
     assert Device(device_root).current() is None
+
+
+@pytest.mark.parametrize("cut", ["targets/", "timestamp.json"])
+def test_connection_dropped_mid_download_is_one_line_and_refused(repo, bundles, device_root, capsys, cut):
+    """A server that announces the full Content-Length and then closes (a flaky link): exit 3, one line."""
+    import http.server
+    import threading
+    from functools import partial
+    from pathlib import Path
+
+    repo.publish(bundles["1.0"])
+
+    class Truncating(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            path = Path(self.directory) / self.path.lstrip("/")
+            if cut not in self.path or not path.is_file():
+                return super().do_GET()
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Truncating, directory=str(repo.dir)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        capsys.readouterr()
+        rc = main(["deploy", "update", "--repo", f"http://127.0.0.1:{server.server_address[1]}",
+                   "--root-dir", str(device_root)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert rc == 3 and len(err) == 1, err
+    assert "update refused: cannot download from the repository (connection broken" in err[0]
+    assert Device(device_root).current() is None
+    assert Device(device_root).events()[-1]["event"] == "refused"
