@@ -231,6 +231,8 @@ def health_cmd(
     line = f"unhealthy: {report.version}: {report.problems[0]}"
     if report.rolled_back_to:
         line += f"; rolled back to {report.rolled_back_to}"
+    if report.rollback_failed:
+        line += f"; {report.rollback_failed}"
     typer.echo(line, err=True)
     raise typer.Exit(4)
 

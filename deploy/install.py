@@ -273,6 +273,9 @@ class Device:
 
     @staticmethod
     def _finish_switch(state: dict[str, Any], version: str, previous: str | None, trial: bool) -> None:
+        # a switch to a rejected version is always the operator's choice (--to, --force): no longer rejected,
+        # so that a later self-rollback may return to it
+        state["rejected"].pop(version, None)
         state["current"] = version
         state["history"] = [v for v in state["history"] if v != version] + [version]
         state["trial"] = (

@@ -395,3 +395,38 @@ def test_connection_dropped_mid_download_is_one_line_and_refused(repo, bundles, 
     assert "update refused: cannot download from the repository (connection broken" in err[0]
     assert Device(device_root).current() is None
     assert Device(device_root).events()[-1]["event"] == "refused"
+
+
+def test_a_version_chosen_again_on_purpose_is_no_longer_rejected(repo, bundles, device_root, capsys):
+    device = _two_releases(repo, bundles, device_root)
+    root = str(device_root)
+    assert main(["deploy", "rollback", "--root-dir", root, "--reason", "counts look wrong"]) == 0
+    assert "1.1" in device.load_state()["rejected"]
+    assert main(["deploy", "rollback", "--root-dir", root, "--to", "1.1", "--reason", "false alarm"]) == 0
+    assert "1.1" not in device.load_state()["rejected"]
+    assert main(["deploy", "health-check", "--root-dir", root, "--confirm"]) == 0
+    repo.publish(bundles["1.2"])
+    assert update(device_root, str(repo.dir), keep=3)["version"] == "1.2"
+    with open(device.releases / "1.2" / "models" / "detector" / "model.onnx", "ab") as handle:
+        handle.write(b"corrupt")
+    capsys.readouterr()
+    assert main(["deploy", "health-check", "--root-dir", root]) == 4
+    assert "rolled back to 1.1" in capsys.readouterr().err
+    assert device.current() == "1.1"
+    # update --force of a rejected version clears it as well
+    assert update(device_root, str(repo.dir), force=True, keep=3)["status"] == "installed"
+    assert "1.2" not in device.load_state()["rejected"]
+
+
+def test_health_check_says_why_it_cannot_roll_back(repo, bundles, device_root, capsys):
+    repo.publish(bundles["1.0"])
+    update(device_root, str(repo.dir))
+    device = Device(device_root)
+    with open(device.releases / "1.0" / "models" / "detector" / "model.onnx", "ab") as handle:
+        handle.write(b"corrupt")
+    capsys.readouterr()
+    assert main(["deploy", "health-check", "--root-dir", str(device_root)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "size" in err[0] and "cannot roll back from 1.0: no previous release" in err[0]
+    assert device.events()[-1]["event"] == "rollback-failed"
+    assert "cannot roll back from 1.0" in device.events()[-1]["reason"]
