@@ -94,6 +94,9 @@ def repo_publish(
     if result["changed"]:
         typer.echo(f"published {result['target']} version {result['version']} "
                    f"(targets v{result['targets_version']})")
+    elif result["resigned"]:
+        typer.echo(f"{result['target']} already holds version {result['version']}; re-signed snapshot and "
+                   "timestamp, which an earlier publish had not finished")
     else:
         typer.echo(f"{result['target']} already holds version {result['version']}; nothing to do")
 

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from securesystemslib.signer import Signer
+from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.repository import Repository
 
@@ -78,6 +80,7 @@ class FileRepository(Repository):
         self.keys_dir = self.dir / "keys"
         config = self._read_config()
         self.expiry_days = {**DEFAULT_EXPIRY_DAYS, **config.get("expiry_days", {}), **(expiry_days or {})}
+        self._signers: dict[str, Signer] = {}
 
     def _read_config(self) -> dict[str, Any]:
         path = self.dir / CONFIG_NAME
@@ -109,9 +112,20 @@ class FileRepository(Repository):
         md.signed.version += 1
         self._sign_and_write(role, md)
 
+    def signer(self, role: str) -> Signer:
+        """The key of ``role`` from ``keys/``.
+
+        Kept for the operation under way (publish and refresh start afresh): an operation loads every key it
+        needs before it writes anything.
+        """
+        if role not in self._signers:
+            signer = load_signer(self.keys_dir, role)
+            self._signers[role] = signer
+        return self._signers[role]
+
     def _sign_and_write(self, role: str, md: Metadata) -> None:
         md.signed.expires = _expires(self.expiry_days[role])
-        md.sign(load_signer(self.keys_dir, role))
+        md.sign(self.signer(role))
         data = md.to_bytes()
         version = md.signed.version
         if role == Root.type:
@@ -157,6 +171,7 @@ class FileRepository(Repository):
             staged = cls(stage)
             staged.targets_dir.mkdir()
             signers = {role: generate_key(staged.keys_dir, role) for role in ROLES}
+            staged._signers.update(signers)
             root = Root(consistent_snapshot=True)
             for role, signer in signers.items():
                 root.add_key(signer.public_key, role)
@@ -187,6 +202,7 @@ class FileRepository(Repository):
 
     def publish(self, bundle: str | Path, key: str = ONNX_KEY, allow_downgrade: bool = False) -> dict[str, Any]:
         """Add ``bundle`` as the target for ``key``; re-sign targets, snapshot and timestamp."""
+        self._signers.clear()
         bundle = Path(bundle)
         path = target_path(key)
         index = read_index(bundle)
@@ -199,13 +215,15 @@ class FileRepository(Repository):
         if existing is not None:
             old = str((existing.custom or {}).get("smearsight", {}).get("version", ""))
             if old == version:
-                if existing.hashes.get("sha256") == sha:
-                    return {"target": path, "version": version, "changed": False}
+                if existing.hashes.get("sha256") == sha:  # a publish that stopped part-way is finished now
+                    return {"target": path, "version": version, "changed": False, "resigned": self._catch_up()}
                 raise InputError(f"{bundle}: version {version} is already published for '{key}' with other content;"
                                  " bump --version")
             if version_key(version) < version_key(old) and not allow_downgrade:
                 raise InputError(f"{bundle}: version {version} is older than the published {old} for '{key}'"
                                  " (use --allow-downgrade to publish it anyway)")
+        for role in (Targets.type, Snapshot.type, Timestamp.type):
+            self.signer(role)
         info = TargetFile.from_file(path, str(bundle), ["sha256"])
         info.unrecognized_fields["custom"] = {
             "smearsight": {"version": version, "key": key, "models": [m["name"] for m in index.get("models", [])]}
@@ -221,12 +239,39 @@ class FileRepository(Repository):
         self.do_timestamp()
         return {"target": path, "version": version, "changed": True, "targets_version": self.targets().version}
 
+    def _catch_up(self) -> bool:
+        """Re-sign snapshot and timestamp when they do not yet cover the newest targets (or their signatures
+        do not verify); True when something was signed."""
+        root = self.root()
+        stale = False
+        for role in (Snapshot.type, Timestamp.type):
+            md = self.open(role)
+            try:
+                root.verify_delegate(role, md.signed_bytes, md.signatures)
+            except UnsignedMetadataError:
+                stale = True
+        snapshot = self.snapshot()
+        listed = snapshot.meta.get("targets.json")
+        stale = (stale or listed is None or listed.version != self.targets().version
+                 or self.timestamp().snapshot_meta.version != snapshot.version)
+        if not stale:
+            return False
+        for role in (Snapshot.type, Timestamp.type):
+            self.signer(role)
+        self.do_snapshot()
+        self.do_timestamp()
+        return True
+
     def refresh(self, targets: bool = False, root: bool = False) -> dict[str, int]:
         """Re-sign snapshot and timestamp (and optionally targets, root) with fresh expiries.
 
         Run it regularly (see docs/deploy.md). Re-signing root needs the offline root key and publishes
         ``N.root.json``, which devices pick up on their next update.
         """
+        self._signers.clear()
+        roles = [Root.type] * root + [Targets.type] * targets + [Snapshot.type, Timestamp.type]
+        for role in roles:
+            self.signer(role)
         if root:
             with self.edit_root():
                 pass

@@ -207,3 +207,59 @@ def test_cli_serve_subprocess(repo, bundles):
         proc.wait(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def _metadata_bytes(repo):
+    return {p.name: p.read_bytes() for p in repo.meta_dir.iterdir()}
+
+
+@pytest.mark.parametrize("problem", ["open-permissions", "missing"])
+def test_publish_with_an_unusable_online_key_writes_nothing(repo, bundles, problem):
+    repo.publish(bundles["1.0"])
+    before = _metadata_bytes(repo)
+    key = repo.keys_dir / ("snapshot.pem" if problem == "open-permissions" else "timestamp.pem")
+    aside = key.with_name("aside.pem")
+    if problem == "open-permissions":
+        os.chmod(key, 0o644)
+        match = "too open"
+    else:
+        key.rename(aside)
+        match = "timestamp key is not on this host"
+    with pytest.raises(InputError, match=match) as info:
+        FileRepository(repo.dir).publish(bundles["1.1"])
+    assert "keep root offline" not in str(info.value)
+    assert _metadata_bytes(repo) == before  # targets.json was not signed ahead of the others
+    if problem == "open-permissions":
+        os.chmod(key, 0o600)
+    else:
+        aside.rename(key)
+    result = FileRepository(repo.dir).publish(bundles["1.1"])
+    assert result["changed"] and repo.timestamp().snapshot_meta.version == repo.snapshot().version == 3
+
+
+def test_publish_again_finishes_a_publish_that_stopped_after_targets(repo, bundles, device_root):
+    import shutil
+
+    from tuf.api.metadata import TargetFile
+
+    from smearsight.deploy.updater import update
+    from smearsight.fileio import sha256_file
+
+    repo.publish(bundles["1.0"])
+    assert update(device_root, str(repo.dir))["version"] == "1.0"
+    # what an interrupted publish of 1.1 leaves (killed, or a key failing after targets was signed): the
+    # bundle stored and targets v3 signed, but snapshot and timestamp still at v2
+    published = repo.targets().targets["bundles/onnx.tar.gz"]
+    info = TargetFile.from_file("bundles/onnx.tar.gz", str(bundles["1.1"]), ["sha256"])
+    info.unrecognized_fields["custom"] = {"smearsight": {**published.custom["smearsight"], "version": "1.1"}}
+    shutil.copy(bundles["1.1"], repo.targets_dir / "bundles" / f"{sha256_file(bundles['1.1'])}.onnx.tar.gz")
+    with repo.edit_targets() as targets:
+        targets.targets["bundles/onnx.tar.gz"] = info
+    assert repo.targets().version == 3 and repo.snapshot().meta["targets.json"].version == 2
+    assert update(device_root, str(repo.dir))["status"] == "up-to-date"  # devices cannot see 1.1 yet
+    result = FileRepository(repo.dir).publish(bundles["1.1"])
+    assert result == {"target": "bundles/onnx.tar.gz", "version": "1.1", "changed": False, "resigned": True}
+    assert repo.snapshot().meta["targets.json"].version == 3
+    assert repo.timestamp().snapshot_meta.version == repo.snapshot().version == 3
+    assert update(device_root, str(repo.dir))["version"] == "1.1"
+    assert FileRepository(repo.dir).publish(bundles["1.1"])["resigned"] is False  # now nothing to do
