@@ -113,13 +113,24 @@ class FileRepository(Repository):
         self._sign_and_write(role, md)
 
     def signer(self, role: str) -> Signer:
-        """The key of ``role`` from ``keys/``.
+        """The key of ``role`` from ``keys/``, checked to be one that root trusts for ``role``.
 
         Kept for the operation under way (publish and refresh start afresh): an operation loads every key it
         needs before it writes anything.
         """
         if role not in self._signers:
             signer = load_signer(self.keys_dir, role)
+            root = self.root()
+            probe = self.open(role)
+            probe.sign(signer)
+            try:
+                root.verify_delegate(role, probe.signed_bytes, probe.signatures)
+            except UnsignedMetadataError:
+                raise InputError(
+                    f"{self.keys_dir / f'{role}.pem'}: not a {role} key that root v{root.version} trusts "
+                    f"(it lists key id {', '.join(k[:16] for k in root.roles[role].keyids)}); "
+                    f"put back the {role} key that root trusts"
+                ) from None
             self._signers[role] = signer
         return self._signers[role]
 

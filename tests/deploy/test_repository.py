@@ -263,3 +263,25 @@ def test_publish_again_finishes_a_publish_that_stopped_after_targets(repo, bundl
     assert repo.timestamp().snapshot_meta.version == repo.snapshot().version == 3
     assert update(device_root, str(repo.dir))["version"] == "1.1"
     assert FileRepository(repo.dir).publish(bundles["1.1"])["resigned"] is False  # now nothing to do
+
+
+@pytest.mark.parametrize("role", ["timestamp", "targets", "root"])
+def test_a_key_that_root_does_not_trust_is_refused_before_signing(repo, bundles, tmp_path, role, capsys):
+    import shutil
+
+    from smearsight.cli import main
+
+    repo.publish(bundles["1.0"])
+    other = FileRepository.init(tmp_path / "other")
+    for name in (f"{role}.pem", f"{role}.pub.json"):  # keys/ restored from another repository's backup
+        shutil.copy2(other.keys_dir / name, repo.keys_dir / name)
+    before = _metadata_bytes(repo)
+    args = ["--root"] if role == "root" else ["--targets"]
+    capsys.readouterr()
+    if role != "root":
+        assert main(["deploy", "repo", "publish", str(repo.dir), str(bundles["1.1"]), "--onnx-fallback"]) == 1
+    assert main(["deploy", "repo", "refresh", str(repo.dir), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == (1 if role == "root" else 2)
+    assert all(f"keys/{role}.pem: not a {role} key that root v1 trusts" in line for line in err)
+    assert _metadata_bytes(repo) == before
