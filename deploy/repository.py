@@ -66,6 +66,18 @@ def target_path(key: str) -> str:
     return f"bundles/{key}.tar.gz"
 
 
+def check_expiry_days(expiry_days: dict[str, Any], where: str) -> None:
+    """Refuse an unknown role or a number of days outside (0, MAX_EXPIRY_DAYS]; ``where`` starts the message."""
+    for role, days in expiry_days.items():
+        if role not in ROLES:
+            raise InputError(f"{where}: unknown role '{role}' (expected one of {', '.join(ROLES)})")
+        if isinstance(days, bool) or not isinstance(days, (int, float)):
+            raise InputError(f"{where}: {role} must be a number of days, got {json.dumps(days)}")
+        if not (math.isfinite(days) and 0 < days <= MAX_EXPIRY_DAYS):
+            raise InputError(f"{where}: {role} must expire in more than 0 and at most {MAX_EXPIRY_DAYS:g}"
+                             f" days, got {days}")
+
+
 def _expires(days: float) -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=days)
 
@@ -87,9 +99,17 @@ class FileRepository(Repository):
         if not path.is_file():
             return {}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{path}: cannot read the repository settings ({exc})") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{path}: expected a JSON object with 'expiry_days', got {type(config).__name__}")
+        expiry = config.get("expiry_days", {})
+        if not isinstance(expiry, dict):
+            raise InputError(f"{path}: 'expiry_days' must be an object like {{\"timestamp\": 7}}, "
+                             f"got {type(expiry).__name__}")
+        check_expiry_days(expiry, f"{path}: expiry_days")
+        return config
 
     # -- storage -------------------------------------------------------------------------------
     def _root_version(self) -> int:
@@ -165,12 +185,7 @@ class FileRepository(Repository):
         leaves no half-made repository behind (nor one that ``init`` would refuse as existing).
         """
         repo_dir = Path(repo_dir)
-        for role, days in (expiry_days or {}).items():
-            if role not in ROLES:
-                raise InputError(f"--expiry-days: unknown role '{role}' (expected one of {', '.join(ROLES)})")
-            if not (math.isfinite(days) and 0 < days <= MAX_EXPIRY_DAYS):
-                raise InputError(f"--expiry-days: {role} must expire in more than 0 and at most {MAX_EXPIRY_DAYS:g}"
-                                 f" days, got {days}")
+        check_expiry_days(expiry_days or {}, "--expiry-days")
         if (repo_dir / "metadata").exists() or (repo_dir / "keys").exists():
             raise InputError(f"{repo_dir}: already holds a repository (metadata/ or keys/ exists)")
         check_output_dir(repo_dir, "deploy repo init")

@@ -285,3 +285,27 @@ def test_a_key_that_root_does_not_trust_is_refused_before_signing(repo, bundles,
     assert len(err) == (1 if role == "root" else 2)
     assert all(f"keys/{role}.pem: not a {role} key that root v1 trusts" in line for line in err)
     assert _metadata_bytes(repo) == before
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"expiry_days": {"timestamp": -1}}, "timestamp must expire in more than 0"),
+    ({"expiry_days": {"timestamp": "30"}}, 'timestamp must be a number of days, got "30"'),
+    ({"expiry_days": {"snapshot": 1e9}}, "snapshot must expire in more than 0 and at most 36500"),
+    ({"expiry_days": {"timestamp": [7]}}, "timestamp must be a number of days, got [7]"),
+    ({"expiry_days": {"timestmap": 7}}, "unknown role 'timestmap'"),
+    ({"expiry_days": [7]}, "'expiry_days' must be an object"),
+    ([], "expected a JSON object"),
+])
+def test_bad_expiry_settings_are_refused_when_read(repo, bundles, capsys, config, expected):
+    import json
+
+    from smearsight.cli import main
+
+    (repo.dir / "repository.json").write_text(json.dumps(config))
+    before = _metadata_bytes(repo)
+    capsys.readouterr()
+    assert main(["deploy", "repo", "refresh", str(repo.dir)]) == 1
+    assert main(["deploy", "repo", "publish", str(repo.dir), str(bundles["1.0"]), "--onnx-fallback"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("repository.json" in line and expected in line for line in err), err
+    assert _metadata_bytes(repo) == before
