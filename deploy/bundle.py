@@ -61,10 +61,18 @@ def check_version(version: str, what: str = "--version") -> str:
     return version
 
 
-def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key for versions: numeric parts compare as numbers ("1.10" > "1.9")."""
-    parts = re.split(r"[.+_-]", version)
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+def _version_parts(text: str) -> tuple[tuple[tuple[int, int | str], ...], ...]:
+    return tuple(tuple((0, int(run)) if run.isdigit() else (1, run) for run in re.findall(r"\d+|\D+", part))
+                 for part in re.split(r"[._-]", text))
+
+
+def version_key(version: str) -> tuple[Any, ...]:
+    """Sort key for versions, semver-like: numeric parts compare as numbers ("1.10" > "1.9"), a pre-release
+    sorts below its release ("1.4.0-rc2" < "1.4.0-rc10" < "1.4.0"), "+build" only breaks ties."""
+    rest, _, build = version.partition("+")
+    release, dash, pre = rest.partition("-")
+    pre_key = (0, _version_parts(pre)) if dash else (1,)
+    return (_version_parts(release), pre_key, _version_parts(build))
 
 
 # ---------------------------------------------------------------------------------------------- build
