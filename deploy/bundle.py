@@ -35,7 +35,7 @@ import numpy as np
 from smearsight.deploy import faults
 from smearsight.deploy.inference import Backend, frame_to_input, reference_frame, run_model
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_open, fsync_dir, sha256_file
+from smearsight.fileio import atomic_open, check_output_file, fsync_dir, sha256_file
 from smearsight.manifest import MANIFEST_NAME, load_manifest, verify_files
 
 INDEX_NAME = "bundle.json"
@@ -109,6 +109,7 @@ def build_bundle(
 ) -> dict[str, Any]:
     """Build a reproducible bundle at ``out`` from exported model directories; return its index."""
     check_version(version)
+    check_output_file(out, "--out")
     entries: list[_Entry] = []
     models: list[dict[str, Any]] = []
     seen: set[str] = set()

@@ -414,7 +414,9 @@ def provision(root: str | Path, trusted_root: str | Path, force: bool = False) -
     """Install the repository's root metadata as this device's trust anchor."""
     from tuf.api.metadata import Metadata, Root
 
-    root = Path(root)
+    from smearsight.fileio import check_output_dir
+
+    root = check_output_dir(root, "--root-dir")
     trusted_root = Path(trusted_root)
     try:
         data = trusted_root.read_bytes()

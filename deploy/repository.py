@@ -14,6 +14,7 @@ Bundles are published as targets ``bundles/<key>.tar.gz`` where ``key`` is a GPU
 
 from __future__ import annotations
 
+import errno
 import http.server
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -349,7 +351,19 @@ def make_server(
     repo_dir = Path(repo_dir)
     if not (repo_dir / "metadata" / "1.root.json").is_file():
         raise InputError(f"{repo_dir}: not an update repository (no metadata/1.root.json)")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InputError(f"--port: {port} is not a TCP port (0 to 65535; 0 picks a free one)")
     handler = type("RepoHandler", (_RepoHandler,), {"quiet": quiet})
-    server = http.server.ThreadingHTTPServer((host, port), partial(handler, directory=str(repo_dir)))
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), partial(handler, directory=str(repo_dir)))
+    except socket.gaierror as exc:
+        raise InputError(f"--host: '{host}' is not a known host name or address ({exc.strerror or exc})") from None
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            raise InputError(f"--port: {port} is already in use on {host} ({reason})") from None
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+            raise InputError(f"--host: {host} is not an address of this machine ({reason})") from None
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
     server.daemon_threads = True
     return server

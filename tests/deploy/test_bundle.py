@@ -265,3 +265,14 @@ def test_int8_detector_travels_beside_the_float_one(models, tmp_path, factory, m
     with pytest.raises(InputError, match="does not name the bundle's float detector"):
         build_bundle([other, int8], "3.1", tmp_path / "c.tar.gz")
     assert not (tmp_path / "c.tar.gz").exists()
+
+
+def test_cli_bundle_out_is_an_existing_folder(models, tmp_path, capsys):
+    from smearsight.cli import main
+
+    (tmp_path / "adir").mkdir()
+    capsys.readouterr()
+    assert main(["deploy", "bundle", str(models[0]), "--version", "3.0", "--out", str(tmp_path / "adir")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "is a folder; expected a file name" in err[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["adir"] and not any((tmp_path / "adir").iterdir())

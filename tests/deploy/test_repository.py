@@ -309,3 +309,28 @@ def test_bad_expiry_settings_are_refused_when_read(repo, bundles, capsys, config
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("repository.json" in line and expected in line for line in err), err
     assert _metadata_bytes(repo) == before
+
+
+def test_serve_refuses_bad_host_and_port_in_one_line(repo, capsys):
+    import socket
+
+    from smearsight.cli import main
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        cases = [
+            (["--port", str(busy.getsockname()[1])], f"--port: {busy.getsockname()[1]} is already in use"),
+            (["--port", "99999"], "--port: 99999 is not a TCP port (0 to 65535"),
+            (["--port", "-1"], "--port: -1 is not a TCP port"),
+            (["--host", "no-such-host.invalid"], "--host: 'no-such-host.invalid' is not a known host"),
+            (["--host", "192.0.2.1"], "--host: 192.0.2.1 is not an address of this machine"),
+        ]
+        for args, expected in cases:
+            capsys.readouterr()
+            assert main(["deploy", "repo", "serve", str(repo.dir), *args]) == 1, args
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and expected in err[0], (args, err)
+    finally:
+        busy.close()

@@ -430,3 +430,12 @@ def test_health_check_says_why_it_cannot_roll_back(repo, bundles, device_root, c
     assert len(err) == 1 and "size" in err[0] and "cannot roll back from 1.0: no previous release" in err[0]
     assert device.events()[-1]["event"] == "rollback-failed"
     assert "cannot roll back from 1.0" in device.events()[-1]["reason"]
+
+
+def test_provision_into_a_file_is_one_line(repo, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["deploy", "provision", "--trusted-root", str(repo.meta_dir / "1.root.json"),
+                 "--root-dir", str(tmp_path / "afile")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--root-dir" in err[0] and "is a file; expected a folder" in err[0]
