@@ -439,3 +439,32 @@ def test_provision_into_a_file_is_one_line(repo, tmp_path, capsys):
                  "--root-dir", str(tmp_path / "afile")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--root-dir" in err[0] and "is a file; expected a folder" in err[0]
+
+
+@pytest.mark.parametrize("state, events", [
+    ("null", None), ("[]", None), ('{"history": null}', None), ('{"rejected": []}', None),
+    ('{"trial": "x"}', None), ('{"pending": 3, "history": [1]}', None),
+    (None, "null"), (None, '{"x": 1}'), (None, '[{"event": "installed"}, 3, null]'),
+])
+def test_state_or_events_of_the_wrong_shape_fall_back_to_empty(repo, bundles, device_root, capsys, state, events):
+    repo.publish(bundles["1.0"])
+    update(device_root, str(repo.dir))
+    device = Device(device_root)
+    if state is not None:
+        device.state_path.write_text(state)
+    if events is not None:
+        device.events_path.write_text(events)
+    root = str(device_root)
+    for args, rc in ((["status"], 0), (["status", "--json"], 0), (["health-check"], 0), (["rollback"], 3),
+                     (["update", "--repo", str(repo.dir)], 0)):
+        capsys.readouterr()
+        assert main(["deploy", *args, "--root-dir", root]) == rc, args
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        if args == ["rollback"]:
+            assert "cannot roll back from 1.0" in err
+        if args == ["status"] and state == "null":
+            assert "warning:" in err and "state.json: expected a JSON object, got null" in err
+    assert device.current() == "1.0"
+    assert isinstance(device.load_state()["history"], list) and isinstance(device.events(), list)
+    assert all("time" in e for e in device.events())
