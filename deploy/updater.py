@@ -7,6 +7,7 @@ offline labs); both go through the same ngclient verification.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -105,9 +106,14 @@ class LocalFetcher(FetcherInterface):
             raise tuf_errors.DownloadError(f"{url}: only file:// URLs are served by the local fetcher")
         path = Path(url2pathname(parsed.path))
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed by the generator
+            # O_NONBLOCK: a FIFO (or a device) on the stick must not block the update, which holds the lock
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise tuf_errors.DownloadHTTPError(f"{path}: not found", 404) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise tuf_errors.DownloadError(f"{path}: not a regular file")
+        handle = os.fdopen(fd, "rb")
 
         def chunks() -> Iterator[bytes]:
             with handle:

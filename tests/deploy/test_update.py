@@ -468,3 +468,23 @@ def test_state_or_events_of_the_wrong_shape_fall_back_to_empty(repo, bundles, de
     assert device.current() == "1.0"
     assert isinstance(device.load_state()["history"], list) and isinstance(device.events(), list)
     assert all("time" in e for e in device.events())
+
+
+@pytest.mark.parametrize("name", ["metadata/timestamp.json", "bundle"])
+def test_usb_stick_with_a_fifo_is_refused_not_hanging(repo, bundles, device_root, tmp_path, name):
+    import shutil
+    import subprocess
+    import sys
+
+    repo.publish(bundles["1.0"])
+    usb = tmp_path / "usb"
+    shutil.copytree(repo.dir, usb, ignore=shutil.ignore_patterns("keys"))
+    fifo = next((usb / "targets" / "bundles").iterdir()) if name == "bundle" else usb / name
+    fifo.unlink()
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "smearsight.cli", "deploy", "update", "--repo", str(usb),
+                           "--root-dir", str(device_root)], capture_output=True, text=True, timeout=60)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 3 and len(err) == 1, proc.stderr
+    assert f"{fifo}: not a regular file" in err[0] and "nothing was installed" in err[0]
+    assert Device(device_root).events()[-1]["event"] == "refused"
