@@ -21,6 +21,9 @@ deploy_app.add_typer(repo_app, name="repo")
 ROOT_HELP = "Device root directory (releases, current link, state). Env: SMEARSIGHT_ROOT_DIR."
 
 
+_UNIT_UNSAFE = set("\"'\\$%;`")  # quoting, escapes, expansion and specifiers in unit files and sh -c
+
+
 def _root_default() -> Path:
     from smearsight.deploy.install import DEFAULT_ROOT
 
@@ -251,6 +254,13 @@ def units_cmd(
     from smearsight.deploy.systemd import UNIT_FILES, read_unit
     from smearsight.fileio import atomic_write_text, check_output_dir
 
+    for option, value in (("--smearsight-bin", smearsight_bin), ("--root-dir", root_dir)):
+        bad = sorted({c for c in value if c.isspace() or c in _UNIT_UNSAFE})
+        if bad:
+            raise InputError(f"{option}: '{value}' contains {' '.join(repr(c) for c in bad)}, which systemd units and "
+                             "their sh -c lines would split or expand; use a path without spaces or quotes")
+        if not value.startswith("/"):
+            raise InputError(f"{option}: '{value}' is not an absolute path (systemd needs one)")
     check_output_dir(out)
     for name in UNIT_FILES:
         text = read_unit(name).replace("/opt/smearsight/venv/bin/smearsight", smearsight_bin)
