@@ -6,13 +6,15 @@ offline labs); both go through the same ngclient verification.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -97,7 +99,27 @@ def detect_device(compute_capability: str | None = None, tensorrt_version: str |
     )
 
 
-class LocalFetcher(FetcherInterface):
+class _RootBufferedFetcher(FetcherInterface):
+    """Buffers each download in ``buffer_dir`` (the device's ``downloads/``) rather than ``$TMPDIR``: a full disk
+    is then the one the error names, and the size of the temporary folder does not limit bundles."""
+
+    buffer_dir: Path | None = None
+
+    @contextlib.contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        received = 0
+        with tempfile.TemporaryFile(dir=self.buffer_dir) as buffer:
+            for chunk in self.fetch(url):
+                received += len(chunk)
+                if received > max_length:
+                    raise tuf_errors.DownloadLengthMismatchError(
+                        f"Downloaded {received} bytes exceeding the maximum allowed length of {max_length}")
+                buffer.write(chunk)
+            buffer.seek(0)
+            yield buffer
+
+
+class LocalFetcher(_RootBufferedFetcher):
     """ngclient fetcher for ``file://`` URLs: a repository copied to a USB stick or a local disk."""
 
     def _fetch(self, url: str) -> Iterator[bytes]:
@@ -123,7 +145,7 @@ class LocalFetcher(FetcherInterface):
         return chunks()
 
 
-class HttpFetcher(Urllib3Fetcher):
+class HttpFetcher(_RootBufferedFetcher, Urllib3Fetcher):
     """ngclient's urllib3 fetcher, with a connection that breaks mid-download reported as a DownloadError.
 
     Urllib3Fetcher only converts timeouts; a server that announces a length and then closes raises
@@ -186,6 +208,8 @@ def open_updater(device: Device, repo: str) -> Updater:
     base, fetcher = repo_location(repo)
     (device.root / "tuf").mkdir(parents=True, exist_ok=True)
     (device.root / "downloads").mkdir(parents=True, exist_ok=True)
+    if isinstance(fetcher, _RootBufferedFetcher):
+        fetcher.buffer_dir = device.root / "downloads"
     return Updater(
         metadata_dir=str(device.root / "tuf"),
         metadata_base_url=f"{base}/metadata/",

@@ -488,3 +488,21 @@ def test_usb_stick_with_a_fifo_is_refused_not_hanging(repo, bundles, device_root
     assert proc.returncode == 3 and len(err) == 1, proc.stderr
     assert f"{fifo}: not a regular file" in err[0] and "nothing was installed" in err[0]
     assert Device(device_root).events()[-1]["event"] == "refused"
+
+
+def test_a_full_temporary_folder_does_not_stop_an_update(repo, bundles, device_root, serve, tmpfs, monkeypatch):
+    import tempfile
+
+    repo.publish(bundles["1.0"])
+    url = serve(repo.dir)
+    with tmpfs("tmp", "size=8k") as full:
+        with open(full / "filler", "wb", buffering=0) as handle:
+            with pytest.raises(OSError):
+                while True:
+                    handle.write(b"x" * 4096)
+        monkeypatch.setattr(tempfile, "tempdir", str(full))  # what TMPDIR=<full tmpfs> gives
+        for where in (url, str(repo.dir)):  # downloads are buffered under the device root, not in $TMPDIR
+            result = update(device_root, where)
+            assert result["status"] in {"installed", "up-to-date"} and Device(device_root).current() == "1.0"
+            if where == url:
+                (device_root / "current").unlink()
