@@ -250,6 +250,10 @@ class FileRepository(Repository):
             if version_key(version) < version_key(old) and not allow_downgrade:
                 raise InputError(f"{bundle}: version {version} is older than the published {old} for '{key}'"
                                  " (use --allow-downgrade to publish it anyway)")
+            earlier = self._earlier_sha(path, version)
+            if earlier is not None and earlier != sha:
+                raise InputError(f"{bundle}: version {version} was published for '{key}' before with other content"
+                                 " (devices that installed it would keep the old one); bump --version")
         for role in (Targets.type, Snapshot.type, Timestamp.type):
             self.signer(role)
         info = TargetFile.from_file(path, str(bundle), ["sha256"])
@@ -266,6 +270,17 @@ class FileRepository(Repository):
         self.do_snapshot()
         self.do_timestamp()
         return {"target": path, "version": version, "changed": True, "targets_version": self.targets().version}
+
+    def _earlier_sha(self, path: str, version: str) -> str | None:
+        """The sha256 that earlier targets metadata (``N.targets.json``) gave ``path`` at ``version``, if any."""
+        for file in sorted(self.meta_dir.glob("*.targets.json")):
+            try:
+                info = Metadata.from_bytes(file.read_bytes()).signed.targets.get(path)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - deserialisation raises several types
+                raise InputError(f"{file}: cannot read targets metadata ({exc})") from None
+            if info is not None and str((info.custom or {}).get("smearsight", {}).get("version", "")) == version:
+                return info.hashes.get("sha256")
+        return None
 
     def _catch_up(self) -> bool:
         """Re-sign snapshot and timestamp when they do not yet cover the newest targets (or their signatures

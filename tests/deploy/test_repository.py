@@ -334,3 +334,19 @@ def test_serve_refuses_bad_host_and_port_in_one_line(repo, capsys):
             assert len(err) == 1 and expected in err[0], (args, err)
     finally:
         busy.close()
+
+
+def test_a_version_published_before_cannot_come_back_with_other_content(repo, bundles, factory, tmp_path):
+    from smearsight.deploy.bundle import build_bundle
+
+    other = build_bundle([factory.detector(tmp_path / "det", seed=7), factory.morphology(tmp_path / "head")],
+                         "1.0", tmp_path / "other-1.0.tar.gz")
+    assert other["version"] == "1.0"
+    repo.publish(bundles["1.0"])
+    with pytest.raises(InputError, match="already published"):
+        repo.publish(tmp_path / "other-1.0.tar.gz")
+    repo.publish(bundles["1.1"])
+    with pytest.raises(InputError, match="version 1.0 was published for 'onnx' before with other content"):
+        repo.publish(tmp_path / "other-1.0.tar.gz", allow_downgrade=True)
+    assert repo.published()["bundles/onnx.tar.gz"]["version"] == "1.1"
+    assert repo.publish(bundles["1.0"], allow_downgrade=True)["changed"]  # the same content may come back
