@@ -35,7 +35,7 @@ import numpy as np
 from smearsight.deploy import faults
 from smearsight.deploy.inference import Backend, frame_to_input, reference_frame, run_model
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_open, fsync_dir, sha256_file
+from smearsight.fileio import atomic_open, check_output_file, fsync_dir, sha256_file
 from smearsight.manifest import MANIFEST_NAME, load_manifest, verify_files
 
 INDEX_NAME = "bundle.json"
@@ -61,10 +61,18 @@ def check_version(version: str, what: str = "--version") -> str:
     return version
 
 
-def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key for versions: numeric parts compare as numbers ("1.10" > "1.9")."""
-    parts = re.split(r"[.+_-]", version)
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+def _version_parts(text: str) -> tuple[tuple[tuple[int, int | str], ...], ...]:
+    return tuple(tuple((0, int(run)) if run.isdigit() else (1, run) for run in re.findall(r"\d+|\D+", part))
+                 for part in re.split(r"[._-]", text))
+
+
+def version_key(version: str) -> tuple[Any, ...]:
+    """Sort key for versions, semver-like: numeric parts compare as numbers ("1.10" > "1.9"), a pre-release
+    sorts below its release ("1.4.0-rc2" < "1.4.0-rc10" < "1.4.0"), "+build" only breaks ties."""
+    rest, _, build = version.partition("+")
+    release, dash, pre = rest.partition("-")
+    pre_key = (0, _version_parts(pre)) if dash else (1,)
+    return (_version_parts(release), pre_key, _version_parts(build))
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -101,6 +109,7 @@ def build_bundle(
 ) -> dict[str, Any]:
     """Build a reproducible bundle at ``out`` from exported model directories; return its index."""
     check_version(version)
+    check_output_file(out, "--out")
     entries: list[_Entry] = []
     models: list[dict[str, Any]] = []
     seen: set[str] = set()

@@ -21,6 +21,9 @@ deploy_app.add_typer(repo_app, name="repo")
 ROOT_HELP = "Device root directory (releases, current link, state). Env: SMEARSIGHT_ROOT_DIR."
 
 
+_UNIT_UNSAFE = set("\"'\\$%;`")  # quoting, escapes, expansion and specifiers in unit files and sh -c
+
+
 def _root_default() -> Path:
     from smearsight.deploy.install import DEFAULT_ROOT
 
@@ -94,6 +97,9 @@ def repo_publish(
     if result["changed"]:
         typer.echo(f"published {result['target']} version {result['version']} "
                    f"(targets v{result['targets_version']})")
+    elif result["resigned"]:
+        typer.echo(f"{result['target']} already holds version {result['version']}; re-signed snapshot and "
+                   "timestamp, which an earlier publish had not finished")
     else:
         typer.echo(f"{result['target']} already holds version {result['version']}; nothing to do")
 
@@ -231,6 +237,8 @@ def health_cmd(
     line = f"unhealthy: {report.version}: {report.problems[0]}"
     if report.rolled_back_to:
         line += f"; rolled back to {report.rolled_back_to}"
+    if report.rollback_failed:
+        line += f"; {report.rollback_failed}"
     typer.echo(line, err=True)
     raise typer.Exit(4)
 
@@ -246,6 +254,13 @@ def units_cmd(
     from smearsight.deploy.systemd import UNIT_FILES, read_unit
     from smearsight.fileio import atomic_write_text, check_output_dir
 
+    for option, value in (("--smearsight-bin", smearsight_bin), ("--root-dir", root_dir)):
+        bad = sorted({c for c in value if c.isspace() or c in _UNIT_UNSAFE})
+        if bad:
+            raise InputError(f"{option}: '{value}' contains {' '.join(repr(c) for c in bad)}, which systemd units and "
+                             "their sh -c lines would split or expand; use a path without spaces or quotes")
+        if not value.startswith("/"):
+            raise InputError(f"{option}: '{value}' is not an absolute path (systemd needs one)")
     check_output_dir(out)
     for name in UNIT_FILES:
         text = read_unit(name).replace("/opt/smearsight/venv/bin/smearsight", smearsight_bin)

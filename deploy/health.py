@@ -25,6 +25,7 @@ class HealthReport:
     version: str | None
     problems: list[str] = field(default_factory=list)
     rolled_back_to: str | None = None
+    rollback_failed: str | None = None
     confirmed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +62,7 @@ def health_check(
 ) -> HealthReport:
     """Check the current release; roll back by itself when it is bad (see the module docstring)."""
     device = Device(root)
+    root = device.root
     with device.lock(wait=300.0):  # an update in progress finishes first
         device.recover()
         version = device.current()
@@ -83,12 +85,10 @@ def health_check(
         device.log_event("health-failed", version=version, reason=problems[0])
         try:
             result = device.rollback(reason=reason, auto=True)
-        except UpdateError as exc:
-            problems.append(str(exc))
-            return HealthReport(False, version, problems)
-        except OSError as exc:
-            problems.append(f"rollback impossible: {describe_os_error(exc, device.root)}")
-            return HealthReport(False, version, problems)
+        except (UpdateError, OSError) as exc:
+            why = str(exc) if isinstance(exc, UpdateError) else f"cannot roll back: {describe_os_error(exc, root)}"
+            device.log_event("rollback-failed", version=version, reason=why)
+            return HealthReport(False, version, problems, rollback_failed=why)
         return HealthReport(False, version, problems, rolled_back_to=result["version"])
 
 

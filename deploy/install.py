@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -58,6 +59,33 @@ class IncompatibleError(UpdateError):
     """A bundle cannot run on this device (e.g. engines for another GPU or TensorRT version)."""
 
 
+def _clean_state(raw: Any) -> tuple[dict[str, Any], list[str]]:
+    """``state.json``'s content with each field of its expected type, and what was not."""
+    if not isinstance(raw, dict):
+        got = "null" if raw is None else type(raw).__name__
+        return _clean_state({})[0], [f"expected a JSON object, got {got}"]
+    state = dict(raw)
+    dropped = []
+
+    def field(name: str, ok: bool, empty: Any) -> None:
+        if name in raw and not ok:
+            dropped.append(f"field '{name}' is not of the expected type")
+        if name not in raw or not ok:
+            state[name] = empty
+
+    history = raw.get("history")
+    field("history", isinstance(history, list) and all(isinstance(v, str) for v in history), [])
+    rejected = raw.get("rejected")
+    field("rejected", isinstance(rejected, dict) and all(isinstance(v, str) for v in rejected.values()), {})
+    for name in ("trial", "pending"):
+        value = raw.get(name)
+        field(name, value is None or (isinstance(value, dict) and isinstance(value.get("version"), str)), None)
+    field("current", raw.get("current") is None or isinstance(raw.get("current"), str), None)
+    if state["trial"] is not None:
+        state["trial"] = {"previous": None, "since": "?", **state["trial"]}
+    return state, dropped
+
+
 def now_iso() -> str:
     """UTC time, ISO 8601, seconds."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -72,6 +100,7 @@ class Device:
         self.link = self.root / "current"
         self.state_path = self.root / "state.json"
         self.events_path = self.root / "events.json"
+        self._warned: set[tuple[Path, str]] = set()
 
     # -- basic state ---------------------------------------------------------------------------
     def current(self) -> str | None:
@@ -93,18 +122,24 @@ class Device:
             return []
         return sorted(p.name for p in self.releases.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def _warn_once(self, path: Path, problem: str) -> None:
+        if (path, problem) not in self._warned:
+            self._warned.add((path, problem))
+            print(f"warning: {path}: {problem}", file=sys.stderr)
+
     def load_state(self) -> dict[str, Any]:
-        """``state.json`` with every key present (an unreadable file counts as empty; ``recover`` rebuilds it)."""
+        """``state.json`` with every key present and of its type. An unreadable file, or one of the wrong shape,
+        counts as empty (with a warning; ``recover`` rebuilds it from ``current``)."""
         try:
-            state = json.loads(self.state_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            state = {}
-        except (OSError, json.JSONDecodeError):
-            state = {}
-        state.setdefault("history", [])
-        state.setdefault("trial", None)
-        state.setdefault("pending", None)
-        state.setdefault("rejected", {})
+            raw = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError):
+            raw = {}
+        except (OSError, ValueError) as exc:
+            self._warn_once(self.state_path, f"unreadable ({exc}); treating it as empty")
+            raw = {}
+        state, dropped = _clean_state(raw)
+        if dropped:
+            self._warn_once(self.state_path, f"{'; '.join(dropped)}; treated as empty")
         return state
 
     def save_state(self, state: dict[str, Any]) -> None:
@@ -112,12 +147,25 @@ class Device:
         atomic_write_json(self.state_path, state)
 
     def events(self) -> list[dict[str, Any]]:
-        """The event log, oldest first (empty when missing or unreadable)."""
+        """The event log, oldest first (empty when missing or unreadable; entries that are not events are
+        left out, with a warning)."""
         try:
             events = json.loads(self.events_path.read_text(encoding="utf-8"))
-            return events if isinstance(events, list) else []
-        except (OSError, json.JSONDecodeError):
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        except (OSError, ValueError) as exc:
+            self._warn_once(self.events_path, f"unreadable ({exc}); starting a new log")
+            return []
+        if not isinstance(events, list):
+            got = "null" if events is None else type(events).__name__
+            self._warn_once(self.events_path, f"expected a list of events, got {got}; starting a new log")
+            return []
+        kept = [e for e in events if isinstance(e, dict) and isinstance(e.get("time"), str)
+                and isinstance(e.get("event"), str)]
+        if len(kept) < len(events):
+            self._warn_once(self.events_path, f"{len(events) - len(kept)} entries without 'time' and 'event' "
+                                              "left out")
+        return kept
 
     def log_event(self, event: str, **fields: Any) -> None:
         """Append an event to ``events.json`` (atomic rewrite); a read-only disk does not mask the cause."""
@@ -273,6 +321,9 @@ class Device:
 
     @staticmethod
     def _finish_switch(state: dict[str, Any], version: str, previous: str | None, trial: bool) -> None:
+        # a switch to a rejected version is always the operator's choice (--to, --force): no longer rejected,
+        # so that a later self-rollback may return to it
+        state["rejected"].pop(version, None)
         state["current"] = version
         state["history"] = [v for v in state["history"] if v != version] + [version]
         state["trial"] = (
@@ -411,7 +462,9 @@ def provision(root: str | Path, trusted_root: str | Path, force: bool = False) -
     """Install the repository's root metadata as this device's trust anchor."""
     from tuf.api.metadata import Metadata, Root
 
-    root = Path(root)
+    from smearsight.fileio import check_output_dir
+
+    root = check_output_dir(root, "--root-dir")
     trusted_root = Path(trusted_root)
     try:
         data = trusted_root.read_bytes()

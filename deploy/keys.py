@@ -62,9 +62,9 @@ def load_signer(keys_dir: str | Path, role: str) -> CryptoSigner:
 
     private = Path(keys_dir) / f"{role}.pem"
     if not private.is_file():
-        raise InputError(
-            f"{private}: the {role} key is not on this host (keep root offline; bring it only to sign root)"
-        )
+        hint = ("keep root offline; bring it only to sign root" if role == "root"
+                else f"it must be here to sign {role} metadata")
+        raise InputError(f"{private}: the {role} key is not on this host ({hint})")
     mode = stat.S_IMODE(private.stat().st_mode)
     if mode & 0o077:
         raise InputError(f"{private}: permissions {mode:04o} are too open; run: chmod 600 {private}")

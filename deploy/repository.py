@@ -14,6 +14,7 @@ Bundles are published as targets ``bundles/<key>.tar.gz`` where ``key`` is a GPU
 
 from __future__ import annotations
 
+import errno
 import http.server
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from securesystemslib.signer import Signer
+from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.repository import Repository
 
@@ -64,6 +68,18 @@ def target_path(key: str) -> str:
     return f"bundles/{key}.tar.gz"
 
 
+def check_expiry_days(expiry_days: dict[str, Any], where: str) -> None:
+    """Refuse an unknown role or a number of days outside (0, MAX_EXPIRY_DAYS]; ``where`` starts the message."""
+    for role, days in expiry_days.items():
+        if role not in ROLES:
+            raise InputError(f"{where}: unknown role '{role}' (expected one of {', '.join(ROLES)})")
+        if isinstance(days, bool) or not isinstance(days, (int, float)):
+            raise InputError(f"{where}: {role} must be a number of days, got {json.dumps(days)}")
+        if not (math.isfinite(days) and 0 < days <= MAX_EXPIRY_DAYS):
+            raise InputError(f"{where}: {role} must expire in more than 0 and at most {MAX_EXPIRY_DAYS:g}"
+                             f" days, got {days}")
+
+
 def _expires(days: float) -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=days)
 
@@ -78,15 +94,24 @@ class FileRepository(Repository):
         self.keys_dir = self.dir / "keys"
         config = self._read_config()
         self.expiry_days = {**DEFAULT_EXPIRY_DAYS, **config.get("expiry_days", {}), **(expiry_days or {})}
+        self._signers: dict[str, Signer] = {}
 
     def _read_config(self) -> dict[str, Any]:
         path = self.dir / CONFIG_NAME
         if not path.is_file():
             return {}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{path}: cannot read the repository settings ({exc})") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{path}: expected a JSON object with 'expiry_days', got {type(config).__name__}")
+        expiry = config.get("expiry_days", {})
+        if not isinstance(expiry, dict):
+            raise InputError(f"{path}: 'expiry_days' must be an object like {{\"timestamp\": 7}}, "
+                             f"got {type(expiry).__name__}")
+        check_expiry_days(expiry, f"{path}: expiry_days")
+        return config
 
     # -- storage -------------------------------------------------------------------------------
     def _root_version(self) -> int:
@@ -109,9 +134,31 @@ class FileRepository(Repository):
         md.signed.version += 1
         self._sign_and_write(role, md)
 
+    def signer(self, role: str) -> Signer:
+        """The key of ``role`` from ``keys/``, checked to be one that root trusts for ``role``.
+
+        Kept for the operation under way (publish and refresh start afresh): an operation loads every key it
+        needs before it writes anything.
+        """
+        if role not in self._signers:
+            signer = load_signer(self.keys_dir, role)
+            root = self.root()
+            probe = self.open(role)
+            probe.sign(signer)
+            try:
+                root.verify_delegate(role, probe.signed_bytes, probe.signatures)
+            except UnsignedMetadataError:
+                raise InputError(
+                    f"{self.keys_dir / f'{role}.pem'}: not a {role} key that root v{root.version} trusts "
+                    f"(it lists key id {', '.join(k[:16] for k in root.roles[role].keyids)}); "
+                    f"put back the {role} key that root trusts"
+                ) from None
+            self._signers[role] = signer
+        return self._signers[role]
+
     def _sign_and_write(self, role: str, md: Metadata) -> None:
         md.signed.expires = _expires(self.expiry_days[role])
-        md.sign(load_signer(self.keys_dir, role))
+        md.sign(self.signer(role))
         data = md.to_bytes()
         version = md.signed.version
         if role == Root.type:
@@ -140,12 +187,7 @@ class FileRepository(Repository):
         leaves no half-made repository behind (nor one that ``init`` would refuse as existing).
         """
         repo_dir = Path(repo_dir)
-        for role, days in (expiry_days or {}).items():
-            if role not in ROLES:
-                raise InputError(f"--expiry-days: unknown role '{role}' (expected one of {', '.join(ROLES)})")
-            if not (math.isfinite(days) and 0 < days <= MAX_EXPIRY_DAYS):
-                raise InputError(f"--expiry-days: {role} must expire in more than 0 and at most {MAX_EXPIRY_DAYS:g}"
-                                 f" days, got {days}")
+        check_expiry_days(expiry_days or {}, "--expiry-days")
         if (repo_dir / "metadata").exists() or (repo_dir / "keys").exists():
             raise InputError(f"{repo_dir}: already holds a repository (metadata/ or keys/ exists)")
         check_output_dir(repo_dir, "deploy repo init")
@@ -157,6 +199,7 @@ class FileRepository(Repository):
             staged = cls(stage)
             staged.targets_dir.mkdir()
             signers = {role: generate_key(staged.keys_dir, role) for role in ROLES}
+            staged._signers.update(signers)
             root = Root(consistent_snapshot=True)
             for role, signer in signers.items():
                 root.add_key(signer.public_key, role)
@@ -187,6 +230,7 @@ class FileRepository(Repository):
 
     def publish(self, bundle: str | Path, key: str = ONNX_KEY, allow_downgrade: bool = False) -> dict[str, Any]:
         """Add ``bundle`` as the target for ``key``; re-sign targets, snapshot and timestamp."""
+        self._signers.clear()
         bundle = Path(bundle)
         path = target_path(key)
         index = read_index(bundle)
@@ -199,13 +243,19 @@ class FileRepository(Repository):
         if existing is not None:
             old = str((existing.custom or {}).get("smearsight", {}).get("version", ""))
             if old == version:
-                if existing.hashes.get("sha256") == sha:
-                    return {"target": path, "version": version, "changed": False}
+                if existing.hashes.get("sha256") == sha:  # a publish that stopped part-way is finished now
+                    return {"target": path, "version": version, "changed": False, "resigned": self._catch_up()}
                 raise InputError(f"{bundle}: version {version} is already published for '{key}' with other content;"
                                  " bump --version")
             if version_key(version) < version_key(old) and not allow_downgrade:
                 raise InputError(f"{bundle}: version {version} is older than the published {old} for '{key}'"
                                  " (use --allow-downgrade to publish it anyway)")
+            earlier = self._earlier_sha(path, version)
+            if earlier is not None and earlier != sha:
+                raise InputError(f"{bundle}: version {version} was published for '{key}' before with other content"
+                                 " (devices that installed it would keep the old one); bump --version")
+        for role in (Targets.type, Snapshot.type, Timestamp.type):
+            self.signer(role)
         info = TargetFile.from_file(path, str(bundle), ["sha256"])
         info.unrecognized_fields["custom"] = {
             "smearsight": {"version": version, "key": key, "models": [m["name"] for m in index.get("models", [])]}
@@ -221,12 +271,50 @@ class FileRepository(Repository):
         self.do_timestamp()
         return {"target": path, "version": version, "changed": True, "targets_version": self.targets().version}
 
+    def _earlier_sha(self, path: str, version: str) -> str | None:
+        """The sha256 that earlier targets metadata (``N.targets.json``) gave ``path`` at ``version``, if any."""
+        for file in sorted(self.meta_dir.glob("*.targets.json")):
+            try:
+                info = Metadata.from_bytes(file.read_bytes()).signed.targets.get(path)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - deserialisation raises several types
+                raise InputError(f"{file}: cannot read targets metadata ({exc})") from None
+            if info is not None and str((info.custom or {}).get("smearsight", {}).get("version", "")) == version:
+                return info.hashes.get("sha256")
+        return None
+
+    def _catch_up(self) -> bool:
+        """Re-sign snapshot and timestamp when they do not yet cover the newest targets (or their signatures
+        do not verify); True when something was signed."""
+        root = self.root()
+        stale = False
+        for role in (Snapshot.type, Timestamp.type):
+            md = self.open(role)
+            try:
+                root.verify_delegate(role, md.signed_bytes, md.signatures)
+            except UnsignedMetadataError:
+                stale = True
+        snapshot = self.snapshot()
+        listed = snapshot.meta.get("targets.json")
+        stale = (stale or listed is None or listed.version != self.targets().version
+                 or self.timestamp().snapshot_meta.version != snapshot.version)
+        if not stale:
+            return False
+        for role in (Snapshot.type, Timestamp.type):
+            self.signer(role)
+        self.do_snapshot()
+        self.do_timestamp()
+        return True
+
     def refresh(self, targets: bool = False, root: bool = False) -> dict[str, int]:
         """Re-sign snapshot and timestamp (and optionally targets, root) with fresh expiries.
 
         Run it regularly (see docs/deploy.md). Re-signing root needs the offline root key and publishes
         ``N.root.json``, which devices pick up on their next update.
         """
+        self._signers.clear()
+        roles = [Root.type] * root + [Targets.type] * targets + [Snapshot.type, Timestamp.type]
+        for role in roles:
+            self.signer(role)
         if root:
             with self.edit_root():
                 pass
@@ -278,7 +366,19 @@ def make_server(
     repo_dir = Path(repo_dir)
     if not (repo_dir / "metadata" / "1.root.json").is_file():
         raise InputError(f"{repo_dir}: not an update repository (no metadata/1.root.json)")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InputError(f"--port: {port} is not a TCP port (0 to 65535; 0 picks a free one)")
     handler = type("RepoHandler", (_RepoHandler,), {"quiet": quiet})
-    server = http.server.ThreadingHTTPServer((host, port), partial(handler, directory=str(repo_dir)))
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), partial(handler, directory=str(repo_dir)))
+    except socket.gaierror as exc:
+        raise InputError(f"--host: '{host}' is not a known host name or address ({exc.strerror or exc})") from None
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            raise InputError(f"--port: {port} is already in use on {host} ({reason})") from None
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+            raise InputError(f"--host: {host} is not an address of this machine ({reason})") from None
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
     server.daemon_threads = True
     return server

@@ -6,17 +6,21 @@ offline labs); both go through the same ngclient verification.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import urllib3
 from tuf.api import exceptions as tuf_errors
-from tuf.ngclient import FetcherInterface, Updater
+from tuf.ngclient import FetcherInterface, Updater, Urllib3Fetcher
 
 from smearsight.deploy.bundle import check_version, version_key
 from smearsight.deploy.install import (
@@ -95,7 +99,27 @@ def detect_device(compute_capability: str | None = None, tensorrt_version: str |
     )
 
 
-class LocalFetcher(FetcherInterface):
+class _RootBufferedFetcher(FetcherInterface):
+    """Buffers each download in ``buffer_dir`` (the device's ``downloads/``) rather than ``$TMPDIR``: a full disk
+    is then the one the error names, and the size of the temporary folder does not limit bundles."""
+
+    buffer_dir: Path | None = None
+
+    @contextlib.contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        received = 0
+        with tempfile.TemporaryFile(dir=self.buffer_dir) as buffer:
+            for chunk in self.fetch(url):
+                received += len(chunk)
+                if received > max_length:
+                    raise tuf_errors.DownloadLengthMismatchError(
+                        f"Downloaded {received} bytes exceeding the maximum allowed length of {max_length}")
+                buffer.write(chunk)
+            buffer.seek(0)
+            yield buffer
+
+
+class LocalFetcher(_RootBufferedFetcher):
     """ngclient fetcher for ``file://`` URLs: a repository copied to a USB stick or a local disk."""
 
     def _fetch(self, url: str) -> Iterator[bytes]:
@@ -104,9 +128,14 @@ class LocalFetcher(FetcherInterface):
             raise tuf_errors.DownloadError(f"{url}: only file:// URLs are served by the local fetcher")
         path = Path(url2pathname(parsed.path))
         try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed by the generator
+            # O_NONBLOCK: a FIFO (or a device) on the stick must not block the update, which holds the lock
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise tuf_errors.DownloadHTTPError(f"{path}: not found", 404) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise tuf_errors.DownloadError(f"{path}: not a regular file")
+        handle = os.fdopen(fd, "rb")
 
         def chunks() -> Iterator[bytes]:
             with handle:
@@ -116,11 +145,31 @@ class LocalFetcher(FetcherInterface):
         return chunks()
 
 
+class HttpFetcher(_RootBufferedFetcher, Urllib3Fetcher):
+    """ngclient's urllib3 fetcher, with a connection that breaks mid-download reported as a DownloadError.
+
+    Urllib3Fetcher only converts timeouts; a server that announces a length and then closes raises
+    urllib3's ProtocolError from the middle of the stream, which ngclient passes on as it is."""
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        chunks = super()._fetch(url)
+
+        def guarded() -> Iterator[bytes]:
+            try:
+                yield from chunks
+            except urllib3.exceptions.HTTPError as exc:
+                detail = str(exc.args[0]) if exc.args else type(exc).__name__
+                detail = detail.removeprefix("Connection broken: ")
+                raise tuf_errors.DownloadError(f"connection broken while downloading {url}: {detail}") from None
+
+        return guarded()
+
+
 def repo_location(repo: str) -> tuple[str, FetcherInterface | None]:
     """Base URL and fetcher for an ``http(s)://`` URL, a ``file://`` URL or a directory path."""
     parsed = urlparse(repo)
     if parsed.scheme in {"http", "https"}:
-        return repo.rstrip("/"), None
+        return repo.rstrip("/"), HttpFetcher()
     path = Path(url2pathname(parsed.path)) if parsed.scheme == "file" else Path(repo)
     if parsed.scheme not in {"", "file"}:
         raise InputError(f"--repo: '{repo}' is neither an http(s):// URL nor a directory")
@@ -159,6 +208,8 @@ def open_updater(device: Device, repo: str) -> Updater:
     base, fetcher = repo_location(repo)
     (device.root / "tuf").mkdir(parents=True, exist_ok=True)
     (device.root / "downloads").mkdir(parents=True, exist_ok=True)
+    if isinstance(fetcher, _RootBufferedFetcher):
+        fetcher.buffer_dir = device.root / "downloads"
     return Updater(
         metadata_dir=str(device.root / "tuf"),
         metadata_base_url=f"{base}/metadata/",

@@ -181,6 +181,28 @@ def test_damaged_archive_and_not_a_bundle(tmp_path, models):
 
 def test_version_order():
     assert version_key("1.10") > version_key("1.9") > version_key("1.2.3") > version_key("1.2")
+    # semver: a pre-release sorts below its release, and its identifiers compare naturally
+    order = ["1.3.9", "1.4.0-alpha", "1.4.0-rc1", "1.4.0-rc2", "1.4.0-rc10", "1.4.0", "1.4.0+build2", "1.4.1-rc1"]
+    assert sorted(order, key=version_key) == order
+    assert sorted(reversed(order), key=version_key) == order
+
+
+def test_final_release_after_its_release_candidate(factory, tmp_path):
+    from smearsight.deploy.install import Device, provision
+    from smearsight.deploy.repository import FileRepository
+    from smearsight.deploy.updater import update
+
+    morph = factory.morphology(tmp_path / "head")
+    for seed, version in enumerate(["1.4.0-rc1", "1.4.0"]):
+        build_bundle([factory.detector(tmp_path / f"det{seed}", seed=seed), morph], version,
+                     tmp_path / f"{version}.tar.gz")
+    repo = FileRepository.init(tmp_path / "repo")
+    provision(tmp_path / "dev", repo.meta_dir / "1.root.json")
+    repo.publish(tmp_path / "1.4.0-rc1.tar.gz")
+    assert update(tmp_path / "dev", str(repo.dir))["version"] == "1.4.0-rc1"
+    assert repo.publish(tmp_path / "1.4.0.tar.gz")["changed"]  # not a downgrade
+    assert update(tmp_path / "dev", str(repo.dir))["version"] == "1.4.0"
+    assert Device(tmp_path / "dev").current() == "1.4.0"
 
 
 def test_cli_bundle(models, tmp_path, capsys):
@@ -243,3 +265,14 @@ def test_int8_detector_travels_beside_the_float_one(models, tmp_path, factory, m
     with pytest.raises(InputError, match="does not name the bundle's float detector"):
         build_bundle([other, int8], "3.1", tmp_path / "c.tar.gz")
     assert not (tmp_path / "c.tar.gz").exists()
+
+
+def test_cli_bundle_out_is_an_existing_folder(models, tmp_path, capsys):
+    from smearsight.cli import main
+
+    (tmp_path / "adir").mkdir()
+    capsys.readouterr()
+    assert main(["deploy", "bundle", str(models[0]), "--version", "3.0", "--out", str(tmp_path / "adir")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "is a folder; expected a file name" in err[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["adir"] and not any((tmp_path / "adir").iterdir())

@@ -207,3 +207,146 @@ def test_cli_serve_subprocess(repo, bundles):
         proc.wait(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def _metadata_bytes(repo):
+    return {p.name: p.read_bytes() for p in repo.meta_dir.iterdir()}
+
+
+@pytest.mark.parametrize("problem", ["open-permissions", "missing"])
+def test_publish_with_an_unusable_online_key_writes_nothing(repo, bundles, problem):
+    repo.publish(bundles["1.0"])
+    before = _metadata_bytes(repo)
+    key = repo.keys_dir / ("snapshot.pem" if problem == "open-permissions" else "timestamp.pem")
+    aside = key.with_name("aside.pem")
+    if problem == "open-permissions":
+        os.chmod(key, 0o644)
+        match = "too open"
+    else:
+        key.rename(aside)
+        match = "timestamp key is not on this host"
+    with pytest.raises(InputError, match=match) as info:
+        FileRepository(repo.dir).publish(bundles["1.1"])
+    assert "keep root offline" not in str(info.value)
+    assert _metadata_bytes(repo) == before  # targets.json was not signed ahead of the others
+    if problem == "open-permissions":
+        os.chmod(key, 0o600)
+    else:
+        aside.rename(key)
+    result = FileRepository(repo.dir).publish(bundles["1.1"])
+    assert result["changed"] and repo.timestamp().snapshot_meta.version == repo.snapshot().version == 3
+
+
+def test_publish_again_finishes_a_publish_that_stopped_after_targets(repo, bundles, device_root):
+    import shutil
+
+    from tuf.api.metadata import TargetFile
+
+    from smearsight.deploy.updater import update
+    from smearsight.fileio import sha256_file
+
+    repo.publish(bundles["1.0"])
+    assert update(device_root, str(repo.dir))["version"] == "1.0"
+    # what an interrupted publish of 1.1 leaves (killed, or a key failing after targets was signed): the
+    # bundle stored and targets v3 signed, but snapshot and timestamp still at v2
+    published = repo.targets().targets["bundles/onnx.tar.gz"]
+    info = TargetFile.from_file("bundles/onnx.tar.gz", str(bundles["1.1"]), ["sha256"])
+    info.unrecognized_fields["custom"] = {"smearsight": {**published.custom["smearsight"], "version": "1.1"}}
+    shutil.copy(bundles["1.1"], repo.targets_dir / "bundles" / f"{sha256_file(bundles['1.1'])}.onnx.tar.gz")
+    with repo.edit_targets() as targets:
+        targets.targets["bundles/onnx.tar.gz"] = info
+    assert repo.targets().version == 3 and repo.snapshot().meta["targets.json"].version == 2
+    assert update(device_root, str(repo.dir))["status"] == "up-to-date"  # devices cannot see 1.1 yet
+    result = FileRepository(repo.dir).publish(bundles["1.1"])
+    assert result == {"target": "bundles/onnx.tar.gz", "version": "1.1", "changed": False, "resigned": True}
+    assert repo.snapshot().meta["targets.json"].version == 3
+    assert repo.timestamp().snapshot_meta.version == repo.snapshot().version == 3
+    assert update(device_root, str(repo.dir))["version"] == "1.1"
+    assert FileRepository(repo.dir).publish(bundles["1.1"])["resigned"] is False  # now nothing to do
+
+
+@pytest.mark.parametrize("role", ["timestamp", "targets", "root"])
+def test_a_key_that_root_does_not_trust_is_refused_before_signing(repo, bundles, tmp_path, role, capsys):
+    import shutil
+
+    from smearsight.cli import main
+
+    repo.publish(bundles["1.0"])
+    other = FileRepository.init(tmp_path / "other")
+    for name in (f"{role}.pem", f"{role}.pub.json"):  # keys/ restored from another repository's backup
+        shutil.copy2(other.keys_dir / name, repo.keys_dir / name)
+    before = _metadata_bytes(repo)
+    args = ["--root"] if role == "root" else ["--targets"]
+    capsys.readouterr()
+    if role != "root":
+        assert main(["deploy", "repo", "publish", str(repo.dir), str(bundles["1.1"]), "--onnx-fallback"]) == 1
+    assert main(["deploy", "repo", "refresh", str(repo.dir), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == (1 if role == "root" else 2)
+    assert all(f"keys/{role}.pem: not a {role} key that root v1 trusts" in line for line in err)
+    assert _metadata_bytes(repo) == before
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"expiry_days": {"timestamp": -1}}, "timestamp must expire in more than 0"),
+    ({"expiry_days": {"timestamp": "30"}}, 'timestamp must be a number of days, got "30"'),
+    ({"expiry_days": {"snapshot": 1e9}}, "snapshot must expire in more than 0 and at most 36500"),
+    ({"expiry_days": {"timestamp": [7]}}, "timestamp must be a number of days, got [7]"),
+    ({"expiry_days": {"timestmap": 7}}, "unknown role 'timestmap'"),
+    ({"expiry_days": [7]}, "'expiry_days' must be an object"),
+    ([], "expected a JSON object"),
+])
+def test_bad_expiry_settings_are_refused_when_read(repo, bundles, capsys, config, expected):
+    import json
+
+    from smearsight.cli import main
+
+    (repo.dir / "repository.json").write_text(json.dumps(config))
+    before = _metadata_bytes(repo)
+    capsys.readouterr()
+    assert main(["deploy", "repo", "refresh", str(repo.dir)]) == 1
+    assert main(["deploy", "repo", "publish", str(repo.dir), str(bundles["1.0"]), "--onnx-fallback"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("repository.json" in line and expected in line for line in err), err
+    assert _metadata_bytes(repo) == before
+
+
+def test_serve_refuses_bad_host_and_port_in_one_line(repo, capsys):
+    import socket
+
+    from smearsight.cli import main
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        cases = [
+            (["--port", str(busy.getsockname()[1])], f"--port: {busy.getsockname()[1]} is already in use"),
+            (["--port", "99999"], "--port: 99999 is not a TCP port (0 to 65535"),
+            (["--port", "-1"], "--port: -1 is not a TCP port"),
+            (["--host", "no-such-host.invalid"], "--host: 'no-such-host.invalid' is not a known host"),
+            (["--host", "192.0.2.1"], "--host: 192.0.2.1 is not an address of this machine"),
+        ]
+        for args, expected in cases:
+            capsys.readouterr()
+            assert main(["deploy", "repo", "serve", str(repo.dir), *args]) == 1, args
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and expected in err[0], (args, err)
+    finally:
+        busy.close()
+
+
+def test_a_version_published_before_cannot_come_back_with_other_content(repo, bundles, factory, tmp_path):
+    from smearsight.deploy.bundle import build_bundle
+
+    other = build_bundle([factory.detector(tmp_path / "det", seed=7), factory.morphology(tmp_path / "head")],
+                         "1.0", tmp_path / "other-1.0.tar.gz")
+    assert other["version"] == "1.0"
+    repo.publish(bundles["1.0"])
+    with pytest.raises(InputError, match="already published"):
+        repo.publish(tmp_path / "other-1.0.tar.gz")
+    repo.publish(bundles["1.1"])
+    with pytest.raises(InputError, match="version 1.0 was published for 'onnx' before with other content"):
+        repo.publish(tmp_path / "other-1.0.tar.gz", allow_downgrade=True)
+    assert repo.published()["bundles/onnx.tar.gz"]["version"] == "1.1"
+    assert repo.publish(bundles["1.0"], allow_downgrade=True)["changed"]  # the same content may come back

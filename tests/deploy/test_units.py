@@ -129,3 +129,19 @@ def test_every_shipped_file_matches_the_package_data_globs():
     for name in UNIT_FILES:
         assert (root / "deploy" / "systemd" / name).is_file()
         assert any(fnmatch.fnmatch(name, g) for g in globs), name
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--root-dir", "/data/smear sight", "' '"),
+    ("--smearsight-bin", "/opt/my venv/bin/smearsight", "' '"),
+    ("--root-dir", "/data/\tx", "'\\t'"),
+    ("--root-dir", "/data/50%", "'%'"),
+    ("--smearsight-bin", "/opt/$HOME/smearsight", "'$'"),
+    ("--root-dir", "data/smearsight", "not an absolute path"),
+])
+def test_units_refuse_paths_that_break_unit_files(tmp_path, capsys, option, value, expected):
+    out = tmp_path / "units"
+    assert main(["deploy", "units", "--out", str(out), option, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0] and expected in err[0], err
+    assert not out.exists()

@@ -353,3 +353,156 @@ def test_signed_bundle_with_an_unusable_manifest_is_refused_as_an_update(repo, b
     assert rc == 3, err  # an update problem, not bad command-line input
     assert "failed verification" in err and "plain file name" in err and "nothing was installed" in err
     assert Device(device_root).current() is None
+
+
+@pytest.mark.parametrize("cut", ["targets/", "timestamp.json"])
+def test_connection_dropped_mid_download_is_one_line_and_refused(repo, bundles, device_root, capsys, cut):
+    """A server that announces the full Content-Length and then closes (a flaky link): exit 3, one line."""
+    import http.server
+    import threading
+    from functools import partial
+    from pathlib import Path
+
+    repo.publish(bundles["1.0"])
+
+    class Truncating(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            path = Path(self.directory) / self.path.lstrip("/")
+            if cut not in self.path or not path.is_file():
+                return super().do_GET()
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Truncating, directory=str(repo.dir)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        capsys.readouterr()
+        rc = main(["deploy", "update", "--repo", f"http://127.0.0.1:{server.server_address[1]}",
+                   "--root-dir", str(device_root)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert rc == 3 and len(err) == 1, err
+    assert "update refused: cannot download from the repository (connection broken" in err[0]
+    assert Device(device_root).current() is None
+    assert Device(device_root).events()[-1]["event"] == "refused"
+
+
+def test_a_version_chosen_again_on_purpose_is_no_longer_rejected(repo, bundles, device_root, capsys):
+    device = _two_releases(repo, bundles, device_root)
+    root = str(device_root)
+    assert main(["deploy", "rollback", "--root-dir", root, "--reason", "counts look wrong"]) == 0
+    assert "1.1" in device.load_state()["rejected"]
+    assert main(["deploy", "rollback", "--root-dir", root, "--to", "1.1", "--reason", "false alarm"]) == 0
+    assert "1.1" not in device.load_state()["rejected"]
+    assert main(["deploy", "health-check", "--root-dir", root, "--confirm"]) == 0
+    repo.publish(bundles["1.2"])
+    assert update(device_root, str(repo.dir), keep=3)["version"] == "1.2"
+    with open(device.releases / "1.2" / "models" / "detector" / "model.onnx", "ab") as handle:
+        handle.write(b"corrupt")
+    capsys.readouterr()
+    assert main(["deploy", "health-check", "--root-dir", root]) == 4
+    assert "rolled back to 1.1" in capsys.readouterr().err
+    assert device.current() == "1.1"
+    # update --force of a rejected version clears it as well
+    assert update(device_root, str(repo.dir), force=True, keep=3)["status"] == "installed"
+    assert "1.2" not in device.load_state()["rejected"]
+
+
+def test_health_check_says_why_it_cannot_roll_back(repo, bundles, device_root, capsys):
+    repo.publish(bundles["1.0"])
+    update(device_root, str(repo.dir))
+    device = Device(device_root)
+    with open(device.releases / "1.0" / "models" / "detector" / "model.onnx", "ab") as handle:
+        handle.write(b"corrupt")
+    capsys.readouterr()
+    assert main(["deploy", "health-check", "--root-dir", str(device_root)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "size" in err[0] and "cannot roll back from 1.0: no previous release" in err[0]
+    assert device.events()[-1]["event"] == "rollback-failed"
+    assert "cannot roll back from 1.0" in device.events()[-1]["reason"]
+
+
+def test_provision_into_a_file_is_one_line(repo, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["deploy", "provision", "--trusted-root", str(repo.meta_dir / "1.root.json"),
+                 "--root-dir", str(tmp_path / "afile")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--root-dir" in err[0] and "is a file; expected a folder" in err[0]
+
+
+@pytest.mark.parametrize("state, events", [
+    ("null", None), ("[]", None), ('{"history": null}', None), ('{"rejected": []}', None),
+    ('{"trial": "x"}', None), ('{"pending": 3, "history": [1]}', None),
+    (None, "null"), (None, '{"x": 1}'), (None, '[{"event": "installed"}, 3, null]'),
+])
+def test_state_or_events_of_the_wrong_shape_fall_back_to_empty(repo, bundles, device_root, capsys, state, events):
+    repo.publish(bundles["1.0"])
+    update(device_root, str(repo.dir))
+    device = Device(device_root)
+    if state is not None:
+        device.state_path.write_text(state)
+    if events is not None:
+        device.events_path.write_text(events)
+    root = str(device_root)
+    for args, rc in ((["status"], 0), (["status", "--json"], 0), (["health-check"], 0), (["rollback"], 3),
+                     (["update", "--repo", str(repo.dir)], 0)):
+        capsys.readouterr()
+        assert main(["deploy", *args, "--root-dir", root]) == rc, args
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        if args == ["rollback"]:
+            assert "cannot roll back from 1.0" in err
+        if args == ["status"] and state == "null":
+            assert "warning:" in err and "state.json: expected a JSON object, got null" in err
+    assert device.current() == "1.0"
+    assert isinstance(device.load_state()["history"], list) and isinstance(device.events(), list)
+    assert all("time" in e for e in device.events())
+
+
+@pytest.mark.parametrize("name", ["metadata/timestamp.json", "bundle"])
+def test_usb_stick_with_a_fifo_is_refused_not_hanging(repo, bundles, device_root, tmp_path, name):
+    import shutil
+    import subprocess
+    import sys
+
+    repo.publish(bundles["1.0"])
+    usb = tmp_path / "usb"
+    shutil.copytree(repo.dir, usb, ignore=shutil.ignore_patterns("keys"))
+    fifo = next((usb / "targets" / "bundles").iterdir()) if name == "bundle" else usb / name
+    fifo.unlink()
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "smearsight.cli", "deploy", "update", "--repo", str(usb),
+                           "--root-dir", str(device_root)], capture_output=True, text=True, timeout=60)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 3 and len(err) == 1, proc.stderr
+    assert f"{fifo}: not a regular file" in err[0] and "nothing was installed" in err[0]
+    assert Device(device_root).events()[-1]["event"] == "refused"
+
+
+def test_a_full_temporary_folder_does_not_stop_an_update(repo, bundles, device_root, serve, tmpfs, monkeypatch):
+    import tempfile
+
+    repo.publish(bundles["1.0"])
+    url = serve(repo.dir)
+    with tmpfs("tmp", "size=8k") as full:
+        with open(full / "filler", "wb", buffering=0) as handle:
+            with pytest.raises(OSError):
+                while True:
+                    handle.write(b"x" * 4096)
+        monkeypatch.setattr(tempfile, "tempdir", str(full))  # what TMPDIR=<full tmpfs> gives
+        for where in (url, str(repo.dir)):  # downloads are buffered under the device root, not in $TMPDIR
+            result = update(device_root, where)
+            assert result["status"] in {"installed", "up-to-date"} and Device(device_root).current() == "1.0"
+            if where == url:
+                (device_root / "current").unlink()
