@@ -82,7 +82,7 @@ def run_command(
     if backend not in ("auto", "onnx", "trt"):
         raise InputError(f"--backend: '{backend}' is not one of auto, onnx, trt")
     every = parse_detect_every(detect_every)
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)  # one line each, also in the journal
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig(source=source, sink=sink, models=models, backend=backend, headless=headless,
                     max_frames=max_frames, record=record, stats_json=stats_json, loop=loop, fullscreen=fullscreen,

@@ -129,8 +129,10 @@ class InferenceWorker:
         try:
             dets, n, item.morphology, item.times = pipe.process(frame.image)
         except Exception as exc:  # a corrupt or odd frame must not stop the device
-            item.error = f"frame {frame.index} skipped: {exc}"
-            log.debug("frame failed", exc_info=True)
+            # one line, the same for every frame failing the same way (the problems are counted by message)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            item.error = f"frame skipped: {first}"
+            log.debug("frame %d failed", frame.index, exc_info=True)
         else:
             item.detections = dets[:n].copy()  # the pipeline reuses its array next frame
             item.judged = pipe.morphology.judged_last if pipe.morphology is not None else 0

@@ -44,6 +44,7 @@ DEFAULT_SOURCE = "synth://"
 DEFAULT_FILE_SINK = "file://smearsight-out.mp4"
 # stats' fps_steady leaves out the first frames (model warm-up, the first field's morphology, caches)
 WARMUP_FRAMES = 5
+MAX_FAILED_FRAMES = 50  # frames the models fail on, before any succeeded, after which run() gives up
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -531,8 +532,7 @@ def open_pipeline(models: Path | str | None, backend: str = "auto", *, morpholog
             try:
                 morph.append(open_backend(d, backend))  # type: ignore[arg-type]
             except InputError as exc:
-                detector.notes.append(f"morphology model skipped: {exc}")
-                log.warning("morphology model skipped: %s", exc)
+                detector.notes.append(f"morphology model skipped: {exc}")  # logged by run() with the others
     return Pipeline(detector, morph, reuse_morphology=reuse_morphology, detect_every=detect_every,
                     target_fps=target_fps, morphology_budget_s=morphology_budget_s, tile=tile)
 
@@ -631,7 +631,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     """Run the pipeline from ``cfg.source`` to ``cfg.sink``; returns (and optionally writes) the stats.
 
     Raises InputError only when nothing can run at all: no models, an unknown source or sink, a source
-    that gave no frame, a ``--stats-json`` that cannot be written. The stats' ``counts`` are detections
+    that gave no frame, models that failed on the first ``MAX_FAILED_FRAMES`` frames (each shown with the
+    reason meanwhile), a ``--stats-json`` that cannot be written. The stats' ``counts`` are detections
     per class summed over the frames shown (a cell in view for ten frames counts ten times), not cells.
     """
     from smearsight.deploy.sdnotify import Watchdog
@@ -648,9 +649,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                                      target_fps=cfg.target_fps, morphology_budget_s=cfg.morphology_budget_s,
                                      tile=cfg.tile)
     problems = _Problems()
-    for note in pipe.notes:
+    for note in pipe.notes:  # logged once (the log is what the terminal and the journal show)
         problems.report(note, hold_s=10.0)
-        say(note)
     sink_uri, sink_note = choose_sink(cfg.sink, cfg.headless)
     if sink_note:
         say(sink_note)
@@ -663,6 +663,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     timer = StageTimer()
     totals = dict.fromkeys(pipe.class_names, 0)
     frames = 0
+    failed_in_a_row = 0
+    gave_up = ""  # why the run stopped before its source ended: the models fail on every frame
     t_warm: float | None = None
     judged = 0
     detected = 0
@@ -730,8 +732,17 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             if item.generation != worker.generation:  # judged before a new session reset the morphology
                 continue
             problems.report(item.error or item.warning)
-            if item.detections is None:  # the frame could not be processed
+            if item.detections is None:  # the frame could not be processed: show it with the reason
+                img = frame.image.copy()
+                annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
+                         {"error": item.error, "title": "SmearSight"})
+                sink.write(img, {"error": item.error, "frame": frame.index})
+                failed_in_a_row += 1
+                if frames == 0 and failed_in_a_row >= MAX_FAILED_FRAMES:
+                    gave_up = f"the models failed on the first {failed_in_a_row} frames ({item.error})"
+                    break
                 continue
+            failed_in_a_row = 0
             frames += 1
             if frames == WARMUP_FRAMES:
                 t_warm = time.perf_counter()
@@ -863,8 +874,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             atomic_write_json(Path(cfg.stats_json), stats)
         except OSError as exc:
             raise InputError(f"--stats-json {cfg.stats_json}: could not write it ({exc.strerror or exc})") from exc
-    if frames == 0 and stats.get("source_error"):
-        raise InputError(f"{cfg.source}: no frame was processed: {stats['source_error']}")
+    if frames == 0 and (gave_up or stats.get("source_error")):
+        raise InputError(f"{cfg.source}: no frame was processed: {gave_up or stats['source_error']}")
     return stats
 
 

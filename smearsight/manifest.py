@@ -91,6 +91,16 @@ class DetectorSpec(_ManifestPart):
     class_output: str = "class_logits"
     box_output: str = "box_regression"
 
+    @field_validator("class_names")
+    @classmethod
+    def _names_unique(cls, names: list[str]) -> list[str]:
+        if not names or any(not n.strip() for n in names):
+            raise ValueError("must list at least one class, each with a non-empty name")
+        seen = {n for n in names if names.count(n) > 1}
+        if seen:
+            raise ValueError(f"lists {', '.join(sorted(repr(n) for n in seen))} more than once")
+        return names
+
 
 class MorphologySpec(_ManifestPart):
     """Morphology decision: a crop is abnormal when its score is at or above ``threshold``."""

@@ -45,7 +45,8 @@ def open_backend(
     ``auto`` uses the TensorRT engine when the manifest names one, TensorRT is installed and the
     engine matches this device, else ONNX Runtime. ``trt`` insists on the engine; when it cannot run
     (missing, other TensorRT version or GPU) the ONNX model is used instead if ``fallback_to_onnx``,
-    and the reason is kept in ``backend.notes`` (and logged); otherwise the reason is raised.
+    and the reason is kept in ``backend.notes`` (``smearsight run`` shows and logs them); otherwise the
+    reason is raised.
     """
     from smearsight.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -64,7 +65,6 @@ def open_backend(
             if not fallback_to_onnx:
                 raise
             notes.append(f"TensorRT not used: {exc}; running the ONNX model instead")
-            log.warning(notes[-1])
     result = OnnxRuntimeBackend(model_dir, manifest)
     result.notes[:0] = notes
     return result

@@ -44,6 +44,14 @@ def session_options(threads: int | None = None) -> Any:
     return opts
 
 
+def _shapes_disagree(manifest_shape: list[int], graph_shape: list[Any]) -> bool:
+    """True when a manifest's tensor shape and the graph's differ in rank or in a dimension both fix (the
+    manifest's -1 and the graph's named dimensions are free)."""
+    if len(manifest_shape) != len(graph_shape):
+        return True
+    return any(isinstance(g, int) and m > 0 and g != m for m, g in zip(manifest_shape, graph_shape, strict=True))
+
+
 class OnnxRuntimeBackend(InferenceBackend):
     """A real onnxruntime session. Outputs of static shape are bound once to preallocated arrays
     (IOBinding), so a frame only binds its input and runs."""
@@ -77,14 +85,16 @@ class OnnxRuntimeBackend(InferenceBackend):
             raise InputError(f"{path}: model inputs {[i.name for i in inputs]} do not match the manifest's input "
                              f"'{manifest.input.name}'")
         self.input_name = inputs[0].name
+        if _shapes_disagree(manifest.input.shape, inputs[0].shape):  # a wrong one fails on every frame
+            raise InputError(f"{path}: input '{self.input_name}' has shape {inputs[0].shape} but the manifest says "
+                             f"{manifest.input.shape}")
         self.output_names = [o.name for o in self.session.get_outputs()]
         missing = [o.name for o in manifest.outputs if o.name not in self.output_names]
         if missing:
             raise InputError(f"{path}: model has no output(s) {missing} named by the manifest")
         graph = {o.name: o.shape for o in self.session.get_outputs()}
-        for out in manifest.outputs:  # fixed dimensions must agree: a wrong one fails on every frame
-            dims = [(m, g) for m, g in zip(out.shape, graph[out.name], strict=False) if m > 0 and isinstance(g, int)]
-            if len(out.shape) != len(graph[out.name]) or any(m != g for m, g in dims):
+        for out in manifest.outputs:
+            if _shapes_disagree(out.shape, graph[out.name]):
                 raise InputError(f"{path}: output '{out.name}' has shape {graph[out.name]} but the manifest says "
                                  f"{out.shape}")
         self._static = None

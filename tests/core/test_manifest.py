@@ -157,3 +157,15 @@ def test_max_detections_is_bounded(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(InputError, match="detector.max_detections"):
         load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(("names", "expected"), [(["a", "b", "a"], "'a' more than once"), (["a", " "], "non-empty")])
+def test_detector_class_names_are_unique_and_named(tmp_path, names, expected):
+    """Duplicates made the run's per-class counts keep only the last duplicate's (the record kept them all)."""
+    data = detector_manifest().to_dict()
+    data["detector"]["class_names"] = names
+    data["outputs"] = [{"name": "class_logits", "shape": [1, -1, len(names)]},
+                       {"name": "box_regression", "shape": [1, -1, 4]}]
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match=expected):
+        load_manifest(tmp_path)

@@ -234,3 +234,36 @@ def test_output_video_plays_at_the_source_rate(models, tmp_path):
         assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
     finally:
         cap.release()
+
+
+def test_models_that_fail_on_every_frame_show_why_and_end_the_run(tiny, tmp_path, monkeypatch, capfd):
+    """A manifest whose anchors disagree with its graph (the output's anchor dimension left free, so nothing
+    catches it at open): before, every frame was skipped, nothing reached the screen, the problems grew by one
+    entry a frame and the run never ended (it counts processed frames) and exited 0."""
+    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), parts=())
+    manifest = json.loads((models / "detector" / "manifest.json").read_text())
+    for out in manifest["outputs"]:
+        out["shape"][1] = -1
+    manifest["detector"]["anchors"]["scales"] = [1.0, 2.0]  # twice the anchors the graph has
+    (models / "detector" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(pl, "MAX_FAILED_FRAMES", 6)
+    stats, shown = tmp_path / "stats.json", tmp_path / "shown"
+    rc = main(["run", "synth://?size=96x64", f"file://{shown}/", "--models", str(models), "--backend", "onnx",
+               "--max-frames", "3", "--stats-json", str(stats)])
+    err = capfd.readouterr().err
+    assert rc == 1 and "failed on the first 6 frames" in err and "Traceback" not in err
+    problems = json.loads(stats.read_text())["problems"]
+    assert len(problems) == 1 and list(problems.values()) == [6]  # one message, counted
+    assert "shapes disagree" in next(iter(problems))
+    assert len(list(shown.glob("frame_*.jpg"))) == 6  # each failed frame was shown with the reason
+
+
+def test_a_manifest_input_that_differs_from_the_graph_is_refused(tiny, tmp_path, capfd):
+    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), parts=())
+    manifest = json.loads((models / "detector" / "manifest.json").read_text())
+    manifest["input"].update(shape=[1, 1, 64, 96], color="gray", mean=[0.5], std=[0.5])
+    (models / "detector" / "manifest.json").write_text(json.dumps(manifest))
+    rc = main(["run", "synth://?size=96x64", "null://", "--models", str(models), "--backend", "onnx",
+               "--max-frames", "1"])
+    err = capfd.readouterr().err
+    assert rc == 1 and "input 'images' has shape [1, 3, 64, 96] but the manifest says [1, 1, 64, 96]" in err
