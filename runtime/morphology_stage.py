@@ -67,6 +67,19 @@ def crop_square(frame: np.ndarray, box: np.ndarray, scale: float, min_side: floa
     return crop
 
 
+def check_morphology_model(backend: InferenceBackend) -> None:
+    """Raise InputError (naming the model folder) unless ``backend`` is a morphology model this stage can feed:
+    grayscale crops, input ``[batch, 1, H, W]``."""
+    man = backend.manifest
+    if man.kind != "morphology" or man.morphology is None:
+        raise InputError(f"{backend.model_dir}: not a morphology model (manifest kind '{man.kind}')")
+    if man.input.color != "gray":
+        raise InputError(f"{backend.model_dir}: morphology models take grayscale crops (input.color 'gray')")
+    shape = man.input.shape
+    if len(shape) != 4 or shape[1] != 1 or min(shape[2:]) <= 0:
+        raise InputError(f"{backend.model_dir}: morphology input must be [batch, 1, H, W], got {shape}")
+
+
 class MorphologyStage:
     """Judges the sperm detections of a frame with one morphology backend per part.
 
@@ -104,10 +117,7 @@ class MorphologyStage:
         self.cv2 = require("cv2", "morphology crops")
         self.backends = list(backends)
         for b in self.backends:
-            if b.manifest.kind != "morphology" or b.manifest.morphology is None:
-                raise InputError(f"{b.model_dir}: not a morphology model (manifest kind '{b.manifest.kind}')")
-            if b.manifest.input.color != "gray":
-                raise InputError(f"{b.model_dir}: morphology models take grayscale crops (input.color 'gray')")
+            check_morphology_model(b)
         self.parts = [b.manifest.morphology.part for b in self.backends]
         self.sperm_classes = np.array([i for i, n in enumerate(class_names) if n in SPERM_CLASS_NAMES], np.int64)
         self.crop_scale = crop_scale

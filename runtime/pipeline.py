@@ -79,6 +79,7 @@ def find_models(models: Path | str | None, precision: str = "auto", backend: str
         raise InputError(f"--models {root}: no such folder")
     int8 = root / "detector_int8"
     has_int8 = (int8 / MANIFEST_NAME).is_file()
+    stale_int8 = ""
     notes: list[str] = []
     if (root / MANIFEST_NAME).is_file():
         detector = root
@@ -93,7 +94,7 @@ def find_models(models: Path | str | None, precision: str = "auto", backend: str
         if stale:
             raise InputError(stale)
         detector = int8
-    elif precision == "auto" and has_int8 and cpu_only(backend) and not _stale_int8(root):
+    elif precision == "auto" and has_int8 and cpu_only(backend) and not (stale_int8 := _stale_int8(root)):
         detector = int8
     elif (root / "detector" / MANIFEST_NAME).is_file():
         detector = root / "detector"
@@ -105,18 +106,24 @@ def find_models(models: Path | str | None, precision: str = "auto", backend: str
     else:
         raise InputError(f"--models {root}: no detector model (expected {root}/detector/{MANIFEST_NAME})")
     if precision == "auto" and has_int8 and detector != int8 and cpu_only(backend):
-        notes.append(f"{int8}: not used: {_stale_int8(root)}")
+        notes.append(f"{int8}: not used: {stale_int8}")
     morph = []
     for part in MORPHOLOGY_PARTS:
         d = root / f"morphology_{part}"
         if (d / MANIFEST_NAME).is_file():
             morph.append(d)
+        elif d.exists() or d.is_symlink():
+            notes.append(f"morphology model skipped: {d}: no {MANIFEST_NAME} there")
     return ModelSet(detector, morph, packaged, notes)
 
 
 def _stale_int8(root: Path) -> str:
-    """Why ``root/detector_int8`` was not made from ``root/detector`` (re-exported since), or ""."""
-    int8 = load_manifest(root / "detector_int8")
+    """Why ``root/detector_int8`` was not made from ``root/detector`` (re-exported since) or cannot be used
+    (its manifest is damaged), or ""."""
+    try:
+        int8 = load_manifest(root / "detector_int8")
+    except InputError as exc:
+        return str(exc)
     if not (root / "detector" / MANIFEST_NAME).is_file():
         return ""
     source = load_manifest(root / "detector").onnx_sha256
@@ -197,6 +204,9 @@ class Pipeline:
             if self.morphology_backends else None
         )
         self.notes = list(detector.notes) + [n for b in self.morphology_backends for n in b.notes]
+        if self.morphology is not None and not len(self.morphology.sperm_classes):
+            self.notes.append(f"morphology models loaded, but the detector's classes ({', '.join(self.class_names)}) "
+                              "include no sperm, so no crop will be judged")
         self.detect_async = detect_every == "async"
         self.carry = DetectionCarry(1 if self.detect_async else detect_every, target_fps=target_fps)
         carrying = self.carry.enabled or self.detect_async
@@ -523,14 +533,29 @@ def open_pipeline(models: Path | str | None, backend: str = "auto", *, morpholog
                   precision: str = "auto", reuse_morphology: bool = True, detect_every: int | str = 1,
                   target_fps: float = 10.0, morphology_budget_s: float | None = 0.1, tile: bool = True) -> Pipeline:
     """Open the detector and morphology models found by :func:`find_models` as a :class:`Pipeline`."""
+    from smearsight.runtime.morphology_stage import check_morphology_model
+
     found = find_models(models, precision, backend)
-    detector = open_backend(found.detector, backend)  # type: ignore[arg-type]
+    try:
+        detector = open_backend(found.detector, backend)  # type: ignore[arg-type]
+    except InputError as exc:
+        fallback = found.detector.parent / "detector"
+        if precision != "auto" or found.detector.name != "detector_int8" or not (fallback / MANIFEST_NAME).is_file():
+            raise
+        detector = open_backend(fallback, backend)  # type: ignore[arg-type]
+        found.notes.append(f"{found.detector}: not used: {exc}")
     detector.notes.extend(found.notes)
     morph = []
     if morphology:
         for d in found.morphology:
             try:
-                morph.append(open_backend(d, backend))  # type: ignore[arg-type]
+                b = open_backend(d, backend)  # type: ignore[arg-type]
+                check_morphology_model(b)
+                part = b.manifest.morphology.part  # type: ignore[union-attr]
+                if d.name != f"morphology_{part}":
+                    raise InputError(f"{d}: holds the {part} model (manifest morphology.part '{part}'); move it to "
+                                     f"morphology_{part}/")
+                morph.append(b)
             except InputError as exc:
                 detector.notes.append(f"morphology model skipped: {exc}")  # logged by run() with the others
     return Pipeline(detector, morph, reuse_morphology=reuse_morphology, detect_every=detect_every,

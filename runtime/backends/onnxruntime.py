@@ -66,6 +66,8 @@ class OnnxRuntimeBackend(InferenceBackend):
         if verify_hash and manifest.onnx_sha256 and sha256_file(path) != manifest.onnx_sha256:
             raise InputError(f"{path}: sha256 does not match the manifest's onnx_sha256; the model file is corrupt "
                              "or belongs to another manifest")
+        if verify_hash and not manifest.onnx_sha256:
+            self.notes.append(f"{path}: the manifest gives no onnx_sha256, so the model file cannot be checked")
         available = ort.get_available_providers()
         cuda_ok = "CUDAExecutionProvider" in available
         if use_cuda is None:

@@ -338,3 +338,45 @@ def test_shipped_detector_keeps_cell_size_on_smaller_camera_frames(size):
         pipe.close()
     assert matched / truth >= 0.9, (matched, truth)
     assert 0.85 <= found / truth <= 1.15, (found, truth)  # letterboxing 2x gave ~1.4 boxes a cell, recall 0.25
+
+
+def test_bad_optional_models_are_skipped_with_a_note(tiny, tmp_path):
+    """One bad morphology model, a misfiled one, an empty folder or a damaged int8 detector used to refuse the
+    whole run (or run silently wrong); each is now left out, and the run says why."""
+    import shutil
+
+    root = tiny.build_model_set(tmp_path / "models", parts=("head",))
+    good_head = root / "morphology_head"
+    shutil.copytree(good_head, root / "morphology_vacuole")  # the head model filed as the vacuole's
+    small = root / "morphology_acrosome"  # its manifest says 32x32 crops, its graph takes 64x64
+    shutil.copytree(good_head, small)
+    manifest = json.loads((small / "manifest.json").read_text())
+    manifest["morphology"]["part"] = "acrosome"
+    manifest["input"]["shape"] = [-1, 1, 32, 32]
+    (small / "manifest.json").write_text(json.dumps(manifest))
+    (root / "morphology_tail").mkdir()  # a model that never arrived
+    shutil.copytree(root / "detector", root / "detector_int8")
+    manifest = json.loads((root / "detector_int8" / "manifest.json").read_text())
+    manifest["precision"] = "int8"
+    (root / "detector_int8" / "manifest.json").write_text(json.dumps(manifest))
+    (root / "detector_int8" / "model.onnx").write_bytes(b"truncated")
+    pipe = pl.open_pipeline(root, "onnx")
+    try:
+        notes = "\n".join(pipe.notes)
+        assert [b.manifest.morphology.part for b in pipe.morphology_backends] == ["head"]
+        assert pipe.detector.model_dir == root / "detector"
+        assert "morphology_vacuole: holds the head model" in notes
+        assert "morphology_acrosome/model.onnx: input 'crops' has shape ['batch', 1, 64, 64]" in notes
+        assert "morphology_tail: no manifest.json there" in notes
+        assert "detector_int8: not used" in notes and "sha256 does not match" in notes
+    finally:
+        pipe.close()
+
+
+def test_morphology_without_sperm_classes_says_so(tiny, tmp_path):
+    root = tiny.build_model_set(tmp_path / "models", parts=("head",), class_names=["rbc", "wbc"])
+    pipe = pl.open_pipeline(root, "onnx")
+    try:
+        assert any("include no sperm, so no crop will be judged" in n for n in pipe.notes)
+    finally:
+        pipe.close()
