@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 
 from smearsight.anchors import generate_anchors
 from smearsight.errors import InputError, require
+from smearsight.fileio import sha256_file
 from smearsight.manifest import Manifest, load_manifest, verify_files
 
 FP16_MAX = 65504.0
@@ -245,6 +247,28 @@ def fp16_model(onnx_path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ check
+def contract_differences(manifest: Manifest, checkpoint: dict[str, Any], checkpoint_sha256: str) -> list[str]:
+    """The manifest fields that differ from what ``smearsight export onnx`` writes for this checkpoint at the
+    manifest's own input size (the operating point and the caps, which export may set, are not compared)."""
+    from smearsight.export.onnx_export import make_manifest
+
+    outputs = {o.name: o.shape for o in manifest.outputs}
+    expected = make_manifest(checkpoint, list(manifest.input.shape), outputs, checkpoint_sha256, manifest.opset,
+                             manifest.name).to_dict()
+    actual = manifest.to_dict()
+    fields = ["source_checkpoint_sha256", *(f"input.{k}" for k in ("color", "mean", "std", "resize", "pad_value"))]
+    fields += ["detector.class_names", "detector.anchors", "detector.iou_threshold"] if manifest.detector else [
+        "morphology.part", "morphology.mode"]
+    differences = []
+    for name in fields:
+        want, got = expected, actual
+        for key in name.split("."):
+            want, got = want.get(key), got.get(key)
+        if want != got:
+            differences.append(f"{name} {json.dumps(got)} (the checkpoint makes {json.dumps(want)})")
+    return differences
+
+
 def check_export(
     model_dir: str | Path,
     weights: str | Path,
@@ -268,6 +292,9 @@ def check_export(
         raise InputError(
             f"{weights}: a {checkpoint['kind']} checkpoint cannot be checked against a {manifest.kind} model"
         )
+    differences = contract_differences(manifest, checkpoint, sha256_file(weights))
+    if differences:  # parity on inputs built from a wrong manifest would pass and prove nothing
+        raise InputError(f"{model_dir / 'manifest.json'} disagrees with {weights}: {'; '.join(differences)}")
     module = build_exportable(checkpoint)
     onnx_path = model_dir / manifest.onnx_file
     batch_one = manifest.input.shape[0] != -1

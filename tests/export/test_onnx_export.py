@@ -264,3 +264,24 @@ def test_onnx_runtime_refuses_a_manifest_whose_output_shape_differs_from_the_gra
     (edited / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(InputError, match="has shape .* but the manifest says"):
         OnnxRuntimeBackend(edited, load_manifest(edited))
+
+
+def test_export_check_compares_the_manifest_with_the_checkpoint(detector_export, tiny_detector_checkpoint, tmp_path,
+                                                                capsys):
+    """Parity runs on inputs built from the manifest, so it passed a manifest with the wrong normalisation,
+    anchors or class order (each would make the device's boxes or labels wrong)."""
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(detector_export, edited)
+    data = json.loads((edited / "manifest.json").read_text())
+    data["input"]["mean"] = [0.0, 0.0, 0.0]
+    data["detector"]["class_names"] = data["detector"]["class_names"][::-1]
+    data["detector"]["anchors"]["base_sizes"] = [2 * b for b in data["detector"]["anchors"]["base_sizes"]]
+    (edited / "manifest.json").write_text(json.dumps(data))
+    rc = main(["export", "check", str(edited), "--weights", str(tiny_detector_checkpoint), "--count", "1",
+               "--no-fp16"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "disagrees with" in err
+    for field in ("input.mean", "detector.class_names", "detector.anchors"):
+        assert field in err, field
