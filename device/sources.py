@@ -72,6 +72,10 @@ class CorruptFrame(Exception):
     """Raised by a reader for one unusable frame (skipped)."""
 
 
+class EndedEarly(Exception):
+    """Raised by a file reader that ended well before the frame count in its index (the end, said so)."""
+
+
 _END = object()
 # a video file whose read fails is read on this far: frames after a damaged one still decode
 FILE_LOOKAHEAD_FRAMES = 25
@@ -173,7 +177,7 @@ class _CaptureReader(_Reader):
 
     def _past_failed_read(self) -> np.ndarray | None:
         """A file's read failed: a damaged frame when a later one decodes (raises CorruptFrame, the good frame
-        comes next), else the end; a file that ends well before its stated frame count raises InputError."""
+        comes next), else the end; a file that ends well before its stated frame count raises EndedEarly."""
         import cv2
 
         for failed in range(1, FILE_LOOKAHEAD_FRAMES + 1):
@@ -184,7 +188,7 @@ class _CaptureReader(_Reader):
                 raise CorruptFrame(f"skipped {failed} damaged frame{'s' if failed > 1 else ''} at frame {at}")
         stated = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         if stated > 0 and self._read < stated - max(2, stated // 50):  # the count is an estimate in some containers
-            raise InputError(f"{self.name}: ended early, after {self._read} of its {stated} frames "
+            raise EndedEarly(f"{self.name}: ended early, after {self._read} of its {stated} frames "
                              "(the rest is damaged or missing)")
         return None
 
@@ -202,6 +206,14 @@ class _CaptureReader(_Reader):
                 self._cap.release()
             finally:
                 self._cap = None
+
+
+def _is_existing_path(text: str) -> bool:
+    """True when ``text`` names an existing file or folder (False for what cannot be a path: a long pipeline)."""
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):
+        return False
 
 
 def v4l2_index(path: str) -> int | None:
@@ -499,6 +511,12 @@ class FrameSource:
                     self.stats.skipped += 1
                     self._warn(str(exc))
                     continue
+                except EndedEarly as exc:  # the end of this pass, said so: a looping file starts again
+                    self._warn(str(exc))
+                    if not self.loop:
+                        self._error = str(exc)
+                        break
+                    raw = None
                 except InputError as exc:
                     self._error = str(exc)
                     break
@@ -681,7 +699,7 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
 
     reader: _Reader
     schemes = ("file://", "synth://", "v4l2://", "csi://")
-    if "!" in text and not text.startswith(schemes) and not Path(text).expanduser().exists():
+    if "!" in text and not text.startswith(schemes) and not _is_existing_path(text):
         if factory is None:
             _require_gstreamer("GStreamer pipeline")
         pipeline = text if "appsink" in text else text + " ! videoconvert ! appsink drop=true max-buffers=1"
@@ -736,7 +754,7 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
         slide_size = _parse_size(query["slide"][0], f"{text} slide") if "slide" in query else None
         reader = _SynthReader(seed=seed, speed=speed, fps=synth_fps, frame_size=frame_size,
                               slide_size=slide_size, name=text)
-    elif "://" not in text and (Path(text).expanduser().exists() or Path(text).suffix.lower() in _FILE_EXT):
+    elif "://" not in text and (_is_existing_path(text) or Path(text).suffix.lower() in _FILE_EXT):
         return open_source(f"file://{text}", loop=loop, capture_factory=factory, width=width, height=height,
                            fps=fps, **source_opts)
     else:

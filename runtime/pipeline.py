@@ -56,6 +56,7 @@ class ModelSet:
     morphology: list[Path] = field(default_factory=list)
     packaged: bool = False
     notes: list[str] = field(default_factory=list)
+    auto_int8: bool = False  # the int8 detector was chosen by --precision auto (the float one is there too)
 
 
 def packaged_models_root() -> Path:
@@ -114,7 +115,8 @@ def find_models(models: Path | str | None, precision: str = "auto", backend: str
             morph.append(d)
         elif d.exists() or d.is_symlink():
             notes.append(f"morphology model skipped: {d}: no {MANIFEST_NAME} there")
-    return ModelSet(detector, morph, packaged, notes)
+    auto_int8 = precision == "auto" and detector == int8 and (root / "detector" / MANIFEST_NAME).is_file()
+    return ModelSet(detector, morph, packaged, notes, auto_int8)
 
 
 def _stale_int8(root: Path) -> str:
@@ -539,15 +541,15 @@ def open_pipeline(models: Path | str | None, backend: str = "auto", *, morpholog
     try:
         detector = open_backend(found.detector, backend)  # type: ignore[arg-type]
     except InputError as exc:
-        fallback = found.detector.parent / "detector"
-        if precision != "auto" or found.detector.name != "detector_int8" or not (fallback / MANIFEST_NAME).is_file():
+        if not found.auto_int8:
             raise
-        detector = open_backend(fallback, backend)  # type: ignore[arg-type]
+        detector = open_backend(found.detector.parent / "detector", backend)  # type: ignore[arg-type]
         found.notes.append(f"{found.detector}: not used: {exc}")
     detector.notes.extend(found.notes)
     morph = []
     if morphology:
         for d in found.morphology:
+            b = None
             try:
                 b = open_backend(d, backend)  # type: ignore[arg-type]
                 check_morphology_model(b)
@@ -557,6 +559,8 @@ def open_pipeline(models: Path | str | None, backend: str = "auto", *, morpholog
                                      f"morphology_{part}/")
                 morph.append(b)
             except InputError as exc:
+                if b is not None:
+                    b.close()
                 detector.notes.append(f"morphology model skipped: {exc}")  # logged by run() with the others
     return Pipeline(detector, morph, reuse_morphology=reuse_morphology, detect_every=detect_every,
                     target_fps=target_fps, morphology_budget_s=morphology_budget_s, tile=tile)
@@ -762,6 +766,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
                          {"error": item.error, "title": "SmearSight"})
                 sink.write(img, {"error": item.error, "frame": frame.index})
+                if getattr(sink, "should_stop", False):  # the window closed, q or Esc
+                    break
                 failed_in_a_row += 1
                 if frames == 0 and failed_in_a_row >= MAX_FAILED_FRAMES:
                     gave_up = f"the models failed on the first {failed_in_a_row} frames ({item.error})"

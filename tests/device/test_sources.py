@@ -302,6 +302,11 @@ def test_gstreamer_pipeline_string_goes_to_cap_gstreamer() -> None:
         src.close()
     assert seen["api"] == cv2.CAP_GSTREAMER
     assert str(seen["target"]).startswith("videotestsrc ! videoconvert") and "appsink" in str(seen["target"])
+    # a long pipeline is no file name (the path probe raised "File name too long")
+    long = "videotestsrc is-live=true ! " + "videoconvert ! queue max-size-buffers=1 leaky=downstream ! " * 6
+    with open_source(long + "appsink drop=true", capture_factory=Pipe) as src:
+        next(src)
+    assert seen["target"] == long + "appsink drop=true"
 
 
 def _synth_available() -> bool:
@@ -415,6 +420,12 @@ def test_a_video_cut_short_says_so(tmp_path: Path) -> None:
     assert "ended early, after 7 of its 15 frames" in src.error
     with open_source(f"file://{tmp_path / 'clip.avi'}") as whole:  # a whole file ends without a word
         assert len(list(whole)) == 15 and whole.error == "" and whole.stats.skipped == 0
+    looping = open_source(f"file://{cut}", loop=True)
+    try:
+        assert len([next(looping) for _ in range(20)]) == 20  # a looping cut-short file starts again
+    finally:
+        looping.close()
+    assert any("ended early" in msg for msg in looping.stats.problems)
 
 
 def test_a_file_name_with_an_exclamation_mark_is_a_file_not_a_pipeline(tmp_path: Path) -> None:
