@@ -119,6 +119,7 @@ class MorphologyStage:
         for b in self.backends:
             check_morphology_model(b)
         self.parts = [b.manifest.morphology.part for b in self.backends]
+        self.failed: dict[str, str] = {}  # part -> why its model stopped (raised while judging crops)
         self.sperm_classes = np.array([i for i, n in enumerate(class_names) if n in SPERM_CLASS_NAMES], np.int64)
         self.crop_scale = crop_scale
         self.min_side = min_side
@@ -234,7 +235,14 @@ class MorphologyStage:
                 if self.reuse:
                     results[i]["tracked"] = 0
             for backend, part in zip(self.backends, self.parts, strict=True):
-                scores = self._scores(backend, crops)
+                if part in self.failed:
+                    continue
+                try:
+                    scores = self._scores(backend, crops)
+                except Exception as exc:  # one broken model must not cost the frame its boxes
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    self.failed[part] = f"morphology model for the {part} stopped: {first}"  # run() reports it
+                    continue
                 threshold = float(backend.manifest.morphology.threshold)
                 for i, s in zip(chunk, scores.tolist(), strict=True):
                     results[i]["parts"][part] = {"score": float(s), "abnormal": bool(s >= threshold)}
@@ -322,5 +330,8 @@ class MorphologyStage:
             else:
                 x = buf[:n]
             out = np.asarray(backend.infer(x)[out_name], dtype=np.float32).reshape(-1)
+            if out.size != x.shape[0]:  # one score a crop, or the scores would belong to other crops
+                raise InputError(f"{backend.model_dir}: output '{out_name}' gave {out.size} values for "
+                                 f"{x.shape[0]} crops")
             scores[start : start + n] = out[:n]
         return scores

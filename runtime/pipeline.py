@@ -333,12 +333,15 @@ class Pipeline:
         """Plain words when the last decode (NumPy or CUDA) had more candidates of a class above the score
         threshold than the manifest's ``pre_nms_topk``: the weakest of them were dropped before NMS, so on
         such a crowded field some cells may be neither boxed nor counted; or when the frames are larger than
-        a ``pad`` detector's input and were shrunk (empty otherwise)."""
-        if not self.capped_classes:
-            return self.size_note or ""
-        return (f"more {', '.join(self.capped_classes)} candidates than the model's pre_nms_topk "
-                f"({self.spec.pre_nms_topk}): some cells may be missed and counts low; re-export with a larger "
-                f"--pre-nms-topk")
+        a ``pad`` detector's input and were shrunk, or when a morphology model stopped (empty otherwise)."""
+        said = list(self.morphology.failed.values()) if self.morphology is not None else []
+        if self.capped_classes:
+            said.insert(0, f"more {', '.join(self.capped_classes)} candidates than the model's pre_nms_topk "
+                           f"({self.spec.pre_nms_topk}): some cells may be missed and counts low; re-export with a "
+                           "larger --pre-nms-topk")
+        elif self.size_note:
+            said.insert(0, self.size_note)
+        return "; ".join(said)
 
     def process(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, int, list[dict[str, Any]], dict[str, float]]:
         """Run one RGB uint8 frame through the models (or carry the key frame's detections onto it)."""

@@ -206,3 +206,46 @@ def test_the_budget_is_lifted_when_the_stage_stays_lost(slide, head_backend):
     assert stage.judged_last == len(dets) and not any(r.get("status") == "pending" for r in res)
     stage(img, dets, len(dets), shift=(0.0, 0.0))  # followed again: everything carried
     assert stage.judged_last == 0
+
+
+def test_a_morphology_model_that_fails_stops_alone(slide, head_backend, tmp_path):
+    """A model that raises while judging (here: its graph only takes one crop at a time) stops, and says so;
+    the other parts are still judged and the frame keeps its boxes (before: every frame was lost)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from smearsight.manifest import InputSpec, Manifest, MorphologySpec, TensorSpec
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["crops", "axes"], ["m"], keepdims=0),
+         helper.make_node("Reshape", ["m", "one"], ["scores"])],  # fails for a batch of more than one crop
+        "one_crop_only",
+        [helper.make_tensor_value_info("crops", TensorProto.FLOAT, ["batch", 1, 64, 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch"])],
+        [numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+         numpy_helper.from_array(np.array([1], np.int64), "one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    import onnx
+
+    from smearsight.fileio import sha256_file
+
+    folder = tmp_path / "morphology_vacuole"
+    folder.mkdir()
+    onnx.save(model, str(folder / "model.onnx"))
+    Manifest(kind="morphology", name="broken", model_version="0",
+             input=InputSpec(name="crops", shape=[-1, 1, 64, 64], color="gray", mean=[0.5], std=[0.5],
+                             resize="stretch"),
+             outputs=[TensorSpec(name="scores", shape=[-1])],
+             morphology=MorphologySpec(part="vacuole", threshold=0.0),
+             onnx_sha256=sha256_file(folder / "model.onnx")).save(folder)
+    broken = open_backend(folder, "onnx")
+    try:
+        stage = MorphologyStage([head_backend, broken], TPS_CLASS_NAMES)
+        image, dets = sperm_detections(slide, 300, 300)
+        results = stage(image, dets, len(dets))
+        assert len(results) == len(dets) and all(set(r["parts"]) == {"head"} for r in results)
+        assert "morphology model for the vacuole stopped" in stage.failed["vacuole"]
+        assert all(set(r["parts"]) == {"head"} for r in stage(image, dets, len(dets)))
+    finally:
+        broken.close()
