@@ -146,6 +146,8 @@ def provision_cmd(
 
     result = provision(root_dir or _root_default(), trusted_root, force=force)
     typer.echo(f"provisioned {result['root']}: trusted root v{result['root_version']} expires {result['expires']}")
+    if result["note"]:
+        typer.echo(f"note: {result['note']}", err=True)
 
 
 @deploy_app.command("update")

@@ -459,7 +459,8 @@ def describe_os_error(exc: OSError, root: Path) -> str:
 
 
 def provision(root: str | Path, trusted_root: str | Path, force: bool = False) -> dict[str, Any]:
-    """Install the repository's root metadata as this device's trust anchor."""
+    """Install the repository's root metadata as this device's trust anchor (``note`` in the result: plain words
+    when it has expired, which is allowed: updates walk from it to the repository's newest root)."""
     from tuf.api.metadata import Metadata, Root
 
     from smearsight.fileio import check_output_dir
@@ -476,8 +477,11 @@ def provision(root: str | Path, trusted_root: str | Path, force: bool = False) -
         raise InputError(f"{trusted_root}: trusted root file not found") from None
     except Exception as exc:  # noqa: BLE001 - deserialisation and verification raise several types
         raise InputError(f"{trusted_root}: not valid, self-signed TUF root metadata ({exc})") from None
-    if md.signed.is_expired():
-        raise InputError(f"{trusted_root}: this root metadata expired on {md.signed.expires.isoformat()}")
+    note = ""
+    if md.signed.is_expired():  # TUF needs only the newest root to be fresh: the device walks there from this one
+        note = (f"{trusted_root}: this root metadata expired on {md.signed.expires.isoformat()}; the device starts "
+                "from it and updates once the repository serves newer root metadata (smearsight deploy repo "
+                "refresh --root)")
     anchor = root / "trusted-root.json"
     if anchor.exists() and anchor.read_bytes() != data and not force:
         raise InputError(f"{anchor}: the device already trusts another root; use --force to replace it")
@@ -491,4 +495,5 @@ def provision(root: str | Path, trusted_root: str | Path, force: bool = False) -
     atomic_write_bytes(anchor, data)
     Device(root).log_event("provisioned", root_version=md.signed.version,
                            keyids=sorted(md.signed.roles[Root.type].keyids))
-    return {"root": str(root), "root_version": md.signed.version, "expires": md.signed.expires.isoformat()}
+    return {"root": str(root), "root_version": md.signed.version, "expires": md.signed.expires.isoformat(),
+            "note": note}

@@ -506,3 +506,28 @@ def test_a_full_temporary_folder_does_not_stop_an_update(repo, bundles, device_r
             assert result["status"] in {"installed", "up-to-date"} and Device(device_root).current() == "1.0"
             if where == url:
                 (device_root / "current").unlink()
+
+
+def test_a_device_provisioned_from_an_expired_first_root_updates_through_a_newer_one(repo, bundles, tmp_path, capsys):
+    """The docs provision from metadata/1.root.json, which expires after a year; TUF needs only the newest root
+    to be fresh, so such a device must be provisioned (with a note) and update once the repository has a newer
+    root (before: provisioning was refused)."""
+    from datetime import datetime, timezone
+
+    from tuf.api.metadata import Metadata
+
+    from smearsight.deploy.keys import load_signer
+
+    old = Metadata.from_file(str(repo.meta_dir / "1.root.json"))
+    old.signed.expires = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    old.signatures.clear()
+    old.sign(load_signer(repo.keys_dir, "root"))
+    expired = tmp_path / "1.root.json"
+    expired.write_bytes(old.to_bytes())
+    root = tmp_path / "device"
+    assert main(["deploy", "provision", "--trusted-root", str(expired), "--root-dir", str(root)]) == 0
+    assert "expired on 2020-01-01" in capsys.readouterr().err
+    repo.refresh(root=True)  # root v2, fresh
+    repo.publish(bundles["1.0"])
+    assert update(root, str(repo.dir))["version"] == "1.0"
+    assert Device(root).current() == "1.0"
