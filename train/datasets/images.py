@@ -67,6 +67,8 @@ def low_bit_depth_note(path: str | os.PathLike[str]) -> str | None:
     path = Path(path)
     if path.suffix.lower() not in (".png", ".tif", ".tiff"):
         return None
+    if path.suffix.lower() == ".png" and _png_bit_depth(path) not in (None, 16):
+        return None  # an 8-bit (or lower) PNG, said by its header: not decoded a second time
     cv2 = _cv2()
     try:
         image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -87,6 +89,16 @@ def _png_size(head: bytes) -> tuple[int, int] | None:
         w, h = struct.unpack(">II", head[16:24])
         return int(w), int(h)
     return None
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    """The bit depth in a PNG's IHDR header; None when it cannot be read or is no PNG header."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(25)
+    except OSError:
+        return None
+    return head[24] if len(head) == 25 and _png_size(head) is not None else None
 
 
 def _jpeg_size(handle) -> tuple[int, int] | None:
