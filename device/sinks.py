@@ -693,6 +693,7 @@ class ImageDirSink(FrameSink):
 
 # --------------------------------------------------------------------------------------------- factory
 def _local_path(uri: str) -> Path | None:
+    """The path a ``file://`` URI (or a plain path) names; None for other schemes."""
     text = str(uri).strip()
     if text.startswith("file://"):
         return Path(text[len("file://") :]).expanduser()
@@ -736,7 +737,8 @@ def open_sink(uri: str, *, headless: bool = False, **opts: Any) -> FrameSink:
     if text.startswith("http://"):
         return HttpSink(text, **pick("quality"))
     if text.startswith("file://"):
-        path = Path(text[len("file://") :]).expanduser()
+        path = _local_path(text)
+        assert path is not None
         if path.is_dir() and not text.endswith("/") and path.suffix.lower() in _VIDEO_EXT:
             raise InputError(f"{text}: is a folder, not a video file (end the output with / to save image "
                              "frames in it)")
