@@ -34,7 +34,7 @@ import numpy as np
 
 from smearsight.deploy import faults
 from smearsight.deploy.inference import Backend, frame_to_input, reference_frame, run_model
-from smearsight.errors import InputError
+from smearsight.errors import InputError, first_line
 from smearsight.fileio import atomic_open, check_output_file, fsync_dir, sha256_file
 from smearsight.manifest import MANIFEST_NAME, load_manifest, verify_files
 
@@ -432,6 +432,5 @@ def smoke_test(
                     )
             results.append(SmokeResult(name, backend, True, detail))
         except Exception as exc:  # any failure to load or run is a failed smoke test
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            results.append(SmokeResult(name, backend, False, message))
+            results.append(SmokeResult(name, backend, False, first_line(exc)))
     return results

@@ -31,7 +31,7 @@ from smearsight.deploy.install import (
     describe_os_error,
 )
 from smearsight.deploy.repository import ONNX_KEY, gpu_key, target_path
-from smearsight.errors import InputError
+from smearsight.errors import InputError, first_line
 
 _JETSON_CC = {"tegra234": "8.7", "tegra194": "7.2", "tegra186": "6.2", "tegra210": "5.3"}
 
@@ -180,7 +180,7 @@ def repo_location(repo: str) -> tuple[str, FetcherInterface | None]:
 
 def explain(exc: BaseException) -> str:
     """One line saying why TUF refused, in words an operator can act on."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = first_line(exc)
     if isinstance(exc, tuf_errors.ExpiredMetadataError):
         return f"metadata has expired ({text}): a stale or frozen repository; the publisher must re-sign it"
     if isinstance(exc, tuf_errors.UnsignedMetadataError):

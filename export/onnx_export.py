@@ -15,7 +15,7 @@ from typing import Any
 
 from smearsight import __version__
 from smearsight.anchors import AnchorConfig
-from smearsight.errors import InputError, require
+from smearsight.errors import InputError, first_line, require
 from smearsight.fileio import atomic_write_bytes, check_output_dir, sha256_file
 from smearsight.manifest import DetectorSpec, InputSpec, Manifest, MorphologySpec, TensorSpec
 
@@ -181,8 +181,7 @@ def export_checkpoint(
                 output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
             )
         except Exception as exc:  # an opset the exporter or an operator lacks, most often
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"--opset {opset}: the ONNX export failed ({first})") from None
+            raise InputError(f"--opset {opset}: the ONNX export failed ({first_line(exc)})") from None
     model = onnx.load_from_string(buffer.getvalue())
     simplified = False
     if simplify:

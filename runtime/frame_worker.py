@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from smearsight.errors import first_line
 from smearsight.threads import put_until_stopped
 
 log = logging.getLogger("smearsight.runtime")
@@ -130,8 +131,7 @@ class InferenceWorker:
             dets, n, item.morphology, item.times = pipe.process(frame.image)
         except Exception as exc:  # a corrupt or odd frame must not stop the device
             # one line, the same for every frame failing the same way (the problems are counted by message)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            item.error = f"frame skipped: {first}"
+            item.error = f"frame skipped: {first_line(exc)}"
             log.debug("frame %d failed", frame.index, exc_info=True)
         else:
             item.detections = dets[:n].copy()  # the pipeline reuses its array next frame

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from smearsight.catalog import SPERM_CLASS_NAMES
-from smearsight.errors import InputError, require
+from smearsight.errors import InputError, first_line, require
 from smearsight.runtime.backends.base import InferenceBackend
 from smearsight.runtime.stage_motion import StageShift
 
@@ -240,8 +240,7 @@ class MorphologyStage:
                 try:
                     scores = self._scores(backend, crops)
                 except Exception as exc:  # one broken model must not cost the frame its boxes
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    self.failed[part] = f"morphology model for the {part} stopped: {first}"  # run() reports it
+                    self.failed[part] = f"morphology model for the {part} stopped: {first_line(exc)}"  # run() says it
                     continue
                 threshold = float(backend.manifest.morphology.threshold)
                 for i, s in zip(chunk, scores.tolist(), strict=True):

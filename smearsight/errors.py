@@ -50,6 +50,13 @@ _HINTS = {
 }
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run over several), or its type's name
+    when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def require(module: str, purpose: str = "") -> ModuleType:
     """Import an optional module or raise :class:`MissingDependencyError` with an install hint."""
     try:
