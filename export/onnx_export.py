@@ -16,8 +16,8 @@ from typing import Any
 from smearsight import __version__
 from smearsight.anchors import AnchorConfig
 from smearsight.errors import InputError, first_line, require
-from smearsight.fileio import atomic_write_bytes, check_output_dir, sha256_file
-from smearsight.manifest import DetectorSpec, InputSpec, Manifest, MorphologySpec, TensorSpec
+from smearsight.fileio import atomic_files, check_output_dir, remove_stale_temp_files, sha256_file
+from smearsight.manifest import MANIFEST_NAME, DetectorSpec, InputSpec, Manifest, MorphologySpec, TensorSpec
 
 DETECTOR_INPUT = "images"
 MORPHOLOGY_INPUT = "crops"
@@ -207,8 +207,11 @@ def export_checkpoint(
         manifest = Manifest.model_validate(manifest.to_dict())
     except ValidationError as exc:
         raise InputError(format_validation_error(exc, f"{weights}: its manifest")) from None
-    atomic_write_bytes(out_dir / "model.onnx", data)
-    manifest.save(out_dir)
+    # the model and the manifest holding its sha256 replace an earlier export's together
+    remove_stale_temp_files(out_dir, (manifest.onnx_file, MANIFEST_NAME))
+    with atomic_files([out_dir / manifest.onnx_file, out_dir / MANIFEST_NAME]) as (model_file, manifest_file):
+        model_file.write(data)
+        manifest_file.write(manifest.to_json().encode("utf-8"))
     return ExportResult(out_dir, manifest, simplified)
 
 

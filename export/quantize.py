@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from smearsight.errors import InputError, SmearSightError, require
-from smearsight.fileio import fsync_dir, sha256_file
+from smearsight.fileio import fsync_dir, new_staging_dir, sha256_file
 from smearsight.manifest import MANIFEST_NAME, Manifest, QuantizationSpec, load_manifest
 
 MATCH_IOU = 0.5
@@ -212,8 +211,7 @@ def quantize_detector(
             x = next(self._it, None)
             return None if x is None else {spec.name: x}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = new_staging_dir(out_dir)
     try:
         pre = staging / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,22 +33,50 @@ def atomic_open(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
     renamed over ``path`` and the folder fsynced; on error nothing is left behind. ``mode`` defaults to
     what ``open()`` would create. An OSError of the write (a full disk) names ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with atomic_files([path], mode) as (handle,):
+        yield handle
+
+
+@contextlib.contextmanager
+def atomic_files(paths: Sequence[str | os.PathLike[str]], mode: int | None = None) -> Iterator[list[BinaryIO]]:
+    """Binary files, one per path, that replace theirs together when the block ends without error.
+
+    Each is written under a temporary name beside its path (as :func:`atomic_open` does) and fsynced; only
+    when all are complete are they renamed over their paths, back to back, and their folders fsynced. A
+    reader (or a kill) can then find an old set or a new set, or, between two renames, a mix for a few
+    microseconds, never a half-written file. A file that belongs with another (a model and the manifest
+    that names its sha256) goes through here. An OSError of the writes names the path (one path) or the
+    folder (several).
+    """
+    targets = [Path(p) for p in paths]
+    temps: list[str] = []
+    handles: list[BinaryIO] = []
     try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
+        for path in targets:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append(tmp)
+            handles.append(os.fdopen(fd, "wb"))
+        yield handles
+        for handle in handles:
             os.fchmod(handle.fileno(), _FILE_MODE if mode is None else mode)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            handle.close()
+        for tmp, path in zip(temps, targets, strict=True):
+            os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        for handle in handles:
+            with contextlib.suppress(OSError):
+                handle.close()
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            named = targets[0] if len(targets) == 1 else targets[0].parent
+            raise OSError(exc.errno, exc.strerror, str(named)) from exc
         raise
-    fsync_dir(path.parent)
+    for folder in dict.fromkeys(path.parent for path in targets):
+        fsync_dir(folder)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> int:
@@ -61,6 +89,22 @@ def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]
                 stale.unlink()
                 removed += 1
     return removed
+
+
+def new_staging_dir(target: str | os.PathLike[str]) -> Path:
+    """A new hidden folder beside ``target`` in which to build it before renaming it into place.
+
+    Named ``.NAME.XXXXXXXX.staging``; those that earlier runs killed mid-build left (kill -9 runs no
+    clean-up) are removed first. The caller removes its own on error.
+    """
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.staging"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
 
 
 def check_output_dir(path: str | os.PathLike[str], what: str = "--out") -> Path:

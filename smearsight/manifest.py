@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from smearsight.anchors import AnchorConfig
 from smearsight.config import StrictConfig, format_validation_error
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_write_json, sha256_file
+from smearsight.fileio import atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,128}")
@@ -205,9 +205,13 @@ class Manifest(_ManifestPart):
         """(H, W) of the model input."""
         return int(self.input.shape[2]), int(self.input.shape[3])
 
+    def to_json(self) -> str:
+        """The text of ``manifest.json``."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/manifest.json`` atomically."""
-        return atomic_write_json(Path(directory) / MANIFEST_NAME, self.to_dict())
+        return atomic_write_text(Path(directory) / MANIFEST_NAME, self.to_json())
 
 
 def load_manifest(path: str | Path) -> Manifest:

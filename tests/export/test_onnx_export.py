@@ -121,6 +121,20 @@ def test_operating_point_comes_from_the_checkpoint_or_the_command_line(detector_
     assert "apply to detector checkpoints, not morphology" in capsys.readouterr().err
 
 
+def test_export_over_an_earlier_one_replaces_the_pair_and_clears_killed_writes(tiny_detector_checkpoint, tmp_path):
+    out = tmp_path / "model"
+    args = ["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(out)]
+    assert main([*args, "--score-threshold", "0.4"]) == 0
+    killed = [out / ".model.onnx.k1ll3d00.tmp", out / ".manifest.json.k1ll3d01.tmp"]  # what a kill -9 leaves
+    for stale in killed:
+        stale.write_bytes(b"\0" * 100)
+    assert main([*args, "--score-threshold", "0.6"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.detector.score_threshold == 0.6
+    verify_files(out, manifest)  # the new model is the one the new manifest names
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+
+
 def test_inspect_detects_tampering(detector_export, tmp_path, capsys):
     import shutil
 

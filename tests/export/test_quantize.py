@@ -81,11 +81,14 @@ def test_int8_model_is_quantized_and_follows_the_float_model(float_model, int8_m
 
 
 def test_full_range_uses_all_8_bits(float_model, tmp_path):
+    killed = tmp_path / ".full.k1ll3d00.staging" / "model"  # what a kill -9 of an earlier try leaves
+    killed.mkdir(parents=True)
     quantize_detector(float_model, tmp_path / "full", count=2, check_count=1, reduce_range=False, min_agreement=0)
     graph = onnx.load(str(tmp_path / "full" / "model.onnx")).graph
     peak = max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
                for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)
     assert peak > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
 
 
 def test_quantize_refuses_bad_requests_and_writes_nothing(float_model, int8_model, tmp_path,

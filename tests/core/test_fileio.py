@@ -1,0 +1,64 @@
+"""Durable writes: files that belong together replace theirs together, and leftovers of killed runs go."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from smearsight.fileio import atomic_files, new_staging_dir
+
+
+def _old_pair(folder):
+    (folder / "model.onnx").write_bytes(b"old model")
+    (folder / "manifest.json").write_text("old manifest")
+
+
+def test_files_written_together_all_appear_at_once(tmp_path) -> None:
+    _old_pair(tmp_path)
+    with atomic_files([tmp_path / "model.onnx", tmp_path / "manifest.json"]) as (model, manifest):
+        model.write(b"new model")
+        manifest.write(b"new manifest")
+        assert (tmp_path / "model.onnx").read_bytes() == b"old model"  # nothing replaced while writing
+    assert (tmp_path / "model.onnx").read_bytes() == b"new model"
+    assert (tmp_path / "manifest.json").read_text() == "new manifest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model.onnx"]
+
+
+def test_a_failure_while_writing_the_second_file_keeps_both_old_files(tmp_path) -> None:
+    _old_pair(tmp_path)
+    with pytest.raises(RuntimeError), atomic_files([tmp_path / "model.onnx", tmp_path / "manifest.json"]) as (
+            model, _):
+        model.write(b"new model")
+        raise RuntimeError("killed while writing the manifest")
+    assert (tmp_path / "model.onnx").read_bytes() == b"old model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model.onnx"]
+
+
+def test_a_full_disk_keeps_the_old_pair_and_names_the_folder(tmpfs) -> None:
+    with tmpfs("small", "size=64k") as disk:
+        _old_pair(disk)
+        with pytest.raises(OSError) as caught, atomic_files([disk / "model.onnx", disk / "manifest.json"]) as (
+                model, manifest):
+            model.write(b"m" * 4096)
+            manifest.write(b"j" * 200_000)  # does not fit
+            manifest.flush()
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(disk)
+        assert (disk / "model.onnx").read_bytes() == b"old model"
+        assert (disk / "manifest.json").read_text() == "old manifest"
+        assert sorted(p.name for p in disk.iterdir()) == ["manifest.json", "model.onnx"]
+
+
+def test_a_new_staging_folder_removes_those_killed_runs_left_and_nothing_else(tmp_path) -> None:
+    target = tmp_path / "det_int8"
+    killed = tmp_path / ".det_int8.k1ll3d00.staging"
+    (killed / "model").mkdir(parents=True)
+    (killed / "model" / "model.onnx").write_bytes(b"half")
+    others = [tmp_path / ".det_int8.keep", tmp_path / ".other.k1ll3d00.staging", tmp_path / "det_int8.staging"]
+    for folder in others:
+        folder.mkdir()
+    staging = new_staging_dir(target)
+    assert staging.is_dir() and staging.parent == tmp_path and staging.name.endswith(".staging")
+    assert not killed.exists()
+    assert all(folder.is_dir() for folder in others)
+    assert not target.exists()
