@@ -30,6 +30,17 @@ def _root_default() -> Path:
     return DEFAULT_ROOT
 
 
+def _provisioned_root(root_dir: Path | None) -> Path:
+    """The device root a command other than ``provision`` works in; it must exist (a mistyped --root-dir
+    is refused rather than created)."""
+    root = root_dir or _root_default()
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "no such folder"
+        raise InputError(f"--root-dir {root}: {what} (device not provisioned; run "
+                         "'smearsight deploy provision --trusted-root FILE')")
+    return root
+
+
 def _echo_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -164,7 +175,7 @@ def update_cmd(
     from smearsight.deploy.updater import detect_device, update
 
     profile = detect_device(compute_capability, tensorrt_version)
-    result = update(root_dir or _root_default(), repo, keep=keep, allow_downgrade=allow_downgrade, force=force,
+    result = update(_provisioned_root(root_dir), repo, keep=keep, allow_downgrade=allow_downgrade, force=force,
                     profile=profile, progress=lambda msg: typer.echo(msg, err=True))
     if result["status"] == "installed":
         typer.echo(f"installed {result['version']} ({result['key']}; previous: {result['previous']})")
@@ -182,7 +193,7 @@ def status_cmd(
     """Show the current release, previous releases, trial state and the last update events."""
     from smearsight.deploy.install import Device, UpdateError
 
-    device = Device(root_dir or _root_default())
+    device = Device(_provisioned_root(root_dir))
     try:
         with device.lock():  # never clean up under an install in progress (its staging directory)
             device.recover()
@@ -213,7 +224,7 @@ def rollback_cmd(
     """Switch back to the previous (or a given) installed release; it is not re-installed automatically."""
     from smearsight.deploy.install import Device, UpdateError, describe_os_error
 
-    device = Device(root_dir or _root_default())
+    device = Device(_provisioned_root(root_dir))
     with device.lock():
         try:
             result = device.rollback(to=to, reason=reason)
@@ -232,7 +243,7 @@ def health_cmd(
     """Verify the current release (files + smoke test); roll back by itself if it is bad. Exit 4 when unhealthy."""
     from smearsight.deploy.health import health_check
 
-    report = health_check(root_dir or _root_default(), runtime_failure=runtime_failed, confirm=confirm, quick=quick)
+    report = health_check(_provisioned_root(root_dir), runtime_failure=runtime_failed, confirm=confirm, quick=quick)
     if report.ok:
         typer.echo(f"healthy: {report.version}" + (" (confirmed)" if report.confirmed else ""))
         return

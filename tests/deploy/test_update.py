@@ -441,6 +441,17 @@ def test_provision_into_a_file_is_one_line(repo, tmp_path, capsys):
     assert len(err) == 1 and "--root-dir" in err[0] and "is a file; expected a folder" in err[0]
 
 
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["rollback"], ["health-check", "--quick"],
+                                  ["update", "--repo", "{repo}"]])
+def test_a_mistyped_root_is_refused_not_created(repo, tmp_path, capsys, args):
+    mistyped = tmp_path / "var" / "lib" / "smearsigth"
+    capsys.readouterr()
+    assert main(["deploy", *[a.format(repo=repo.dir) for a in args], "--root-dir", str(mistyped)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--root-dir {mistyped}: no such folder (device not provisioned" in err[0]
+    assert not (tmp_path / "var").exists()
+
+
 @pytest.mark.parametrize("state, events", [
     ("null", None), ("[]", None), ('{"history": null}', None), ('{"rejected": []}', None),
     ('{"trial": "x"}', None), ('{"pending": 3, "history": [1]}', None),
