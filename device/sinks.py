@@ -325,12 +325,51 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+HEADER_TIMEOUT_S = 5.0  # a client has this long for its whole request line and headers (HttpSink's header_timeout)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "SmearSight"
     latest: _Latest  # set on the per-server subclass
     # A client that stops reading (a tablet gone to sleep) must not pin a thread and a socket forever:
     # a send blocked this long raises TimeoutError and ends that stream (HttpSink's client_timeout).
     timeout = 15.0
+    # ``timeout`` bounds each read, not the request: a client sending a header byte every few seconds
+    # (slowloris) would hold its connection slot forever, and a few dozen of them every slot. The whole
+    # request line and headers must come within this many seconds, else the connection is closed.
+    header_timeout = HEADER_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        self._header_lock = threading.Lock()
+        self._headers_read = False
+        self._too_slow = False
+        self._header_timer = threading.Timer(self.header_timeout, self._headers_too_slow)
+        self._header_timer.daemon = True
+        self._header_timer.start()
+
+    def _headers_too_slow(self) -> None:
+        with self._header_lock:
+            if self._headers_read:
+                return
+            self._too_slow = True
+        with contextlib.suppress(OSError):  # the blocked read returns at once: the request ends unanswered
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        with self._header_lock:
+            self._headers_read = True
+            too_slow = self._too_slow
+        self._header_timer.cancel()
+        if too_slow:
+            self.close_connection = True
+            return False
+        return ok
+
+    def finish(self) -> None:
+        self._header_timer.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence per-request logging
         pass
@@ -452,7 +491,8 @@ class _Server(ThreadingHTTPServer):
 class HttpSink(FrameSink):
     """MJPEG stream + status page + JSON over HTTP; serves from a background thread."""
 
-    def __init__(self, uri: str, *, quality: int = 80, client_timeout: float = 15.0) -> None:
+    def __init__(self, uri: str, *, quality: int = 80, client_timeout: float = 15.0,
+                 header_timeout: float = HEADER_TIMEOUT_S) -> None:
         super().__init__()
         require("cv2", "JPEG encoding")
         parts = urlsplit(uri)
@@ -464,7 +504,8 @@ class HttpSink(FrameSink):
             raise InputError(f"{uri}: expected http://:PORT such as http://:8080")
         host = parts.hostname or ""
         self._latest = _Latest(quality)
-        handler = type("Handler", (_Handler,), {"latest": self._latest, "timeout": float(client_timeout)})
+        handler = type("Handler", (_Handler,), {"latest": self._latest, "timeout": float(client_timeout),
+                                                "header_timeout": float(header_timeout)})
         server_class = _Server
         if ":" in host:  # http://[::1]:PORT: an IPv6 address
             server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})

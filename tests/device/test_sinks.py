@@ -580,3 +580,38 @@ def test_a_video_named_folder_is_not_silently_an_image_sink(tmp_path: Path) -> N
     with pytest.raises(InputError, match="is a folder, not a video file"):
         open_sink(f"file://{tmp_path / 'x.mp4'}")
     assert open_sink(f"file://{tmp_path / 'x.mp4'}/").directory == tmp_path / "x.mp4"  # asked for: a folder
+
+
+def test_http_clients_that_trickle_their_headers_are_cut_off_and_free_their_slots() -> None:
+    """Slowloris: clients that send a header byte now and then, each well within the per-read timeout, must not
+    hold the connection slots forever (a full house of them locked the lab tablet out)."""
+    import select
+
+    sink = HttpSink("http://127.0.0.1:0", header_timeout=0.5)
+    held = []
+    try:
+        sink.write(_solid((4, 5, 6)), {"frame": 1})
+        for _ in range(sink._server.max_connections):  # noqa: SLF001 - every slot
+            sock = socket.create_connection(("127.0.0.1", sink.port))
+            sock.sendall(b"GET /status.json HTTP/1.1\r\n")
+            held.append(sock)
+        open_ = set(held)
+        deadline = time.monotonic() + 8
+        while open_ and time.monotonic() < deadline:
+            for sock in list(open_):
+                try:
+                    sock.sendall(b"X")  # one more byte of a header that never ends
+                except OSError:
+                    open_.discard(sock)
+            readable, _, _ = select.select(list(open_), [], [], 0.1)
+            for sock in readable:  # closed by the server (an end of file or a reset)
+                with contextlib.suppress(OSError):
+                    assert sock.recv(4096) == b"", "a trickled request was answered"
+                open_.discard(sock)
+        assert not open_, f"{len(open_)} trickling connection(s) still open after the header deadline"
+        with urllib.request.urlopen(f"{sink.url}/status.json", timeout=5) as resp:  # a slot is free again
+            assert json.loads(resp.read())["frame"] == 1
+    finally:
+        for sock in held:
+            sock.close()
+        sink.close()
