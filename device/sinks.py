@@ -13,8 +13,9 @@
   folder holding an earlier run's frames is continued after the highest number (``.note`` says so).
 - ``null://``: discards frames (benchmarks, ``--headless`` without output).
 
-The status dict given to ``write`` is served as-is by ``/status.json`` (what ``smearsight run`` puts in it:
-:func:`smearsight.runtime.pipeline.frame_status`); the page shows its ``error`` or ``status`` (as a banner),
+The status dict given to ``write`` is served as-is by ``/status.json``, NaN and infinities as ``null`` (what
+``smearsight run`` puts in it: :func:`smearsight.runtime.pipeline.frame_status`); the page shows its ``error``
+or ``status`` (as a banner),
 ``frame``, ``fps``, ``counts`` (class -> number), how the detector runs (``detect_every``, ``boxes_age_ms``)
 and ``sperm_abnormal`` / ``sperm_judged``.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import math
 import os
 import re
 import socket
@@ -317,11 +319,23 @@ class _Latest:
         return self.jpeg
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN and infinity as None: JSON has no such numbers, and the page's JSON.parse
+    refuses a reply holding one (it would say "no connection to the device")."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
-        return obj.item()
+        return _finite(obj.item())
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _finite(obj.tolist())
     return str(obj)
 
 
@@ -535,7 +549,7 @@ class HttpSink(FrameSink):
     def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
         latest = self._latest
         try:
-            status_json = json.dumps(status or {}, default=_json_default).encode("utf-8")
+            status_json = json.dumps(_finite(status or {}), default=_json_default).encode("utf-8")
         except (TypeError, ValueError) as exc:
             status_json = json.dumps({"error": f"status not serialisable: {exc}"}).encode("utf-8")
         with latest.cond:

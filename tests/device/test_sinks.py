@@ -615,3 +615,32 @@ def test_http_clients_that_trickle_their_headers_are_cut_off_and_free_their_slot
         for sock in held:
             sock.close()
         sink.close()
+
+
+def _strict_json(body: bytes) -> dict:
+    """Parse JSON as a browser's JSON.parse does: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in the status JSON: {body[:200]!r}")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+def test_http_status_json_has_no_nan_or_infinity() -> None:
+    """A NaN or infinite number in the status (a model gone wrong, a clock step) must not make /status.json
+    invalid JSON: the page's JSON.parse would fail and say 'no connection to the device'."""
+    sink = HttpSink("http://127.0.0.1:0")
+    try:
+        sink.write(_solid((1, 2, 3)), {"frame": 4, "fps": float("nan"), "boxes_age_ms": float("inf"),
+                                       "score": np.float32("nan"), "latency_ms": {"detect": -float("inf")},
+                                       "box": np.array([1.5, np.nan]), "counts": {"rbc": 2}})
+        with urllib.request.urlopen(f"{sink.url}/status.json", timeout=10) as resp:
+            body = resp.read()
+            assert resp.headers["Content-Type"] == "application/json"
+            assert int(resp.headers["Content-Length"]) == len(body)
+            assert resp.headers["Cache-Control"] == "no-store"
+        status = _strict_json(body)
+        assert status["frame"] == 4 and status["counts"] == {"rbc": 2}
+        assert status["fps"] is None and status["boxes_age_ms"] is None and status["score"] is None
+        assert status["latency_ms"] == {"detect": None} and status["box"] == [1.5, None]
+    finally:
+        sink.close()
