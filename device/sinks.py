@@ -509,7 +509,11 @@ class HttpSink(FrameSink):
                  header_timeout: float = HEADER_TIMEOUT_S) -> None:
         super().__init__()
         require("cv2", "JPEG encoding")
-        parts = urlsplit(uri)
+        try:
+            parts = urlsplit(uri)
+        except ValueError as exc:  # http://[zz]:8080, http://[::1:8080
+            raise InputError(f"{uri}: not an address to listen on ({exc}); expected http://:PORT, "
+                             "http://HOST:PORT or http://[IPv6]:PORT") from exc
         try:
             port = parts.port
         except ValueError as exc:

@@ -644,3 +644,12 @@ def test_http_status_json_has_no_nan_or_infinity() -> None:
         assert status["latency_ms"] == {"detect": None} and status["box"] == [1.5, None]
     finally:
         sink.close()
+
+
+@pytest.mark.parametrize("uri", ["http://:99999", "http://:abc", "http://:-1", "http://[zz]:8080", "http://[::1:8080",
+                                 "http://[::1]"])
+def test_http_sink_uri_mistakes_are_one_line_input_errors(uri: str) -> None:
+    with pytest.raises(InputError) as info:
+        open_sink(uri)
+    message = str(info.value)
+    assert message.startswith(f"{uri}: ") and "\n" not in message
