@@ -344,6 +344,9 @@ HEADER_TIMEOUT_S = 5.0  # a client has this long for its whole request line and 
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "SmearSight"
+    # what a reply says when the request line is too broken to tell its version: http.server's default,
+    # HTTP/0.9, sent error replies with no status line or headers (a bare HTML body clients read as garbage)
+    default_request_version = "HTTP/1.0"
     latest: _Latest  # set on the per-server subclass
     # A client that stops reading (a tablet gone to sleep) must not pin a thread and a socket forever:
     # a send blocked this long raises TimeoutError and ends that stream (HttpSink's client_timeout).

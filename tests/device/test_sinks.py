@@ -653,3 +653,27 @@ def test_http_sink_uri_mistakes_are_one_line_input_errors(uri: str) -> None:
         open_sink(uri)
     message = str(info.value)
     assert message.startswith(f"{uri}: ") and "\n" not in message
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("line", [b"GARBAGE", b"GET / HTTP/2.0", b"GET / FOO/1.0", b"GET / HTTP/1.0 extra"])
+def test_http_malformed_request_lines_get_a_proper_error_reply(line: bytes) -> None:
+    """The error reply to a malformed request line starts with a status line (http.server sent a bare HTML
+    body, which clients read as garbage or an HTTP/0.9 reply)."""
+    sink = HttpSink("http://127.0.0.1:0")
+    try:
+        reply = _raw_request(sink.port, line + b"\r\n\r\n")
+        assert reply.startswith((b"HTTP/1.0 400 ", b"HTTP/1.0 505 ")), reply[:80]
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert f"Content-Length: {len(body)}".encode() in head
+    finally:
+        sink.close()
+
