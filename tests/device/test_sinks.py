@@ -677,3 +677,21 @@ def test_http_malformed_request_lines_get_a_proper_error_reply(line: bytes) -> N
     finally:
         sink.close()
 
+
+
+def test_http_methods_and_paths() -> None:
+    sink = HttpSink("http://127.0.0.1:0")
+    try:
+        sink.write(_solid((7, 8, 9)), {"frame": 2})
+        assert _raw_request(sink.port, b"POST /status.json HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}").startswith(
+            b"HTTP/1.0 501 ")
+        assert _raw_request(sink.port, b"GET /nothing-here HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 404 ")
+        reply = _raw_request(sink.port, b"GET /status.json?t=123 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.0 200 ") and _strict_json(reply.partition(b"\r\n\r\n")[2])["frame"] == 2
+        head = _raw_request(sink.port, b"HEAD /snapshot.jpg HTTP/1.0\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 ") and head.endswith(b"\r\n\r\n") and b"image/jpeg" in head
+        assert _raw_request(sink.port, b"GET /" + b"a" * 70000 + b" HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 414 ")
+        assert _raw_request(sink.port, b"GET / HTTP/1.0\r\nX: " + b"a" * 70000 + b"\r\n\r\n").startswith(
+            b"HTTP/1.0 431 ")
+    finally:
+        sink.close()
