@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -143,6 +144,18 @@ def _json_chunks(reader: RecordReader, session_id: int) -> Iterator[str]:
     yield "\n ]" + tail + "\n"
 
 
+def _refuse_the_record_itself(out: Path, record: Path) -> None:
+    """InputError when ``out`` is the record or one of SQLite's files beside it (its write-ahead log): the
+    export would replace the sessions it is read from."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        part = record.with_name(record.name + suffix)
+        same = os.path.realpath(out) == os.path.realpath(part)
+        with contextlib.suppress(OSError):
+            same = same or os.path.samefile(out, part)  # a hard link
+        if same:
+            raise InputError(f"--out {out}: is the session record {part} itself; write the export elsewhere")
+
+
 @sessions_app.command("export")
 def sessions_export(
     session_id: int = typer.Argument(..., help="Session id (see `smearsight sessions list`)."),
@@ -161,9 +174,11 @@ def sessions_export(
     fmt = fmt.lower()
     if fmt not in ("csv", "json"):
         raise InputError(f"--format: expected csv or json, got {fmt!r}")
+    record = _db(db)
     if out is not None:
         check_output_file(out, "--out")
-    with RecordReader(_db(db)) as reader:
+        _refuse_the_record_itself(out, record)
+    with RecordReader(record) as reader:
         reader.session(session_id)  # an unknown id is refused before anything is written
         chunks = _csv_chunks(reader, session_id) if fmt == "csv" else _json_chunks(reader, session_id)
         if out is None:

@@ -259,3 +259,18 @@ def test_recording_refuses_another_programs_database(tmp_path: Path) -> None:
     with sqlite3.connect(other) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["foo"]
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+@pytest.mark.parametrize("target", ["sessions.db", "sessions.db-wal", "link.db"])
+def test_export_refuses_to_write_over_the_record_itself(db: Path, target: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--out naming the record (or its write-ahead log, or a link to it) replaced the record with the CSV:
+    every session in it was lost."""
+    (db.parent / "link.db").symlink_to(db.name)
+    before = db.read_bytes()
+    assert main(["sessions", "export", "1", "--db", str(db), "--out", str(db.parent / target)]) == 1
+    err = capsys.readouterr().err
+    assert "is the session record" in err and len(err.strip().splitlines()) == 1
+    assert db.read_bytes() == before
+    assert main(["sessions", "list", "--db", str(db), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
