@@ -274,3 +274,32 @@ def test_export_refuses_to_write_over_the_record_itself(db: Path, target: str,
     assert db.read_bytes() == before
     assert main(["sessions", "list", "--db", str(db), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_a_record_from_a_newer_smearsight_says_so(db: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A record whose newer schema still holds the columns read here reads; one that changed them is named
+    as a newer SmearSight's record (it was called 'not a SmearSight session record', as if foreign or broken)."""
+    import shutil
+    import sqlite3
+
+    from smearsight.device.record import SCHEMA_VERSION
+
+    additive = tmp_path / "additive.db"
+    shutil.copy(db, additive)
+    with sqlite3.connect(additive) as conn:
+        conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION + 1,))
+        conn.execute("ALTER TABLE frames ADD COLUMN focus REAL")
+    assert main(["sessions", "list", "--db", str(additive), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+    changed = tmp_path / "changed.db"
+    shutil.copy(db, changed)
+    with sqlite3.connect(changed) as conn:
+        conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION + 1,))
+        conn.execute("ALTER TABLE frames RENAME COLUMN n_detections TO detections_count")
+    for command in (["list"], ["show", "1"], ["export", "1"]):
+        assert main(["sessions", *command, "--db", str(changed)]) == 1
+        err = capsys.readouterr().err
+        assert f"written by a newer SmearSight (record schema version {SCHEMA_VERSION + 1}" in err, err
+        assert "update SmearSight" in err and len(err.strip().splitlines()) == 1
