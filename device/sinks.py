@@ -27,6 +27,7 @@ presses q/Esc.
 from __future__ import annotations
 
 import contextlib
+import errno
 import html
 import json
 import math
@@ -524,6 +525,7 @@ class HttpSink(FrameSink):
         if port is None:
             raise InputError(f"{uri}: expected http://:PORT such as http://:8080")
         host = parts.hostname or ""
+        shown = f"[{host}]" if ":" in host else host
         self._latest = _Latest(quality)
         handler = type("Handler", (_Handler,), {"latest": self._latest, "timeout": float(client_timeout),
                                                 "header_timeout": float(header_timeout)})
@@ -533,10 +535,15 @@ class HttpSink(FrameSink):
         try:
             self._server = server_class((host, port), handler)
         except OSError as exc:
-            raise InputError(f"{uri}: cannot listen on port {port} ({exc.strerror or exc})") from exc
+            hint = ""
+            if exc.errno == errno.EADDRINUSE:
+                hint = (": another program (or another smearsight run) uses it; stop that or choose another port "
+                        f"such as http://{shown}:{8081 if port == 8080 else 8080}")
+            elif exc.errno == errno.EACCES and 0 < port < 1024:
+                hint = f": ports below 1024 need root; use one such as http://{shown}:8080"
+            raise InputError(f"{uri}: cannot listen on port {port} ({exc.strerror or exc}){hint}") from exc
         self.host = host or "0.0.0.0"
         self.port = int(self._server.server_address[1])
-        shown = f"[{host}]" if ":" in host else host
         self.uri = f"http://{shown}:{self.port}"
         self.url = f"http://{shown or '127.0.0.1'}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -695,3 +696,22 @@ def test_http_methods_and_paths() -> None:
             b"HTTP/1.0 431 ")
     finally:
         sink.close()
+
+
+def test_http_port_in_use_or_privileged_says_what_to_do() -> None:
+    first = open_sink("http://127.0.0.1:0")
+    try:
+        with pytest.raises(InputError, match=r"cannot listen on port \d+ \(Address already in use\): another "
+                                             r"program .* uses it; .*choose another port"):
+            open_sink(f"http://127.0.0.1:{first.port}")
+    finally:
+        first.close()
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or not start.is_file() or int(start.read_text()) <= 80:
+        pytest.skip("needs root, setpriv and privileged ports below 1024 to try port 80 as another user")
+    code = ("from smearsight.device.sinks import open_sink\nfrom smearsight.errors import InputError\n"
+            "try:\n    open_sink('http://127.0.0.1:80')\nexcept InputError as exc:\n    print(exc)\n")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert "cannot listen on port 80 (Permission denied): ports below 1024 need root" in proc.stdout, proc.stderr
+    assert "http://127.0.0.1:8080" in proc.stdout
