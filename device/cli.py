@@ -36,6 +36,17 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    """JSON text of ``obj`` with NaN and infinities as null (an overflowed score, a summary written with a NaN):
+    Python's ``NaN``/``Infinity`` are not JSON, and jq, browsers and spreadsheet imports refuse them."""
+    try:
+        return json.dumps(obj, allow_nan=False, default=str, **kwargs)
+    except ValueError:  # rare: the fast path above is the usual one
+        from smearsight.fileio import finite_json
+
+        return json.dumps(finite_json(obj), default=str, **kwargs)
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -55,7 +66,7 @@ def sessions_list(
 
     sessions = list_sessions(_db(db))
     if as_json:
-        typer.echo(json.dumps(sessions, indent=2))
+        typer.echo(_dumps(sessions, indent=2))
         return
     if not sessions:
         typer.echo(f"{_db(db)}: no sessions recorded yet")
@@ -83,7 +94,7 @@ def sessions_show(
 
     s = get_session(_db(db), session_id)
     if as_json:
-        typer.echo(json.dumps(s, indent=2, default=str))
+        typer.echo(_dumps(s, indent=2))
         return
     summ = s["summary"]
     con = _console()
@@ -136,11 +147,11 @@ def _csv_chunks(reader: RecordReader, session_id: int) -> Iterator[str]:
 def _json_chunks(reader: RecordReader, session_id: int) -> Iterator[str]:
     """The JSON export: the session's fields, then ``frames`` as a list written one frame a line."""
     marker = '"__frames__"'
-    head, _, tail = json.dumps({**reader.session(session_id), "frames": "__frames__"}, indent=1,
-                               default=str).rpartition(marker)  # "frames" is the last key
+    head, _, tail = _dumps({**reader.session(session_id), "frames": "__frames__"},
+                           indent=1).rpartition(marker)  # "frames" is the last key
     yield head + "["
     for n, frame in enumerate(reader.frames(session_id)):
-        yield ("," if n else "") + "\n  " + json.dumps(frame, default=str)
+        yield ("," if n else "") + "\n  " + _dumps(frame)
     yield "\n ]" + tail + "\n"
 
 

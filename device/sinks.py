@@ -30,7 +30,6 @@ import contextlib
 import errno
 import html
 import json
-import math
 import os
 import re
 import socket
@@ -47,7 +46,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from smearsight.errors import InputError, require
-from smearsight.fileio import atomic_write_bytes, fsync_dir, fsync_file
+from smearsight.fileio import atomic_write_bytes, finite_json, fsync_dir, fsync_file
 
 
 class FrameSink:
@@ -320,23 +319,11 @@ class _Latest:
         return self.jpeg
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN and infinity as None: JSON has no such numbers, and the page's JSON.parse
-    refuses a reply holding one (it would say "no connection to the device")."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
-        return _finite(obj.item())
+        return finite_json(obj.item())
     if isinstance(obj, np.ndarray):
-        return _finite(obj.tolist())
+        return finite_json(obj.tolist())
     return str(obj)
 
 
@@ -563,7 +550,8 @@ class HttpSink(FrameSink):
     def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
         latest = self._latest
         try:
-            status_json = json.dumps(_finite(status or {}), default=_json_default).encode("utf-8")
+            # NaN/Infinity are not JSON: the page's JSON.parse would fail and say "no connection to the device"
+            status_json = json.dumps(finite_json(status or {}), default=_json_default).encode("utf-8")
         except (TypeError, ValueError) as exc:
             status_json = json.dumps({"error": f"status not serialisable: {exc}"}).encode("utf-8")
         with latest.cond:

@@ -303,3 +303,38 @@ def test_a_record_from_a_newer_smearsight_says_so(db: Path, tmp_path: Path,
         err = capsys.readouterr().err
         assert f"written by a newer SmearSight (record schema version {SCHEMA_VERSION + 1}" in err, err
         assert "update SmearSight" in err and len(err.strip().splitlines()) == 1
+
+
+def _strict_json(text: str) -> object:
+    """Parse JSON as jq or a browser would: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in the JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_outputs_hold_no_nan_or_infinity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A morphology score that overflowed (an FP16 engine gone wrong) was exported as Infinity, a summary value
+    as NaN: not JSON, so jq, a spreadsheet import or a browser refused the whole export."""
+    import sqlite3
+
+    db = tmp_path / "s.db"
+    rec = SessionRecorder(db, batch_frames=1)
+    rec.start_session({"source": "synth://", "class_names": list(TPS_CLASS_NAMES)})
+    rec.record_frame(0, 100.0, _dets([5, 5]), TPS_CLASS_NAMES,
+                     [{"det": 0, "part": "head", "score": float("inf"), "abnormal": True},
+                      {"det": 1, "part": "head", "score": 0.25, "abnormal": False}])
+    rec.end_session({})
+    rec.close()
+    with sqlite3.connect(db) as conn:  # a summary written with a NaN in it (json.dumps writes NaN by default)
+        conn.execute("UPDATE sessions SET summary_json = json_set(summary_json, '$.fps', 'x')")
+        conn.execute("UPDATE sessions SET summary_json = replace(summary_json, '\"x\"', 'NaN')")
+    assert main(["sessions", "export", "1", "--format", "json", "--db", str(db)]) == 0
+    data = _strict_json(capsys.readouterr().out)
+    assert data["summary"]["fps"] is None and data["summary"]["frames"] == 1
+    morph = [d["morphology"]["head"] for d in data["frames"][0]["detections"]]
+    assert morph == [{"score": None, "abnormal": True}, {"score": 0.25, "abnormal": False}]
+    assert main(["sessions", "show", "1", "--json", "--db", str(db)]) == 0
+    assert _strict_json(capsys.readouterr().out)["summary"]["fps"] is None
+    assert main(["sessions", "list", "--json", "--db", str(db)]) == 0
+    _strict_json(capsys.readouterr().out)
