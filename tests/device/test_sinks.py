@@ -715,3 +715,47 @@ def test_http_port_in_use_or_privileged_says_what_to_do() -> None:
                           capture_output=True, text=True, timeout=60, cwd="/")
     assert "cannot listen on port 80 (Permission denied): ports below 1024 need root" in proc.stdout, proc.stderr
     assert "http://127.0.0.1:8080" in proc.stdout
+
+
+def test_http_viewers_that_never_read_do_not_hold_up_the_pipeline_or_other_viewers() -> None:
+    """Stalled viewers (a tablet asleep with the stream open) lose frames; the frame loop's writes go on and a
+    viewer that reads still gets the newest frames."""
+    sink = HttpSink("http://127.0.0.1:0", client_timeout=60.0)  # the stalled ones are not dropped in this test
+    stalled = []
+    try:
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", sink.port))
+            sock.sendall(b"GET /stream.mjpg HTTP/1.0\r\n\r\n")
+            stalled.append(sock)
+        viewer = urllib.request.urlopen(f"{sink.url}/stream.mjpg", timeout=10)
+        deadline = time.monotonic() + 10
+        while sink.clients < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.clients == 4
+        rng = np.random.default_rng(1)
+        frames = 40
+
+        def loop() -> None:  # the pipeline: one write per frame, ~300 kB JPEGs that fill the stalled sockets
+            for i in range(frames):
+                img = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+                img[:96, :96] = 6 * i
+                sink.write(img, {"frame": i})
+                time.sleep(0.01)
+
+        writer = threading.Thread(target=loop, daemon=True)
+        writer.start()
+        seen: list[int] = []
+        while not seen or abs(seen[-1] - 6 * (frames - 1)) > 3:  # until the newest frame (JPEG: +-3 levels)
+            _, body = _read_part(viewer)  # a stream that stops raises TimeoutError
+            seen.append(int(cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_GRAYSCALE)[48, 48]))
+        writer.join(timeout=30)
+        assert not writer.is_alive(), "the frame loop was held up by viewers that do not read"
+        assert sink.frames == frames and sink.clients == 4  # the stalled ones are still connected
+        assert len(seen) >= 2 and seen == sorted(seen)
+        viewer.close()
+    finally:
+        for sock in stalled:
+            sock.close()
+        sink.close()
