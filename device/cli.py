@@ -8,6 +8,7 @@ import io
 import json
 import os
 import platform
+import stat
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -197,7 +198,9 @@ def sessions_export(
                 write_stdout(chunk)
             return
         try:
-            with atomic_open(out) as handle:
+            # an export replacing an earlier one keeps its permissions (one kept private stays private)
+            mode = stat.S_IMODE(out.stat().st_mode) if out.is_file() else None
+            with atomic_open(out, mode) as handle:
                 for chunk in chunks:
                     handle.write(chunk.encode("utf-8"))
         except OSError as exc:

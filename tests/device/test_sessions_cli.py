@@ -338,3 +338,15 @@ def test_json_outputs_hold_no_nan_or_infinity(tmp_path: Path, capsys: pytest.Cap
     assert _strict_json(capsys.readouterr().out)["summary"]["fps"] is None
     assert main(["sessions", "list", "--json", "--db", str(db)]) == 0
     _strict_json(capsys.readouterr().out)
+
+
+def test_export_over_an_existing_file_replaces_it_whole_and_keeps_its_permissions(
+        db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An export file kept private (chmod 600: patients' slides) was replaced by a world-readable one."""
+    out = tmp_path / "private.csv"
+    out.write_text("an older export\n")
+    out.chmod(0o600)
+    assert main(["sessions", "export", "1", "--db", str(db), "--out", str(out)]) == 0
+    assert out.read_text().startswith("session_id,frame_index,") and "an older export" not in out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
