@@ -197,14 +197,20 @@ def sessions_export(
             for chunk in chunks:
                 write_stdout(chunk)
             return
+        made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
         try:
             # an export replacing an earlier one keeps its permissions (one kept private stays private)
             mode = stat.S_IMODE(out.stat().st_mode) if out.is_file() else None
             with atomic_open(out, mode) as handle:
                 for chunk in chunks:
                     handle.write(chunk.encode("utf-8"))
-        except OSError as exc:
-            raise InputError(f"{out}: cannot write the export ({exc.strerror or exc})") from exc
+        except BaseException as exc:
+            for folder in made:  # innermost first: a failed export leaves no folders made for it either
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            if isinstance(exc, OSError):
+                raise InputError(f"{out}: cannot write the export ({exc.strerror or exc})") from exc
+            raise
     typer.echo(f"wrote {out}", err=True)
 
 

@@ -350,3 +350,13 @@ def test_export_over_an_existing_file_replaces_it_whole_and_keeps_its_permission
     assert out.read_text().startswith("session_id,frame_index,") and "an older export" not in out.read_text()
     assert out.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_export_that_fails_on_a_full_disk_leaves_nothing_behind(tmp_path: Path, tmpfs) -> None:
+    db = _long_session(tmp_path / "long.db", 300)  # ~190 kB of CSV
+    with tmpfs("full", "size=64k") as full:
+        out = full / "new" / "folders" / "x.csv"
+        proc = _cli("sessions", "export", "1", "--db", str(db), "--out", str(out))
+        assert proc.returncode == 1 and "cannot write the export (No space left on device)" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert list(full.iterdir()) == [], "the folders made for the export were left behind"
