@@ -3,7 +3,7 @@
 - ``display://0``: an OpenCV window (``fullscreen=True`` for the whole screen). A display server
   (``DISPLAY``/``WAYLAND_DISPLAY``) and an OpenCV with GUI support are checked *before* any window is
   created: without a display Qt aborts the whole process, and the headless wheel has no ``imshow``.
-- ``http://:PORT`` (all interfaces) or ``http://HOST:PORT``: ``/stream.mjpg`` (MJPEG of the latest frame,
+- ``http://:PORT`` (all interfaces, IPv6 and IPv4) or ``http://HOST:PORT``: ``/stream.mjpg`` (MJPEG of the latest frame,
   encoded once per frame whoever watches), ``/snapshot.jpg``, ``/status.json`` (the latest status dict) and
   ``/`` (a small page with the stream and the counts). Port 0 picks a free port (see ``.port``/``.url``).
 - ``file://out.mp4`` (or .avi/.mkv): a video (``mp4v``; ``fps``, default 15), written under a temporary name and
@@ -493,6 +493,30 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _DualStackServer(_Server):
+    """``http://:PORT``: every interface, IPv6 and IPv4 (IPv4 viewers arrive as ``::ffff:a.b.c.d``)."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _listen(host: str, port: int, handler: type[_Handler]) -> _Server:
+    """The server for ``http://HOST:PORT``; with no host, on every interface, IPv6 too where the system has
+    it (a tablet may reach the device over IPv6), else IPv4 only."""
+    if ":" in host:  # http://[::1]:PORT: an IPv6 address
+        return type("_Server6", (_Server,), {"address_family": socket.AF_INET6})((host, port), handler)
+    if not host and socket.has_ipv6:
+        try:
+            return _DualStackServer(("::", port), handler)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise  # in use, not allowed: the same answer as for IPv4
+    return _Server((host, port), handler)
+
+
 class HttpSink(FrameSink):
     """MJPEG stream + status page + JSON over HTTP; serves from a background thread."""
 
@@ -516,11 +540,8 @@ class HttpSink(FrameSink):
         self._latest = _Latest(quality)
         handler = type("Handler", (_Handler,), {"latest": self._latest, "timeout": float(client_timeout),
                                                 "header_timeout": float(header_timeout)})
-        server_class = _Server
-        if ":" in host:  # http://[::1]:PORT: an IPv6 address
-            server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
         try:
-            self._server = server_class((host, port), handler)
+            self._server = _listen(host, port, handler)
         except OSError as exc:
             hint = ""
             if exc.errno == errno.EADDRINUSE:

@@ -759,3 +759,24 @@ def test_http_viewers_that_never_read_do_not_hold_up_the_pipeline_or_other_viewe
         for sock in stalled:
             sock.close()
         sink.close()
+
+
+def test_http_sink_on_every_interface_answers_ipv6_and_ipv4_viewers() -> None:
+    """http://:PORT is "every interface": a tablet that reaches the device over IPv6 (a .local name often
+    resolves to an IPv6 link-local address first) was refused, the sink listened on IPv4 only."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:  # a container without an IPv6 loopback
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    sink = open_sink("http://:0")
+    try:
+        sink.write(_solid((5, 6, 7)), {"frame": 9})
+        for url in (f"http://127.0.0.1:{sink.port}", f"http://[::1]:{sink.port}"):
+            with urllib.request.urlopen(f"{url}/status.json", timeout=10) as resp:
+                assert json.loads(resp.read())["frame"] == 9, url
+        assert sink.uri == f"http://:{sink.port}" and sink.url == f"http://127.0.0.1:{sink.port}"
+        with pytest.raises(InputError, match="Address already in use"):  # taken for IPv4 too
+            open_sink(f"http://0.0.0.0:{sink.port}")
+    finally:
+        sink.close()
