@@ -33,6 +33,7 @@ import json
 import os
 import re
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -471,6 +472,13 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def server_bind(self) -> None:
+        # not HTTPServer's: it looks the address up in DNS (getfqdn) for a server_name nothing here uses, and
+        # with the lab's name server down that held the start for ~10 s
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):

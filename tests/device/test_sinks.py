@@ -780,3 +780,32 @@ def test_http_sink_on_every_interface_answers_ipv6_and_ipv4_viewers() -> None:
             open_sink(f"http://0.0.0.0:{sink.port}")
     finally:
         sink.close()
+
+
+_DNS_PROBE = """
+import socket, sys, threading
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", 53))  # a name server that never answers (a lab network whose DNS is down)
+queries = []
+threading.Thread(target=lambda: [queries.append(udp.recvfrom(4096)) for _ in iter(int, 1)], daemon=True).start()
+from smearsight.device.sinks import open_sink
+sink = open_sink("http://127.0.0.2:0")
+sink.close()
+print(len(queries))
+"""
+
+
+def test_http_sink_opens_without_asking_dns(tmp_path: Path) -> None:
+    """http.server looks the listening address up in DNS (getfqdn) for a name nothing uses: with the lab's name
+    server down, opening http://192.168.1.20:8080 waited ~10 s for two unanswered queries."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, unshare and ip for a private network with a silent name server")
+    (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    (tmp_path / "probe.py").write_text(_DNS_PROBE)
+    script = (f"mount --bind {tmp_path / 'resolv.conf'} /etc/resolv.conf && ip link set lo up && "
+              f"(ip addr add 127.0.0.2/8 dev lo 2>/dev/null; true) && {sys.executable} {tmp_path / 'probe.py'}")
+    proc = subprocess.run(["unshare", "-mn", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and "unshare" in proc.stderr:
+        pytest.skip(f"cannot make a private network here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0", "opening the sink asked the name server"
