@@ -267,10 +267,12 @@ td{{padding:2px 10px}}</style></head>
 <body><div id="b"></div><img src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
 <script>
 const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;');
-let seen=null;
-async function tick(){{let s;try{{const r=await fetch('/status.json',{{cache:'no-store'}});s=await r.json();}}
+let seen=null;const WAIT_MS=4000;
+async function tick(){{let s;const stop=new AbortController();const t=setTimeout(()=>stop.abort(),WAIT_MS);
+try{{const r=await fetch('/status.json',{{cache:'no-store',signal:stop.signal}});s=await r.json();}}
 catch(e){{const b=document.getElementById('b');b.textContent='no connection to the device'+
 (seen?' since '+seen.toLocaleTimeString():'')+': the picture is not live';b.className='err';return;}}
+finally{{clearTimeout(t);}}
 seen=new Date();const b=document.getElementById('b');
 if(s.age_s>3){{b.textContent='no new picture for '+Math.round(s.age_s)+' s';b.className='err';}}
 else if(s.frozen){{b.textContent='FROZEN: this field is held (release it on the panel)';b.className='warn';}}

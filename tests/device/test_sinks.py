@@ -170,10 +170,16 @@ _PAGE_HARNESS = """
 const els = {b: {textContent: '', className: ''}, s: {innerHTML: ''}};
 global.document = {getElementById: id => els[id]};
 let replies = [];
-global.fetch = async () => { const r = replies.shift(); if (r === null) throw new Error('refused');
-                             return {json: async () => r}; };
+global.fetch = async (url, opts) => {
+  const r = replies.shift();
+  if (r === null) throw new Error('refused');
+  if (r === 'hang')  // the network went away: no answer, no error, until the page gives up waiting
+    return new Promise((_, reject) => opts?.signal?.addEventListener('abort', () => reject(new Error('aborted'))));
+  return {json: async () => r};
+};
 global.setInterval = () => {};
-eval(require('fs').readFileSync(process.argv[2], 'utf8').replace('tick();', ''));
+const page = require('fs').readFileSync(process.argv[2], 'utf8');
+eval(page.replace('tick();', '').replace(/WAIT_MS=[0-9]+/, 'WAIT_MS=50'));  // its wait for an answer, shortened
 (async () => {
   const out = [];
   for (const reply of JSON.parse(require('fs').readFileSync(process.argv[3], 'utf8'))) {
@@ -205,6 +211,26 @@ def test_status_page_script_shows_frozen_stale_and_unreachable(tmp_path: Path) -
     assert stale == "no new picture for 7 s"
     assert gone.startswith("no connection to the device") and "<td>3</td>" in gone_body  # last counts stay
     assert live == "" and "<td>rbc</td><td>4</td>" in live_body
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_status_page_says_the_device_is_unreachable_when_the_network_hangs(tmp_path: Path) -> None:
+    """Wi-Fi gone: /status.json neither answers nor fails (a browser waits a minute or more), the picture
+    froze and the page went on showing the last status as if live; it must give up and say so."""
+    from smearsight.device.sinks import _PAGE
+
+    script = _PAGE.format(body="").split("<script>")[1].split("</script>")[0]
+    assert "WAIT_MS=" in script
+    (tmp_path / "page.js").write_text(script)
+    (tmp_path / "harness.js").write_text(_PAGE_HARNESS)
+    replies = [{"frame": 5, "fps": 10, "counts": {"rbc": 3}, "age_s": 0.2}, "hang",
+               {"frame": 6, "fps": 10, "counts": {"rbc": 3}, "age_s": 0.1}]
+    (tmp_path / "replies.json").write_text(json.dumps(replies))
+    proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"),
+                           str(tmp_path / "replies.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr or "the page waited for ever"
+    (live, _), (hung, _), (back, _) = json.loads(proc.stdout)
+    assert live == "" and hung.startswith("no connection to the device") and back == ""
 
 
 def test_http_viewers_that_reset_leave_no_traceback(capfd) -> None:
