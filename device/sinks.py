@@ -264,16 +264,19 @@ _PAGE = """<!doctype html>
 <style>body{{margin:0;background:#111;color:#eee;font:16px sans-serif}} img{{max-width:100%;display:block}}
 #s,#b{{padding:8px}} .err{{color:#f66;font-weight:bold}} .warn{{color:#fc3;font-weight:bold}}
 td{{padding:2px 10px}}</style></head>
-<body><div id="b"></div><img src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
+<body><div id="b"></div><img id="v" src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
 <script>
 const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;');
-let seen=null;const WAIT_MS=4000;
+let seen=null,lost=false,last=0;const WAIT_MS=4000;
 async function tick(){{let s;const stop=new AbortController();const t=setTimeout(()=>stop.abort(),WAIT_MS);
+const now=Date.now(),slept=last&&now-last>5000;last=now;
 try{{const r=await fetch('/status.json',{{cache:'no-store',signal:stop.signal}});s=await r.json();}}
 catch(e){{const b=document.getElementById('b');b.textContent='no connection to the device'+
-(seen?' since '+seen.toLocaleTimeString():'')+': the picture is not live';b.className='err';return;}}
+(seen?' since '+seen.toLocaleTimeString():'')+': the picture is not live';b.className='err';lost=true;return;}}
 finally{{clearTimeout(t);}}
-seen=new Date();const b=document.getElementById('b');
+// a browser never reopens a stream that broke (Wi-Fi gone, device restarted, tablet asleep): open it again
+if(lost||slept)document.getElementById('v').src='/stream.mjpg?t='+now;
+lost=false;seen=new Date();const b=document.getElementById('b');
 if(s.age_s>3){{b.textContent='no new picture for '+Math.round(s.age_s)+' s';b.className='err';}}
 else if(s.frozen){{b.textContent='FROZEN: this field is held (release it on the panel)';b.className='warn';}}
 else{{b.textContent='';b.className='';}}

@@ -167,7 +167,9 @@ def test_http_status_says_how_old_the_picture_is_and_head_works() -> None:
 
 
 _PAGE_HARNESS = """
-const els = {b: {textContent: '', className: ''}, s: {innerHTML: ''}};
+const els = {b: {textContent: '', className: ''}, s: {innerHTML: ''}, v: {src: '/stream.mjpg'}};
+let now = 1.7e12;
+Date.now = () => now;
 global.document = {getElementById: id => els[id]};
 let replies = [];
 global.fetch = async (url, opts) => {
@@ -183,7 +185,9 @@ eval(page.replace('tick();', '').replace(/WAIT_MS=[0-9]+/, 'WAIT_MS=50'));  // i
 (async () => {
   const out = [];
   for (const reply of JSON.parse(require('fs').readFileSync(process.argv[3], 'utf8'))) {
-    replies = [reply]; await tick(); out.push([els.b.textContent, els.s.innerHTML]);
+    if (reply && reply.after_ms) now += reply.after_ms;  // the tablet slept this long before this tick
+    now += 1000;
+    replies = [reply]; await tick(); out.push([els.b.textContent, els.s.innerHTML, els.v.src]);
   }
   console.log(JSON.stringify(out));
 })();
@@ -206,7 +210,7 @@ def test_status_page_script_shows_frozen_stale_and_unreachable(tmp_path: Path) -
     proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"),
                            str(tmp_path / "replies.json")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    (frozen, frozen_body), (stale, _), (gone, gone_body), (live, live_body) = json.loads(proc.stdout)
+    (frozen, frozen_body, _), (stale, _, _), (gone, gone_body, _), (live, live_body, _) = json.loads(proc.stdout)
     assert frozen.startswith("FROZEN") and "<td>rbc</td><td>3</td>" in frozen_body
     assert stale == "no new picture for 7 s"
     assert gone.startswith("no connection to the device") and "<td>3</td>" in gone_body  # last counts stay
@@ -229,8 +233,29 @@ def test_status_page_says_the_device_is_unreachable_when_the_network_hangs(tmp_p
     proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"),
                            str(tmp_path / "replies.json")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout, proc.stderr or "the page waited for ever"
-    (live, _), (hung, _), (back, _) = json.loads(proc.stdout)
+    (live, _, _), (hung, _, _), (back, _, _) = json.loads(proc.stdout)
     assert live == "" and hung.startswith("no connection to the device") and back == ""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_status_page_reopens_the_stream_after_losing_the_device_or_sleeping(tmp_path: Path) -> None:
+    """A browser never reopens an MJPEG stream that broke: after a Wi-Fi drop, a device restart or the tablet
+    sleeping (the device drops a viewer that stops reading), the picture stayed frozen under live counts."""
+    from smearsight.device.sinks import _PAGE
+
+    script = _PAGE.format(body="").split("<script>")[1].split("</script>")[0]
+    (tmp_path / "page.js").write_text(script)
+    (tmp_path / "harness.js").write_text(_PAGE_HARNESS)
+    ok = {"frame": 5, "fps": 10, "counts": {"rbc": 3}, "age_s": 0.1}
+    replies = [ok, ok, None, ok, ok, {**ok, "after_ms": 60000}, ok]
+    (tmp_path / "replies.json").write_text(json.dumps(replies))
+    proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"),
+                           str(tmp_path / "replies.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
+    src = [entry[2] for entry in json.loads(proc.stdout)]
+    assert src[0] == src[1] == src[2] == "/stream.mjpg"  # live, then the device is lost
+    assert src[3].startswith("/stream.mjpg?") and src[4] == src[3]  # back: reopened once
+    assert src[5].startswith("/stream.mjpg?") and src[5] != src[4] and src[6] == src[5]  # woke up: reopened
 
 
 def test_http_viewers_that_reset_leave_no_traceback(capfd) -> None:
