@@ -3,9 +3,9 @@
 - ``display://0``: an OpenCV window (``fullscreen=True`` for the whole screen). A display server
   (``DISPLAY``/``WAYLAND_DISPLAY``) and an OpenCV with GUI support are checked *before* any window is
   created: without a display Qt aborts the whole process, and the headless wheel has no ``imshow``.
-- ``http://:PORT`` (all interfaces, IPv6 and IPv4) or ``http://HOST:PORT``: ``/stream.mjpg`` (MJPEG of the latest frame,
-  encoded once per frame whoever watches), ``/snapshot.jpg``, ``/status.json`` (the latest status dict) and
-  ``/`` (a small page with the stream and the counts). Port 0 picks a free port (see ``.port``/``.url``).
+- ``http://:PORT`` (all interfaces, IPv6 and IPv4) or ``http://HOST:PORT``: ``/stream.mjpg`` (MJPEG of the
+  latest frame, encoded once per frame whoever watches), ``/snapshot.jpg``, ``/status.json`` (the latest status
+  dict) and ``/`` (a small page with the stream and the counts). Port 0 picks a free port (see ``.port``/``.url``).
 - ``file://out.mp4`` (or .avi/.mkv): a video (``mp4v``; ``fps``, default 15), written under a temporary name and
   renamed on close; a disk filling up is reported while writing, and a video cut short by it is kept (an
   .avi/.mkv still plays the frames it holds) with ``.error`` saying how many frames it holds.
@@ -15,9 +15,8 @@
 
 The status dict given to ``write`` is served as-is by ``/status.json``, NaN and infinities as ``null`` (what
 ``smearsight run`` puts in it: :func:`smearsight.runtime.pipeline.frame_status`); the page shows its ``error``
-or ``status`` (as a banner),
-``frame``, ``fps``, ``counts`` (class -> number), how the detector runs (``detect_every``, ``boxes_age_ms``)
-and ``sperm_abnormal`` / ``sperm_judged``.
+or ``status`` (as a banner), ``frame``, ``fps``, ``counts`` (class -> number), how the detector runs
+(``detect_every``, ``boxes_age_ms``) and ``sperm_abnormal`` / ``sperm_judged``.
 
 ``write`` never raises for a failing disk or a closed window; it records the problem in ``.error`` (plain
 words) for the pipeline to show, and ``.should_stop`` turns true when the user closes the window or
