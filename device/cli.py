@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import platform
+import stat
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +37,17 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    """JSON text of ``obj`` with NaN and infinities as null (an overflowed score, a summary written with a NaN):
+    Python's ``NaN``/``Infinity`` are not JSON, and jq, browsers and spreadsheet imports refuse them."""
+    try:
+        return json.dumps(obj, allow_nan=False, default=str, **kwargs)
+    except ValueError:  # rare: the fast path above is the usual one
+        from smearsight.fileio import finite_json
+
+        return json.dumps(finite_json(obj), default=str, **kwargs)
+
+
 def _console() -> Any:
     from rich.console import Console
 
@@ -54,7 +67,7 @@ def sessions_list(
 
     sessions = list_sessions(_db(db))
     if as_json:
-        typer.echo(json.dumps(sessions, indent=2))
+        typer.echo(_dumps(sessions, indent=2))
         return
     if not sessions:
         typer.echo(f"{_db(db)}: no sessions recorded yet")
@@ -82,7 +95,7 @@ def sessions_show(
 
     s = get_session(_db(db), session_id)
     if as_json:
-        typer.echo(json.dumps(s, indent=2, default=str))
+        typer.echo(_dumps(s, indent=2))
         return
     summ = s["summary"]
     con = _console()
@@ -135,12 +148,24 @@ def _csv_chunks(reader: RecordReader, session_id: int) -> Iterator[str]:
 def _json_chunks(reader: RecordReader, session_id: int) -> Iterator[str]:
     """The JSON export: the session's fields, then ``frames`` as a list written one frame a line."""
     marker = '"__frames__"'
-    head, _, tail = json.dumps({**reader.session(session_id), "frames": "__frames__"}, indent=1,
-                               default=str).rpartition(marker)  # "frames" is the last key
+    head, _, tail = _dumps({**reader.session(session_id), "frames": "__frames__"},
+                           indent=1).rpartition(marker)  # "frames" is the last key
     yield head + "["
     for n, frame in enumerate(reader.frames(session_id)):
-        yield ("," if n else "") + "\n  " + json.dumps(frame, default=str)
+        yield ("," if n else "") + "\n  " + _dumps(frame)
     yield "\n ]" + tail + "\n"
+
+
+def _refuse_the_record_itself(out: Path, record: Path) -> None:
+    """InputError when ``out`` is the record or one of SQLite's files beside it (its write-ahead log): the
+    export would replace the sessions it is read from."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        part = record.with_name(record.name + suffix)
+        same = os.path.realpath(out) == os.path.realpath(part)
+        with contextlib.suppress(OSError):
+            same = same or os.path.samefile(out, part)  # a hard link
+        if same:
+            raise InputError(f"--out {out}: is the session record {part} itself; write the export elsewhere")
 
 
 @sessions_app.command("export")
@@ -161,21 +186,31 @@ def sessions_export(
     fmt = fmt.lower()
     if fmt not in ("csv", "json"):
         raise InputError(f"--format: expected csv or json, got {fmt!r}")
+    record = _db(db)
     if out is not None:
         check_output_file(out, "--out")
-    with RecordReader(_db(db)) as reader:
+        _refuse_the_record_itself(out, record)
+    with RecordReader(record) as reader:
         reader.session(session_id)  # an unknown id is refused before anything is written
         chunks = _csv_chunks(reader, session_id) if fmt == "csv" else _json_chunks(reader, session_id)
         if out is None:
             for chunk in chunks:
                 write_stdout(chunk)
             return
+        made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
         try:
-            with atomic_open(out) as handle:
+            # an export replacing an earlier one keeps its permissions (one kept private stays private)
+            mode = stat.S_IMODE(out.stat().st_mode) if out.is_file() else None
+            with atomic_open(out, mode) as handle:
                 for chunk in chunks:
                     handle.write(chunk.encode("utf-8"))
-        except OSError as exc:
-            raise InputError(f"{out}: cannot write the export ({exc.strerror or exc})") from exc
+        except BaseException as exc:
+            for folder in made:  # innermost first: a failed export leaves no folders made for it either
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            if isinstance(exc, OSError):
+                raise InputError(f"{out}: cannot write the export ({exc.strerror or exc})") from exc
+            raise
     typer.echo(f"wrote {out}", err=True)
 
 

@@ -486,10 +486,24 @@ def _open_readonly(path: Path, immutable: bool) -> sqlite3.Connection:
     for table, needed in _READ_COLUMNS.items():
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")} if table in tables else set()
         if not needed <= columns:
+            version = _schema_version(conn) if "schema_info" in tables else None
             conn.close()
             what = f"no table {table!r}" if not columns else f"table {table!r} lacks {sorted(needed - columns)}"
+            if version is not None and version > SCHEMA_VERSION:  # a newer record that changed what is read here
+                raise InputError(f"session record {path}: written by a newer SmearSight (record schema version "
+                                 f"{version}; this one reads versions up to {SCHEMA_VERSION}: {what}); update "
+                                 "SmearSight to read it")
             raise InputError(f"session record {path}: not a SmearSight session record ({what})")
     return conn
+
+
+def _schema_version(conn: sqlite3.Connection) -> int | None:
+    """The record's schema version, or None when it has none that reads as a number."""
+    try:
+        version = conn.execute("SELECT MAX(version) FROM schema_info").fetchone()[0]
+    except sqlite3.Error:
+        return None
+    return version if isinstance(version, int) else None
 
 
 def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:

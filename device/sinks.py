@@ -3,9 +3,9 @@
 - ``display://0``: an OpenCV window (``fullscreen=True`` for the whole screen). A display server
   (``DISPLAY``/``WAYLAND_DISPLAY``) and an OpenCV with GUI support are checked *before* any window is
   created: without a display Qt aborts the whole process, and the headless wheel has no ``imshow``.
-- ``http://:PORT`` (all interfaces) or ``http://HOST:PORT``: ``/stream.mjpg`` (MJPEG of the latest frame,
-  encoded once per frame whoever watches), ``/snapshot.jpg``, ``/status.json`` (the latest status dict) and
-  ``/`` (a small page with the stream and the counts). Port 0 picks a free port (see ``.port``/``.url``).
+- ``http://:PORT`` (all interfaces, IPv6 and IPv4) or ``http://HOST:PORT``: ``/stream.mjpg`` (MJPEG of the
+  latest frame, encoded once per frame whoever watches), ``/snapshot.jpg``, ``/status.json`` (the latest status
+  dict) and ``/`` (a small page with the stream and the counts). Port 0 picks a free port (see ``.port``/``.url``).
 - ``file://out.mp4`` (or .avi/.mkv): a video (``mp4v``; ``fps``, default 15), written under a temporary name and
   renamed on close; a disk filling up is reported while writing, and a video cut short by it is kept (an
   .avi/.mkv still plays the frames it holds) with ``.error`` saying how many frames it holds.
@@ -13,10 +13,10 @@
   folder holding an earlier run's frames is continued after the highest number (``.note`` says so).
 - ``null://``: discards frames (benchmarks, ``--headless`` without output).
 
-The status dict given to ``write`` is served as-is by ``/status.json`` (what ``smearsight run`` puts in it:
-:func:`smearsight.runtime.pipeline.frame_status`); the page shows its ``error`` or ``status`` (as a banner),
-``frame``, ``fps``, ``counts`` (class -> number), how the detector runs (``detect_every``, ``boxes_age_ms``)
-and ``sperm_abnormal`` / ``sperm_judged``.
+The status dict given to ``write`` is served as-is by ``/status.json``, NaN and infinities as ``null`` (what
+``smearsight run`` puts in it: :func:`smearsight.runtime.pipeline.frame_status`); the page shows its ``error``
+or ``status`` (as a banner), ``frame``, ``fps``, ``counts`` (class -> number), how the detector runs
+(``detect_every``, ``boxes_age_ms``) and ``sperm_abnormal`` / ``sperm_judged``.
 
 ``write`` never raises for a failing disk or a closed window; it records the problem in ``.error`` (plain
 words) for the pipeline to show, and ``.should_stop`` turns true when the user closes the window or
@@ -26,11 +26,13 @@ presses q/Esc.
 from __future__ import annotations
 
 import contextlib
+import errno
 import html
 import json
 import os
 import re
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -44,7 +46,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from smearsight.errors import InputError, require
-from smearsight.fileio import atomic_write_bytes, fsync_dir, fsync_file
+from smearsight.fileio import atomic_write_bytes, finite_json, fsync_dir, fsync_file
 
 
 class FrameSink:
@@ -261,14 +263,19 @@ _PAGE = """<!doctype html>
 <style>body{{margin:0;background:#111;color:#eee;font:16px sans-serif}} img{{max-width:100%;display:block}}
 #s,#b{{padding:8px}} .err{{color:#f66;font-weight:bold}} .warn{{color:#fc3;font-weight:bold}}
 td{{padding:2px 10px}}</style></head>
-<body><div id="b"></div><img src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
+<body><div id="b"></div><img id="v" src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
 <script>
 const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;');
-let seen=null;
-async function tick(){{let s;try{{const r=await fetch('/status.json',{{cache:'no-store'}});s=await r.json();}}
+let seen=null,lost=false,last=0;const WAIT_MS=4000;
+async function tick(){{let s;const stop=new AbortController();const t=setTimeout(()=>stop.abort(),WAIT_MS);
+const now=Date.now(),slept=last&&now-last>5000;last=now;
+try{{const r=await fetch('/status.json',{{cache:'no-store',signal:stop.signal}});s=await r.json();}}
 catch(e){{const b=document.getElementById('b');b.textContent='no connection to the device'+
-(seen?' since '+seen.toLocaleTimeString():'')+': the picture is not live';b.className='err';return;}}
-seen=new Date();const b=document.getElementById('b');
+(seen?' since '+seen.toLocaleTimeString():'')+': the picture is not live';b.className='err';lost=true;return;}}
+finally{{clearTimeout(t);}}
+// a browser never reopens a stream that broke (Wi-Fi gone, device restarted, tablet asleep): open it again
+if(lost||slept)document.getElementById('v').src='/stream.mjpg?t='+now;
+lost=false;seen=new Date();const b=document.getElementById('b');
 if(s.age_s>3){{b.textContent='no new picture for '+Math.round(s.age_s)+' s';b.className='err';}}
 else if(s.frozen){{b.textContent='FROZEN: this field is held (release it on the panel)';b.className='warn';}}
 else{{b.textContent='';b.className='';}}
@@ -319,18 +326,60 @@ class _Latest:
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
-        return obj.item()
+        return finite_json(obj.item())
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return finite_json(obj.tolist())
     return str(obj)
+
+
+HEADER_TIMEOUT_S = 5.0  # a client has this long for its whole request line and headers (HttpSink's header_timeout)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "SmearSight"
+    # what a reply says when the request line is too broken to tell its version: http.server's default,
+    # HTTP/0.9, sent error replies with no status line or headers (a bare HTML body clients read as garbage)
+    default_request_version = "HTTP/1.0"
     latest: _Latest  # set on the per-server subclass
     # A client that stops reading (a tablet gone to sleep) must not pin a thread and a socket forever:
     # a send blocked this long raises TimeoutError and ends that stream (HttpSink's client_timeout).
     timeout = 15.0
+    # ``timeout`` bounds each read, not the request: a client sending a header byte every few seconds
+    # (slowloris) would hold its connection slot forever, and a few dozen of them every slot. The whole
+    # request line and headers must come within this many seconds, else the connection is closed.
+    header_timeout = HEADER_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        self._header_lock = threading.Lock()
+        self._headers_read = False
+        self._too_slow = False
+        self._header_timer = threading.Timer(self.header_timeout, self._headers_too_slow)
+        self._header_timer.daemon = True
+        self._header_timer.start()
+
+    def _headers_too_slow(self) -> None:
+        with self._header_lock:
+            if self._headers_read:
+                return
+            self._too_slow = True
+        with contextlib.suppress(OSError):  # the blocked read returns at once: the request ends unanswered
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        with self._header_lock:
+            self._headers_read = True
+            too_slow = self._too_slow
+        self._header_timer.cancel()
+        if too_slow:
+            self.close_connection = True
+            return False
+        return ok
+
+    def finish(self) -> None:
+        self._header_timer.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence per-request logging
         pass
@@ -428,6 +477,13 @@ class _Server(ThreadingHTTPServer):
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(self.max_connections)
 
+    def server_bind(self) -> None:
+        # not HTTPServer's: it looks the address up in DNS (getfqdn) for a server_name nothing here uses, and
+        # with the lab's name server down that held the start for ~10 s
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             try:
@@ -449,13 +505,42 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _DualStackServer(_Server):
+    """``http://:PORT``: every interface, IPv6 and IPv4 (IPv4 viewers arrive as ``::ffff:a.b.c.d``)."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _listen(host: str, port: int, handler: type[_Handler]) -> _Server:
+    """The server for ``http://HOST:PORT``; with no host, on every interface, IPv6 too where the system has
+    it (a tablet may reach the device over IPv6), else IPv4 only."""
+    if ":" in host:  # http://[::1]:PORT: an IPv6 address
+        return type("_Server6", (_Server,), {"address_family": socket.AF_INET6})((host, port), handler)
+    if not host and socket.has_ipv6:
+        try:
+            return _DualStackServer(("::", port), handler)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise  # in use, not allowed: the same answer as for IPv4
+    return _Server((host, port), handler)
+
+
 class HttpSink(FrameSink):
     """MJPEG stream + status page + JSON over HTTP; serves from a background thread."""
 
-    def __init__(self, uri: str, *, quality: int = 80, client_timeout: float = 15.0) -> None:
+    def __init__(self, uri: str, *, quality: int = 80, client_timeout: float = 15.0,
+                 header_timeout: float = HEADER_TIMEOUT_S) -> None:
         super().__init__()
         require("cv2", "JPEG encoding")
-        parts = urlsplit(uri)
+        try:
+            parts = urlsplit(uri)
+        except ValueError as exc:  # http://[zz]:8080, http://[::1:8080
+            raise InputError(f"{uri}: not an address to listen on ({exc}); expected http://:PORT, "
+                             "http://HOST:PORT or http://[IPv6]:PORT") from exc
         try:
             port = parts.port
         except ValueError as exc:
@@ -463,18 +548,22 @@ class HttpSink(FrameSink):
         if port is None:
             raise InputError(f"{uri}: expected http://:PORT such as http://:8080")
         host = parts.hostname or ""
+        shown = f"[{host}]" if ":" in host else host
         self._latest = _Latest(quality)
-        handler = type("Handler", (_Handler,), {"latest": self._latest, "timeout": float(client_timeout)})
-        server_class = _Server
-        if ":" in host:  # http://[::1]:PORT: an IPv6 address
-            server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+        handler = type("Handler", (_Handler,), {"latest": self._latest, "timeout": float(client_timeout),
+                                                "header_timeout": float(header_timeout)})
         try:
-            self._server = server_class((host, port), handler)
+            self._server = _listen(host, port, handler)
         except OSError as exc:
-            raise InputError(f"{uri}: cannot listen on port {port} ({exc.strerror or exc})") from exc
+            hint = ""
+            if exc.errno == errno.EADDRINUSE:
+                hint = (": another program (or another smearsight run) uses it; stop that or choose another port "
+                        f"such as http://{shown}:{8081 if port == 8080 else 8080}")
+            elif exc.errno == errno.EACCES and 0 < port < 1024:
+                hint = f": ports below 1024 need root; use one such as http://{shown}:8080"
+            raise InputError(f"{uri}: cannot listen on port {port} ({exc.strerror or exc}){hint}") from exc
         self.host = host or "0.0.0.0"
         self.port = int(self._server.server_address[1])
-        shown = f"[{host}]" if ":" in host else host
         self.uri = f"http://{shown}:{self.port}"
         self.url = f"http://{shown or '127.0.0.1'}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -494,7 +583,8 @@ class HttpSink(FrameSink):
     def write(self, image_rgb: np.ndarray, status: dict[str, Any] | None = None) -> None:
         latest = self._latest
         try:
-            status_json = json.dumps(status or {}, default=_json_default).encode("utf-8")
+            # NaN/Infinity are not JSON: the page's JSON.parse would fail and say "no connection to the device"
+            status_json = json.dumps(finite_json(status or {}), default=_json_default).encode("utf-8")
         except (TypeError, ValueError) as exc:
             status_json = json.dumps({"error": f"status not serialisable: {exc}"}).encode("utf-8")
         with latest.cond:

@@ -259,3 +259,104 @@ def test_recording_refuses_another_programs_database(tmp_path: Path) -> None:
     with sqlite3.connect(other) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["foo"]
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+@pytest.mark.parametrize("target", ["sessions.db", "sessions.db-wal", "link.db"])
+def test_export_refuses_to_write_over_the_record_itself(db: Path, target: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--out naming the record (or its write-ahead log, or a link to it) replaced the record with the CSV:
+    every session in it was lost."""
+    (db.parent / "link.db").symlink_to(db.name)
+    before = db.read_bytes()
+    assert main(["sessions", "export", "1", "--db", str(db), "--out", str(db.parent / target)]) == 1
+    err = capsys.readouterr().err
+    assert "is the session record" in err and len(err.strip().splitlines()) == 1
+    assert db.read_bytes() == before
+    assert main(["sessions", "list", "--db", str(db), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_a_record_from_a_newer_smearsight_says_so(db: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A record whose newer schema still holds the columns read here reads; one that changed them is named
+    as a newer SmearSight's record (it was called 'not a SmearSight session record', as if foreign or broken)."""
+    import shutil
+    import sqlite3
+
+    from smearsight.device.record import SCHEMA_VERSION
+
+    additive = tmp_path / "additive.db"
+    shutil.copy(db, additive)
+    with sqlite3.connect(additive) as conn:
+        conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION + 1,))
+        conn.execute("ALTER TABLE frames ADD COLUMN focus REAL")
+    assert main(["sessions", "list", "--db", str(additive), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+    changed = tmp_path / "changed.db"
+    shutil.copy(db, changed)
+    with sqlite3.connect(changed) as conn:
+        conn.execute("UPDATE schema_info SET version = ?", (SCHEMA_VERSION + 1,))
+        conn.execute("ALTER TABLE frames RENAME COLUMN n_detections TO detections_count")
+    for command in (["list"], ["show", "1"], ["export", "1"]):
+        assert main(["sessions", *command, "--db", str(changed)]) == 1
+        err = capsys.readouterr().err
+        assert f"written by a newer SmearSight (record schema version {SCHEMA_VERSION + 1}" in err, err
+        assert "update SmearSight" in err and len(err.strip().splitlines()) == 1
+
+
+def _strict_json(text: str) -> object:
+    """Parse JSON as jq or a browser would: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in the JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_outputs_hold_no_nan_or_infinity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A morphology score that overflowed (an FP16 engine gone wrong) was exported as Infinity, a summary value
+    as NaN: not JSON, so jq, a spreadsheet import or a browser refused the whole export."""
+    import sqlite3
+
+    db = tmp_path / "s.db"
+    rec = SessionRecorder(db, batch_frames=1)
+    rec.start_session({"source": "synth://", "class_names": list(TPS_CLASS_NAMES)})
+    rec.record_frame(0, 100.0, _dets([5, 5]), TPS_CLASS_NAMES,
+                     [{"det": 0, "part": "head", "score": float("inf"), "abnormal": True},
+                      {"det": 1, "part": "head", "score": 0.25, "abnormal": False}])
+    rec.end_session({})
+    rec.close()
+    with sqlite3.connect(db) as conn:  # a summary written with a NaN in it (json.dumps writes NaN by default)
+        conn.execute("UPDATE sessions SET summary_json = json_set(summary_json, '$.fps', 'x')")
+        conn.execute("UPDATE sessions SET summary_json = replace(summary_json, '\"x\"', 'NaN')")
+    assert main(["sessions", "export", "1", "--format", "json", "--db", str(db)]) == 0
+    data = _strict_json(capsys.readouterr().out)
+    assert data["summary"]["fps"] is None and data["summary"]["frames"] == 1
+    morph = [d["morphology"]["head"] for d in data["frames"][0]["detections"]]
+    assert morph == [{"score": None, "abnormal": True}, {"score": 0.25, "abnormal": False}]
+    assert main(["sessions", "show", "1", "--json", "--db", str(db)]) == 0
+    assert _strict_json(capsys.readouterr().out)["summary"]["fps"] is None
+    assert main(["sessions", "list", "--json", "--db", str(db)]) == 0
+    _strict_json(capsys.readouterr().out)
+
+
+def test_export_over_an_existing_file_replaces_it_whole_and_keeps_its_permissions(
+        db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An export file kept private (chmod 600: patients' slides) was replaced by a world-readable one."""
+    out = tmp_path / "private.csv"
+    out.write_text("an older export\n")
+    out.chmod(0o600)
+    assert main(["sessions", "export", "1", "--db", str(db), "--out", str(out)]) == 0
+    assert out.read_text().startswith("session_id,frame_index,") and "an older export" not in out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_export_that_fails_on_a_full_disk_leaves_nothing_behind(tmp_path: Path, tmpfs) -> None:
+    db = _long_session(tmp_path / "long.db", 300)  # ~190 kB of CSV
+    with tmpfs("full", "size=64k") as full:
+        out = full / "new" / "folders" / "x.csv"
+        proc = _cli("sessions", "export", "1", "--db", str(db), "--out", str(out))
+        assert proc.returncode == 1 and "cannot write the export (No space left on device)" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert list(full.iterdir()) == [], "the folders made for the export were left behind"

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -166,17 +167,27 @@ def test_http_status_says_how_old_the_picture_is_and_head_works() -> None:
 
 
 _PAGE_HARNESS = """
-const els = {b: {textContent: '', className: ''}, s: {innerHTML: ''}};
+const els = {b: {textContent: '', className: ''}, s: {innerHTML: ''}, v: {src: '/stream.mjpg'}};
+let now = 1.7e12;
+Date.now = () => now;
 global.document = {getElementById: id => els[id]};
 let replies = [];
-global.fetch = async () => { const r = replies.shift(); if (r === null) throw new Error('refused');
-                             return {json: async () => r}; };
+global.fetch = async (url, opts) => {
+  const r = replies.shift();
+  if (r === null) throw new Error('refused');
+  if (r === 'hang')  // the network went away: no answer, no error, until the page gives up waiting
+    return new Promise((_, reject) => opts?.signal?.addEventListener('abort', () => reject(new Error('aborted'))));
+  return {json: async () => r};
+};
 global.setInterval = () => {};
-eval(require('fs').readFileSync(process.argv[2], 'utf8').replace('tick();', ''));
+const page = require('fs').readFileSync(process.argv[2], 'utf8');
+eval(page.replace('tick();', '').replace(/WAIT_MS=[0-9]+/, 'WAIT_MS=50'));  // its wait for an answer, shortened
 (async () => {
   const out = [];
   for (const reply of JSON.parse(require('fs').readFileSync(process.argv[3], 'utf8'))) {
-    replies = [reply]; await tick(); out.push([els.b.textContent, els.s.innerHTML]);
+    if (reply && reply.after_ms) now += reply.after_ms;  // the tablet slept this long before this tick
+    now += 1000;
+    replies = [reply]; await tick(); out.push([els.b.textContent, els.s.innerHTML, els.v.src]);
   }
   console.log(JSON.stringify(out));
 })();
@@ -199,11 +210,52 @@ def test_status_page_script_shows_frozen_stale_and_unreachable(tmp_path: Path) -
     proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"),
                            str(tmp_path / "replies.json")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    (frozen, frozen_body), (stale, _), (gone, gone_body), (live, live_body) = json.loads(proc.stdout)
+    (frozen, frozen_body, _), (stale, _, _), (gone, gone_body, _), (live, live_body, _) = json.loads(proc.stdout)
     assert frozen.startswith("FROZEN") and "<td>rbc</td><td>3</td>" in frozen_body
     assert stale == "no new picture for 7 s"
     assert gone.startswith("no connection to the device") and "<td>3</td>" in gone_body  # last counts stay
     assert live == "" and "<td>rbc</td><td>4</td>" in live_body
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_status_page_says_the_device_is_unreachable_when_the_network_hangs(tmp_path: Path) -> None:
+    """Wi-Fi gone: /status.json neither answers nor fails (a browser waits a minute or more), the picture
+    froze and the page went on showing the last status as if live; it must give up and say so."""
+    from smearsight.device.sinks import _PAGE
+
+    script = _PAGE.format(body="").split("<script>")[1].split("</script>")[0]
+    assert "WAIT_MS=" in script
+    (tmp_path / "page.js").write_text(script)
+    (tmp_path / "harness.js").write_text(_PAGE_HARNESS)
+    replies = [{"frame": 5, "fps": 10, "counts": {"rbc": 3}, "age_s": 0.2}, "hang",
+               {"frame": 6, "fps": 10, "counts": {"rbc": 3}, "age_s": 0.1}]
+    (tmp_path / "replies.json").write_text(json.dumps(replies))
+    proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"),
+                           str(tmp_path / "replies.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr or "the page waited for ever"
+    (live, _, _), (hung, _, _), (back, _, _) = json.loads(proc.stdout)
+    assert live == "" and hung.startswith("no connection to the device") and back == ""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_status_page_reopens_the_stream_after_losing_the_device_or_sleeping(tmp_path: Path) -> None:
+    """A browser never reopens an MJPEG stream that broke: after a Wi-Fi drop, a device restart or the tablet
+    sleeping (the device drops a viewer that stops reading), the picture stayed frozen under live counts."""
+    from smearsight.device.sinks import _PAGE
+
+    script = _PAGE.format(body="").split("<script>")[1].split("</script>")[0]
+    (tmp_path / "page.js").write_text(script)
+    (tmp_path / "harness.js").write_text(_PAGE_HARNESS)
+    ok = {"frame": 5, "fps": 10, "counts": {"rbc": 3}, "age_s": 0.1}
+    replies = [ok, ok, None, ok, ok, {**ok, "after_ms": 60000}, ok]
+    (tmp_path / "replies.json").write_text(json.dumps(replies))
+    proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"),
+                           str(tmp_path / "replies.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
+    src = [entry[2] for entry in json.loads(proc.stdout)]
+    assert src[0] == src[1] == src[2] == "/stream.mjpg"  # live, then the device is lost
+    assert src[3].startswith("/stream.mjpg?") and src[4] == src[3]  # back: reopened once
+    assert src[5].startswith("/stream.mjpg?") and src[5] != src[4] and src[6] == src[5]  # woke up: reopened
 
 
 def test_http_viewers_that_reset_leave_no_traceback(capfd) -> None:
@@ -580,3 +632,231 @@ def test_a_video_named_folder_is_not_silently_an_image_sink(tmp_path: Path) -> N
     with pytest.raises(InputError, match="is a folder, not a video file"):
         open_sink(f"file://{tmp_path / 'x.mp4'}")
     assert open_sink(f"file://{tmp_path / 'x.mp4'}/").directory == tmp_path / "x.mp4"  # asked for: a folder
+
+
+def test_http_clients_that_trickle_their_headers_are_cut_off_and_free_their_slots() -> None:
+    """Slowloris: clients that send a header byte now and then, each well within the per-read timeout, must not
+    hold the connection slots forever (a full house of them locked the lab tablet out)."""
+    import select
+
+    sink = HttpSink("http://127.0.0.1:0", header_timeout=0.5)
+    held = []
+    try:
+        sink.write(_solid((4, 5, 6)), {"frame": 1})
+        for _ in range(sink._server.max_connections):  # noqa: SLF001 - every slot
+            sock = socket.create_connection(("127.0.0.1", sink.port))
+            sock.sendall(b"GET /status.json HTTP/1.1\r\n")
+            held.append(sock)
+        open_ = set(held)
+        deadline = time.monotonic() + 8
+        while open_ and time.monotonic() < deadline:
+            for sock in list(open_):
+                try:
+                    sock.sendall(b"X")  # one more byte of a header that never ends
+                except OSError:
+                    open_.discard(sock)
+            readable, _, _ = select.select(list(open_), [], [], 0.1)
+            for sock in readable:  # closed by the server (an end of file or a reset)
+                with contextlib.suppress(OSError):
+                    assert sock.recv(4096) == b"", "a trickled request was answered"
+                open_.discard(sock)
+        assert not open_, f"{len(open_)} trickling connection(s) still open after the header deadline"
+        with urllib.request.urlopen(f"{sink.url}/status.json", timeout=5) as resp:  # a slot is free again
+            assert json.loads(resp.read())["frame"] == 1
+    finally:
+        for sock in held:
+            sock.close()
+        sink.close()
+
+
+def _strict_json(body: bytes) -> dict:
+    """Parse JSON as a browser's JSON.parse does: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in the status JSON: {body[:200]!r}")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+def test_http_status_json_has_no_nan_or_infinity() -> None:
+    """A NaN or infinite number in the status (a model gone wrong, a clock step) must not make /status.json
+    invalid JSON: the page's JSON.parse would fail and say 'no connection to the device'."""
+    sink = HttpSink("http://127.0.0.1:0")
+    try:
+        sink.write(_solid((1, 2, 3)), {"frame": 4, "fps": float("nan"), "boxes_age_ms": float("inf"),
+                                       "score": np.float32("nan"), "latency_ms": {"detect": -float("inf")},
+                                       "box": np.array([1.5, np.nan]), "counts": {"rbc": 2}})
+        with urllib.request.urlopen(f"{sink.url}/status.json", timeout=10) as resp:
+            body = resp.read()
+            assert resp.headers["Content-Type"] == "application/json"
+            assert int(resp.headers["Content-Length"]) == len(body)
+            assert resp.headers["Cache-Control"] == "no-store"
+        status = _strict_json(body)
+        assert status["frame"] == 4 and status["counts"] == {"rbc": 2}
+        assert status["fps"] is None and status["boxes_age_ms"] is None and status["score"] is None
+        assert status["latency_ms"] == {"detect": None} and status["box"] == [1.5, None]
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("uri", ["http://:99999", "http://:abc", "http://:-1", "http://[zz]:8080", "http://[::1:8080",
+                                 "http://[::1]"])
+def test_http_sink_uri_mistakes_are_one_line_input_errors(uri: str) -> None:
+    with pytest.raises(InputError) as info:
+        open_sink(uri)
+    message = str(info.value)
+    assert message.startswith(f"{uri}: ") and "\n" not in message
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("line", [b"GARBAGE", b"GET / HTTP/2.0", b"GET / FOO/1.0", b"GET / HTTP/1.0 extra"])
+def test_http_malformed_request_lines_get_a_proper_error_reply(line: bytes) -> None:
+    """The error reply to a malformed request line starts with a status line (http.server sent a bare HTML
+    body, which clients read as garbage or an HTTP/0.9 reply)."""
+    sink = HttpSink("http://127.0.0.1:0")
+    try:
+        reply = _raw_request(sink.port, line + b"\r\n\r\n")
+        assert reply.startswith((b"HTTP/1.0 400 ", b"HTTP/1.0 505 ")), reply[:80]
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert f"Content-Length: {len(body)}".encode() in head
+    finally:
+        sink.close()
+
+
+
+def test_http_methods_and_paths() -> None:
+    sink = HttpSink("http://127.0.0.1:0")
+    try:
+        sink.write(_solid((7, 8, 9)), {"frame": 2})
+        assert _raw_request(sink.port, b"POST /status.json HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}").startswith(
+            b"HTTP/1.0 501 ")
+        assert _raw_request(sink.port, b"GET /nothing-here HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 404 ")
+        reply = _raw_request(sink.port, b"GET /status.json?t=123 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.0 200 ") and _strict_json(reply.partition(b"\r\n\r\n")[2])["frame"] == 2
+        head = _raw_request(sink.port, b"HEAD /snapshot.jpg HTTP/1.0\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 ") and head.endswith(b"\r\n\r\n") and b"image/jpeg" in head
+        assert _raw_request(sink.port, b"GET /" + b"a" * 70000 + b" HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 414 ")
+        assert _raw_request(sink.port, b"GET / HTTP/1.0\r\nX: " + b"a" * 70000 + b"\r\n\r\n").startswith(
+            b"HTTP/1.0 431 ")
+    finally:
+        sink.close()
+
+
+def test_http_port_in_use_or_privileged_says_what_to_do() -> None:
+    first = open_sink("http://127.0.0.1:0")
+    try:
+        with pytest.raises(InputError, match=r"cannot listen on port \d+ \(Address already in use\): another "
+                                             r"program .* uses it; .*choose another port"):
+            open_sink(f"http://127.0.0.1:{first.port}")
+    finally:
+        first.close()
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or not start.is_file() or int(start.read_text()) <= 80:
+        pytest.skip("needs root, setpriv and privileged ports below 1024 to try port 80 as another user")
+    code = ("from smearsight.device.sinks import open_sink\nfrom smearsight.errors import InputError\n"
+            "try:\n    open_sink('http://127.0.0.1:80')\nexcept InputError as exc:\n    print(exc)\n")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert "cannot listen on port 80 (Permission denied): ports below 1024 need root" in proc.stdout, proc.stderr
+    assert "http://127.0.0.1:8080" in proc.stdout
+
+
+def test_http_viewers_that_never_read_do_not_hold_up_the_pipeline_or_other_viewers() -> None:
+    """Stalled viewers (a tablet asleep with the stream open) lose frames; the frame loop's writes go on and a
+    viewer that reads still gets the newest frames."""
+    sink = HttpSink("http://127.0.0.1:0", client_timeout=60.0)  # the stalled ones are not dropped in this test
+    stalled = []
+    try:
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", sink.port))
+            sock.sendall(b"GET /stream.mjpg HTTP/1.0\r\n\r\n")
+            stalled.append(sock)
+        viewer = urllib.request.urlopen(f"{sink.url}/stream.mjpg", timeout=10)
+        deadline = time.monotonic() + 10
+        while sink.clients < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.clients == 4
+        rng = np.random.default_rng(1)
+        frames = 40
+
+        def loop() -> None:  # the pipeline: one write per frame, ~300 kB JPEGs that fill the stalled sockets
+            for i in range(frames):
+                img = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+                img[:96, :96] = 6 * i
+                sink.write(img, {"frame": i})
+                time.sleep(0.01)
+
+        writer = threading.Thread(target=loop, daemon=True)
+        writer.start()
+        seen: list[int] = []
+        while not seen or abs(seen[-1] - 6 * (frames - 1)) > 3:  # until the newest frame (JPEG: +-3 levels)
+            _, body = _read_part(viewer)  # a stream that stops raises TimeoutError
+            seen.append(int(cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_GRAYSCALE)[48, 48]))
+        writer.join(timeout=30)
+        assert not writer.is_alive(), "the frame loop was held up by viewers that do not read"
+        assert sink.frames == frames and sink.clients == 4  # the stalled ones are still connected
+        assert len(seen) >= 2 and seen == sorted(seen)
+        viewer.close()
+    finally:
+        for sock in stalled:
+            sock.close()
+        sink.close()
+
+
+def test_http_sink_on_every_interface_answers_ipv6_and_ipv4_viewers() -> None:
+    """http://:PORT is "every interface": a tablet that reaches the device over IPv6 (a .local name often
+    resolves to an IPv6 link-local address first) was refused, the sink listened on IPv4 only."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:  # a container without an IPv6 loopback
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    sink = open_sink("http://:0")
+    try:
+        sink.write(_solid((5, 6, 7)), {"frame": 9})
+        for url in (f"http://127.0.0.1:{sink.port}", f"http://[::1]:{sink.port}"):
+            with urllib.request.urlopen(f"{url}/status.json", timeout=10) as resp:
+                assert json.loads(resp.read())["frame"] == 9, url
+        assert sink.uri == f"http://:{sink.port}" and sink.url == f"http://127.0.0.1:{sink.port}"
+        with pytest.raises(InputError, match="Address already in use"):  # taken for IPv4 too
+            open_sink(f"http://0.0.0.0:{sink.port}")
+    finally:
+        sink.close()
+
+
+_DNS_PROBE = """
+import socket, sys, threading
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", 53))  # a name server that never answers (a lab network whose DNS is down)
+queries = []
+threading.Thread(target=lambda: [queries.append(udp.recvfrom(4096)) for _ in iter(int, 1)], daemon=True).start()
+from smearsight.device.sinks import open_sink
+sink = open_sink("http://127.0.0.2:0")
+sink.close()
+print(len(queries))
+"""
+
+
+def test_http_sink_opens_without_asking_dns(tmp_path: Path) -> None:
+    """http.server looks the listening address up in DNS (getfqdn) for a name nothing uses: with the lab's name
+    server down, opening http://192.168.1.20:8080 waited ~10 s for two unanswered queries."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, unshare and ip for a private network with a silent name server")
+    (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    (tmp_path / "probe.py").write_text(_DNS_PROBE)
+    script = (f"mount --bind {tmp_path / 'resolv.conf'} /etc/resolv.conf && ip link set lo up && "
+              f"(ip addr add 127.0.0.2/8 dev lo 2>/dev/null; true) && {sys.executable} {tmp_path / 'probe.py'}")
+    proc = subprocess.run(["unshare", "-mn", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and "unshare" in proc.stderr:
+        pytest.skip(f"cannot make a private network here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0", "opening the sink asked the name server"
