@@ -372,3 +372,29 @@ def test_training_split_drops_a_corrupt_image_before_training(tmp_path: Path, ca
         ds = load_split(root, "coco", "train", "training split", verify_images=True)
     assert [r.path.name for r in ds.images] == ["a.png"]
     assert "1 bad record(s) skipped" in caplog.text and "b.png" in caplog.text
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_too_large_for_opencv_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    _png_header_only(root / "images" / "huge.png", 60000, 60000)  # 3.6 gigapixels: OpenCV refuses to decode
+    _image(root / "images" / "ok.png")
+    (root / "classes.txt").write_text("cell\n")
+    ds, problems = read_dataset(root, "yolo", None)
+    assert problems == [] and ds.images[0].width == 60000  # header only
+    ds, problems = read_dataset(root, "yolo", None, verify_images=True)
+    _find(problems, "huge.png", "not a decodable image (too many pixels for OpenCV)")
+    assert len(problems) == 1 and [r.path.name for r in ds.images] == ["ok.png"]

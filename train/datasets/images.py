@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smearsight.errors import InputError, require
+from smearsight.errors import InputError, first_line, require
 from smearsight.fileio import atomic_open
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -50,6 +50,9 @@ def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
             log.setLogLevel(log.LOG_LEVEL_ERROR)
         try:
             image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV will allocate
+            why = "too many pixels for OpenCV" if "MAX_IMAGE_PIXELS" in str(exc) else first_line(exc)
+            raise InputError(f"{path}: not a decodable image ({why})") from None
         finally:
             if log is not None:
                 log.setLogLevel(level)
