@@ -280,3 +280,14 @@ def test_synth_imports_and_renders_without_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ bad runs
+
+
+def test_cli_negative_seed_is_one_line_and_creates_nothing(tmp_path, capsys):
+    rc = main(["data", "synth", "--out", str(tmp_path / "o"), "--images", "1", "--seed", "-1", "--size", "64x64"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == "error: --seed: -1 must be 0 or more"
+    assert not (tmp_path / "o").exists()
+

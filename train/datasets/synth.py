@@ -331,12 +331,14 @@ def generate_dataset(
     n_images = int(n_images)
     if n_images < 1:
         raise InputError(f"--images: {n_images} must be at least 1")
+    if int(seed) < 0:
+        raise InputError(f"--seed: {seed} must be 0 or more")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder (expected an output folder for the dataset)")
+    synth = SmearSynthesizer(seed, size)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    synth = SmearSynthesizer(seed, size)
     h, w = synth.size
     records: list[ImageRecord] = []
     counts = np.zeros(len(TPS_CLASS_NAMES), np.int64)
