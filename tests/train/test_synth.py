@@ -291,3 +291,12 @@ def test_cli_negative_seed_is_one_line_and_creates_nothing(tmp_path, capsys):
     assert rc == 1 and err == "error: --seed: -1 must be 0 or more"
     assert not (tmp_path / "o").exists()
 
+
+def test_cli_full_disk_is_one_line_naming_the_file(tmpfs, capsys):
+    with tmpfs("small", "size=48k") as disk:
+        rc = main(["data", "synth", "--out", str(disk / "d"), "--images", "4", "--seed", "1", "--size", "256x320"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: {disk / 'd' / 'images'}/synth_0000") and "No space left on device" in err
+        assert not list(disk.rglob("*.tmp")) and not (disk / "d" / "annotations").exists()
+

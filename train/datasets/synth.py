@@ -293,8 +293,10 @@ def _write_file(path: Path, data: bytes) -> None:
             handle.write(data)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; images are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # a full disk: the CLI names the file
         raise
 
 
