@@ -300,3 +300,20 @@ def test_cli_full_disk_is_one_line_naming_the_file(tmpfs, capsys):
         assert err.startswith(f"error: {disk / 'd' / 'images'}/synth_0000") and "No space left on device" in err
         assert not list(disk.rglob("*.tmp")) and not (disk / "d" / "annotations").exists()
 
+
+def test_rerun_cut_short_leaves_no_stale_annotations(tmp_path, monkeypatch):
+    generate_dataset(tmp_path, 3, seed=1, size=(64, 64), progress=False)
+    assert (tmp_path / "annotations" / "train.json").is_file()
+    render = SmearSynthesizer.render
+
+    def interrupted(self, index):
+        if index == 1:
+            raise KeyboardInterrupt
+        return render(self, index)
+
+    monkeypatch.setattr(SmearSynthesizer, "render", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(tmp_path, 3, seed=2, size=(64, 64), progress=False)  # synth_00000.jpg now holds seed 2
+    # The seed-1 boxes must not survive beside seed-2 pixels: the dataset is unreadable, not silently wrong.
+    assert not (tmp_path / "annotations" / "train.json").exists()
+    assert not (tmp_path / "annotations" / "val.json").exists()

@@ -325,6 +325,9 @@ def generate_dataset(
 
     Images are JPEG (quality 95, 4:4:4 chroma). The split is 80/20 and deterministic; the same arguments
     give byte-identical files. With ``preview`` a contact sheet is written to ``out_dir/preview.png``.
+    An existing ``out_dir`` is written over; its earlier ``train``/``val`` annotations and preview are
+    removed before the first frame, so a run cut short (Ctrl-C, a full disk) leaves no annotation file
+    describing other pixels.
     Returns a summary: counts per split and class, file paths, and the mean render time per frame.
     """
     from smearsight.train.datasets.coco import write_coco
@@ -339,6 +342,9 @@ def generate_dataset(
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder (expected an output folder for the dataset)")
     synth = SmearSynthesizer(seed, size)
+    # Annotations of an earlier run go first: were this run cut short, they would describe its new pixels.
+    for old in (out / "annotations" / "train.json", out / "annotations" / "val.json", out / "preview.png"):
+        old.unlink(missing_ok=True)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     h, w = synth.size
