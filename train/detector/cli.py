@@ -274,7 +274,12 @@ def data_anchors_cmd(
     from smearsight.train.detector.data import auto_image_size, load_split, scaled_boxes
     from smearsight.train.detector.registry import variant_settings
 
+    if not 0 < positive_iou <= 1:  # also refuses nan
+        raise InputError(f"--positive-iou: expected a number in (0, 1], got {positive_iou:g}")
     ds = load_split(path, _fmt(fmt), split)
+    if ds.num_boxes == 0:
+        what = f"split {split!r}" if split else "the dataset"
+        raise InputError(f"{path}: {what} holds no boxes (nothing to measure anchors against)")
     size = _parse_size(image_size) or auto_image_size(ds, max(variant_settings(variant)["image_size"]))
     hw = (size[0], size[1])
     boxes = scaled_boxes(ds, hw)
