@@ -88,3 +88,21 @@ def test_positive_iou_out_of_range_is_one_line(tmp_path: Path, capsys, iou: str)
     captured = capsys.readouterr()
     assert rc == 1 and captured.out == ""
     assert captured.err.strip() == f"error: --positive-iou: expected a number in (0, 1], got {float(iou):g}"
+
+
+def test_recipe_auto_is_what_training_picks_whatever_the_reported_iou(tmp_path: Path, capsys) -> None:
+    from smearsight.train.datasets.formats import read_dataset
+    from smearsight.train.detector.config import TrainConfig
+    from smearsight.train.detector.train_loop import resolve_recipe
+
+    grid = [[10.0 + 20 * i, 10.0 + 20 * j, 10.0, 10.0] for i in range(5) for j in range(5)]  # 10 px cells
+    root = _coco(tmp_path / "d", grid)
+    ds, _ = read_dataset(root, "coco", "train")
+    _, expected, _ = resolve_recipe(TrainConfig(image_size=[128, 128]), ds)
+    for iou in ("0.3", "0.5"):  # at 0.3 the smallest layout would start at P3; training asks 0.5 and takes P2
+        rc = main(["data", "anchors", str(root), "--format", "coco", "--split", "train", "--image-size", "128x128",
+                   "--positive-iou", iou])
+        out = " ".join(capsys.readouterr().out.split())
+        assert rc == 0
+        bases = [round(expected.base_size(i), 1) for i in range(len(expected.levels))]
+        assert f"recipe auto: levels {expected.levels}, base {bases}," in out, (iou, out)

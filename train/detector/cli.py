@@ -269,10 +269,11 @@ def data_anchors_cmd(
 
     from smearsight.anchors import AnchorConfig
     from smearsight.config import read_yaml
-    from smearsight.train.detector.anchor_stats import choose_anchors, coverage_report
-    from smearsight.train.detector.config import default_detector_anchors
+    from smearsight.train.detector.anchor_stats import coverage_report
+    from smearsight.train.detector.config import TrainConfig, default_detector_anchors
     from smearsight.train.detector.data import auto_image_size, load_split, scaled_boxes
     from smearsight.train.detector.registry import variant_settings
+    from smearsight.train.detector.train_loop import resolve_recipe
 
     if not 0 < positive_iou <= 1:  # also refuses nan
         raise InputError(f"--positive-iou: expected a number in (0, 1], got {positive_iou:g}")
@@ -290,7 +291,9 @@ def data_anchors_cmd(
     else:
         layouts.append(("detector default (P2-P6, 8 px)", default_detector_anchors()))
     layouts.append(("effdet P3-P7 x4", AnchorConfig()))
-    layouts.append(("recipe auto", choose_anchors(boxes, hw, positive_iou=positive_iou)))
+    # What training picks for "anchors: auto" at this input size (its own IoU rule, whatever --positive-iou says).
+    auto = resolve_recipe(TrainConfig().model_copy(update={"image_size": list(hw)}), ds)[1]
+    layouts.append(("recipe auto", auto))
     console = Console(markup=False)  # paths and class names are shown literally
     console.print(f"{path} [{split}]: {len(ds)} images, {len(boxes)} boxes at model input {hw[0]}x{hw[1]} "
                   f"(positive IoU {positive_iou})")
