@@ -106,3 +106,25 @@ def test_recipe_auto_is_what_training_picks_whatever_the_reported_iou(tmp_path: 
         assert rc == 0
         bases = [round(expected.base_size(i), 1) for i in range(len(expected.levels))]
         assert f"recipe auto: levels {expected.levels}, base {bases}," in out, (iou, out)
+
+
+def test_config_as_a_training_recipe(tmp_path: Path, capsys) -> None:
+    root = _coco(tmp_path / "d", [[10, 10, 20, 20], [40, 40, 12, 12]])
+    args = ["data", "anchors", str(root), "--format", "coco", "--split", "train", "--config"]
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("anchors:\n  levels: [3, 4, 5]\nmatchr:\n  positive_iou: 0.4\n")  # silently ignored before
+    assert main([*args, str(typo)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {typo}: unknown field 'matchr'"
+    # The shipped recipes are accepted as they are ('anchors: auto' was refused) and lend their input size.
+    repo = Path(__file__).resolve().parents[2]
+    assert main([*args, str(repo / "configs" / "detector_bccd.yaml")]) == 0
+    capsys.readouterr()
+    assert main([*args, str(repo / "configs" / "detector_tps.yaml")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "boxes at model input 768x1024" in out
+    assert "levels [2, 3, 4, 5, 6], base [8.0, 16.0, 32.0, 64.0, 128.0]" in out
+    # An anchors-only file (AnchorConfig fields at the top level) still works.
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("levels: [3, 4]\nanchor_scale: 2.0\n")
+    assert main([*args, str(bare), "--image-size", "128x128"]) == 0
+    assert "levels [3, 4], base [16.0, 32.0]" in " ".join(capsys.readouterr().out.split())
