@@ -398,3 +398,18 @@ def test_image_too_large_for_opencv_is_a_problem_not_a_crash(tmp_path: Path) -> 
     ds, problems = read_dataset(root, "yolo", None, verify_images=True)
     _find(problems, "huge.png", "not a decodable image (too many pixels for OpenCV)")
     assert len(problems) == 1 and [r.path.name for r in ds.images] == ["ok.png"]
+
+
+def test_yolo_unreadable_label_file_drops_its_image_not_a_negative(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    for stem in ("a", "b", "neg"):
+        _image(root / "images" / f"{stem}.png")
+    (root / "classes.txt").write_text("cell\n")
+    (root / "labels").mkdir()
+    (root / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (root / "labels" / "b.txt").write_bytes("0 0.5 0.5 0.2 0.2\n# r\xe9vis\xe9\n".encode("latin-1"))  # not UTF-8
+    ds, problems = read_dataset(root, "yolo", None)
+    _find(problems, str(Path("labels") / "b.txt"), "cannot read the label file")
+    assert len(problems) == 1
+    # b.png's cells are unknown: training on it as a negative would teach the model that they are background.
+    assert [r.path.name for r in ds.images] == ["a.png", "neg.png"]

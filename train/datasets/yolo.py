@@ -4,8 +4,9 @@ Layout: images under ``ROOT/images/`` (sub-folders allowed), one label file per 
 relative path under ``ROOT/labels/`` with suffix ``.txt`` (``images/a/b.jpg`` -> ``labels/a/b.txt``, the
 Ultralytics rule; flat datasets get ``labels/<stem>.txt``). Each label line is ``class cx cy w h`` with the
 centre and size normalised by the image width/height. A missing label file means an image without boxes
-(a negative), as in Ultralytics. Class names come from ``ROOT/classes.txt`` (one per line) or
-``ROOT/data.yaml`` (``names`` as a list or a ``{index: name}`` mapping). A split is ``ROOT/<split>.txt``
+(a negative), as in Ultralytics; a label file that cannot be read (not UTF-8, say) drops its image, which
+is reported. Class names come from ``ROOT/classes.txt`` (one per line) or ``ROOT/data.yaml`` (``names``
+as a list or a ``{index: name}`` mapping). A split is ``ROOT/<split>.txt``
 or the ``<split>`` entry of ``data.yaml`` (a folder, or a list file); a list file names image paths
 relative to the list file's own folder, as in Ultralytics (``./images/x.jpg`` or ``images/x.jpg``;
 absolute paths are allowed). ``split=None`` takes every image.
@@ -131,7 +132,8 @@ def _split_images(
 
 def _parse_labels(
     label_path: Path, width: int, height: int, n_classes: int, problems: list[Problem]
-) -> tuple[list[np.ndarray], list[int]]:
+) -> tuple[list[np.ndarray], list[int]] | None:
+    """Boxes and labels of one label file; None (after a Problem) when the file cannot be read at all."""
     boxes: list[np.ndarray] = []
     labels: list[int] = []
     file = str(label_path)
@@ -139,7 +141,7 @@ def _parse_labels(
         text = label_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(file, f"cannot read the label file: {exc}"))
-        return boxes, labels
+        return None
     for n, line in enumerate(text.splitlines(), start=1):
         tokens = line.split()
         if not tokens:
@@ -206,7 +208,10 @@ def read_yolo(
         boxes: list[np.ndarray] = []
         labels: list[int] = []
         if label_path.is_file():
-            boxes, labels = _parse_labels(label_path, size[0], size[1], len(class_names), problems)
+            parsed = _parse_labels(label_path, size[0], size[1], len(class_names), problems)
+            if parsed is None:  # its boxes are unknown: dropped, not kept as a negative
+                continue
+            boxes, labels = parsed
         images.append(ImageRecord(image_path, size[0], size[1], boxes=boxes, labels=labels, image_id=image_id))
     return DetectionDataset(class_names, images, root=root, split=split), problems
 
