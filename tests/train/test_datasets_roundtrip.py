@@ -220,3 +220,18 @@ def test_header_size_matches_decoded_size(tmp_path: Path, name: str, params: lis
         assert image_size_from_header(path) is None
     else:
         assert image_size_from_header(path) == (53, 37)
+
+
+def test_yolo_roboflow_export_layout(tmp_path: Path) -> None:
+    # Roboflow's YOLO export: ROOT/{train,valid}/{images,labels}, data.yaml naming ../train/images.
+    root = tmp_path / "rf"
+    for split in ("train", "valid"):
+        (root / split / "labels").mkdir(parents=True)
+        (root / split / "images").mkdir()
+        assert cv2.imwrite(str(root / split / "images" / f"{split}_1.jpg"), np.zeros((48, 64, 3), np.uint8))
+        (root / split / "labels" / f"{split}_1.txt").write_text("0 0.5 0.5 0.25 0.5\n")
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\n\nnc: 1\nnames: ['cell']\n")
+    for split, name in (("train", "train_1.jpg"), ("val", "valid_1.jpg")):
+        ds, problems = read_dataset(root, "yolo", split)
+        assert problems == [] and [r.path.name for r in ds.images] == [name]
+        np.testing.assert_allclose(ds.images[0].boxes, [[24, 12, 40, 36]])

@@ -7,7 +7,8 @@ centre and size normalised by the image width/height. A missing label file means
 (a negative), as in Ultralytics; a label file that cannot be read (not UTF-8, say) drops its image, which
 is reported. Class names come from ``ROOT/classes.txt`` (one per line) or ``ROOT/data.yaml`` (``names``
 as a list or a ``{index: name}`` mapping). A split is ``ROOT/<split>.txt``
-or the ``<split>`` entry of ``data.yaml`` (a folder, or a list file); a list file names image paths
+or the ``<split>`` entry of ``data.yaml`` (a folder, or a list file; a missing ``../x`` is looked up as ``x``,
+as Ultralytics does for Roboflow's exports); a list file names image paths
 relative to the list file's own folder, as in Ultralytics (``./images/x.jpg`` or ``images/x.jpg``;
 absolute paths are allowed). ``split=None`` takes every image.
 
@@ -108,6 +109,8 @@ def _split_images(
     if not list_file.is_file() and data is not None and isinstance(data.get(split), str):
         base = root / str(data.get("path") or ".")  # an absolute 'path' replaces root
         target = base / data[split]
+        if not target.exists() and data[split].startswith("../"):
+            target = base / data[split][3:]  # Roboflow's exports say ../train/images; Ultralytics reads them so too
         if target.is_dir():
             return [(p, None) for p in list_images(target)]
         list_file = target
