@@ -317,3 +317,14 @@ def test_rerun_cut_short_leaves_no_stale_annotations(tmp_path, monkeypatch):
     # The seed-1 boxes must not survive beside seed-2 pixels: the dataset is unreadable, not silently wrong.
     assert not (tmp_path / "annotations" / "train.json").exists()
     assert not (tmp_path / "annotations" / "val.json").exists()
+
+
+def test_cli_out_below_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "images").write_text("x")
+    for out, expected in ((tmp_path / "file" / "sub", "is a file, so the folder cannot be created"),
+                          (tmp_path / "d", "images is a file; expected a folder for the frames")):
+        rc = main(["data", "synth", "--out", str(out), "--images", "1", "--size", "64x64"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1 and expected in err, err

@@ -32,6 +32,7 @@ import numpy as np
 
 from smearsight.catalog import TPS_CLASS_NAMES, TPS_CLASSES
 from smearsight.errors import InputError
+from smearsight.fileio import check_output_dir
 from smearsight.train.datasets.synth_render import (
     Scene,
     illumination_map,
@@ -341,6 +342,9 @@ def generate_dataset(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder (expected an output folder for the dataset)")
+    check_output_dir(out)
+    if (out / "images").exists() and not (out / "images").is_dir():
+        raise InputError(f"--out {out}: {out / 'images'} is a file; expected a folder for the frames")
     synth = SmearSynthesizer(seed, size)
     # Annotations of an earlier run go first: were this run cut short, they would describe its new pixels.
     for old in (out / "annotations" / "train.json", out / "annotations" / "val.json", out / "preview.png"):
