@@ -413,3 +413,24 @@ def test_yolo_unreadable_label_file_drops_its_image_not_a_negative(tmp_path: Pat
     assert len(problems) == 1
     # b.png's cells are unknown: training on it as a negative would teach the model that they are background.
     assert [r.path.name for r in ds.images] == ["a.png", "neg.png"]
+
+
+def test_an_image_listed_twice_in_a_split_is_reported_once_kept(tmp_path: Path) -> None:
+    voc = tmp_path / "voc"
+    for stem in ("a", "b"):
+        _image(voc / "JPEGImages" / f"{stem}.png")
+        _voc_file(voc, stem, f"{stem}.png", [("cell", 2, 2, 9, 9)])
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("a\nb\na 1\n")
+    ds, problems = read_dataset(voc, "voc", "train")
+    _find(problems, "train.txt", "a is listed again (first on line 1)", "line 3")
+    assert len(problems) == 1 and [r.path.name for r in ds.images] == ["a.png", "b.png"]
+
+    yolo = tmp_path / "yolo"
+    for stem in ("a", "b"):
+        _image(yolo / "images" / f"{stem}.png")
+    (yolo / "classes.txt").write_text("cell\n")
+    (yolo / "train.txt").write_text("./images/a.png\nimages/b.png\nimages/a.png\n")
+    ds, problems = read_dataset(yolo, "yolo", "train")
+    _find(problems, "train.txt", "a.png is listed again (first on line 1)", "line 3")
+    assert len(problems) == 1 and [r.path.name for r in ds.images] == ["a.png", "b.png"]

@@ -97,6 +97,7 @@ def read_voc(
         split_file = root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise InputError(f"{split_file}: split list for {split!r} not found")
+        first_line: dict[Path, int] = {}
         for n, line in enumerate(read_list_file(split_file, "split list").splitlines(), start=1):
             tokens = line.split()
             if not tokens:
@@ -107,6 +108,10 @@ def read_voc(
             missing = None
             if not xml_path.is_file():
                 missing = Problem(str(split_file), f"annotation file {xml_path} not found", f"line {n}")
+            elif xml_path in first_line:  # else the image would count twice in training and in evaluation
+                missing = Problem(str(split_file), f"{xml_path.stem} is listed again (first on line "
+                                                   f"{first_line[xml_path]})", f"line {n}")
+            first_line.setdefault(xml_path, n)
             entries.append((xml_path, missing))
 
     if class_names is None and (root / "classes.txt").is_file():

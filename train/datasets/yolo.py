@@ -117,6 +117,7 @@ def _split_images(
     if not list_file.is_file():
         raise InputError(f"{list_file}: split list for {split!r} not found")
     out: list[tuple[Path, Problem | None]] = []
+    first_line: dict[str, int] = {}
     for n, line in enumerate(read_list_file(list_file, "split list").splitlines(), start=1):
         entry = line.strip()
         if not entry:
@@ -129,6 +130,11 @@ def _split_images(
         elif image.suffix.lower() not in IMAGE_SUFFIXES:
             kinds = ", ".join(IMAGE_SUFFIXES)
             problem = Problem(str(list_file), f"{image} is not an image file ({kinds})", f"line {n}")
+        elif (key := os.path.realpath(image)) in first_line:  # else it would count twice in training and evaluation
+            problem = Problem(str(list_file), f"{image} is listed again (first on line {first_line[key]})",
+                              f"line {n}")
+        else:
+            first_line[key] = n
         out.append((image, problem))
     return out
 
