@@ -235,3 +235,16 @@ def test_yolo_roboflow_export_layout(tmp_path: Path) -> None:
         ds, problems = read_dataset(root, "yolo", split)
         assert problems == [] and [r.path.name for r in ds.images] == [name]
         np.testing.assert_allclose(ds.images[0].boxes, [[24, 12, 40, 36]])
+
+
+def test_yolo_data_yaml_split_as_a_list_of_folders_and_files(tmp_path: Path) -> None:
+    root = tmp_path / "y"
+    for rel in ("images/a/1.png", "images/b/2.png", "images/c/3.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(root / rel), np.zeros((8, 8, 3), np.uint8))
+    (root / "extra.txt").write_text("images/c/3.png\n")
+    (root / "data.yaml").write_text("names: [cell]\ntrain: [images/a, images/b, extra.txt]\nval: 7\n")
+    ds, problems = read_dataset(root, "yolo", "train")
+    assert problems == [] and [r.path.name for r in ds.images] == ["1.png", "2.png", "3.png"]
+    with pytest.raises(InputError, match="data.yaml 'val' must name a folder or list file, or a list of them, not 7"):
+        read_dataset(root, "yolo", "val")

@@ -7,8 +7,8 @@ centre and size normalised by the image width/height. A missing label file means
 (a negative), as in Ultralytics; a label file that cannot be read (not UTF-8, say) drops its image, which
 is reported. Class names come from ``ROOT/classes.txt`` (one per line) or ``ROOT/data.yaml`` (``names``
 as a list or a ``{index: name}`` mapping). A split is ``ROOT/<split>.txt``
-or the ``<split>`` entry of ``data.yaml`` (a folder, or a list file; a missing ``../x`` is looked up as ``x``,
-as Ultralytics does for Roboflow's exports); a list file names image paths
+or the ``<split>`` entry of ``data.yaml`` (a folder or a list file, or a list of them; a missing ``../x`` is
+looked up as ``x``, as Ultralytics does for Roboflow's exports); a list file names image paths
 relative to the list file's own folder, as in Ultralytics (``./images/x.jpg`` or ``images/x.jpg``;
 absolute paths are allowed). ``split=None`` takes every image.
 
@@ -106,18 +106,34 @@ def _split_images(
     root: Path, split: str, data: dict[str, Any] | None, problems: list[Problem]
 ) -> list[tuple[Path, Problem | None]]:
     list_file = root / f"{split}.txt"
-    if not list_file.is_file() and data is not None and isinstance(data.get(split), str):
+    targets = [list_file]
+    if not list_file.is_file() and data is not None and split in data:
+        names = data[split] if isinstance(data[split], list) else [data[split]]  # Ultralytics allows a list
+        if not names or not all(isinstance(name, str) for name in names):
+            raise InputError(f"{root}: data.yaml '{split}' must name a folder or list file, or a list of them, "
+                             f"not {data[split]!r}")
         base = root / str(data.get("path") or ".")  # an absolute 'path' replaces root
-        target = base / data[split]
-        if not target.exists() and data[split].startswith("../"):
-            target = base / data[split][3:]  # Roboflow's exports say ../train/images; Ultralytics reads them so too
-        if target.is_dir():
-            return [(p, None) for p in list_images(target)]
-        list_file = target
-    if not list_file.is_file():
-        raise InputError(f"{list_file}: split list for {split!r} not found")
+        targets = []
+        for name in names:
+            target = base / name
+            if not target.exists() and name.startswith("../"):
+                target = base / name[3:]  # Roboflow's exports say ../train/images; Ultralytics reads them so too
+            targets.append(target)
     out: list[tuple[Path, Problem | None]] = []
     first_line: dict[str, int] = {}
+    for target in targets:
+        if target.is_dir():
+            out.extend((p, None) for p in list_images(target))
+            continue
+        if not target.is_file():
+            raise InputError(f"{target}: split list for {split!r} not found")
+        out.extend(_list_file_images(target, first_line))
+    return out
+
+
+def _list_file_images(list_file: Path, first_line: dict[str, int]) -> list[tuple[Path, Problem | None]]:
+    """The images a split list file names (relative to its folder), each with its problem or None."""
+    out: list[tuple[Path, Problem | None]] = []
     for n, line in enumerate(read_list_file(list_file, "split list").splitlines(), start=1):
         entry = line.strip()
         if not entry:
