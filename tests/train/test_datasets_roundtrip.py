@@ -248,3 +248,17 @@ def test_yolo_data_yaml_split_as_a_list_of_folders_and_files(tmp_path: Path) -> 
     assert problems == [] and [r.path.name for r in ds.images] == ["1.png", "2.png", "3.png"]
     with pytest.raises(InputError, match="data.yaml 'val' must name a folder or list file, or a list of them, not 7"):
         read_dataset(root, "yolo", "val")
+
+
+def test_header_size_of_an_os2_bitmap(tmp_path: Path) -> None:
+    import struct
+
+    w, h = 53, 37  # BITMAPCOREHEADER (OS/2, 12 bytes): 16-bit width and height, read as 32-bit they were garbage
+    row = (w * 3 + 3) // 4 * 4
+    pixels = (bytes([10, 20, 30]) * w + b"\0" * (row - 3 * w)) * h
+    path = tmp_path / "os2.bmp"
+    path.write_bytes(b"BM" + struct.pack("<IHHI", 26 + len(pixels), 0, 0, 26) + struct.pack("<IHHHH", 12, w, h, 1, 24)
+                     + pixels)
+    decoded = cv2.imread(str(path))
+    assert decoded is not None and decoded.shape[:2] == (h, w)
+    assert image_size_from_header(path) == image_size(path) == (w, h)

@@ -149,7 +149,10 @@ def image_size_from_header(path: str | os.PathLike[str]) -> tuple[int, int] | No
         if head[:2] == b"\xff\xd8":
             return _jpeg_size(handle)
         if head[:2] == b"BM" and len(head) >= 26:
-            w, h = struct.unpack("<ii", head[18:26])
+            if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit width and height
+                w, h = struct.unpack("<HH", head[18:22])
+            else:
+                w, h = struct.unpack("<ii", head[18:26])
             return int(w), abs(int(h))
     return None
 
