@@ -434,3 +434,16 @@ def test_an_image_listed_twice_in_a_split_is_reported_once_kept(tmp_path: Path) 
     ds, problems = read_dataset(yolo, "yolo", "train")
     _find(problems, "train.txt", "a.png is listed again (first on line 1)", "line 3")
     assert len(problems) == 1 and [r.path.name for r in ds.images] == ["a.png", "b.png"]
+
+
+def test_coco_folder_without_annotation_files_says_so(tmp_path: Path) -> None:
+    _image(tmp_path / "images" / "a.png")
+    with pytest.raises(InputError, match=r"annotations: no COCO annotation files \(\*\.json\) found"):
+        read_dataset(tmp_path, "coco", None)  # was "give --split (COCO annotation files found: none)"
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(InputError, match=r"annotations: no COCO annotation files \(\*\.json\) found"):
+        read_dataset(tmp_path, "coco", None)
+    (tmp_path / "annotations" / "train.json").write_text("{}")
+    (tmp_path / "annotations" / "val.json").write_text("{}")
+    with pytest.raises(InputError, match=r"give --split \(COCO annotation files found: train, val\)"):
+        read_dataset(tmp_path, "coco", None)

@@ -103,6 +103,8 @@ def coco_json_path(path: Path, split: str | None) -> Path:
     found = sorted(ann_dir.glob("*.json"))
     if len(found) == 1:
         return found[0]
+    if not found:
+        raise InputError(f"{ann_dir}: no COCO annotation files (*.json) found; expected annotations/<split>.json")
     names = ", ".join(p.stem for p in found) or "none"
     raise InputError(f"{ann_dir}: give --split (COCO annotation files found: {names})")
 
