@@ -128,3 +128,10 @@ def test_config_as_a_training_recipe(tmp_path: Path, capsys) -> None:
     bare.write_text("levels: [3, 4]\nanchor_scale: 2.0\n")
     assert main([*args, str(bare), "--image-size", "128x128"]) == 0
     assert "levels [3, 4], base [16.0, 32.0]" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_empty_dataset_without_a_split_is_named_plainly(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "empty.json"
+    path.write_text('{"images": [], "annotations": [], "categories": []}')
+    assert main(["data", "anchors", str(path), "--format", "coco"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {path}: the dataset holds no usable images"  # was "split None"
