@@ -447,3 +447,15 @@ def test_coco_folder_without_annotation_files_says_so(tmp_path: Path) -> None:
     (tmp_path / "annotations" / "val.json").write_text("{}")
     with pytest.raises(InputError, match=r"give --split \(COCO annotation files found: train, val\)"):
         read_dataset(tmp_path, "coco", None)
+
+
+def test_voc_stale_filename_falls_back_to_the_xml_stem(tmp_path: Path) -> None:
+    root = tmp_path / "voc"
+    _image(root / "JPEGImages" / "a.jpg")  # converted to JPEG after labelling; <filename> still says a.png
+    (root / "classes.txt").write_text("cell\n")
+    _voc_file(root, "a", "a.png", [("cell", 2, 2, 9, 9)])
+    _voc_file(root, "b", "b.png", [("cell", 2, 2, 9, 9)])  # no image under either name: still reported
+    ds, problems = read_dataset(root, "voc", None)
+    assert [r.path.name for r in ds.images] == ["a.jpg"]
+    _find(problems, "b.xml", "b.png: image file not found")
+    assert len(problems) == 1

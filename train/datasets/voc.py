@@ -6,6 +6,9 @@ coordinates, ``(0, W)`` for the whole image): the same convention as the VOC dev
 The writer inverts it exactly (``xmin = x1 + 1, xmax = x2``), writing integers when the value is integral
 and the shortest decimal otherwise, so integral boxes round-trip exactly.
 
+Images: ``JPEGImages/<filename>``, else the image named after the XML file (``JPEGImages/<stem>.jpg``, .png, ...),
+which is how the VOC devkit finds it.
+
 Classes: VOC has no class list. The reader uses ``class_names`` if given, else ``ROOT/classes.txt`` if
 present (then any other object name is an *unknown class*), else the sorted names found across *all*
 XML files under ``Annotations`` (so every split of one dataset gets the same class order). The writer
@@ -58,10 +61,9 @@ def _text(node: ET.Element | None, tag: str) -> str | None:
 
 def _image_path(root: Path, xml_path: Path, filename: str | None) -> Path:
     images = root / "JPEGImages"
-    if filename:
-        candidate = images / filename
-        if candidate.is_file() or Path(filename).suffix:
-            return candidate
+    if filename and (images / filename).is_file():
+        return images / filename
+    # VOC's own rule (the devkit, torchvision): the image is named after the XML file; <filename> can be stale
     for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
         candidate = images / f"{xml_path.stem}{suffix}"
         if candidate.is_file():
