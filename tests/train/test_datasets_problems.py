@@ -459,3 +459,14 @@ def test_voc_stale_filename_falls_back_to_the_xml_stem(tmp_path: Path) -> None:
     assert [r.path.name for r in ds.images] == ["a.jpg"]
     _find(problems, "b.xml", "b.png: image file not found")
     assert len(problems) == 1
+
+
+def test_yolo_data_yaml_duplicate_or_empty_class_names_are_problems(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    _image(root / "images" / "a.png")
+    (root / "data.yaml").write_text("names: [cell, sperm, cell]\n")  # classes.txt duplicates were reported already
+    _find(read_dataset(root, "yolo", None)[1], "data.yaml", "duplicate class names ['cell']", "names")
+    (root / "data.yaml").write_text("names:\n  0: cell\n  1: ''\n")
+    _find(read_dataset(root, "yolo", None)[1], "data.yaml", "empty class name for class 1", "names")
+    (root / "data.yaml").write_text("names: [cell, sperm]\n")
+    assert read_dataset(root, "yolo", None)[1] == []

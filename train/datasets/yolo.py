@@ -62,17 +62,26 @@ def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
 
 def _names_from_yaml(path: Path, data: dict[str, Any], problems: list[Problem]) -> list[str] | None:
     names = data.get("names")
+    found: list[str] | None = None
     if isinstance(names, list) and all(isinstance(n, (str, int)) for n in names):
-        return [str(n) for n in names]
-    if isinstance(names, dict):
+        found = [str(n) for n in names]
+    elif isinstance(names, dict):
         try:
             keys = sorted(int(k) for k in names)
         except (TypeError, ValueError):
             keys = []
         if keys == list(range(len(names))):
-            return [str(names[k] if k in names else names[str(k)]) for k in keys]
-    problems.append(Problem(str(path), "'names' must be a list or a mapping {0: name, 1: name, ...}", "names"))
-    return None
+            found = [str(names[k] if k in names else names[str(k)]) for k in keys]
+    if found is None:
+        problems.append(Problem(str(path), "'names' must be a list or a mapping {0: name, 1: name, ...}", "names"))
+        return None
+    # As for classes.txt: a repeated or empty name makes labels, metrics and the exported classes ambiguous.
+    if len(set(found)) != len(found):
+        problems.append(Problem(str(path), f"duplicate class names {sorted({n for n in found if found.count(n) > 1})}",
+                                "names"))
+    if empty := [i for i, n in enumerate(found) if not n.strip()]:
+        problems.append(Problem(str(path), f"empty class name for class {', '.join(map(str, empty))}", "names"))
+    return found
 
 
 def class_names_for(root: Path, problems: list[Problem]) -> tuple[list[str], dict[str, Any] | None]:
