@@ -470,3 +470,29 @@ def test_yolo_data_yaml_duplicate_or_empty_class_names_are_problems(tmp_path: Pa
     _find(read_dataset(root, "yolo", None)[1], "data.yaml", "empty class name for class 1", "names")
     (root / "data.yaml").write_text("names: [cell, sperm]\n")
     assert read_dataset(root, "yolo", None)[1] == []
+
+
+def test_coco_boolean_ids_and_empty_category_names_are_problems(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _image(root / "images" / "ok.png")
+    path = root / "annotations" / "train.json"
+    path.parent.mkdir(parents=True)
+    data = {
+        "images": [{"id": 1, "file_name": "ok.png", "width": True, "height": 48}, {"id": True, "file_name": "x.png"}],
+        "annotations": [
+            {"id": 1, "image_id": True, "category_id": 1, "bbox": [1, 1, 4, 4]},  # JSON true: Python's 1
+            {"id": 2, "image_id": 1, "category_id": True, "bbox": [1, 1, 4, 4]},
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [2, 2, 4, 4]},  # good
+        ],
+        "categories": [{"id": 1, "name": "cell"}, {"id": False, "name": "zero"}, {"id": 3, "name": " "}],
+    }
+    path.write_text(json.dumps(data))
+    ds, problems = read_dataset(root, "coco", "train")
+    _find(problems, "train.json", "'width' and 'height' must be integers", "images[0] (id 1)")
+    _find(problems, "train.json", "image entry needs an integer 'id'", "images[1]")
+    _find(problems, "train.json", "'image_id' must be an integer, got True", "annotations[0] (id 1)")
+    _find(problems, "train.json", "unknown class: category_id True", "annotations[1] (id 2)")
+    _find(problems, "train.json", "non-empty string 'name'", "categories[1]")
+    _find(problems, "train.json", "non-empty string 'name'", "categories[2]")
+    assert len(problems) == 6
+    assert ds.class_names == ["cell"] and ds.images[0].boxes.tolist() == [[2, 2, 6, 6]]
