@@ -262,3 +262,13 @@ def test_header_size_of_an_os2_bitmap(tmp_path: Path) -> None:
     decoded = cv2.imread(str(path))
     assert decoded is not None and decoded.shape[:2] == (h, w)
     assert image_size_from_header(path) == image_size(path) == (w, h)
+
+
+def test_a_truncated_tiff_is_one_error_without_opencv_log_lines(tmp_path: Path, capfd) -> None:
+    path = tmp_path / "t.tif"
+    ok, buf = cv2.imencode(".tif", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    path.write_bytes(buf.tobytes()[:3000])  # header intact, directory cut off
+    capfd.readouterr()
+    with pytest.raises(InputError, match="t.tif: not a decodable image"):
+        read_image_rgb(path)
+    assert capfd.readouterr().err == ""  # OpenCV printed "[ERROR:0@...] global grfmt_tiff.cpp ... TIFF_Error" lines

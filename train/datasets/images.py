@@ -43,11 +43,11 @@ def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"{path}: cannot read image file ({exc.strerror or exc})") from None
     image = None
     if data.size:
-        # OpenCV logs a warning for a broken file; the InputError below says it in one line instead.
+        # OpenCV logs warnings and errors (TIFF) for a broken file; the InputError below says it in one line instead.
         log = getattr(getattr(cv2, "utils", None), "logging", None)
         level = log.getLogLevel() if log is not None else None
         if log is not None:
-            log.setLogLevel(log.LOG_LEVEL_ERROR)
+            log.setLogLevel(log.LOG_LEVEL_SILENT)
         try:
             image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV will allocate
