@@ -73,7 +73,10 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line: ``source: field.path: message (got value)`` for the first error, plus a count."""
     errors = exc.errors()
     first = errors[0]
-    loc = ".".join(str(part) for part in first.get("loc", ())) or "<root>"
+    # Pydantic names the branch of a union it tried ("function-after[_check(), AnchorConfig]", "literal['auto']"):
+    # no key of the user's file, so left out of the path.
+    loc = ".".join(str(part) for part in first.get("loc", ()) if not (isinstance(part, str) and "[" in part))
+    loc = loc or "<root>"
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         msg = f"{source}: unknown field '{loc}'"

@@ -99,3 +99,25 @@ def test_config_that_is_not_utf8_or_unreadable_is_one_line(tmp_path):
     folder.mkdir()
     with pytest.raises(InputError, match="dir.yaml: config file not found"):
         read_yaml(folder)
+
+
+def test_error_path_through_a_union_names_only_the_users_keys(tmp_path):
+    from typing import Literal
+
+    from pydantic import model_validator
+
+    class Shape(StrictConfig):
+        levels: list[int] = [3]
+
+        @model_validator(mode="after")
+        def _check(self):
+            return self
+
+    class Recipe(StrictConfig):
+        anchors: Shape | Literal["auto"] = "auto"
+
+    path = write(tmp_path, "anchors:\n  levls: [3, 4]\n")
+    with pytest.raises(InputError) as info:
+        Recipe.from_yaml(path)
+    # was: unknown field 'anchors.function-after[_check(), Shape].levls'
+    assert str(info.value).startswith(f"{path}: unknown field 'anchors.levls'")
