@@ -36,7 +36,7 @@ from .check import (
     validate_box,
     write_class_names_file,
 )
-from .images import IMAGE_SUFFIXES, place_images
+from .images import IMAGE_SUFFIXES, list_images, place_images
 from .records import DetectionDataset, ImageRecord, Problem
 
 _FIELDS = ("xmin", "ymin", "xmax", "ymax")
@@ -190,6 +190,15 @@ def read_voc(
             labels.append(class_of[name])
         images.append(ImageRecord(image_path, size[0], size[1], boxes=boxes, labels=labels, image_id=image_id))
     return DetectionDataset(class_names, images, root=root, split=split), problems
+
+
+def images_without_annotation(path: str | os.PathLike[str], ds: DetectionDataset) -> list[Path]:
+    """Images in ``JPEGImages`` that no XML file names and none is named after: VOC does not read them (not even
+    as negatives), so ``data check`` lists them."""
+    root = Path(path)
+    stems = {p.stem for p in (root / "Annotations").glob("*.xml")}
+    used = {r.path for r in ds.images}
+    return [p for p in list_images(root / "JPEGImages") if p.stem not in stems and p not in used]
 
 
 def _num_text(value: float) -> str:
