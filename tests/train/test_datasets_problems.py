@@ -496,3 +496,15 @@ def test_coco_boolean_ids_and_empty_category_names_are_problems(tmp_path: Path) 
     _find(problems, "train.json", "non-empty string 'name'", "categories[2]")
     assert len(problems) == 6
     assert ds.class_names == ["cell"] and ds.images[0].boxes.tolist() == [[2, 2, 6, 6]]
+
+
+def test_yolo_classes_txt_and_data_yaml_that_disagree_are_a_problem(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    _image(root / "images" / "a.png")
+    (root / "classes.txt").write_text("cell\nsperm\n")
+    (root / "data.yaml").write_text("names: [sperm, cell]\n")  # silently overridden by classes.txt before
+    ds, problems = read_dataset(root, "yolo", None)
+    _find(problems, "data.yaml", "'names' ['sperm', 'cell'] differ from classes.txt ['cell', 'sperm']", "names")
+    assert len(problems) == 1 and ds.class_names == ["cell", "sperm"]
+    (root / "data.yaml").write_text("names: {0: cell, 1: sperm}\ntrain: images\n")
+    assert read_dataset(root, "yolo", None)[1] == []

@@ -90,6 +90,11 @@ def class_names_for(root: Path, problems: list[Problem]) -> tuple[list[str], dic
     data = _load_yaml(yaml_path, problems) if yaml_path is not None else None
     if (root / "classes.txt").is_file():
         names = read_class_names_file(root / "classes.txt", problems)
+        if names is not None and yaml_path is not None and data is not None and "names" in data:
+            yaml_names = _names_from_yaml(yaml_path, data, [])
+            if yaml_names is not None and yaml_names != names:  # Ultralytics would train with the other list
+                problems.append(Problem(str(yaml_path), f"'names' {yaml_names} differ from classes.txt {names} "
+                                                        "(classes.txt is used); make them agree", "names"))
         return names or [], data
     if yaml_path is not None and data is not None:
         names = _names_from_yaml(yaml_path, data, problems)
