@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from smearsight.config import StrictConfig
 
@@ -27,8 +27,10 @@ BBOX_LOG_CLAMP = math.log(1000.0 / 16.0)
 class AnchorConfig(StrictConfig):
     """Anchor layout. ``base_sizes`` (one per level, pixels) overrides ``anchor_scale * stride``."""
 
+    model_config = ConfigDict(**StrictConfig.model_config, allow_inf_nan=False)  # sizes are finite numbers
+
     levels: list[int] = Field(default_factory=lambda: [3, 4, 5, 6, 7])
-    anchor_scale: float = 4.0
+    anchor_scale: float = Field(4.0, gt=0)
     base_sizes: list[float] | None = None
     scales: list[float] = Field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
     aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])

@@ -53,7 +53,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: cannot read the config file (not UTF-8: byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -69,7 +73,10 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line: ``source: field.path: message (got value)`` for the first error, plus a count."""
     errors = exc.errors()
     first = errors[0]
-    loc = ".".join(str(part) for part in first.get("loc", ())) or "<root>"
+    # Pydantic names the branch of a union it tried ("function-after[_check(), AnchorConfig]", "literal['auto']"):
+    # no key of the user's file, so left out of the path.
+    loc = ".".join(str(part) for part in first.get("loc", ()) if not (isinstance(part, str) and "[" in part))
+    loc = loc or "<root>"
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         msg = f"{source}: unknown field '{loc}'"

@@ -107,6 +107,12 @@ def test_box_iou_against_bruteforce():
         ({"scales": [0.0]}, "scales"),
         ({"levels": [3, 4], "base_sizes": [8.0]}, "base_sizes"),
         ({"aspect": [1.0]}, "aspect"),
+        ({"anchor_scale": -4.0}, "anchor_scale"),  # negative, zero, nan and inf sizes were accepted
+        ({"anchor_scale": 0.0}, "anchor_scale"),
+        ({"anchor_scale": float("nan")}, "anchor_scale"),
+        ({"scales": [1.0, float("nan")]}, "scales"),
+        ({"aspect_ratios": [float("inf")]}, "aspect_ratios"),
+        ({"levels": [3, 4], "base_sizes": [8.0, float("inf")]}, "base_sizes"),
     ],
 )
 def test_bad_anchor_config_names_field(bad, field):

@@ -85,3 +85,39 @@ def test_atomic_write_permissions_follow_umask(tmp_path):
         assert atomic_write_json(tmp_path / "b.json", [1]).read_text().strip().startswith("[")
     finally:
         os.umask(old)
+
+
+def test_config_that_is_not_utf8_or_unreadable_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("epochs: 3  # r\xe9glage\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1\.yaml: cannot read the config file \(not UTF-8"):
+        read_yaml(path)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfepochs: 3\n")  # Windows editors write a byte-order mark
+    assert read_yaml(bom) == {"epochs": 3}
+    folder = tmp_path / "dir.yaml"
+    folder.mkdir()
+    with pytest.raises(InputError, match="dir.yaml: config file not found"):
+        read_yaml(folder)
+
+
+def test_error_path_through_a_union_names_only_the_users_keys(tmp_path):
+    from typing import Literal
+
+    from pydantic import model_validator
+
+    class Shape(StrictConfig):
+        levels: list[int] = [3]
+
+        @model_validator(mode="after")
+        def _check(self):
+            return self
+
+    class Recipe(StrictConfig):
+        anchors: Shape | Literal["auto"] = "auto"
+
+    path = write(tmp_path, "anchors:\n  levls: [3, 4]\n")
+    with pytest.raises(InputError) as info:
+        Recipe.from_yaml(path)
+    # was: unknown field 'anchors.function-after[_check(), Shape].levls'
+    assert str(info.value).startswith(f"{path}: unknown field 'anchors.levls'")

@@ -182,3 +182,19 @@ def test_check_notes_16_bit_images_holding_12_bit_data(tmp_path: Path, capsys: p
     assert "1 image(s) with 16-bit pixels" in out and "img1.png" in out
     assert f"brightest value is {twelve_bit.max()}" in out
     assert "img2.png: a 16-bit" not in out
+
+
+def test_check_notes_voc_images_without_an_annotation_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    for stem in ("a", "neg", "neg2"):
+        assert cv2.imwrite(str(root / "JPEGImages" / f"{stem}.png"), np.zeros((16, 16, 3), np.uint8))
+    (root / "Annotations" / "a.xml").write_text(
+        "<annotation><filename>a.png</filename><object><name>cell</name><bndbox><xmin>2</xmin><ymin>2</ymin>"
+        "<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>"
+    )
+    assert main(["data", "check", str(root), "--format", "voc"]) == 0  # usable: a note, not a bad record
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 image(s) in JPEGImages without an annotation file, not read" in out  # were left out silently
+    assert f"note: {root / 'JPEGImages' / 'neg.png'}" in out and "a.png" not in out.split("not read")[1]

@@ -372,3 +372,139 @@ def test_training_split_drops_a_corrupt_image_before_training(tmp_path: Path, ca
         ds = load_split(root, "coco", "train", "training split", verify_images=True)
     assert [r.path.name for r in ds.images] == ["a.png"]
     assert "1 bad record(s) skipped" in caplog.text and "b.png" in caplog.text
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_image_too_large_for_opencv_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    _png_header_only(root / "images" / "huge.png", 60000, 60000)  # 3.6 gigapixels: OpenCV refuses to decode
+    _image(root / "images" / "ok.png")
+    (root / "classes.txt").write_text("cell\n")
+    ds, problems = read_dataset(root, "yolo", None)
+    assert problems == [] and ds.images[0].width == 60000  # header only
+    ds, problems = read_dataset(root, "yolo", None, verify_images=True)
+    _find(problems, "huge.png", "not a decodable image (too many pixels for OpenCV)")
+    assert len(problems) == 1 and [r.path.name for r in ds.images] == ["ok.png"]
+
+
+def test_yolo_unreadable_label_file_drops_its_image_not_a_negative(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    for stem in ("a", "b", "neg"):
+        _image(root / "images" / f"{stem}.png")
+    (root / "classes.txt").write_text("cell\n")
+    (root / "labels").mkdir()
+    (root / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (root / "labels" / "b.txt").write_bytes("0 0.5 0.5 0.2 0.2\n# r\xe9vis\xe9\n".encode("latin-1"))  # not UTF-8
+    ds, problems = read_dataset(root, "yolo", None)
+    _find(problems, str(Path("labels") / "b.txt"), "cannot read the label file")
+    assert len(problems) == 1
+    # b.png's cells are unknown: training on it as a negative would teach the model that they are background.
+    assert [r.path.name for r in ds.images] == ["a.png", "neg.png"]
+
+
+def test_an_image_listed_twice_in_a_split_is_reported_once_kept(tmp_path: Path) -> None:
+    voc = tmp_path / "voc"
+    for stem in ("a", "b"):
+        _image(voc / "JPEGImages" / f"{stem}.png")
+        _voc_file(voc, stem, f"{stem}.png", [("cell", 2, 2, 9, 9)])
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("a\nb\na 1\n")
+    ds, problems = read_dataset(voc, "voc", "train")
+    _find(problems, "train.txt", "a is listed again (first on line 1)", "line 3")
+    assert len(problems) == 1 and [r.path.name for r in ds.images] == ["a.png", "b.png"]
+
+    yolo = tmp_path / "yolo"
+    for stem in ("a", "b"):
+        _image(yolo / "images" / f"{stem}.png")
+    (yolo / "classes.txt").write_text("cell\n")
+    (yolo / "train.txt").write_text("./images/a.png\nimages/b.png\nimages/a.png\n")
+    ds, problems = read_dataset(yolo, "yolo", "train")
+    _find(problems, "train.txt", "a.png is listed again (first on line 1)", "line 3")
+    assert len(problems) == 1 and [r.path.name for r in ds.images] == ["a.png", "b.png"]
+
+
+def test_coco_folder_without_annotation_files_says_so(tmp_path: Path) -> None:
+    _image(tmp_path / "images" / "a.png")
+    with pytest.raises(InputError, match=r"annotations: no COCO annotation files \(\*\.json\) found"):
+        read_dataset(tmp_path, "coco", None)  # was "give --split (COCO annotation files found: none)"
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(InputError, match=r"annotations: no COCO annotation files \(\*\.json\) found"):
+        read_dataset(tmp_path, "coco", None)
+    (tmp_path / "annotations" / "train.json").write_text("{}")
+    (tmp_path / "annotations" / "val.json").write_text("{}")
+    with pytest.raises(InputError, match=r"give --split \(COCO annotation files found: train, val\)"):
+        read_dataset(tmp_path, "coco", None)
+
+
+def test_voc_stale_filename_falls_back_to_the_xml_stem(tmp_path: Path) -> None:
+    root = tmp_path / "voc"
+    _image(root / "JPEGImages" / "a.jpg")  # converted to JPEG after labelling; <filename> still says a.png
+    (root / "classes.txt").write_text("cell\n")
+    _voc_file(root, "a", "a.png", [("cell", 2, 2, 9, 9)])
+    _voc_file(root, "b", "b.png", [("cell", 2, 2, 9, 9)])  # no image under either name: still reported
+    ds, problems = read_dataset(root, "voc", None)
+    assert [r.path.name for r in ds.images] == ["a.jpg"]
+    _find(problems, "b.xml", "b.png: image file not found")
+    assert len(problems) == 1
+
+
+def test_yolo_data_yaml_duplicate_or_empty_class_names_are_problems(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    _image(root / "images" / "a.png")
+    (root / "data.yaml").write_text("names: [cell, sperm, cell]\n")  # classes.txt duplicates were reported already
+    _find(read_dataset(root, "yolo", None)[1], "data.yaml", "duplicate class names ['cell']", "names")
+    (root / "data.yaml").write_text("names:\n  0: cell\n  1: ''\n")
+    _find(read_dataset(root, "yolo", None)[1], "data.yaml", "empty class name for class 1", "names")
+    (root / "data.yaml").write_text("names: [cell, sperm]\n")
+    assert read_dataset(root, "yolo", None)[1] == []
+
+
+def test_coco_boolean_ids_and_empty_category_names_are_problems(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _image(root / "images" / "ok.png")
+    path = root / "annotations" / "train.json"
+    path.parent.mkdir(parents=True)
+    data = {
+        "images": [{"id": 1, "file_name": "ok.png", "width": True, "height": 48}, {"id": True, "file_name": "x.png"}],
+        "annotations": [
+            {"id": 1, "image_id": True, "category_id": 1, "bbox": [1, 1, 4, 4]},  # JSON true: Python's 1
+            {"id": 2, "image_id": 1, "category_id": True, "bbox": [1, 1, 4, 4]},
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [2, 2, 4, 4]},  # good
+        ],
+        "categories": [{"id": 1, "name": "cell"}, {"id": False, "name": "zero"}, {"id": 3, "name": " "}],
+    }
+    path.write_text(json.dumps(data))
+    ds, problems = read_dataset(root, "coco", "train")
+    _find(problems, "train.json", "'width' and 'height' must be integers", "images[0] (id 1)")
+    _find(problems, "train.json", "image entry needs an integer 'id'", "images[1]")
+    _find(problems, "train.json", "'image_id' must be an integer, got True", "annotations[0] (id 1)")
+    _find(problems, "train.json", "unknown class: category_id True", "annotations[1] (id 2)")
+    _find(problems, "train.json", "non-empty string 'name'", "categories[1]")
+    _find(problems, "train.json", "non-empty string 'name'", "categories[2]")
+    assert len(problems) == 6
+    assert ds.class_names == ["cell"] and ds.images[0].boxes.tolist() == [[2, 2, 6, 6]]
+
+
+def test_yolo_classes_txt_and_data_yaml_that_disagree_are_a_problem(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    _image(root / "images" / "a.png")
+    (root / "classes.txt").write_text("cell\nsperm\n")
+    (root / "data.yaml").write_text("names: [sperm, cell]\n")  # silently overridden by classes.txt before
+    ds, problems = read_dataset(root, "yolo", None)
+    _find(problems, "data.yaml", "'names' ['sperm', 'cell'] differ from classes.txt ['cell', 'sperm']", "names")
+    assert len(problems) == 1 and ds.class_names == ["cell", "sperm"]
+    (root / "data.yaml").write_text("names: {0: cell, 1: sperm}\ntrain: images\n")
+    assert read_dataset(root, "yolo", None)[1] == []

@@ -220,3 +220,55 @@ def test_header_size_matches_decoded_size(tmp_path: Path, name: str, params: lis
         assert image_size_from_header(path) is None
     else:
         assert image_size_from_header(path) == (53, 37)
+
+
+def test_yolo_roboflow_export_layout(tmp_path: Path) -> None:
+    # Roboflow's YOLO export: ROOT/{train,valid}/{images,labels}, data.yaml naming ../train/images.
+    root = tmp_path / "rf"
+    for split in ("train", "valid"):
+        (root / split / "labels").mkdir(parents=True)
+        (root / split / "images").mkdir()
+        assert cv2.imwrite(str(root / split / "images" / f"{split}_1.jpg"), np.zeros((48, 64, 3), np.uint8))
+        (root / split / "labels" / f"{split}_1.txt").write_text("0 0.5 0.5 0.25 0.5\n")
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\n\nnc: 1\nnames: ['cell']\n")
+    for split, name in (("train", "train_1.jpg"), ("val", "valid_1.jpg")):
+        ds, problems = read_dataset(root, "yolo", split)
+        assert problems == [] and [r.path.name for r in ds.images] == [name]
+        np.testing.assert_allclose(ds.images[0].boxes, [[24, 12, 40, 36]])
+
+
+def test_yolo_data_yaml_split_as_a_list_of_folders_and_files(tmp_path: Path) -> None:
+    root = tmp_path / "y"
+    for rel in ("images/a/1.png", "images/b/2.png", "images/c/3.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(root / rel), np.zeros((8, 8, 3), np.uint8))
+    (root / "extra.txt").write_text("images/c/3.png\n")
+    (root / "data.yaml").write_text("names: [cell]\ntrain: [images/a, images/b, extra.txt]\nval: 7\n")
+    ds, problems = read_dataset(root, "yolo", "train")
+    assert problems == [] and [r.path.name for r in ds.images] == ["1.png", "2.png", "3.png"]
+    with pytest.raises(InputError, match="data.yaml 'val' must name a folder or list file, or a list of them, not 7"):
+        read_dataset(root, "yolo", "val")
+
+
+def test_header_size_of_an_os2_bitmap(tmp_path: Path) -> None:
+    import struct
+
+    w, h = 53, 37  # BITMAPCOREHEADER (OS/2, 12 bytes): 16-bit width and height, read as 32-bit they were garbage
+    row = (w * 3 + 3) // 4 * 4
+    pixels = (bytes([10, 20, 30]) * w + b"\0" * (row - 3 * w)) * h
+    path = tmp_path / "os2.bmp"
+    path.write_bytes(b"BM" + struct.pack("<IHHI", 26 + len(pixels), 0, 0, 26) + struct.pack("<IHHHH", 12, w, h, 1, 24)
+                     + pixels)
+    decoded = cv2.imread(str(path))
+    assert decoded is not None and decoded.shape[:2] == (h, w)
+    assert image_size_from_header(path) == image_size(path) == (w, h)
+
+
+def test_a_truncated_tiff_is_one_error_without_opencv_log_lines(tmp_path: Path, capfd) -> None:
+    path = tmp_path / "t.tif"
+    ok, buf = cv2.imencode(".tif", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    path.write_bytes(buf.tobytes()[:3000])  # header intact, directory cut off
+    capfd.readouterr()
+    with pytest.raises(InputError, match="t.tif: not a decodable image"):
+        read_image_rgb(path)
+    assert capfd.readouterr().err == ""  # OpenCV printed "[ERROR:0@...] global grfmt_tiff.cpp ... TIFF_Error" lines

@@ -280,3 +280,51 @@ def test_synth_imports_and_renders_without_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ bad runs
+
+
+def test_cli_negative_seed_is_one_line_and_creates_nothing(tmp_path, capsys):
+    rc = main(["data", "synth", "--out", str(tmp_path / "o"), "--images", "1", "--seed", "-1", "--size", "64x64"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == "error: --seed: -1 must be 0 or more"
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_full_disk_is_one_line_naming_the_file(tmpfs, capsys):
+    with tmpfs("small", "size=48k") as disk:
+        rc = main(["data", "synth", "--out", str(disk / "d"), "--images", "4", "--seed", "1", "--size", "256x320"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: {disk / 'd' / 'images'}/synth_0000") and "No space left on device" in err
+        assert not list(disk.rglob("*.tmp")) and not (disk / "d" / "annotations").exists()
+
+
+def test_rerun_cut_short_leaves_no_stale_annotations(tmp_path, monkeypatch):
+    generate_dataset(tmp_path, 3, seed=1, size=(64, 64), progress=False)
+    assert (tmp_path / "annotations" / "train.json").is_file()
+    render = SmearSynthesizer.render
+
+    def interrupted(self, index):
+        if index == 1:
+            raise KeyboardInterrupt
+        return render(self, index)
+
+    monkeypatch.setattr(SmearSynthesizer, "render", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(tmp_path, 3, seed=2, size=(64, 64), progress=False)  # synth_00000.jpg now holds seed 2
+    # The seed-1 boxes must not survive beside seed-2 pixels: the dataset is unreadable, not silently wrong.
+    assert not (tmp_path / "annotations" / "train.json").exists()
+    assert not (tmp_path / "annotations" / "val.json").exists()
+
+
+def test_cli_out_below_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "images").write_text("x")
+    for out, expected in ((tmp_path / "file" / "sub", "is a file, so the folder cannot be created"),
+                          (tmp_path / "d", "images is a file; expected a folder for the frames")):
+        rc = main(["data", "synth", "--out", str(out), "--images", "1", "--size", "64x64"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1 and expected in err, err

@@ -62,6 +62,15 @@ def check_command(
         console.print(f"\n{len(notes)} box(es) with a side under {TINY_BOX_PX:g} px (valid, but worth a look):")
         for line in notes:
             console.print(f"  note: {line}", markup=False)
+    if fmt.lower() == "voc" and split is None:
+        from .voc import images_without_annotation
+
+        lone = images_without_annotation(path, ds)
+        if lone:
+            console.print(f"\n{len(lone)} image(s) in JPEGImages without an annotation file, not read (a negative "
+                          "needs an XML file without <object>):")
+            for image in lone:
+                console.print(f"  note: {image}", markup=False)
     dark = [] if fast else [n for n in map(low_bit_depth_note, (r.path for r in ds.images)) if n]
     if dark:
         console.print(f"\n{len(dark)} image(s) with 16-bit pixels that will look nearly black:")

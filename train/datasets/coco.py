@@ -103,6 +103,8 @@ def coco_json_path(path: Path, split: str | None) -> Path:
     found = sorted(ann_dir.glob("*.json"))
     if len(found) == 1:
         return found[0]
+    if not found:
+        raise InputError(f"{ann_dir}: no COCO annotation files (*.json) found; expected annotations/<split>.json")
     names = ", ".join(p.stem for p in found) or "none"
     raise InputError(f"{ann_dir}: give --split (COCO annotation files found: {names})")
 
@@ -114,6 +116,11 @@ def _image_dirs(json_path: Path, split: str | None) -> list[Path]:
         dirs.append(root / "images" / split)
     dirs.append(root)
     return dirs
+
+
+def _int(value: Any) -> bool:
+    """A JSON integer (not true/false, which Python reads as 1/0)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _num(value: Any) -> bool:
@@ -164,8 +171,9 @@ def read_coco(
     cats: dict[int, str] = {}
     for i, cat in enumerate(data["categories"]):
         where = f"categories[{i}]"
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
-            problems.append(Problem(file, "category needs an integer 'id' and a string 'name'", where))
+        if not isinstance(cat, dict) or not _int(cat.get("id")) or not isinstance(cat.get("name"), str) \
+                or not cat["name"].strip():
+            problems.append(Problem(file, "category needs an integer 'id' and a non-empty string 'name'", where))
             continue
         if cat["id"] in cats:
             problems.append(Problem(file, f"duplicate category id {cat['id']}", where))
@@ -187,7 +195,7 @@ def read_coco(
         if progress is not None:
             progress(i, len(data["images"]))
         where = f"images[{i}]"
-        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not isinstance(
+        if not isinstance(img, dict) or not _int(img.get("id")) or not isinstance(
             img.get("file_name"), str
         ):
             problems.append(Problem(file, "image entry needs an integer 'id' and a string 'file_name'", where))
@@ -211,7 +219,7 @@ def read_coco(
             continue
         declared_w, declared_h = img.get("width"), img.get("height")
         if declared_w is not None or declared_h is not None:
-            if not (isinstance(declared_w, int) and isinstance(declared_h, int)):
+            if not (_int(declared_w) and _int(declared_h)):
                 problems.append(Problem(file, "'width' and 'height' must be integers", where))
             elif (p := size_mismatch_problem(file, where, (declared_w, declared_h), size)) is not None:
                 problems.append(p)
@@ -234,7 +242,7 @@ def read_coco(
         if crowd:
             continue
         image_id = ann.get("image_id")
-        if not isinstance(image_id, int):
+        if not _int(image_id):
             problems.append(Problem(file, f"'image_id' must be an integer, got {image_id!r}", where + " image_id"))
             continue
         if image_id in bad_images:
@@ -242,7 +250,7 @@ def read_coco(
         if image_id not in records:
             problems.append(Problem(file, f"image_id {image_id!r} is not in 'images'", where + " image_id"))
             continue
-        if not isinstance(ann.get("category_id"), int) or ann["category_id"] not in class_of:
+        if not _int(ann.get("category_id")) or ann["category_id"] not in class_of:
             problems.append(Problem(file, f"unknown class: category_id {ann.get('category_id')!r}", where))
             continue
         bbox = ann.get("bbox")

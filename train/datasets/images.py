@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smearsight.errors import InputError, require
+from smearsight.errors import InputError, first_line, require
 from smearsight.fileio import atomic_open
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -43,13 +43,16 @@ def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"{path}: cannot read image file ({exc.strerror or exc})") from None
     image = None
     if data.size:
-        # OpenCV logs a warning for a broken file; the InputError below says it in one line instead.
+        # OpenCV logs warnings and errors (TIFF) for a broken file; the InputError below says it in one line instead.
         log = getattr(getattr(cv2, "utils", None), "logging", None)
         level = log.getLogLevel() if log is not None else None
         if log is not None:
-            log.setLogLevel(log.LOG_LEVEL_ERROR)
+            log.setLogLevel(log.LOG_LEVEL_SILENT)
         try:
             image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV will allocate
+            why = "too many pixels for OpenCV" if "MAX_IMAGE_PIXELS" in str(exc) else first_line(exc)
+            raise InputError(f"{path}: not a decodable image ({why})") from None
         finally:
             if log is not None:
                 log.setLogLevel(level)
@@ -146,7 +149,10 @@ def image_size_from_header(path: str | os.PathLike[str]) -> tuple[int, int] | No
         if head[:2] == b"\xff\xd8":
             return _jpeg_size(handle)
         if head[:2] == b"BM" and len(head) >= 26:
-            w, h = struct.unpack("<ii", head[18:26])
+            if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit width and height
+                w, h = struct.unpack("<HH", head[18:22])
+            else:
+                w, h = struct.unpack("<ii", head[18:26])
             return int(w), abs(int(h))
     return None
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from smearsight.catalog import TPS_CLASS_NAMES, TPS_CLASSES
 from smearsight.errors import InputError
+from smearsight.fileio import check_output_dir
 from smearsight.train.datasets.synth_render import (
     Scene,
     illumination_map,
@@ -293,8 +294,10 @@ def _write_file(path: Path, data: bytes) -> None:
             handle.write(data)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; images are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # a full disk: the CLI names the file
         raise
 
 
@@ -323,6 +326,9 @@ def generate_dataset(
 
     Images are JPEG (quality 95, 4:4:4 chroma). The split is 80/20 and deterministic; the same arguments
     give byte-identical files. With ``preview`` a contact sheet is written to ``out_dir/preview.png``.
+    An existing ``out_dir`` is written over; its earlier ``train``/``val`` annotations and preview are
+    removed before the first frame, so a run cut short (Ctrl-C, a full disk) leaves no annotation file
+    describing other pixels.
     Returns a summary: counts per split and class, file paths, and the mean render time per frame.
     """
     from smearsight.train.datasets.coco import write_coco
@@ -331,12 +337,20 @@ def generate_dataset(
     n_images = int(n_images)
     if n_images < 1:
         raise InputError(f"--images: {n_images} must be at least 1")
+    if int(seed) < 0:
+        raise InputError(f"--seed: {seed} must be 0 or more")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder (expected an output folder for the dataset)")
+    check_output_dir(out)
+    if (out / "images").exists() and not (out / "images").is_dir():
+        raise InputError(f"--out {out}: {out / 'images'} is a file; expected a folder for the frames")
+    synth = SmearSynthesizer(seed, size)
+    # Annotations of an earlier run go first: were this run cut short, they would describe its new pixels.
+    for old in (out / "annotations" / "train.json", out / "annotations" / "val.json", out / "preview.png"):
+        old.unlink(missing_ok=True)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    synth = SmearSynthesizer(seed, size)
     h, w = synth.size
     records: list[ImageRecord] = []
     counts = np.zeros(len(TPS_CLASS_NAMES), np.int64)

@@ -6,6 +6,9 @@ coordinates, ``(0, W)`` for the whole image): the same convention as the VOC dev
 The writer inverts it exactly (``xmin = x1 + 1, xmax = x2``), writing integers when the value is integral
 and the shortest decimal otherwise, so integral boxes round-trip exactly.
 
+Images: ``JPEGImages/<filename>``, else the image named after the XML file (``JPEGImages/<stem>.jpg``, .png, ...),
+which is how the VOC devkit finds it.
+
 Classes: VOC has no class list. The reader uses ``class_names`` if given, else ``ROOT/classes.txt`` if
 present (then any other object name is an *unknown class*), else the sorted names found across *all*
 XML files under ``Annotations`` (so every split of one dataset gets the same class order). The writer
@@ -33,7 +36,7 @@ from .check import (
     validate_box,
     write_class_names_file,
 )
-from .images import IMAGE_SUFFIXES, place_images
+from .images import IMAGE_SUFFIXES, list_images, place_images
 from .records import DetectionDataset, ImageRecord, Problem
 
 _FIELDS = ("xmin", "ymin", "xmax", "ymax")
@@ -58,10 +61,9 @@ def _text(node: ET.Element | None, tag: str) -> str | None:
 
 def _image_path(root: Path, xml_path: Path, filename: str | None) -> Path:
     images = root / "JPEGImages"
-    if filename:
-        candidate = images / filename
-        if candidate.is_file() or Path(filename).suffix:
-            return candidate
+    if filename and (images / filename).is_file():
+        return images / filename
+    # VOC's own rule (the devkit, torchvision): the image is named after the XML file; <filename> can be stale
     for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
         candidate = images / f"{xml_path.stem}{suffix}"
         if candidate.is_file():
@@ -97,6 +99,7 @@ def read_voc(
         split_file = root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             raise InputError(f"{split_file}: split list for {split!r} not found")
+        first_line: dict[Path, int] = {}
         for n, line in enumerate(read_list_file(split_file, "split list").splitlines(), start=1):
             tokens = line.split()
             if not tokens:
@@ -107,6 +110,10 @@ def read_voc(
             missing = None
             if not xml_path.is_file():
                 missing = Problem(str(split_file), f"annotation file {xml_path} not found", f"line {n}")
+            elif xml_path in first_line:  # else the image would count twice in training and in evaluation
+                missing = Problem(str(split_file), f"{xml_path.stem} is listed again (first on line "
+                                                   f"{first_line[xml_path]})", f"line {n}")
+            first_line.setdefault(xml_path, n)
             entries.append((xml_path, missing))
 
     if class_names is None and (root / "classes.txt").is_file():
@@ -183,6 +190,15 @@ def read_voc(
             labels.append(class_of[name])
         images.append(ImageRecord(image_path, size[0], size[1], boxes=boxes, labels=labels, image_id=image_id))
     return DetectionDataset(class_names, images, root=root, split=split), problems
+
+
+def images_without_annotation(path: str | os.PathLike[str], ds: DetectionDataset) -> list[Path]:
+    """Images in ``JPEGImages`` that no XML file names and none is named after: VOC does not read them (not even
+    as negatives), so ``data check`` lists them."""
+    root = Path(path)
+    stems = {p.stem for p in (root / "Annotations").glob("*.xml")}
+    used = {r.path for r in ds.images}
+    return [p for p in list_images(root / "JPEGImages") if p.stem not in stems and p not in used]
 
 
 def _num_text(value: float) -> str:

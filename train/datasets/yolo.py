@@ -4,9 +4,11 @@ Layout: images under ``ROOT/images/`` (sub-folders allowed), one label file per 
 relative path under ``ROOT/labels/`` with suffix ``.txt`` (``images/a/b.jpg`` -> ``labels/a/b.txt``, the
 Ultralytics rule; flat datasets get ``labels/<stem>.txt``). Each label line is ``class cx cy w h`` with the
 centre and size normalised by the image width/height. A missing label file means an image without boxes
-(a negative), as in Ultralytics. Class names come from ``ROOT/classes.txt`` (one per line) or
-``ROOT/data.yaml`` (``names`` as a list or a ``{index: name}`` mapping). A split is ``ROOT/<split>.txt``
-or the ``<split>`` entry of ``data.yaml`` (a folder, or a list file); a list file names image paths
+(a negative), as in Ultralytics; a label file that cannot be read (not UTF-8, say) drops its image, which
+is reported. Class names come from ``ROOT/classes.txt`` (one per line) or ``ROOT/data.yaml`` (``names``
+as a list or a ``{index: name}`` mapping). A split is ``ROOT/<split>.txt``
+or the ``<split>`` entry of ``data.yaml`` (a folder or a list file, or a list of them; a missing ``../x`` is
+looked up as ``x``, as Ultralytics does for Roboflow's exports); a list file names image paths
 relative to the list file's own folder, as in Ultralytics (``./images/x.jpg`` or ``images/x.jpg``;
 absolute paths are allowed). ``split=None`` takes every image.
 
@@ -60,17 +62,26 @@ def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
 
 def _names_from_yaml(path: Path, data: dict[str, Any], problems: list[Problem]) -> list[str] | None:
     names = data.get("names")
+    found: list[str] | None = None
     if isinstance(names, list) and all(isinstance(n, (str, int)) for n in names):
-        return [str(n) for n in names]
-    if isinstance(names, dict):
+        found = [str(n) for n in names]
+    elif isinstance(names, dict):
         try:
             keys = sorted(int(k) for k in names)
         except (TypeError, ValueError):
             keys = []
         if keys == list(range(len(names))):
-            return [str(names[k] if k in names else names[str(k)]) for k in keys]
-    problems.append(Problem(str(path), "'names' must be a list or a mapping {0: name, 1: name, ...}", "names"))
-    return None
+            found = [str(names[k] if k in names else names[str(k)]) for k in keys]
+    if found is None:
+        problems.append(Problem(str(path), "'names' must be a list or a mapping {0: name, 1: name, ...}", "names"))
+        return None
+    # As for classes.txt: a repeated or empty name makes labels, metrics and the exported classes ambiguous.
+    if len(set(found)) != len(found):
+        problems.append(Problem(str(path), f"duplicate class names {sorted({n for n in found if found.count(n) > 1})}",
+                                "names"))
+    if empty := [i for i, n in enumerate(found) if not n.strip()]:
+        problems.append(Problem(str(path), f"empty class name for class {', '.join(map(str, empty))}", "names"))
+    return found
 
 
 def class_names_for(root: Path, problems: list[Problem]) -> tuple[list[str], dict[str, Any] | None]:
@@ -79,6 +90,11 @@ def class_names_for(root: Path, problems: list[Problem]) -> tuple[list[str], dic
     data = _load_yaml(yaml_path, problems) if yaml_path is not None else None
     if (root / "classes.txt").is_file():
         names = read_class_names_file(root / "classes.txt", problems)
+        if names is not None and yaml_path is not None and data is not None and "names" in data:
+            yaml_names = _names_from_yaml(yaml_path, data, [])
+            if yaml_names is not None and yaml_names != names:  # Ultralytics would train with the other list
+                problems.append(Problem(str(yaml_path), f"'names' {yaml_names} differ from classes.txt {names} "
+                                                        "(classes.txt is used); make them agree", "names"))
         return names or [], data
     if yaml_path is not None and data is not None:
         names = _names_from_yaml(yaml_path, data, problems)
@@ -104,14 +120,33 @@ def _split_images(
     root: Path, split: str, data: dict[str, Any] | None, problems: list[Problem]
 ) -> list[tuple[Path, Problem | None]]:
     list_file = root / f"{split}.txt"
-    if not list_file.is_file() and data is not None and isinstance(data.get(split), str):
+    targets = [list_file]
+    if not list_file.is_file() and data is not None and split in data:
+        names = data[split] if isinstance(data[split], list) else [data[split]]  # Ultralytics allows a list
+        if not names or not all(isinstance(name, str) for name in names):
+            raise InputError(f"{root}: data.yaml '{split}' must name a folder or list file, or a list of them, "
+                             f"not {data[split]!r}")
         base = root / str(data.get("path") or ".")  # an absolute 'path' replaces root
-        target = base / data[split]
+        targets = []
+        for name in names:
+            target = base / name
+            if not target.exists() and name.startswith("../"):
+                target = base / name[3:]  # Roboflow's exports say ../train/images; Ultralytics reads them so too
+            targets.append(target)
+    out: list[tuple[Path, Problem | None]] = []
+    first_line: dict[str, int] = {}
+    for target in targets:
         if target.is_dir():
-            return [(p, None) for p in list_images(target)]
-        list_file = target
-    if not list_file.is_file():
-        raise InputError(f"{list_file}: split list for {split!r} not found")
+            out.extend((p, None) for p in list_images(target))
+            continue
+        if not target.is_file():
+            raise InputError(f"{target}: split list for {split!r} not found")
+        out.extend(_list_file_images(target, first_line))
+    return out
+
+
+def _list_file_images(list_file: Path, first_line: dict[str, int]) -> list[tuple[Path, Problem | None]]:
+    """The images a split list file names (relative to its folder), each with its problem or None."""
     out: list[tuple[Path, Problem | None]] = []
     for n, line in enumerate(read_list_file(list_file, "split list").splitlines(), start=1):
         entry = line.strip()
@@ -125,13 +160,19 @@ def _split_images(
         elif image.suffix.lower() not in IMAGE_SUFFIXES:
             kinds = ", ".join(IMAGE_SUFFIXES)
             problem = Problem(str(list_file), f"{image} is not an image file ({kinds})", f"line {n}")
+        elif (key := os.path.realpath(image)) in first_line:  # else it would count twice in training and evaluation
+            problem = Problem(str(list_file), f"{image} is listed again (first on line {first_line[key]})",
+                              f"line {n}")
+        else:
+            first_line[key] = n
         out.append((image, problem))
     return out
 
 
 def _parse_labels(
     label_path: Path, width: int, height: int, n_classes: int, problems: list[Problem]
-) -> tuple[list[np.ndarray], list[int]]:
+) -> tuple[list[np.ndarray], list[int]] | None:
+    """Boxes and labels of one label file; None (after a Problem) when the file cannot be read at all."""
     boxes: list[np.ndarray] = []
     labels: list[int] = []
     file = str(label_path)
@@ -139,7 +180,7 @@ def _parse_labels(
         text = label_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(file, f"cannot read the label file: {exc}"))
-        return boxes, labels
+        return None
     for n, line in enumerate(text.splitlines(), start=1):
         tokens = line.split()
         if not tokens:
@@ -206,7 +247,10 @@ def read_yolo(
         boxes: list[np.ndarray] = []
         labels: list[int] = []
         if label_path.is_file():
-            boxes, labels = _parse_labels(label_path, size[0], size[1], len(class_names), problems)
+            parsed = _parse_labels(label_path, size[0], size[1], len(class_names), problems)
+            if parsed is None:  # its boxes are unknown: dropped, not kept as a negative
+                continue
+            boxes, labels = parsed
         images.append(ImageRecord(image_path, size[0], size[1], boxes=boxes, labels=labels, image_id=image_id))
     return DetectionDataset(class_names, images, root=root, split=split), problems
 

@@ -254,38 +254,60 @@ def data_anchors_cmd(
     path: Path = typer.Argument(..., help="Dataset root (or COCO JSON)."),
     fmt: str = typer.Option(..., "--format", help="coco | voc | yolo"),
     split: str | None = typer.Option(None, "--split"),
-    config: Path | None = typer.Option(None, "--config", help="YAML with an 'anchors' section (AnchorConfig)."),
-    image_size: str | None = typer.Option(None, "--image-size", help="HxW model input (default: from the data)."),
+    config: Path | None = typer.Option(
+        None, "--config", help="Training recipe (TrainConfig YAML with 'anchors') or the anchors alone (AnchorConfig)."
+    ),
+    image_size: str | None = typer.Option(
+        None, "--image-size", help="HxW model input (default: the recipe's, else from the data)."
+    ),
     positive_iou: float = typer.Option(0.5, "--positive-iou", help="IoU a box's best anchor must reach."),
-    variant: str = typer.Option("efficientdet_lite0", "--variant"),
+    variant: str | None = typer.Option(None, "--variant", help="Default: the recipe's (efficientdet_lite0)."),
 ) -> None:
     """Per box-size bucket, the fraction of boxes whose best anchor reaches the positive IoU threshold.
 
     Shows the given anchors (--config; default: the detector's TPS default), P3-P7 effdet defaults, and the
-    layout the training recipe would pick from this data.
+    layout the training recipe would pick from this data. A recipe given as --config is validated whole
+    (a misspelt setting is an error) and lends its variant, image size and matcher to the report.
     """
     from rich.console import Console
     from rich.table import Table
 
     from smearsight.anchors import AnchorConfig
     from smearsight.config import read_yaml
-    from smearsight.train.detector.anchor_stats import choose_anchors, coverage_report
-    from smearsight.train.detector.config import default_detector_anchors
+    from smearsight.train.detector.anchor_stats import coverage_report
+    from smearsight.train.detector.config import TrainConfig, default_detector_anchors
     from smearsight.train.detector.data import auto_image_size, load_split, scaled_boxes
     from smearsight.train.detector.registry import variant_settings
+    from smearsight.train.detector.train_loop import resolve_recipe
 
+    if not 0 < positive_iou <= 1:  # also refuses nan
+        raise InputError(f"--positive-iou: expected a number in (0, 1], got {positive_iou:g}")
+    layouts: list[tuple[str, AnchorConfig]] = []
+    recipe = TrainConfig()
+    if config:
+        data = read_yaml(config)
+        if "anchors" in data:  # a training recipe, validated whole: a misspelt setting is an error, not ignored
+            recipe = TrainConfig.from_dict(data, source=str(config))
+            if isinstance(recipe.anchors, AnchorConfig):
+                layouts.append((f"{config}", recipe.anchors))
+        else:
+            layouts.append((f"{config}", AnchorConfig.from_dict(data, source=str(config))))
+    if not layouts:  # no --config, or a recipe with anchors: auto / default
+        layouts.append(("detector default (P2-P6, 8 px)", default_detector_anchors()))
+    if variant is not None:
+        recipe = recipe.model_copy(update={"variant": variant})
+    settings = variant_settings(recipe.variant)
     ds = load_split(path, _fmt(fmt), split)
-    size = _parse_size(image_size) or auto_image_size(ds, max(variant_settings(variant)["image_size"]))
+    if ds.num_boxes == 0:
+        what = f"split {split!r}" if split else "the dataset"
+        raise InputError(f"{path}: {what} holds no boxes (nothing to measure anchors against)")
+    size = _parse_size(image_size) or recipe.image_size or auto_image_size(ds, max(settings["image_size"]))
     hw = (size[0], size[1])
     boxes = scaled_boxes(ds, hw)
-    layouts: list[tuple[str, AnchorConfig]] = []
-    if config:
-        section = read_yaml(config)
-        layouts.append((f"{config}", AnchorConfig.from_dict(section.get("anchors", section), source=str(config))))
-    else:
-        layouts.append(("detector default (P2-P6, 8 px)", default_detector_anchors()))
     layouts.append(("effdet P3-P7 x4", AnchorConfig()))
-    layouts.append(("recipe auto", choose_anchors(boxes, hw, positive_iou=positive_iou)))
+    # What training picks for "anchors: auto" at this input size (its own IoU rule, whatever --positive-iou says).
+    auto = resolve_recipe(recipe.model_copy(update={"image_size": list(hw), "anchors": "auto"}), ds)[1]
+    layouts.append(("recipe auto", auto))
     console = Console(markup=False)  # paths and class names are shown literally
     console.print(f"{path} [{split}]: {len(ds)} images, {len(boxes)} boxes at model input {hw[0]}x{hw[1]} "
                   f"(positive IoU {positive_iou})")

@@ -25,7 +25,8 @@ def load_split(
     ds, problems = read_dataset(path, fmt, split, verify_images=verify_images)
     if len(ds) == 0:
         detail = f" ({len(problems)} problem(s), first: {problems[0]})" if problems else ""
-        raise InputError(f"{path}: {what} {split!r} holds no usable images{detail}")
+        named = f"{what} {split!r}" if split is not None else "the dataset"
+        raise InputError(f"{path}: {named} holds no usable images{detail}")
     if problems:
         import logging
 
