@@ -14,7 +14,8 @@ import numpy as np
 def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
     """Counts with normal as positive: tp = normal called normal, fp = abnormal called normal."""
     labels = np.asarray(labels).astype(np.int64)
-    called_normal = np.asarray(scores) < threshold
+    # in float64: a float32 array would round the threshold onto a score (numpy casts the Python float down)
+    called_normal = np.asarray(scores, dtype=np.float64) < threshold
     normal = labels == 0
     return {
         "tp": int(np.sum(called_normal & normal)),
