@@ -399,3 +399,16 @@ def test_shipped_morphology_configs_parse(name: str) -> None:
     cfg = MorphologyTrainConfig.from_yaml(path)
     if name == "morphology_supervised":
         assert cfg.model.supervised and cfg.model.tta and cfg.model.classifier_inputs == "discrepancy+teacher+centre"
+
+
+def test_cli_numeric_options_out_of_range(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Out-of-range --threads (eval) and --seed (train) are refused before any work, without a traceback."""
+    rc = main(["eval", "morphology", "--weights", "none.pt", "--data", "nowhere", "--part", "head", "--split",
+               "valid", "--out", str(tmp_path / "e"), "--threads", "-1"])
+    err = capfd.readouterr().err
+    assert rc == 2 and "--threads" in err and "Traceback" not in err
+    rc = main(["train", "morphology", "--data", "nowhere", "--part", "head", "--out", str(tmp_path / "r"),
+               "--seed", str(2**64)])
+    err = capfd.readouterr().err
+    assert rc == 1 and "seed" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

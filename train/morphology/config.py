@@ -92,5 +92,5 @@ class MorphologyTrainConfig(StrictConfig):
     classifier_eval_every: int = Field(1, ge=1)
     classifier_lr: float = Field(1e-3, gt=0)
     classifier_weight_decay: float = Field(1e-3, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     threads: int = Field(0, ge=0)
