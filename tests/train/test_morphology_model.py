@@ -412,3 +412,18 @@ def test_cli_numeric_options_out_of_range(tmp_path: Path, capfd: pytest.CaptureF
     err = capfd.readouterr().err
     assert rc == 1 and "seed" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_refused_start_leaves_no_run_folder(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """--epochs 0 without --init-from, or an --init-from that is no morphology checkpoint, creates no --out."""
+    import yaml
+
+    data = write_mhsma(tmp_path / "data", n_train=8, n_valid=8)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY_MODEL, "batch_size": 16}))
+    base = ["train", "morphology", "--data", str(data), "--part", "head", "--config", str(config), "--no-progress"]
+    rc = main([*base, "--out", str(tmp_path / "r1"), "--epochs", "0"])
+    assert rc == 1 and "--init-from" in capfd.readouterr().err
+    rc = main([*base, "--out", str(tmp_path / "r2"), "--epochs", "1", "--init-from", str(config)])
+    assert rc == 1 and "not a readable checkpoint" in capfd.readouterr().err
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()

@@ -201,6 +201,8 @@ def train_morphology(
     from smearsight.train.morphology.torch_model import build_model
 
     check_part(part)
+    if init_from is None and cfg.epochs == 0:
+        raise InputError("epochs: 0 epochs is only allowed when starting from a checkpoint (--init-from)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train = load_crops(data_dir, part, train_split)
@@ -221,12 +223,10 @@ def train_morphology(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out, RUN_FILES)  # left by a kill -9 of an earlier try
     if init_from is not None:
         _load_student(model, init_from)
-    elif cfg.epochs == 0:
-        raise InputError("epochs: 0 epochs is only allowed when starting from a checkpoint (--init-from)")
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
+    remove_stale_temp_files(out, RUN_FILES)  # left by a kill -9 of an earlier try
     sizes = model.sizes()
     example = torch.zeros(1, 1, 64, 64)
     sizes.update(teacher_flops=count_flops(model.teacher, example), student_flops=count_flops(model.student, example))
