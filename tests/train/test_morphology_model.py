@@ -278,6 +278,12 @@ def test_cli_train_and_eval(tmp_path: Path) -> None:
         assert 0.0 <= report[key] <= 1.0 or key == "mcc"
     assert (report_dir / "roc.png").is_file() and (report_dir / "score_hist.png").is_file()
     assert len(list((report_dir / "localisation").glob("*.png"))) == 2
+    (report_dir / "localisation" / "notes.png").write_bytes(b"mine")  # not a panel: kept
+    rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "head",
+               "--split", "valid", "--out", str(report_dir), "--localise", "1"])
+    assert rc == 0  # again into the same folder: the earlier panels do not stay mixed with this report's
+    assert sorted(p.name for p in (report_dir / "localisation").glob("*.png"))[-1] == "notes.png"
+    assert len(list((report_dir / "localisation").glob("*.png"))) == 2
     # a checkpoint for another part is refused
     rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "tail",
                "--split", "valid", "--out", str(report_dir)])

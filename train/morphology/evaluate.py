@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_bytes, atomic_write_json
 from smearsight.train.morphology.data import check_part, load_crops, require_two_classes
 from smearsight.train.morphology.metrics import binary_metrics, roc_curve
+
+PANEL_NAME = re.compile(r"\d{2,}_idx\d+_(ab)?normal\.png")  # the localisation panels written below
 
 
 def load_model(weights: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -57,6 +60,9 @@ def evaluate_morphology(
     pick = list(order[: n_localise // 2]) + list(order[::-1][: n_localise - n_localise // 2])
     names = [f"{rank:02d}_idx{idx}_{'abnormal' if crops.labels[idx] else 'normal'}" for rank, idx in enumerate(pick)]
     captions = [f"score {scores[i]:.3g} label {'abn' if crops.labels[i] else 'nor'}" for i in pick]
+    for earlier in (out / "localisation").glob("*_idx*.png"):  # an earlier report's panels must not stay mixed in
+        if PANEL_NAME.fullmatch(earlier.name):
+            earlier.unlink()
     write_localisation_panels(model, crops.images[pick], names, out / "localisation", captions)
     atomic_write_json(out / "metrics.json", report)
     return report
