@@ -433,3 +433,15 @@ def test_refused_start_leaves_no_run_folder(tmp_path: Path, capfd: pytest.Captur
     rc = main([*base, "--out", str(tmp_path / "r2"), "--epochs", "1", "--init-from", str(config)])
     assert rc == 1 and "not a readable checkpoint" in capfd.readouterr().err
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_png_csv_broken_image_is_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A corrupt PNG is one InputError naming it; OpenCV's own log line about it does not reach stderr."""
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(tmp_path / "c0.png"), synth_crops(1, 0)[0])
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32)  # a PNG signature, no IHDR
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,0\nbad.png,valid,1\n")
+    capfd.readouterr()
+    with pytest.raises(InputError, match=r"bad.png: missing or unreadable image"):
+        load_crops(tmp_path, "head", "valid")
+    assert capfd.readouterr().err == ""

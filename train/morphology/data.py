@@ -119,6 +119,7 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
 
 def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
     from smearsight.errors import require
+    from smearsight.train.datasets.images import quiet_opencv
 
     cv2 = require("cv2", "PNG crops")
     try:
@@ -151,7 +152,8 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
         if resolved in seen:
             raise InputError(f"{csv_path}: {row['file']!r} is listed twice in split '{split}'")
         seen.add(resolved)
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path.is_file() else None
+        with quiet_opencv(cv2):  # the InputError below says it in one line
+            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path.is_file() else None
         if image is None:
             raise InputError(f"{path}: missing or unreadable image (listed in {csv_path.name})")
         if image.shape != (CROP_SIZE, CROP_SIZE):
