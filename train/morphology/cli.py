@@ -64,7 +64,8 @@ def train_morphology_cmd(
             data_cfg["model"]["teacher"]["layers"] = [2, 3, 4, 5]  # pool2..pool5, the published choice
     if teacher_weights is not None:
         data_cfg["model"]["teacher"]["weights"] = teacher_weights
-    cfg = MorphologyTrainConfig.from_dict(data_cfg, source=str(config) if config else "options")
+    # the file alone passed above: what fails now comes from the options
+    cfg = MorphologyTrainConfig.from_dict(data_cfg, source=f"options (over {config})" if config else "options")
     metrics = train_morphology(data, part, out, cfg, train_split, valid_split, log=typer.echo,
                                progress=not no_progress, init_from=init_from)
     valid = metrics["valid"]
