@@ -447,3 +447,16 @@ def test_png_csv_broken_image_is_one_line(tmp_path: Path, capfd: pytest.CaptureF
     with pytest.raises(InputError, match=r"bad.png: missing or unreadable image"):
         load_crops(tmp_path, "head", "valid")
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "classifier_lr", "model.lambda_mse", "model.min_size_ratio"])
+def test_config_refuses_infinite_values(field: str) -> None:
+    """YAML '.inf' (or 1e400) passes 'gt=0'/'ge=0' checks; it must be refused, naming the field."""
+    data: dict = {}
+    *parents, name = field.split(".")
+    node = data
+    for parent in parents:
+        node = node.setdefault(parent, {})
+    node[name] = float("inf")
+    with pytest.raises(InputError, match=rf"field '{field}'"):
+        MorphologyTrainConfig.from_dict(data)
