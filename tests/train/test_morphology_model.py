@@ -460,3 +460,29 @@ def test_config_refuses_infinite_values(field: str) -> None:
     node[name] = float("inf")
     with pytest.raises(InputError, match=rf"field '{field}'"):
         MorphologyTrainConfig.from_dict(data)
+
+
+def test_cli_teacher_vgg16_uses_pool2_to_pool5_unless_the_config_sets_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--teacher vgg16 picks the published pool2..pool5, also with a --config that does not set the layers."""
+    import yaml
+
+    from smearsight.train.morphology import train_loop
+
+    seen: list[MorphologyTrainConfig] = []
+
+    def fake_train(data, part, out, cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise InputError("stop")
+
+    monkeypatch.setattr(train_loop, "train_morphology", fake_train)
+    plain, with_layers = tmp_path / "plain.yaml", tmp_path / "layers.yaml"
+    plain.write_text(yaml.safe_dump({"batch_size": 16}))
+    with_layers.write_text(yaml.safe_dump({"model": {"teacher": {"layers": [3, 4]}}}))
+    for config in (None, plain, with_layers):
+        extra = ["--config", str(config)] if config else []
+        rc = main(["train", "morphology", "--data", "nowhere", "--part", "head", "--out", str(tmp_path / "r"),
+                   "--teacher", "vgg16", *extra])
+        assert rc == 1
+    assert [cfg.model.teacher.layers for cfg in seen] == [[2, 3, 4, 5], [2, 3, 4, 5], [3, 4]]

@@ -60,7 +60,7 @@ def train_morphology_cmd(
         data_cfg["model"]["supervised"] = True
     if teacher is not None:
         data_cfg["model"]["teacher"]["name"] = teacher
-        if teacher in ("vgg16", "vgg16_bn") and config is None:
+        if teacher in ("vgg16", "vgg16_bn") and not _config_sets_teacher_layers(config):
             data_cfg["model"]["teacher"]["layers"] = [2, 3, 4, 5]  # pool2..pool5, the published choice
     if teacher_weights is not None:
         data_cfg["model"]["teacher"]["weights"] = teacher_weights
@@ -73,6 +73,16 @@ def train_morphology_cmd(
         f"{part} ({metrics['mode']}): valid AUC {valid['auc']:.4f} accuracy {valid['accuracy']:.4f} "
         f"F0.5 {valid['f05']:.4f} at threshold {metrics['threshold']:.4g}; wrote {out / 'best.pt'}"
     )
+
+
+def _config_sets_teacher_layers(config: Path | None) -> bool:
+    """Whether the (already validated) config file sets ``model.teacher.layers`` itself."""
+    from smearsight.config import read_yaml
+
+    if config is None:
+        return False
+    teacher = (read_yaml(config).get("model") or {}).get("teacher") or {}
+    return "layers" in teacher
 
 
 @eval_app.command("morphology")
