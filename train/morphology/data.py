@@ -129,6 +129,8 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
             for column in ("file", "split", part):
                 if column not in fields:
                     raise InputError(f"{csv_path}: missing column '{column}' (columns: {', '.join(fields)})")
+                if (times := fields.count(column)) > 1:  # DictReader would silently keep the last one
+                    raise InputError(f"{csv_path}: column '{column}' appears {times} times in the header")
             rows = []
             for n, row in enumerate(reader, start=2):  # line 1 is the header
                 if row["split"] is None:  # DictReader fills a short row's missing cells with None
