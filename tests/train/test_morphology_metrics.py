@@ -146,3 +146,9 @@ def test_metrics_on_float32_scores_agree_with_the_chosen_threshold() -> None:
     labels = np.array([0, 0, 1, 0])
     choice = choose_threshold(scores, labels)
     assert binary_metrics(labels, scores, choice.threshold)["f05"] == pytest.approx(choice.f05)
+
+
+def test_auc_of_nan_scores_is_nan() -> None:
+    """NaN scores rank nowhere: the AUC is undefined (NaN), not whatever place the sort gave them (it was 1.0)."""
+    assert math.isnan(roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, np.nan, np.nan])))
+    assert math.isnan(binary_metrics(np.array([0, 1]), np.array([np.nan, 0.5]), 0.3)["auc"])

@@ -26,11 +26,12 @@ def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Mann-Whitney AUC (ties count half): P(score of an abnormal > score of a normal)."""
+    """Mann-Whitney AUC (ties count half): P(score of an abnormal > score of a normal); NaN when a class is
+    missing or a score is NaN."""
     labels = np.asarray(labels).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     n_pos, n_neg = int(np.sum(labels == 1)), int(np.sum(labels == 0))
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
         return float("nan")
     order = np.argsort(scores, kind="mergesort")
     ranks = np.empty(len(scores), dtype=np.float64)
