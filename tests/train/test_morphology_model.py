@@ -490,3 +490,15 @@ def test_cli_teacher_vgg16_uses_pool2_to_pool5_unless_the_config_sets_layers(
                    "--teacher", "vgg16", *extra])
         assert rc == 1
     assert [cfg.model.teacher.layers for cfg in seen] == [[2, 3, 4, 5], [2, 3, 4, 5], [3, 4]]
+
+
+def test_diverged_training_is_an_error_not_an_untrained_model(tmp_path: Path) -> None:
+    """A too high lr makes the student NaN: the run stops saying so, and writes no best.pt (it used to keep the
+    untrained initial student as the 'best epoch 0', or fail later with an unexplained threshold error)."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    cfg = tiny_train_config(epochs=2, lr=1e30, select_score_reduce=False)
+    with pytest.raises(InputError, match=r"lr: training diverged .*epoch \d"):
+        train_morphology(data, "head", tmp_path / "run", cfg, log=lambda *_: None, progress=False)
+    assert not (tmp_path / "run" / "best.pt").exists()

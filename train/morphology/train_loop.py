@@ -271,6 +271,9 @@ def train_morphology(
                 if bar:
                     bar.update(task, advance=1, info=f"loss {loss.item():.4f}")
             per_layer = layer_scores(model, valid.images, cfg.model.score_reduce)
+            if not (np.isfinite(losses).all() and np.isfinite(per_layer).all()):  # NaN weights: no epoch after helps
+                raise InputError(f"lr: training diverged at epoch {epoch} (NaN or infinite loss or scores); "
+                                 f"lower lr (now {cfg.lr:g})")
             subset, auc = best_subset(per_layer, valid.labels, cfg.select_scoring_layers, model.score_positions)
             scores = per_layer[:, subset].sum(axis=1)
             normal_mean = float(scores[valid.labels == 0].mean()) if np.any(valid.labels == 0) else float("nan")
