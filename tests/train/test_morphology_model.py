@@ -251,7 +251,7 @@ def test_dihedral_views_and_tta_invariance() -> None:
                 assert not np.allclose(rotated.numpy(), plain.numpy(), rtol=1e-3, atol=1e-4)
 
 
-def test_cli_train_and_eval(tmp_path: Path) -> None:
+def test_cli_train_and_eval(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     data = write_mhsma(tmp_path / "data")
     config = tmp_path / "tiny.yaml"
     import yaml
@@ -267,6 +267,16 @@ def test_cli_train_and_eval(tmp_path: Path) -> None:
                "--init-from", str(run / "best.pt"), "--epochs", "0", "--config", str(config), "--no-progress"])
     assert rc == 0
     sup_metrics = json.loads((sup / "metrics.json").read_text())
+    for split in ("train", "valid"):  # another part's labels: --epochs 0 would reuse the head's KD student as is
+        (data / f"y_acrosome_{split}.npy").write_bytes((data / f"y_head_{split}.npy").read_bytes())
+    rc = main(["train", "morphology", "--data", str(data), "--part", "acrosome", "--out", str(tmp_path / "other"),
+               "--supervised", "--init-from", str(run / "best.pt"), "--epochs", "0", "--config", str(config)])
+    assert rc == 1 and "trained for part 'head', not 'acrosome'" in capfd.readouterr().err
+    rc = main(["train", "morphology", "--data", str(data), "--part", "head", "--out", str(tmp_path / "other"),
+               "--supervised", "--init-from", str(run / "best.pt"), "--epochs", "0", "--config", str(config),
+               "--teacher", "tf_efficientnet_lite1"])
+    assert rc == 1 and "distilled from another teacher (teacher name differ)" in capfd.readouterr().err
+    assert not (tmp_path / "other").exists()
     assert sup_metrics["mode"] == "supervised" and sup_metrics["best_epoch"] == 0
     assert 0.0 <= sup_metrics["threshold"] <= 1.0  # a probability
     report_dir = tmp_path / "report"

@@ -224,7 +224,7 @@ def train_morphology(
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.model)
     if init_from is not None:
-        _load_student(model, init_from)
+        _load_student(model, init_from, part if cfg.epochs == 0 else None)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
     remove_stale_temp_files(out, RUN_FILES)  # left by a kill -9 of an earlier try
     sizes = model.sizes()
@@ -372,10 +372,23 @@ def _plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load_student(model: Any, path: str | Path) -> None:
+def _load_student(model: Any, path: str | Path, as_is_for: str | None = None) -> None:
+    """Start from ``path``'s student; ``as_is_for``: the part it is kept for without KD training (epochs 0), which
+    must be the part it was trained for, with the same teacher."""
     from smearsight.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, kind="morphology")
+    if as_is_for is not None:
+        trained_part = ckpt["morphology"]["part"]
+        if trained_part != as_is_for:
+            raise InputError(f"{path}: with 0 epochs its student is kept as is, but it was trained for part "
+                             f"'{trained_part}', not '{as_is_for}'")
+        theirs = (ckpt["model_config"].get("teacher") or {}) if isinstance(ckpt["model_config"], dict) else {}
+        ours = model.cfg.teacher.to_dict()
+        differ = [key for key in ("name", "layers", "input_size") if theirs.get(key) != ours[key]]
+        if differ:
+            raise InputError(f"{path}: with 0 epochs its student is kept as is, but it was distilled from another "
+                             f"teacher (teacher {', '.join(differ)} differ)")
     state = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
     own = model.student.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
