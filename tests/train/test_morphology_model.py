@@ -294,6 +294,11 @@ def test_cli_train_and_eval(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -
     assert rc == 0  # again into the same folder: the earlier panels do not stay mixed with this report's
     assert sorted(p.name for p in (report_dir / "localisation").glob("*.png"))[-1] == "notes.png"
     assert len(list((report_dir / "localisation").glob("*.png"))) == 2
+    before = (run / "metrics.json").read_bytes()
+    rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "head",
+               "--split", "valid", "--out", str(run)])  # the training run's metrics.json would be replaced
+    assert rc == 1 and "holds best.pt" in capfd.readouterr().err
+    assert (run / "metrics.json").read_bytes() == before and not (run / "roc.png").exists()
     # a checkpoint for another part is refused
     rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "tail",
                "--split", "valid", "--out", str(report_dir)])

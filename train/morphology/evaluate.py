@@ -35,6 +35,10 @@ def evaluate_morphology(
     from smearsight.train.morphology.train_loop import score_crops
 
     check_part(part)
+    out = Path(out_dir)
+    if (out / "best.pt").exists():  # a training run folder: the report's metrics.json would replace the run's
+        raise InputError(f"--out {out}: holds best.pt (a training run); its metrics.json would be overwritten, "
+                         "pick another report folder")
     model, ckpt = load_model(weights)
     trained_part = ckpt["morphology"].get("part")
     if trained_part != part:
@@ -46,7 +50,6 @@ def evaluate_morphology(
     scores = score_crops(model, crops.images)
     seconds = time.perf_counter() - started
     metrics = binary_metrics(crops.labels, scores, threshold)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "part": part, "split": split, "mode": ckpt["morphology"].get("mode"), "n": len(crops),
