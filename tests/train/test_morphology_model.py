@@ -323,6 +323,8 @@ def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         load_crops(root, "head", "train")
     with pytest.raises(InputError, match="unknown part 'nose'"):
         load_crops(root, "nose", "train")
+    with pytest.raises(InputError, match="x_64_train.npy: is a file; expected the folder holding"):
+        load_crops(root / "x_64_train.npy", "head", "train")
     np.savez(root / "x_64_train.npy.npz", a=np.zeros((5, 64, 64), np.uint8))
     (root / "x_64_train.npy.npz").replace(root / "x_64_train.npy")  # an .npz archive under a .npy name
     with pytest.raises(InputError, match="x_64_train.npy: expected a single .npy array"):

@@ -99,6 +99,8 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
     """Load one split of one part from an MHSMA folder or a PNG+CSV folder."""
     check_part(part)
     root = Path(data_dir)
+    if root.is_file():  # e.g. --data labels.csv
+        raise InputError(f"{root}: is a file; expected the folder holding x_64_<split>.npy or labels.csv")
     if not root.is_dir():
         raise InputError(f"{root}: data folder not found")
     x_path = root / f"x_64_{split}.npy"
