@@ -454,9 +454,9 @@ def test_refused_start_leaves_no_run_folder(tmp_path: Path, capfd: pytest.Captur
     assert not any((tmp_path / name).exists() for name in ("r0", "r1", "r2"))
 
 
-def test_png_csv_broken_image_and_duplicate_column(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    """A corrupt PNG is one InputError naming it (OpenCV's own log line about it does not reach stderr); a column
-    named twice in the header is refused."""
+def test_png_csv_broken_image_split_spaces_duplicate_column(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A corrupt PNG is one InputError naming it (OpenCV's own log line about it does not reach stderr); spaces
+    around a split cell are ignored, like around a label cell; a column named twice in the header is refused."""
     cv2 = pytest.importorskip("cv2")
     cv2.imwrite(str(tmp_path / "c0.png"), synth_crops(1, 0)[0])
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32)  # a PNG signature, no IHDR
@@ -465,6 +465,9 @@ def test_png_csv_broken_image_and_duplicate_column(tmp_path: Path, capfd: pytest
     with pytest.raises(InputError, match=r"bad.png: missing or unreadable image"):
         load_crops(tmp_path, "head", "valid")
     assert capfd.readouterr().err == ""
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid ,0\nc1.png, valid,1\n")  # spreadsheet spaces
+    cv2.imwrite(str(tmp_path / "c1.png"), synth_crops(1, 1)[0])
+    np.testing.assert_array_equal(load_crops(tmp_path, "head", "valid").labels, [0, 1])  # like the label cells
     (tmp_path / "labels.csv").write_text("file,split,head,head\nc0.png,valid,0,1\n")  # which 'head' is meant?
     with pytest.raises(InputError, match=r"labels.csv: column 'head' appears 2 times in the header"):
         load_crops(tmp_path, "head", "valid")

@@ -137,7 +137,7 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
             for n, row in enumerate(reader, start=2):  # line 1 is the header
                 if row["split"] is None:  # DictReader fills a short row's missing cells with None
                     raise InputError(f"{csv_path} line {n}: the row has no 'split' value ({row['file']!r})")
-                if row["split"] == split:
+                if row["split"].strip() == split:  # as the label cells: spreadsheets leave spaces around values
                     rows.append(row)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{csv_path}: not a readable UTF-8 CSV file ({type(exc).__name__}: {exc})") from None
