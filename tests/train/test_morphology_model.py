@@ -299,6 +299,13 @@ def test_cli_train_and_eval(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -
                "--split", "valid", "--out", str(run)])  # the training run's metrics.json would be replaced
     assert rc == 1 and "holds best.pt" in capfd.readouterr().err
     assert (run / "metrics.json").read_bytes() == before and not (run / "roc.png").exists()
+    (tmp_path / "report2").mkdir()
+    (tmp_path / "report2" / "localisation").write_text("")
+    rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "head",
+               "--split", "valid", "--out", str(tmp_path / "report2")])
+    err = capfd.readouterr().err
+    assert rc == 1 and "localisation is a file" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "report2").iterdir()) == ["localisation"]
     # a checkpoint for another part is refused
     rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "tail",
                "--split", "valid", "--out", str(report_dir)])

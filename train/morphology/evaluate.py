@@ -39,6 +39,8 @@ def evaluate_morphology(
     if (out / "best.pt").exists():  # a training run folder: the report's metrics.json would replace the run's
         raise InputError(f"--out {out}: holds best.pt (a training run); its metrics.json would be overwritten, "
                          "pick another report folder")
+    if (out / "localisation").exists() and not (out / "localisation").is_dir():
+        raise InputError(f"--out {out}: localisation is a file; the report writes its panels into a folder so named")
     model, ckpt = load_model(weights)
     trained_part = ckpt["morphology"].get("part")
     if trained_part != part:
