@@ -529,3 +529,19 @@ def test_diverged_training_is_an_error_not_an_untrained_model(tmp_path: Path) ->
     with pytest.raises(InputError, match=r"lr: training diverged .*epoch \d"):
         train_morphology(data, "head", tmp_path / "run", cfg, log=lambda *_: None, progress=False)
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_full_disk_leaves_no_partial_run(tmp_path: Path, tmpfs, capfd: pytest.CaptureFixture[str]) -> None:
+    """A disk that fills while the run's files are written: one line, exit 1, and none of the run's files stay
+    (metrics.json, history.json and curves.png without best.pt looked like a finished run)."""
+    import yaml
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY_MODEL, "batch_size": 16}))
+    with tmpfs("small", "size=128k") as disk:  # room for the JSON files and curves.png, not for best.pt
+        rc = main(["train", "morphology", "--data", str(data), "--part", "head", "--out", str(disk / "run"),
+                   "--config", str(config), "--epochs", "1", "--no-progress"])
+        err = capfd.readouterr().err
+        assert rc == 1 and "best.pt: cannot write" in err and "Traceback" not in err
+        assert list((disk / "run").iterdir()) == []

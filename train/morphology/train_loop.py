@@ -341,11 +341,17 @@ def train_morphology(
         "train_config": cfg.to_dict(),
         "metrics": metrics,
     }
-    # best.pt last: a folder that holds it holds the whole run (a kill before leaves no best.pt to reuse)
-    atomic_write_json(out / "metrics.json", _finite(metrics))
-    atomic_write_json(out / "history.json", _finite({"student": history, "classifier": classifier_info}))
-    _plot_curves(out / "curves.png", history)
-    save_checkpoint(out / "best.pt", payload)
+    # best.pt last: a folder that holds it holds the whole run (a kill before leaves no best.pt to reuse); a
+    # failure on the way (a full disk) takes back what this run wrote, so no files of an unfinished run stay
+    try:
+        atomic_write_json(out / "metrics.json", _finite(metrics))
+        atomic_write_json(out / "history.json", _finite({"student": history, "classifier": classifier_info}))
+        _plot_curves(out / "curves.png", history)
+        save_checkpoint(out / "best.pt", payload)
+    except BaseException:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        raise
     return metrics
 
 
