@@ -545,3 +545,21 @@ def test_full_disk_leaves_no_partial_run(tmp_path: Path, tmpfs, capfd: pytest.Ca
         err = capfd.readouterr().err
         assert rc == 1 and "best.pt: cannot write" in err and "Traceback" not in err
         assert list((disk / "run").iterdir()) == []
+
+
+def test_full_disk_during_eval_leaves_no_mixed_report(tmp_path: Path, tmpfs, capfd: pytest.CaptureFixture[str]) -> None:
+    """Re-evaluating into a report folder when the disk fills: one line, exit 1, and no part of the new report
+    stays beside the old metrics.json (which no longer describes the plots)."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+    with tmpfs("small", "size=64k") as disk:  # room for the ROC and histogram PNGs, not for the panels
+        (disk / "report").mkdir()
+        (disk / "report" / "metrics.json").write_text('{"old": true}\n')
+        rc = main(["eval", "morphology", "--weights", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+                   "--part", "head", "--split", "valid", "--out", str(disk / "report"), "--localise", "8"])
+        err = capfd.readouterr().err
+        assert rc == 1 and "cannot write" in err and "Traceback" not in err
+        left = sorted(str(p.relative_to(disk / "report")) for p in (disk / "report").rglob("*"))
+        assert left in ([], ["localisation"]), left
