@@ -475,6 +475,13 @@ def test_png_csv_broken_image_split_spaces_duplicate_column(tmp_path: Path, capf
     (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid ,0\nc1.png, valid,1\n")  # spreadsheet spaces
     cv2.imwrite(str(tmp_path / "c1.png"), synth_crops(1, 1)[0])
     np.testing.assert_array_equal(load_crops(tmp_path, "head", "valid").labels, [0, 1])  # like the label cells
+    cv2.imwrite(str(tmp_path / "c12.png"), (synth_crops(1, 2)[0].astype(np.uint16) * 16))  # 12-bit data, 16-bit PNG
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,0\nc12.png,valid,1\n")
+    with pytest.raises(InputError, match=r"c12.png: a 16-bit image whose brightest value is \d+ .*rescale it"):
+        load_crops(tmp_path, "head", "valid")  # read as 8-bit it would be nearly black
+    cv2.imwrite(str(tmp_path / "c16.png"), (synth_crops(1, 2)[0].astype(np.uint16) * 257))  # full 16-bit range: fine
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,0\nc16.png,valid,1\n")
+    np.testing.assert_array_equal(load_crops(tmp_path, "head", "valid").images[1], synth_crops(1, 2)[0])
     (tmp_path / "labels.csv").write_text("file,split,head,head\nc0.png,valid,0,1\n")  # which 'head' is meant?
     with pytest.raises(InputError, match=r"labels.csv: column 'head' appears 2 times in the header"):
         load_crops(tmp_path, "head", "valid")

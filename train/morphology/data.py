@@ -1,7 +1,8 @@
 """Morphology crops: the MHSMA layout (``x_64_<split>.npy`` + ``y_<part>_<split>.npy``) or PNG crops + CSV.
 
 CSV layout: ``DIR/labels.csv`` with columns ``file`` (path relative to DIR), ``split`` and one column per
-part (0 = normal, 1 = abnormal); the images are 64x64 grayscale (colour images are converted).
+part (0 = normal, 1 = abnormal); the images are 64x64 grayscale (colour images are converted; 16-bit ones keep
+their top 8 bits, so one holding only low values, such as 12-bit camera data, is refused).
 Every problem raises :class:`InputError` naming the file and what was expected.
 """
 
@@ -121,7 +122,7 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
 
 def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
     from smearsight.errors import require
-    from smearsight.train.datasets.images import quiet_opencv
+    from smearsight.train.datasets.images import low_bit_depth_note, quiet_opencv
 
     cv2 = require("cv2", "PNG crops")
     try:
@@ -162,6 +163,8 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
             raise InputError(f"{path}: missing or unreadable image (listed in {csv_path.name})")
         if image.shape != (CROP_SIZE, CROP_SIZE):
             raise InputError(f"{path}: expected a 64x64 crop, got {image.shape[1]}x{image.shape[0]}")
+        if note := low_bit_depth_note(path):  # 12-bit data in a 16-bit PNG: read as 8-bit it is nearly black
+            raise InputError(note)
         value = row[part].strip()
         if value not in ("0", "1"):
             raise InputError(f"{csv_path}: column '{part}' must be 0 or 1, got {value!r} for {row['file']}")
