@@ -437,10 +437,15 @@ def test_cli_numeric_options_out_of_range(tmp_path: Path, capfd: pytest.CaptureF
                "valid", "--out", str(tmp_path / "e"), "--threads", "-1"])
     err = capfd.readouterr().err
     assert rc == 2 and "--threads" in err and "Traceback" not in err
-    rc = main(["train", "morphology", "--data", "nowhere", "--part", "head", "--out", str(tmp_path / "r"),
-               "--seed", str(2**64)])
+    rc = main(["eval", "morphology", "--weights", "none.pt", "--data", "nowhere", "--part", "head", "--split",
+               "valid", "--out", str(tmp_path / "e"), "--threads", str(2**31)])
     err = capfd.readouterr().err
-    assert rc == 1 and "seed" in err and "Traceback" not in err
+    assert rc == 2 and "--threads" in err and "Traceback" not in err
+    for option, value in (("--seed", 2**64), ("--threads", 2**31)):
+        rc = main(["train", "morphology", "--data", "nowhere", "--part", "head", "--out", str(tmp_path / "r"),
+                   option, str(value)])
+        err = capfd.readouterr().err
+        assert rc == 1 and option.lstrip("-") in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
 
 

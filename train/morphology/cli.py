@@ -94,7 +94,8 @@ def eval_morphology_cmd(
     out: Path = typer.Option(..., "--out", help="Report folder: metrics.json, roc.png, score_hist.png, localisation/."),
     localise: int = typer.Option(8, "--localise", min=0, max=200,
                                  help="Number of localisation examples (0 to 200)."),
-    threads: int | None = typer.Option(None, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
+    threads: int | None = typer.Option(None, "--threads", min=0, max=2**31 - 1,
+                                       help="torch CPU threads (0: torch's default)."),
 ) -> None:
     """Evaluate a morphology checkpoint on a split (normal = positive class for precision/recall/F0.5)."""
     from smearsight.train.morphology.data import check_part

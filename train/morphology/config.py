@@ -100,4 +100,4 @@ class MorphologyTrainConfig(_FiniteConfig):
     classifier_lr: float = Field(1e-3, gt=0)
     classifier_weight_decay: float = Field(1e-3, ge=0)
     seed: int = Field(0, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
-    threads: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0, le=2**31 - 1)  # a C int for torch.set_num_threads
