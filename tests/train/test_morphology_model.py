@@ -355,6 +355,12 @@ def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         evaluate_morphology(tmp_path / "r" / "best.pt", data, "head", "valid", tmp_path / "e")
     with pytest.raises(InputError, match="run folder already holds best.pt"):  # its other files would mix
         train_morphology(data, "head", tmp_path / "r", cfg, log=lambda *_: None, progress=False)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "metrics.json").write_text('{"split": "valid"}\n')
+    (tmp_path / "report" / "roc.png").write_bytes(b"png")
+    with pytest.raises(InputError, match="holds an evaluation report"):  # its metrics.json would be replaced
+        train_morphology(data, "head", tmp_path / "report", cfg, log=lambda *_: None, progress=False)
+    assert (tmp_path / "report" / "metrics.json").read_text() == '{"split": "valid"}\n'
     np.save(data / "y_head_valid.npy", np.ones(8, np.uint8))  # abnormal only: refused before any training
     with pytest.raises(InputError, match="validation split holds no normal sample"):
         train_morphology(data, "head", tmp_path / "r2", cfg, log=lambda *_: None, progress=False)

@@ -219,6 +219,8 @@ def train_morphology(
     out = Path(out_dir)
     if (out / "best.pt").exists():  # its metrics, history and curves would be mixed with this run's
         raise InputError(f"{out}: run folder already holds best.pt; pick a new --out (or delete the old run)")
+    if (out / "roc.png").exists() or (out / "score_hist.png").exists():  # eval morphology's report files
+        raise InputError(f"{out}: holds an evaluation report (its metrics.json would be replaced); pick a new --out")
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
