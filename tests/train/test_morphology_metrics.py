@@ -133,3 +133,22 @@ def test_cosine_term_matches_reference_and_stays_in_fp16_range():
     half = layer_terms(t.half(), s.half())[2]  # the same in float16: finite and close
     assert torch.isfinite(half).all()
     torch.testing.assert_close(half.float(), cos_map, atol=2e-3, rtol=0)
+
+
+def test_metrics_on_float32_scores_agree_with_the_chosen_threshold() -> None:
+    """Models score in float32; the threshold is a float64 just above a score. The metrics must count the crops
+    the way the threshold was chosen (and the runtime compares, in float64), not round it onto a float32 score."""
+    tied = np.full(10, 0.3, np.float32)  # valid without abnormal, normal scores tied
+    choice = choose_threshold(tied, np.zeros(10, int))
+    got = binary_metrics(np.zeros(10, int), tied, choice.threshold)
+    assert got["fn"] == 0 and got["tp"] == 10  # the fallback never flags everything
+    scores = np.array([0.5, 0.5, 0.5, 0.1], np.float32)
+    labels = np.array([0, 0, 1, 0])
+    choice = choose_threshold(scores, labels)
+    assert binary_metrics(labels, scores, choice.threshold)["f05"] == pytest.approx(choice.f05)
+
+
+def test_auc_of_nan_scores_is_nan() -> None:
+    """NaN scores rank nowhere: the AUC is undefined (NaN), not whatever place the sort gave them (it was 1.0)."""
+    assert math.isnan(roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, np.nan, np.nan])))
+    assert math.isnan(binary_metrics(np.array([0, 1]), np.array([np.nan, 0.5]), 0.3)["auc"])

@@ -251,7 +251,7 @@ def test_dihedral_views_and_tta_invariance() -> None:
                 assert not np.allclose(rotated.numpy(), plain.numpy(), rtol=1e-3, atol=1e-4)
 
 
-def test_cli_train_and_eval(tmp_path: Path) -> None:
+def test_cli_train_and_eval(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     data = write_mhsma(tmp_path / "data")
     config = tmp_path / "tiny.yaml"
     import yaml
@@ -267,6 +267,16 @@ def test_cli_train_and_eval(tmp_path: Path) -> None:
                "--init-from", str(run / "best.pt"), "--epochs", "0", "--config", str(config), "--no-progress"])
     assert rc == 0
     sup_metrics = json.loads((sup / "metrics.json").read_text())
+    for split in ("train", "valid"):  # another part's labels: --epochs 0 would reuse the head's KD student as is
+        (data / f"y_acrosome_{split}.npy").write_bytes((data / f"y_head_{split}.npy").read_bytes())
+    rc = main(["train", "morphology", "--data", str(data), "--part", "acrosome", "--out", str(tmp_path / "other"),
+               "--supervised", "--init-from", str(run / "best.pt"), "--epochs", "0", "--config", str(config)])
+    assert rc == 1 and "trained for part 'head', not 'acrosome'" in capfd.readouterr().err
+    rc = main(["train", "morphology", "--data", str(data), "--part", "head", "--out", str(tmp_path / "other"),
+               "--supervised", "--init-from", str(run / "best.pt"), "--epochs", "0", "--config", str(config),
+               "--teacher", "tf_efficientnet_lite1"])
+    assert rc == 1 and "distilled from another teacher (teacher name differ)" in capfd.readouterr().err
+    assert not (tmp_path / "other").exists()
     assert sup_metrics["mode"] == "supervised" and sup_metrics["best_epoch"] == 0
     assert 0.0 <= sup_metrics["threshold"] <= 1.0  # a probability
     report_dir = tmp_path / "report"
@@ -278,6 +288,24 @@ def test_cli_train_and_eval(tmp_path: Path) -> None:
         assert 0.0 <= report[key] <= 1.0 or key == "mcc"
     assert (report_dir / "roc.png").is_file() and (report_dir / "score_hist.png").is_file()
     assert len(list((report_dir / "localisation").glob("*.png"))) == 2
+    (report_dir / "localisation" / "notes.png").write_bytes(b"mine")  # not a panel: kept
+    rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "head",
+               "--split", "valid", "--out", str(report_dir), "--localise", "1"])
+    assert rc == 0  # again into the same folder: the earlier panels do not stay mixed with this report's
+    assert sorted(p.name for p in (report_dir / "localisation").glob("*.png"))[-1] == "notes.png"
+    assert len(list((report_dir / "localisation").glob("*.png"))) == 2
+    before = (run / "metrics.json").read_bytes()
+    rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "head",
+               "--split", "valid", "--out", str(run)])  # the training run's metrics.json would be replaced
+    assert rc == 1 and "holds best.pt" in capfd.readouterr().err
+    assert (run / "metrics.json").read_bytes() == before and not (run / "roc.png").exists()
+    (tmp_path / "report2").mkdir()
+    (tmp_path / "report2" / "localisation").write_text("")
+    rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "head",
+               "--split", "valid", "--out", str(tmp_path / "report2")])
+    err = capfd.readouterr().err
+    assert rc == 1 and "localisation is a file" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "report2").iterdir()) == ["localisation"]
     # a checkpoint for another part is refused
     rc = main(["eval", "morphology", "--weights", str(run / "best.pt"), "--data", str(data), "--part", "tail",
                "--split", "valid", "--out", str(report_dir)])
@@ -302,6 +330,8 @@ def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         load_crops(root, "head", "train")
     with pytest.raises(InputError, match="unknown part 'nose'"):
         load_crops(root, "nose", "train")
+    with pytest.raises(InputError, match="x_64_train.npy: is a file; expected the folder holding"):
+        load_crops(root / "x_64_train.npy", "head", "train")
     np.savez(root / "x_64_train.npy.npz", a=np.zeros((5, 64, 64), np.uint8))
     (root / "x_64_train.npy.npz").replace(root / "x_64_train.npy")  # an .npz archive under a .npy name
     with pytest.raises(InputError, match="x_64_train.npy: expected a single .npy array"):
@@ -325,6 +355,12 @@ def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         evaluate_morphology(tmp_path / "r" / "best.pt", data, "head", "valid", tmp_path / "e")
     with pytest.raises(InputError, match="run folder already holds best.pt"):  # its other files would mix
         train_morphology(data, "head", tmp_path / "r", cfg, log=lambda *_: None, progress=False)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "metrics.json").write_text('{"split": "valid"}\n')
+    (tmp_path / "report" / "roc.png").write_bytes(b"png")
+    with pytest.raises(InputError, match="holds an evaluation report"):  # its metrics.json would be replaced
+        train_morphology(data, "head", tmp_path / "report", cfg, log=lambda *_: None, progress=False)
+    assert (tmp_path / "report" / "metrics.json").read_text() == '{"split": "valid"}\n'
     np.save(data / "y_head_valid.npy", np.ones(8, np.uint8))  # abnormal only: refused before any training
     with pytest.raises(InputError, match="validation split holds no normal sample"):
         train_morphology(data, "head", tmp_path / "r2", cfg, log=lambda *_: None, progress=False)
@@ -399,3 +435,149 @@ def test_shipped_morphology_configs_parse(name: str) -> None:
     cfg = MorphologyTrainConfig.from_yaml(path)
     if name == "morphology_supervised":
         assert cfg.model.supervised and cfg.model.tta and cfg.model.classifier_inputs == "discrepancy+teacher+centre"
+
+
+def test_cli_numeric_options_out_of_range(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Out-of-range --threads (eval) and --seed (train) are refused before any work, without a traceback."""
+    rc = main(["eval", "morphology", "--weights", "none.pt", "--data", "nowhere", "--part", "head", "--split",
+               "valid", "--out", str(tmp_path / "e"), "--threads", "-1"])
+    err = capfd.readouterr().err
+    assert rc == 2 and "--threads" in err and "Traceback" not in err
+    rc = main(["eval", "morphology", "--weights", "none.pt", "--data", "nowhere", "--part", "head", "--split",
+               "valid", "--out", str(tmp_path / "e"), "--threads", str(2**31)])
+    err = capfd.readouterr().err
+    assert rc == 2 and "--threads" in err and "Traceback" not in err
+    for option, value in (("--seed", 2**64), ("--threads", 2**31)):
+        rc = main(["train", "morphology", "--data", "nowhere", "--part", "head", "--out", str(tmp_path / "r"),
+                   option, str(value)])
+        err = capfd.readouterr().err
+        assert rc == 1 and option.lstrip("-") in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_refused_start_leaves_no_run_folder(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """--epochs 0 without --init-from, or an --init-from that is no morphology checkpoint, creates no --out."""
+    import yaml
+
+    data = write_mhsma(tmp_path / "data", n_train=8, n_valid=8)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY_MODEL, "batch_size": 16}))
+    base = ["train", "morphology", "--data", str(data), "--part", "head", "--config", str(config), "--no-progress"]
+    rc = main([*base, "--out", str(tmp_path / "r0"), "--epochs", "-2"])  # the option is at fault, not the file
+    assert rc == 1 and f"error: options (over {config}): field 'epochs'" in capfd.readouterr().err
+    rc = main([*base, "--out", str(tmp_path / "r1"), "--epochs", "0"])
+    assert rc == 1 and "--init-from" in capfd.readouterr().err
+    rc = main([*base, "--out", str(tmp_path / "r2"), "--epochs", "1", "--init-from", str(config)])
+    assert rc == 1 and "not a readable checkpoint" in capfd.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("r0", "r1", "r2"))
+
+
+def test_png_csv_broken_image_split_spaces_duplicate_column(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A corrupt PNG is one InputError naming it (OpenCV's own log line about it does not reach stderr); spaces
+    around a split cell are ignored, like around a label cell; a column named twice in the header is refused."""
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(tmp_path / "c0.png"), synth_crops(1, 0)[0])
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32)  # a PNG signature, no IHDR
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,0\nbad.png,valid,1\n")
+    capfd.readouterr()
+    with pytest.raises(InputError, match=r"bad.png: missing or unreadable image"):
+        load_crops(tmp_path, "head", "valid")
+    assert capfd.readouterr().err == ""
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid ,0\nc1.png, valid,1\n")  # spreadsheet spaces
+    cv2.imwrite(str(tmp_path / "c1.png"), synth_crops(1, 1)[0])
+    np.testing.assert_array_equal(load_crops(tmp_path, "head", "valid").labels, [0, 1])  # like the label cells
+    cv2.imwrite(str(tmp_path / "c12.png"), (synth_crops(1, 2)[0].astype(np.uint16) * 16))  # 12-bit data, 16-bit PNG
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,0\nc12.png,valid,1\n")
+    with pytest.raises(InputError, match=r"c12.png: a 16-bit image whose brightest value is \d+ .*rescale it"):
+        load_crops(tmp_path, "head", "valid")  # read as 8-bit it would be nearly black
+    cv2.imwrite(str(tmp_path / "c16.png"), (synth_crops(1, 2)[0].astype(np.uint16) * 257))  # full 16-bit range: fine
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,0\nc16.png,valid,1\n")
+    np.testing.assert_array_equal(load_crops(tmp_path, "head", "valid").images[1], synth_crops(1, 2)[0])
+    (tmp_path / "labels.csv").write_text("file,split,head,head\nc0.png,valid,0,1\n")  # which 'head' is meant?
+    with pytest.raises(InputError, match=r"labels.csv: column 'head' appears 2 times in the header"):
+        load_crops(tmp_path, "head", "valid")
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "classifier_lr", "model.lambda_mse", "model.min_size_ratio"])
+def test_config_refuses_infinite_values(field: str) -> None:
+    """YAML '.inf' (or 1e400) passes 'gt=0'/'ge=0' checks; it must be refused, naming the field."""
+    data: dict = {}
+    *parents, name = field.split(".")
+    node = data
+    for parent in parents:
+        node = node.setdefault(parent, {})
+    node[name] = float("inf")
+    with pytest.raises(InputError, match=rf"field '{field}'"):
+        MorphologyTrainConfig.from_dict(data)
+
+
+def test_cli_teacher_vgg16_uses_pool2_to_pool5_unless_the_config_sets_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--teacher vgg16 picks the published pool2..pool5, also with a --config that does not set the layers."""
+    import yaml
+
+    from smearsight.train.morphology import train_loop
+
+    seen: list[MorphologyTrainConfig] = []
+
+    def fake_train(data, part, out, cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise InputError("stop")
+
+    monkeypatch.setattr(train_loop, "train_morphology", fake_train)
+    plain, with_layers = tmp_path / "plain.yaml", tmp_path / "layers.yaml"
+    plain.write_text(yaml.safe_dump({"batch_size": 16}))
+    with_layers.write_text(yaml.safe_dump({"model": {"teacher": {"layers": [3, 4]}}}))
+    for config in (None, plain, with_layers):
+        extra = ["--config", str(config)] if config else []
+        rc = main(["train", "morphology", "--data", "nowhere", "--part", "head", "--out", str(tmp_path / "r"),
+                   "--teacher", "vgg16", *extra])
+        assert rc == 1
+    assert [cfg.model.teacher.layers for cfg in seen] == [[2, 3, 4, 5], [2, 3, 4, 5], [3, 4]]
+
+
+def test_diverged_training_is_an_error_not_an_untrained_model(tmp_path: Path) -> None:
+    """A too high lr makes the student NaN: the run stops saying so, and writes no best.pt (it used to keep the
+    untrained initial student as the 'best epoch 0', or fail later with an unexplained threshold error)."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    cfg = tiny_train_config(epochs=2, lr=1e30, select_score_reduce=False)
+    with pytest.raises(InputError, match=r"lr: training diverged .*epoch \d"):
+        train_morphology(data, "head", tmp_path / "run", cfg, log=lambda *_: None, progress=False)
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_full_disk_leaves_no_partial_run(tmp_path: Path, tmpfs, capfd: pytest.CaptureFixture[str]) -> None:
+    """A disk that fills while the run's files are written: one line, exit 1, and none of the run's files stay
+    (metrics.json, history.json and curves.png without best.pt looked like a finished run)."""
+    import yaml
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY_MODEL, "batch_size": 16}))
+    with tmpfs("small", "size=128k") as disk:  # room for the JSON files and curves.png, not for best.pt
+        rc = main(["train", "morphology", "--data", str(data), "--part", "head", "--out", str(disk / "run"),
+                   "--config", str(config), "--epochs", "1", "--no-progress"])
+        err = capfd.readouterr().err
+        assert rc == 1 and "best.pt: cannot write" in err and "Traceback" not in err
+        assert list((disk / "run").iterdir()) == []
+
+
+def test_full_disk_during_eval_leaves_no_mixed_report(tmp_path: Path, tmpfs, capfd: pytest.CaptureFixture[str]) -> None:
+    """Re-evaluating into a report folder when the disk fills: one line, exit 1, and no part of the new report
+    stays beside the old metrics.json (which no longer describes the plots)."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+    with tmpfs("small", "size=64k") as disk:  # room for the ROC and histogram PNGs, not for the panels
+        (disk / "report").mkdir()
+        (disk / "report" / "metrics.json").write_text('{"old": true}\n')
+        rc = main(["eval", "morphology", "--weights", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+                   "--part", "head", "--split", "valid", "--out", str(disk / "report"), "--localise", "8"])
+        err = capfd.readouterr().err
+        assert rc == 1 and "cannot write" in err and "Traceback" not in err
+        left = sorted(str(p.relative_to(disk / "report")) for p in (disk / "report").rglob("*"))
+        assert left in ([], ["localisation"]), left

@@ -8,9 +8,12 @@ which is what the header reports and what :func:`read_image_rgb` returns.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +28,22 @@ _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 
 def _cv2():
     return require("cv2", "reading images")
+
+
+@contextlib.contextmanager
+def quiet_opencv(cv2: Any) -> Iterator[None]:
+    """OpenCV's log off for a decode whose failure the caller reports in one line itself (OpenCV logs a broken
+    file at its ERROR level, e.g. ``readHeader IHDR chunk shall be first``; only FATAL stays on)."""
+    log = getattr(getattr(cv2, "utils", None), "logging", None)
+    if log is None:
+        yield
+        return
+    level = log.getLogLevel()
+    log.setLogLevel(log.LOG_LEVEL_FATAL)
+    try:
+        yield
+    finally:
+        log.setLogLevel(level)
 
 
 def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
@@ -43,19 +62,12 @@ def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
         raise InputError(f"{path}: cannot read image file ({exc.strerror or exc})") from None
     image = None
     if data.size:
-        # OpenCV logs warnings and errors (TIFF) for a broken file; the InputError below says it in one line instead.
-        log = getattr(getattr(cv2, "utils", None), "logging", None)
-        level = log.getLogLevel() if log is not None else None
-        if log is not None:
-            log.setLogLevel(log.LOG_LEVEL_SILENT)
         try:
-            image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+            with quiet_opencv(cv2):  # a broken file (TIFF, PNG) is logged by OpenCV; the InputError says it once
+                image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         except cv2.error as exc:  # e.g. a header claiming more pixels than OpenCV will allocate
             why = "too many pixels for OpenCV" if "MAX_IMAGE_PIXELS" in str(exc) else first_line(exc)
             raise InputError(f"{path}: not a decodable image ({why})") from None
-        finally:
-            if log is not None:
-                log.setLogLevel(level)
     if image is None:
         raise InputError(f"{path}: not a decodable image (expected a JPEG, PNG, BMP, TIFF or WebP file)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -60,11 +60,12 @@ def train_morphology_cmd(
         data_cfg["model"]["supervised"] = True
     if teacher is not None:
         data_cfg["model"]["teacher"]["name"] = teacher
-        if teacher in ("vgg16", "vgg16_bn") and config is None:
+        if teacher in ("vgg16", "vgg16_bn") and not _config_sets_teacher_layers(config):
             data_cfg["model"]["teacher"]["layers"] = [2, 3, 4, 5]  # pool2..pool5, the published choice
     if teacher_weights is not None:
         data_cfg["model"]["teacher"]["weights"] = teacher_weights
-    cfg = MorphologyTrainConfig.from_dict(data_cfg, source=str(config) if config else "options")
+    # the file alone passed above: what fails now comes from the options
+    cfg = MorphologyTrainConfig.from_dict(data_cfg, source=f"options (over {config})" if config else "options")
     metrics = train_morphology(data, part, out, cfg, train_split, valid_split, log=typer.echo,
                                progress=not no_progress, init_from=init_from)
     valid = metrics["valid"]
@@ -72,6 +73,16 @@ def train_morphology_cmd(
         f"{part} ({metrics['mode']}): valid AUC {valid['auc']:.4f} accuracy {valid['accuracy']:.4f} "
         f"F0.5 {valid['f05']:.4f} at threshold {metrics['threshold']:.4g}; wrote {out / 'best.pt'}"
     )
+
+
+def _config_sets_teacher_layers(config: Path | None) -> bool:
+    """Whether the (already validated) config file sets ``model.teacher.layers`` itself."""
+    from smearsight.config import read_yaml
+
+    if config is None:
+        return False
+    teacher = (read_yaml(config).get("model") or {}).get("teacher") or {}
+    return "layers" in teacher
 
 
 @eval_app.command("morphology")
@@ -83,7 +94,8 @@ def eval_morphology_cmd(
     out: Path = typer.Option(..., "--out", help="Report folder: metrics.json, roc.png, score_hist.png, localisation/."),
     localise: int = typer.Option(8, "--localise", min=0, max=200,
                                  help="Number of localisation examples (0 to 200)."),
-    threads: int | None = typer.Option(None, "--threads"),
+    threads: int | None = typer.Option(None, "--threads", min=0, max=2**31 - 1,
+                                       help="torch CPU threads (0: torch's default)."),
 ) -> None:
     """Evaluate a morphology checkpoint on a split (normal = positive class for precision/recall/F0.5)."""
     from smearsight.train.morphology.data import check_part

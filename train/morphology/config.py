@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from smearsight.config import StrictConfig
 
 VGG_TEACHERS = ("vgg16", "vgg16_bn")
+
+
+class _FiniteConfig(StrictConfig):
+    """StrictConfig whose float fields refuse NaN and infinity (YAML ``.inf``, ``1e400``): an infinite lr or
+    lambda_mse would only show as NaN scores after the whole training."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class TeacherConfig(StrictConfig):
@@ -42,7 +49,7 @@ class StudentConfig(StrictConfig):
     head_kernel: int = Field(1, ge=1, le=3)
 
 
-class MorphologyModelConfig(StrictConfig):
+class MorphologyModelConfig(_FiniteConfig):
     """Everything that defines the exported graph (teacher + student + score).
 
     ``classifier_inputs="discrepancy+teacher"`` adds the teacher's per-channel mean and max activation to
@@ -73,7 +80,7 @@ class MorphologyModelConfig(StrictConfig):
         return self
 
 
-class MorphologyTrainConfig(StrictConfig):
+class MorphologyTrainConfig(_FiniteConfig):
     """How one part's model is trained (normal train samples only; valid labels only for selection)."""
 
     model: MorphologyModelConfig = Field(default_factory=MorphologyModelConfig)
@@ -92,5 +99,5 @@ class MorphologyTrainConfig(StrictConfig):
     classifier_eval_every: int = Field(1, ge=1)
     classifier_lr: float = Field(1e-3, gt=0)
     classifier_weight_decay: float = Field(1e-3, ge=0)
-    seed: int = 0
-    threads: int = Field(0, ge=0)
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
+    threads: int = Field(0, ge=0, le=2**31 - 1)  # a C int for torch.set_num_threads

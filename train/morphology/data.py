@@ -1,7 +1,8 @@
 """Morphology crops: the MHSMA layout (``x_64_<split>.npy`` + ``y_<part>_<split>.npy``) or PNG crops + CSV.
 
 CSV layout: ``DIR/labels.csv`` with columns ``file`` (path relative to DIR), ``split`` and one column per
-part (0 = normal, 1 = abnormal); the images are 64x64 grayscale (colour images are converted).
+part (0 = normal, 1 = abnormal); the images are 64x64 grayscale (colour images are converted; 16-bit ones keep
+their top 8 bits, so one holding only low values, such as 12-bit camera data, is refused).
 Every problem raises :class:`InputError` naming the file and what was expected.
 """
 
@@ -99,6 +100,8 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
     """Load one split of one part from an MHSMA folder or a PNG+CSV folder."""
     check_part(part)
     root = Path(data_dir)
+    if root.is_file():  # e.g. --data labels.csv
+        raise InputError(f"{root}: is a file; expected the folder holding x_64_<split>.npy or labels.csv")
     if not root.is_dir():
         raise InputError(f"{root}: data folder not found")
     x_path = root / f"x_64_{split}.npy"
@@ -119,6 +122,7 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
 
 def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
     from smearsight.errors import require
+    from smearsight.train.datasets.images import low_bit_depth_note, quiet_opencv
 
     cv2 = require("cv2", "PNG crops")
     try:
@@ -128,11 +132,13 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
             for column in ("file", "split", part):
                 if column not in fields:
                     raise InputError(f"{csv_path}: missing column '{column}' (columns: {', '.join(fields)})")
+                if (times := fields.count(column)) > 1:  # DictReader would silently keep the last one
+                    raise InputError(f"{csv_path}: column '{column}' appears {times} times in the header")
             rows = []
             for n, row in enumerate(reader, start=2):  # line 1 is the header
                 if row["split"] is None:  # DictReader fills a short row's missing cells with None
                     raise InputError(f"{csv_path} line {n}: the row has no 'split' value ({row['file']!r})")
-                if row["split"] == split:
+                if row["split"].strip() == split:  # as the label cells: spreadsheets leave spaces around values
                     rows.append(row)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{csv_path}: not a readable UTF-8 CSV file ({type(exc).__name__}: {exc})") from None
@@ -151,11 +157,14 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
         if resolved in seen:
             raise InputError(f"{csv_path}: {row['file']!r} is listed twice in split '{split}'")
         seen.add(resolved)
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path.is_file() else None
+        with quiet_opencv(cv2):  # the InputError below says it in one line
+            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path.is_file() else None
         if image is None:
             raise InputError(f"{path}: missing or unreadable image (listed in {csv_path.name})")
         if image.shape != (CROP_SIZE, CROP_SIZE):
             raise InputError(f"{path}: expected a 64x64 crop, got {image.shape[1]}x{image.shape[0]}")
+        if note := low_bit_depth_note(path):  # 12-bit data in a 16-bit PNG: read as 8-bit it is nearly black
+            raise InputError(note)
         value = row[part].strip()
         if value not in ("0", "1"):
             raise InputError(f"{csv_path}: column '{part}' must be 0 or 1, got {value!r} for {row['file']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_bytes, atomic_write_json
 from smearsight.train.morphology.data import check_part, load_crops, require_two_classes
 from smearsight.train.morphology.metrics import binary_metrics, roc_curve
+
+REPORT_FILES = ("metrics.json", "roc.png", "score_hist.png")
+PANEL_NAME = re.compile(r"\d{2,}_idx\d+_(ab)?normal\.png")  # the localisation panels written below
 
 
 def load_model(weights: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -32,6 +36,12 @@ def evaluate_morphology(
     from smearsight.train.morphology.train_loop import score_crops
 
     check_part(part)
+    out = Path(out_dir)
+    if (out / "best.pt").exists():  # a training run folder: the report's metrics.json would replace the run's
+        raise InputError(f"--out {out}: holds best.pt (a training run); its metrics.json would be overwritten, "
+                         "pick another report folder")
+    if (out / "localisation").exists() and not (out / "localisation").is_dir():
+        raise InputError(f"--out {out}: localisation is a file; the report writes its panels into a folder so named")
     model, ckpt = load_model(weights)
     trained_part = ckpt["morphology"].get("part")
     if trained_part != part:
@@ -43,7 +53,6 @@ def evaluate_morphology(
     scores = score_crops(model, crops.images)
     seconds = time.perf_counter() - started
     metrics = binary_metrics(crops.labels, scores, threshold)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "part": part, "split": split, "mode": ckpt["morphology"].get("mode"), "n": len(crops),
@@ -51,15 +60,29 @@ def evaluate_morphology(
         "scoring_seconds": seconds, "crops_per_second": len(crops) / seconds if seconds > 0 else None,
         "weights": str(weights),
     }
-    _plots(out, crops.labels, scores, threshold, metrics["auc"], part, split)
     order = np.argsort(-scores)
     n_localise = min(n_localise, len(order))  # the most and least anomalous crops, each at most once
     pick = list(order[: n_localise // 2]) + list(order[::-1][: n_localise - n_localise // 2])
     names = [f"{rank:02d}_idx{idx}_{'abnormal' if crops.labels[idx] else 'normal'}" for rank, idx in enumerate(pick)]
     captions = [f"score {scores[i]:.3g} label {'abn' if crops.labels[i] else 'nor'}" for i in pick]
-    write_localisation_panels(model, crops.images[pick], names, out / "localisation", captions)
-    atomic_write_json(out / "metrics.json", report)
+    try:
+        _remove_report(out)  # an earlier report's files must not stay mixed with this one's
+        _plots(out, crops.labels, scores, threshold, metrics["auc"], part, split)
+        write_localisation_panels(model, crops.images[pick], names, out / "localisation", captions)
+        atomic_write_json(out / "metrics.json", report)
+    except BaseException:
+        _remove_report(out)  # nothing of an unfinished report stays (a full disk, Ctrl-C)
+        raise
     return report
+
+
+def _remove_report(out: Path) -> None:
+    """Delete what a report writes into ``out``: REPORT_FILES and the localisation panels (nothing else)."""
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for panel in (out / "localisation").glob("*_idx*.png"):
+        if PANEL_NAME.fullmatch(panel.name):
+            panel.unlink()
 
 
 def _plots(out: Path, labels: np.ndarray, scores: np.ndarray, threshold: float, auc: float, part: str, split: str):

@@ -14,7 +14,8 @@ import numpy as np
 def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
     """Counts with normal as positive: tp = normal called normal, fp = abnormal called normal."""
     labels = np.asarray(labels).astype(np.int64)
-    called_normal = np.asarray(scores) < threshold
+    # in float64: a float32 array would round the threshold onto a score (numpy casts the Python float down)
+    called_normal = np.asarray(scores, dtype=np.float64) < threshold
     normal = labels == 0
     return {
         "tp": int(np.sum(called_normal & normal)),
@@ -25,11 +26,12 @@ def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Mann-Whitney AUC (ties count half): P(score of an abnormal > score of a normal)."""
+    """Mann-Whitney AUC (ties count half): P(score of an abnormal > score of a normal); NaN when a class is
+    missing or a score is NaN."""
     labels = np.asarray(labels).astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     n_pos, n_neg = int(np.sum(labels == 1)), int(np.sum(labels == 0))
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(scores).any():
         return float("nan")
     order = np.argsort(scores, kind="mergesort")
     ranks = np.empty(len(scores), dtype=np.float64)

@@ -201,6 +201,8 @@ def train_morphology(
     from smearsight.train.morphology.torch_model import build_model
 
     check_part(part)
+    if init_from is None and cfg.epochs == 0:
+        raise InputError("epochs: 0 epochs is only allowed when starting from a checkpoint (--init-from)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train = load_crops(data_dir, part, train_split)
@@ -217,16 +219,16 @@ def train_morphology(
     out = Path(out_dir)
     if (out / "best.pt").exists():  # its metrics, history and curves would be mixed with this run's
         raise InputError(f"{out}: run folder already holds best.pt; pick a new --out (or delete the old run)")
+    if (out / "roc.png").exists() or (out / "score_hist.png").exists():  # eval morphology's report files
+        raise InputError(f"{out}: holds an evaluation report (its metrics.json would be replaced); pick a new --out")
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out, RUN_FILES)  # left by a kill -9 of an earlier try
     if init_from is not None:
-        _load_student(model, init_from)
-    elif cfg.epochs == 0:
-        raise InputError("epochs: 0 epochs is only allowed when starting from a checkpoint (--init-from)")
+        _load_student(model, init_from, part if cfg.epochs == 0 else None)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
+    remove_stale_temp_files(out, RUN_FILES)  # left by a kill -9 of an earlier try
     sizes = model.sizes()
     example = torch.zeros(1, 1, 64, 64)
     sizes.update(teacher_flops=count_flops(model.teacher, example), student_flops=count_flops(model.student, example))
@@ -271,6 +273,9 @@ def train_morphology(
                 if bar:
                     bar.update(task, advance=1, info=f"loss {loss.item():.4f}")
             per_layer = layer_scores(model, valid.images, cfg.model.score_reduce)
+            if not (np.isfinite(losses).all() and np.isfinite(per_layer).all()):  # NaN weights: no epoch after helps
+                raise InputError(f"lr: training diverged at epoch {epoch} (NaN or infinite loss or scores); "
+                                 f"lower lr (now {cfg.lr:g})")
             subset, auc = best_subset(per_layer, valid.labels, cfg.select_scoring_layers, model.score_positions)
             scores = per_layer[:, subset].sum(axis=1)
             normal_mean = float(scores[valid.labels == 0].mean()) if np.any(valid.labels == 0) else float("nan")
@@ -338,11 +343,17 @@ def train_morphology(
         "train_config": cfg.to_dict(),
         "metrics": metrics,
     }
-    # best.pt last: a folder that holds it holds the whole run (a kill before leaves no best.pt to reuse)
-    atomic_write_json(out / "metrics.json", _finite(metrics))
-    atomic_write_json(out / "history.json", _finite({"student": history, "classifier": classifier_info}))
-    _plot_curves(out / "curves.png", history)
-    save_checkpoint(out / "best.pt", payload)
+    # best.pt last: a folder that holds it holds the whole run (a kill before leaves no best.pt to reuse); a
+    # failure on the way (a full disk) takes back what this run wrote, so no files of an unfinished run stay
+    try:
+        atomic_write_json(out / "metrics.json", _finite(metrics))
+        atomic_write_json(out / "history.json", _finite({"student": history, "classifier": classifier_info}))
+        _plot_curves(out / "curves.png", history)
+        save_checkpoint(out / "best.pt", payload)
+    except BaseException:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        raise
     return metrics
 
 
@@ -369,10 +380,23 @@ def _plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _load_student(model: Any, path: str | Path) -> None:
+def _load_student(model: Any, path: str | Path, as_is_for: str | None = None) -> None:
+    """Start from ``path``'s student; ``as_is_for``: the part it is kept for without KD training (epochs 0), which
+    must be the part it was trained for, with the same teacher."""
     from smearsight.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, kind="morphology")
+    if as_is_for is not None:
+        trained_part = ckpt["morphology"]["part"]
+        if trained_part != as_is_for:
+            raise InputError(f"{path}: with 0 epochs its student is kept as is, but it was trained for part "
+                             f"'{trained_part}', not '{as_is_for}'")
+        theirs = (ckpt["model_config"].get("teacher") or {}) if isinstance(ckpt["model_config"], dict) else {}
+        ours = model.cfg.teacher.to_dict()
+        differ = [key for key in ("name", "layers", "input_size") if theirs.get(key) != ours[key]]
+        if differ:
+            raise InputError(f"{path}: with 0 epochs its student is kept as is, but it was distilled from another "
+                             f"teacher (teacher {', '.join(differ)} differ)")
     state = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
     own = model.student.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
