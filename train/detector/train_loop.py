@@ -204,6 +204,9 @@ def train_detector(
         cfg = _resumed_recipe(resumed, cfg, explicit_fields, last_path)
     elif last_path.exists():
         raise InputError(f"{out}: run folder already holds last.pt; pass --resume to continue it or pick a new --out")
+    elif (out / "best.pt").exists():  # another run's (a morphology run keeps no last.pt): never overwrite it
+        raise InputError(f"{out}: run folder already holds best.pt of another run (no last.pt to resume); "
+                         "pick a new --out")
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

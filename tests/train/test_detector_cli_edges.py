@@ -1,0 +1,77 @@
+"""Edge cases of ``smearsight train detector`` / ``eval detector``: one-line errors, exit 1 (2 for usage errors),
+no traceback, and no output folder left mixing one run's files with another's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+pytest.importorskip("pycocotools")
+
+from smearsight.cli import main  # noqa: E402
+
+SIZE = (96, 128)  # synthetic frames
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    from smearsight.train.datasets.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root, 10, seed=3, size=SIZE, progress=False)
+    return root
+
+
+def _train_args(data: Path, out: Path, *extra: str, val: str = "none") -> list[str]:
+    return ["train", "detector", "--data", str(data), "--format", "coco", "--val-split", val, "--out", str(out),
+            "--variant", "test_efficientdet", "--random-init", "--batch-size", "4", "--image-size", "128x128",
+            "--epochs", "1", "--threads", "1", "--no-progress", *extra]
+
+
+def _eval_args(weights: Path, data: Path, out: Path, *extra: str, split: str = "val") -> list[str]:
+    return ["eval", "detector", "--weights", str(weights), "--data", str(data), "--format", "coco", "--split", split,
+            "--out", str(out), "--threads", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def weights(synth_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("edge_run") / "run"
+    torch.set_num_threads(1)
+    assert main(_train_args(synth_data, out)) == 0
+    return out / "best.pt"
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def no_boxes_in_val(synth_data, tmp_path) -> Path:
+    root = tmp_path / "negatives"
+    shutil.copytree(synth_data, root)
+    val = json.loads((root / "annotations" / "val.json").read_text())
+    val["annotations"] = []
+    (root / "annotations" / "val.json").write_text(json.dumps(val))
+    return root
+
+
+def test_train_refuses_an_out_that_holds_another_run(synth_data, tmp_path, capsys) -> None:
+    """A morphology run folder (best.pt, metrics.json, no last.pt) must not be overwritten by a detector run."""
+    run = tmp_path / "morph_run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"a morphology checkpoint")
+    (run / "metrics.json").write_text('{"auc": 0.9}')
+    assert main(_train_args(synth_data, run)) == 1
+    err = _one_line_error(capsys)
+    assert "best.pt" in err and "--out" in err
+    assert (run / "best.pt").read_bytes() == b"a morphology checkpoint"
+    assert (run / "metrics.json").read_text() == '{"auc": 0.9}'
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "metrics.json"]
