@@ -75,3 +75,20 @@ def test_train_refuses_an_out_that_holds_another_run(synth_data, tmp_path, capsy
     assert (run / "best.pt").read_bytes() == b"a morphology checkpoint"
     assert (run / "metrics.json").read_text() == '{"auc": 0.9}'
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "metrics.json"]
+
+
+def test_train_refuses_a_validation_split_without_boxes(no_boxes_in_val, tmp_path, capsys) -> None:
+    """mAP on a split with no ground truth is always 0: best.pt would be chosen on nothing."""
+    out = tmp_path / "run"
+    assert main(_train_args(no_boxes_in_val, out, val="val")) == 1
+    err = _one_line_error(capsys)
+    assert "validation split 'val' holds no boxes" in err and "--val-split none" in err
+    assert not out.exists()
+
+
+def test_eval_refuses_a_split_without_boxes(weights, no_boxes_in_val, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    assert main(_eval_args(weights, no_boxes_in_val, out)) == 1
+    err = _one_line_error(capsys)
+    assert "split 'val' holds no boxes" in err
+    assert not out.exists()

@@ -170,6 +170,8 @@ def eval_detector_cmd(
     ckpt = _load(weights)
     ds = load_split(data, _fmt(fmt), split)
     check_class_names(ckpt["class_names"], ds.class_names, f"{data} [{split}]")
+    if ds.num_boxes == 0:
+        raise InputError(f"{data}: split {split!r} holds no boxes (no ground truth to score mAP against)")
     pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, device=device,
                                      **_evaluation_caps(ckpt, max_dets, pre_nms_topk))
     metrics = run_evaluation(pred, ds, out, max_dets=max_dets, examples=examples,

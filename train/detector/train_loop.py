@@ -221,6 +221,9 @@ def train_detector(
         check_class_names(train_ds.class_names, val_ds.class_names, f"{data} [{val_split}]")
     if train_ds.num_boxes == 0:
         raise InputError(f"{data}: training split {train_split!r} holds no boxes (nothing to learn)")
+    if val_ds is not None and val_ds.num_boxes == 0:
+        raise InputError(f"{data}: validation split {val_split!r} holds no boxes (mAP cannot select best.pt); "
+                         "pass --val-split none to train without validation")
 
     if resumed is not None:
         check_class_names(resumed["class_names"], train_ds.class_names, f"{data} [{train_split}]")
