@@ -92,3 +92,24 @@ def test_eval_refuses_a_split_without_boxes(weights, no_boxes_in_val, tmp_path, 
     err = _one_line_error(capsys)
     assert "split 'val' holds no boxes" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--max-dets", "-5"), ("--max-dets", "0"), ("--examples", "-1"),
+                                               ("--score-threshold", "2"), ("--score-threshold", "-0.5"),
+                                               ("--threads", "-1")])
+def test_eval_refuses_out_of_range_options(weights, synth_data, tmp_path, option, value, capsys) -> None:
+    out = tmp_path / "eval"
+    assert main(_eval_args(weights, synth_data, out, option, value)) == 2
+    err = capsys.readouterr().err
+    assert option in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_train_refuses_negative_threads(synth_data, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    args = _train_args(synth_data, out)
+    args[args.index("--threads") + 1] = "-1"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--threads" in err and "Traceback" not in err
+    assert not out.exists()

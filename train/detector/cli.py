@@ -81,7 +81,7 @@ def train_detector_cmd(
     batch_size: int | None = typer.Option(None, "--batch-size"),
     lr: float | None = typer.Option(None, "--lr"),
     time_budget: float | None = typer.Option(None, "--time-budget", help="Minutes (0 = none)."),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+    threads: int | None = typer.Option(None, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from last.pt with its saved recipe (--threads may change)."
@@ -148,15 +148,16 @@ def eval_detector_cmd(
     fmt: str = typer.Option(..., "--format", help="coco | voc | yolo"),
     split: str = typer.Option("val", "--split"),
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, PR curve, confusion matrix, examples."),
-    max_dets: int = typer.Option(1000, "--max-dets", help="COCO maxDets: detections kept per image and class."),
-    score_threshold: float = typer.Option(0.01, "--score-threshold", help="Lowest score kept for AP."),
+    max_dets: int = typer.Option(1000, "--max-dets", min=1, help="COCO maxDets: detections kept per image and class."),
+    score_threshold: float = typer.Option(0.01, "--score-threshold", min=0.0, max=1.0,
+                                          help="Lowest score kept for AP."),
     pre_nms_topk: int | None = typer.Option(
         None, "--pre-nms-topk", min=1,
         help="Candidates per class before NMS (default: the training run's evaluation cap, room for "
              "--max-dets cells with the matcher's top-K anchors each).",
     ),
-    examples: int = typer.Option(4, "--examples", help="Example images to draw."),
-    threads: int | None = typer.Option(None, "--threads"),
+    examples: int = typer.Option(4, "--examples", min=0, help="Example images to draw."),
+    threads: int | None = typer.Option(None, "--threads", min=0),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Evaluate a detector checkpoint: COCO mAP@[.5:.95], mAP@0.5, recall per class (pycocotools)."""
@@ -188,7 +189,7 @@ def predict_detector_cmd(
     out: Path = typer.Option(..., "--out"),
     score_threshold: float | None = typer.Option(None, "--score-threshold", help="Default: the checkpoint's."),
     resize: str = typer.Option("letterbox", "--resize", help="letterbox (as trained) | pad (native, stride pad)."),
-    threads: int | None = typer.Option(None, "--threads"),
+    threads: int | None = typer.Option(None, "--threads", min=0),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Detect cells in images; writes annotated images and one JSON per image (plus detections.json)."""
