@@ -113,3 +113,38 @@ def test_train_refuses_negative_threads(synth_data, tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "--threads" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_eval_into_an_older_report_leaves_no_stale_example(weights, synth_data, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    assert main(_eval_args(weights, synth_data, out, "--examples", "2")) == 0, capsys.readouterr()
+    assert len(list(out.glob("example_*.jpg"))) == 2
+    for stale in (".metrics.json.k1ll3d00.tmp", ".example_07_x.jpg.k1ll3d00.tmp"):  # left by a kill -9
+        (out / stale).write_bytes(b"\0" * 100)
+    assert main(_eval_args(weights, synth_data, out, "--examples", "1", split="train")) == 0, capsys.readouterr()
+    from smearsight.train.datasets.formats import read_dataset
+
+    first_train = Path(read_dataset(synth_data, "coco", "train")[0].images[0].file_name).stem
+    assert [p.name for p in out.glob("example_*.jpg")] == [f"example_00_{first_train}.jpg"]
+    assert json.loads((out / "metrics.json").read_text())["images"] == 8
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_eval_that_fails_mid_report_leaves_no_metrics_json(weights, synth_data, tmp_path, monkeypatch, capsys) -> None:
+    """metrics.json is written last: a folder that holds it holds the whole report of one evaluation."""
+    import errno
+
+    from smearsight.train.detector import plots
+
+    out = tmp_path / "eval"
+    assert main(_eval_args(weights, synth_data, out, "--examples", "1")) == 0, capsys.readouterr()
+    capsys.readouterr()
+
+    def full_disk(matrix, names, path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(plots, "confusion", full_disk)
+    assert main(_eval_args(weights, synth_data, out, "--examples", "1", split="train")) == 1
+    err = _one_line_error(capsys)
+    assert "confusion_matrix.png: cannot write (No space left on device)" in err
+    assert not (out / "metrics.json").exists()
