@@ -148,3 +148,14 @@ def test_eval_that_fails_mid_report_leaves_no_metrics_json(weights, synth_data, 
     err = _one_line_error(capsys)
     assert "confusion_matrix.png: cannot write (No space left on device)" in err
     assert not (out / "metrics.json").exists()
+
+
+def test_eval_refuses_an_out_that_is_a_training_run(weights, synth_data, capsys) -> None:
+    """The run folder's metrics.json holds the training history; the report must not replace it."""
+    run = weights.parent
+    before = (run / "metrics.json").read_bytes()
+    assert main(_eval_args(weights, synth_data, run)) == 1
+    err = _one_line_error(capsys)
+    assert "--out" in err and "holds a training run (last.pt)" in err
+    assert (run / "metrics.json").read_bytes() == before
+    assert not (run / "pr_curve.png").exists()

@@ -162,6 +162,10 @@ def eval_detector_cmd(
 ) -> None:
     """Evaluate a detector checkpoint: COCO mAP@[.5:.95], mAP@0.5, recall per class (pycocotools)."""
     check_output_dir(out)
+    for name in ("last.pt", "best.pt"):  # a run folder's metrics.json is the training's: keep the report apart
+        if (out / name).exists():
+            raise InputError(f"--out {out}: holds a training run ({name}) whose metrics.json the report would "
+                             f"replace; pick another folder (e.g. {out / 'eval'})")
     _setup_torch(threads)
     _check_device(device)
     from smearsight.train.detector.data import check_class_names, load_split
