@@ -159,3 +159,15 @@ def test_eval_refuses_an_out_that_is_a_training_run(weights, synth_data, capsys)
     assert "--out" in err and "holds a training run (last.pt)" in err
     assert (run / "metrics.json").read_bytes() == before
     assert not (run / "pr_curve.png").exists()
+
+
+def test_train_names_both_splits_when_their_class_names_differ(synth_data, tmp_path, capsys) -> None:
+    root = tmp_path / "renamed_val"
+    shutil.copytree(synth_data, root)
+    val = json.loads((root / "annotations" / "val.json").read_text())
+    val["categories"][0]["name"] = "zzz"
+    (root / "annotations" / "val.json").write_text(json.dumps(val))
+    assert main(_train_args(root, tmp_path / "run", val="val")) == 1
+    err = _one_line_error(capsys)
+    assert "[val]: class names ['zzz'," in err and "the training split's ['sertoli'," in err
+    assert "checkpoint" not in err  # there is none yet

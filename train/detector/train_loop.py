@@ -218,7 +218,7 @@ def train_detector(
     train_ds = load_split(data, fmt, train_split, "training split", verify_images=True)
     val_ds = load_split(data, fmt, val_split, "validation split", verify_images=True) if val_split is not None else None
     if val_ds is not None:
-        check_class_names(train_ds.class_names, val_ds.class_names, f"{data} [{val_split}]")
+        check_class_names(train_ds.class_names, val_ds.class_names, f"{data} [{val_split}]", "the training split's")
     if train_ds.num_boxes == 0:
         raise InputError(f"{data}: training split {train_split!r} holds no boxes (nothing to learn)")
     if val_ds is not None and val_ds.num_boxes == 0:
