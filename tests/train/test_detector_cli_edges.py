@@ -171,3 +171,28 @@ def test_train_names_both_splits_when_their_class_names_differ(synth_data, tmp_p
     err = _one_line_error(capsys)
     assert "[val]: class names ['zzz'," in err and "the training split's ['sertoli'," in err
     assert "checkpoint" not in err  # there is none yet
+
+
+@pytest.mark.parametrize(("option", "value", "said"), [("--val-split", "none", "--val-split None (saved 'val')"),
+                                                       ("--train-split", "val", "--train-split 'val' (saved 'train')")])
+def test_resume_refuses_other_splits(synth_data, tmp_path, option, value, said, capsys) -> None:
+    """Resuming a validated run with --val-split none replaced its best-mAP best.pt by the latest weights."""
+    from smearsight.train.checkpoint import load_checkpoint
+    from smearsight.train.detector.config import TrainConfig
+    from smearsight.train.detector.train_loop import train_detector
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(variant="test_efficientdet", pretrained=False, batch_size=4, image_size=[128, 128], epochs=2,
+                      eval_every=1, threads=1)
+    train_detector(synth_data, "coco", "train", "val", out, cfg, progress=False, stop_after_epochs=1)
+    best = (out / "best.pt").read_bytes()
+    args = _train_args(synth_data, out, "--resume", val="val")
+    args[args.index("--epochs") + 1] = "2"
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    assert main(args) == 1
+    err = _one_line_error(capsys)
+    assert said in err and str(out / "last.pt") in err
+    assert (out / "best.pt").read_bytes() == best and load_checkpoint(out / "last.pt")["epoch"] == 1

@@ -152,6 +152,19 @@ def _resumed_recipe(
     return saved
 
 
+def _check_resumed_splits(resumed: dict[str, Any], asked: dict[str, str | None], last_path: Path) -> None:
+    """InputError when --format, --train-split or --val-split differ from those the run in ``last_path`` was
+    started with (checkpoints written before these were saved are not checked)."""
+    saved = resumed.get("data") or {}
+    conflicts = [f"--{key.replace('_', '-')} {value!r} (saved {saved[key]!r})"
+                 for key, value in asked.items() if key in saved and saved[key] != value]
+    if conflicts:
+        raise InputError(
+            f"{last_path}: --resume continues the run on its own splits, but this call asks for "
+            f"{'; '.join(conflicts)}: pass the run's splits to resume, or train into a new --out"
+        )
+
+
 def train_detector(
     data: str | Path,
     fmt: str,
@@ -202,6 +215,7 @@ def train_detector(
             raise InputError(f"{last_path}: not a resumable last.pt (no training state: {', '.join(missing)}); "
                              "is it a copy of best.pt?")
         cfg = _resumed_recipe(resumed, cfg, explicit_fields, last_path)
+        _check_resumed_splits(resumed, {"format": fmt, "train_split": train_split, "val_split": val_split}, last_path)
     elif last_path.exists():
         raise InputError(f"{out}: run folder already holds last.pt; pass --resume to continue it or pick a new --out")
     elif (out / "best.pt").exists():  # another run's (a morphology run keeps no last.pt): never overwrite it
@@ -378,7 +392,8 @@ def train_detector(
             payload = _checkpoint_payload(state, ema.module.state_dict())
             payload.update({"model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "ema": ema.state_dict(), "scaler": scaler.state_dict(),
-                            "rng": {"torch": torch.get_rng_state(), "matcher": wrapper.generator.get_state()}})
+                            "rng": {"torch": torch.get_rng_state(), "matcher": wrapper.generator.get_state()},
+                            "data": {"format": fmt, "train_split": train_split, "val_split": val_split}})
             save_checkpoint(last_path, payload)
             if val_ds is None:
                 save_checkpoint(out / "best.pt", _checkpoint_payload(state, ema.module.state_dict()))
