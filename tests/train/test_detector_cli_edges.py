@@ -196,3 +196,19 @@ def test_resume_refuses_other_splits(synth_data, tmp_path, option, value, said, 
     err = _one_line_error(capsys)
     assert said in err and str(out / "last.pt") in err
     assert (out / "best.pt").read_bytes() == best and load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_eval_without_any_detection_still_draws_its_plots_quietly(weights, synth_data, tmp_path, capsys) -> None:
+    """No detection at all (or no class with ground truth and detections): empty PR and confusion plots, no
+    matplotlib warning on stderr about an empty legend, finite metrics."""
+    import warnings
+
+    out = tmp_path / "eval"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(_eval_args(weights, synth_data, out, "--score-threshold", "1", "--examples", "0")) == 0, \
+            capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["map50"] == 0.0 and metrics["detections"] == 0
+    assert all(v["ap50"] == 0.0 and v["recall"] == 0.0 for v in metrics["per_class"].values())
+    assert (out / "pr_curve.png").stat().st_size > 0 and (out / "confusion_matrix.png").stat().st_size > 0
