@@ -212,3 +212,12 @@ def test_eval_without_any_detection_still_draws_its_plots_quietly(weights, synth
     assert metrics["map50"] == 0.0 and metrics["detections"] == 0
     assert all(v["ap50"] == 0.0 and v["recall"] == 0.0 for v in metrics["per_class"].values())
     assert (out / "pr_curve.png").stat().st_size > 0 and (out / "confusion_matrix.png").stat().st_size > 0
+
+
+def test_train_refuses_a_negative_time_budget(synth_data, tmp_path, capsys) -> None:
+    """Only 0 means no budget; -1 was taken as none too."""
+    out = tmp_path / "run"
+    assert main(_train_args(synth_data, out, "--time-budget", "-1")) == 2
+    err = capsys.readouterr().err
+    assert "--time-budget" in err and "Traceback" not in err
+    assert not out.exists()

@@ -80,7 +80,7 @@ def train_detector_cmd(
     epochs: int | None = typer.Option(None, "--epochs"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     lr: float | None = typer.Option(None, "--lr"),
-    time_budget: float | None = typer.Option(None, "--time-budget", help="Minutes (0 = none)."),
+    time_budget: float | None = typer.Option(None, "--time-budget", min=0.0, help="Minutes (0 = none)."),
     threads: int | None = typer.Option(None, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)."),
     resume: bool = typer.Option(
