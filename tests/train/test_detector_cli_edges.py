@@ -221,3 +221,11 @@ def test_train_refuses_a_negative_time_budget(synth_data, tmp_path, capsys) -> N
     err = capsys.readouterr().err
     assert "--time-budget" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_train_names_the_option_for_a_too_small_image_size(synth_data, tmp_path, capsys) -> None:
+    args = _train_args(synth_data, tmp_path / "run")
+    args[args.index("--image-size") + 1] = "16x640"
+    assert main(args) == 1
+    err = _one_line_error(capsys)
+    assert "--image-size" in err and "'16x640'" in err and "32" in err

@@ -32,8 +32,12 @@ def _parse_size(text: str | None) -> list[int] | None:
         h, w = (int(v) for v in text.lower().replace(",", "x").split("x"))
     except ValueError:
         raise InputError(f"--image-size: expected HxW like 384x512, got {text!r}") from None
+    from smearsight.train.detector.config import MIN_IMAGE_SIDE
+
     if h <= 0 or w <= 0:
         raise InputError(f"--image-size: sizes must be positive, got {text!r}")
+    if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+        raise InputError(f"--image-size: each side must be at least {MIN_IMAGE_SIDE} px, got {text!r}")
     return [h, w]
 
 
