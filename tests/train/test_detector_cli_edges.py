@@ -229,3 +229,14 @@ def test_train_names_the_option_for_a_too_small_image_size(synth_data, tmp_path,
     assert main(args) == 1
     err = _one_line_error(capsys)
     assert "--image-size" in err and "'16x640'" in err and "32" in err
+
+
+def test_train_refuses_random_init_with_backbone_weights(synth_data, tmp_path, capsys) -> None:
+    """Both asked for: the weights were loaded (and stages frozen) while the recipe said pretrained: false."""
+    weights_file = tmp_path / "backbone.pt"
+    weights_file.write_bytes(b"unused")
+    out = tmp_path / "run"
+    assert main(_train_args(synth_data, out, "--backbone-weights", str(weights_file))) == 1
+    err = _one_line_error(capsys)
+    assert "--random-init" in err and "--backbone-weights" in err
+    assert not out.exists()

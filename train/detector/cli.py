@@ -96,6 +96,9 @@ def train_detector_cmd(
     from smearsight.train.detector.config import TrainConfig
 
     check_output_dir(out)
+    if random_init and backbone_weights:
+        raise InputError(f"--random-init and --backbone-weights {backbone_weights}: pick one (random weights, or "
+                         "those of the file)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _setup_torch(threads)
     _check_device(device)
