@@ -240,3 +240,16 @@ def test_train_refuses_random_init_with_backbone_weights(synth_data, tmp_path, c
     err = _one_line_error(capsys)
     assert "--random-init" in err and "--backbone-weights" in err
     assert not out.exists()
+
+
+def test_resume_on_data_with_other_class_names_names_last_pt(weights, synth_data, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(weights.parent, run)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(synth_data, renamed)
+    train = json.loads((renamed / "annotations" / "train.json").read_text())
+    train["categories"][0]["name"] = "zzz"
+    (renamed / "annotations" / "train.json").write_text(json.dumps(train))
+    assert main(_train_args(renamed, run, "--resume")) == 1
+    err = _one_line_error(capsys)
+    assert "[train]: class names ['zzz'," in err and f"{run / 'last.pt'}'s ['sertoli'," in err

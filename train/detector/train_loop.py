@@ -240,7 +240,7 @@ def train_detector(
                          "pass --val-split none to train without validation")
 
     if resumed is not None:
-        check_class_names(resumed["class_names"], train_ds.class_names, f"{data} [{train_split}]")
+        check_class_names(resumed["class_names"], train_ds.class_names, f"{data} [{train_split}]", f"{last_path}'s")
         image_size = list(resumed["image_size"])
         anchors = AnchorConfig(**resumed["anchors"])
         model_cfg = DetectorModelConfig.from_dict(resumed["model_config"])
