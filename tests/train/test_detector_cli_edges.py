@@ -253,3 +253,16 @@ def test_resume_on_data_with_other_class_names_names_last_pt(weights, synth_data
     assert main(_train_args(renamed, run, "--resume")) == 1
     err = _one_line_error(capsys)
     assert "[train]: class names ['zzz'," in err and f"{run / 'last.pt'}'s ['sertoli'," in err
+
+
+def test_eval_with_other_class_names_names_both_lists_and_the_weights(weights, synth_data, tmp_path, capsys) -> None:
+    renamed = tmp_path / "renamed"
+    shutil.copytree(synth_data, renamed)
+    val = json.loads((renamed / "annotations" / "val.json").read_text())
+    val["categories"][0]["name"] = "zzz"
+    (renamed / "annotations" / "val.json").write_text(json.dumps(val))
+    out = tmp_path / "eval"
+    assert main(_eval_args(weights, renamed, out)) == 1
+    err = _one_line_error(capsys)
+    assert "[val]: class names ['zzz'," in err and f"{weights}'s ['sertoli'," in err
+    assert not out.exists()

@@ -181,7 +181,7 @@ def eval_detector_cmd(
 
     ckpt = _load(weights)
     ds = load_split(data, _fmt(fmt), split)
-    check_class_names(ckpt["class_names"], ds.class_names, f"{data} [{split}]")
+    check_class_names(ckpt["class_names"], ds.class_names, f"{data} [{split}]", f"{weights}'s")
     if ds.num_boxes == 0:
         raise InputError(f"{data}: split {split!r} holds no boxes (no ground truth to score mAP against)")
     pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, device=device,
