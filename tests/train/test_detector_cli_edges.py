@@ -266,3 +266,18 @@ def test_eval_with_other_class_names_names_both_lists_and_the_weights(weights, s
     err = _one_line_error(capsys)
     assert "[val]: class names ['zzz'," in err and f"{weights}'s ['sertoli'," in err
     assert not out.exists()
+
+
+def test_resume_of_a_finished_run_killed_before_best_pt_writes_it(weights, synth_data, tmp_path, capsys) -> None:
+    """Without validation best.pt follows last.pt; a kill between the two left a finished run without best.pt,
+    and --resume, with nothing left to train, ended saying the weights were in a best.pt that did not exist."""
+    from smearsight.train.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(weights.parent, run)
+    (run / "best.pt").unlink()
+    assert main(_train_args(synth_data, run, "--resume")) == 0, capsys.readouterr()
+    best, last = load_checkpoint(run / "best.pt", kind="detector"), load_checkpoint(run / "last.pt")
+    assert best["epoch"] == last["epoch"] == 1 and "optimizer" not in best
+    for key, value in last["state_dict"].items():
+        assert torch.equal(best["state_dict"][key], value), key

@@ -404,6 +404,8 @@ def train_detector(
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not finished:
                 return {"interrupted": True, "epochs_done": state["epoch"], "history": state["history"]}
 
+    if val_ds is None and not (out / "best.pt").is_file():  # a kill came between last.pt and best.pt
+        save_checkpoint(out / "best.pt", _checkpoint_payload(state, ema.module.state_dict()))
     summary: dict[str, Any] = {"history": state["history"], "best_map50": state["best_map50"],
                                "image_size": image_size, "anchors": anchors.to_dict(),
                                "epochs_done": state["epoch"], "steps": state["step"],
