@@ -281,3 +281,15 @@ def test_resume_of_a_finished_run_killed_before_best_pt_writes_it(weights, synth
     assert best["epoch"] == last["epoch"] == 1 and "optimizer" not in best
     for key, value in last["state_dict"].items():
         assert torch.equal(best["state_dict"][key], value), key
+
+
+def test_train_refuses_pretrained_false_from_config_with_backbone_weights(synth_data, tmp_path, capsys) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("pretrained: false\n")
+    weights_file = tmp_path / "backbone.pt"
+    weights_file.write_bytes(b"unused")
+    args = [a for a in _train_args(synth_data, tmp_path / "run") if a != "--random-init"]
+    assert main([*args, "--config", str(recipe), "--backbone-weights", str(weights_file)]) == 1
+    err = _one_line_error(capsys)
+    assert "pretrained: false" in err and "--backbone-weights" in err
+    assert not (tmp_path / "run").exists()

@@ -96,9 +96,6 @@ def train_detector_cmd(
     from smearsight.train.detector.config import TrainConfig
 
     check_output_dir(out)
-    if random_init and backbone_weights:
-        raise InputError(f"--random-init and --backbone-weights {backbone_weights}: pick one (random weights, or "
-                         "those of the file)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     _setup_torch(threads)
     _check_device(device)
@@ -118,6 +115,9 @@ def train_detector_cmd(
     if time_budget is not None:
         data_dict["time_budget_min"] = time_budget if time_budget > 0 else None
         explicit.add("time_budget_min")
+    if not data_dict["pretrained"] and data_dict["backbone_weights"]:
+        raise InputError(f"--random-init (pretrained: false) and --backbone-weights {data_dict['backbone_weights']}: "
+                         "pick one (random weights, or those of the file)")
     cfg = TrainConfig.from_dict(data_dict, source=str(config) if config else "options")
     from smearsight.train.detector.train_loop import train_detector
 
