@@ -32,8 +32,12 @@ def _parse_size(text: str | None) -> list[int] | None:
         h, w = (int(v) for v in text.lower().replace(",", "x").split("x"))
     except ValueError:
         raise InputError(f"--image-size: expected HxW like 384x512, got {text!r}") from None
+    from smearsight.train.detector.config import MIN_IMAGE_SIDE
+
     if h <= 0 or w <= 0:
         raise InputError(f"--image-size: sizes must be positive, got {text!r}")
+    if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+        raise InputError(f"--image-size: each side must be at least {MIN_IMAGE_SIDE} px, got {text!r}")
     return [h, w]
 
 
@@ -80,8 +84,8 @@ def train_detector_cmd(
     epochs: int | None = typer.Option(None, "--epochs"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     lr: float | None = typer.Option(None, "--lr"),
-    time_budget: float | None = typer.Option(None, "--time-budget", help="Minutes (0 = none)."),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+    time_budget: float | None = typer.Option(None, "--time-budget", min=0.0, help="Minutes (0 = none)."),
+    threads: int | None = typer.Option(None, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
     device: str | None = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --out from last.pt with its saved recipe (--threads may change)."
@@ -111,6 +115,9 @@ def train_detector_cmd(
     if time_budget is not None:
         data_dict["time_budget_min"] = time_budget if time_budget > 0 else None
         explicit.add("time_budget_min")
+    if not data_dict["pretrained"] and data_dict["backbone_weights"]:
+        raise InputError(f"--random-init (pretrained: false) and --backbone-weights {data_dict['backbone_weights']}: "
+                         "pick one (random weights, or those of the file)")
     cfg = TrainConfig.from_dict(data_dict, source=str(config) if config else "options")
     from smearsight.train.detector.train_loop import train_detector
 
@@ -148,19 +155,24 @@ def eval_detector_cmd(
     fmt: str = typer.Option(..., "--format", help="coco | voc | yolo"),
     split: str = typer.Option("val", "--split"),
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, PR curve, confusion matrix, examples."),
-    max_dets: int = typer.Option(1000, "--max-dets", help="COCO maxDets: detections kept per image and class."),
-    score_threshold: float = typer.Option(0.01, "--score-threshold", help="Lowest score kept for AP."),
+    max_dets: int = typer.Option(1000, "--max-dets", min=1, help="COCO maxDets: detections kept per image and class."),
+    score_threshold: float = typer.Option(0.01, "--score-threshold", min=0.0, max=1.0,
+                                          help="Lowest score kept for AP."),
     pre_nms_topk: int | None = typer.Option(
         None, "--pre-nms-topk", min=1,
         help="Candidates per class before NMS (default: the training run's evaluation cap, room for "
              "--max-dets cells with the matcher's top-K anchors each).",
     ),
-    examples: int = typer.Option(4, "--examples", help="Example images to draw."),
-    threads: int | None = typer.Option(None, "--threads"),
+    examples: int = typer.Option(4, "--examples", min=0, help="Example images to draw."),
+    threads: int | None = typer.Option(None, "--threads", min=0),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Evaluate a detector checkpoint: COCO mAP@[.5:.95], mAP@0.5, recall per class (pycocotools)."""
     check_output_dir(out)
+    for name in ("last.pt", "best.pt"):  # a run folder's metrics.json is the training's: keep the report apart
+        if (out / name).exists():
+            raise InputError(f"--out {out}: holds a training run ({name}) whose metrics.json the report would "
+                             f"replace; pick another folder (e.g. {out / 'eval'})")
     _setup_torch(threads)
     _check_device(device)
     from smearsight.train.detector.data import check_class_names, load_split
@@ -169,7 +181,9 @@ def eval_detector_cmd(
 
     ckpt = _load(weights)
     ds = load_split(data, _fmt(fmt), split)
-    check_class_names(ckpt["class_names"], ds.class_names, f"{data} [{split}]")
+    check_class_names(ckpt["class_names"], ds.class_names, f"{data} [{split}]", f"{weights}'s")
+    if ds.num_boxes == 0:
+        raise InputError(f"{data}: split {split!r} holds no boxes (no ground truth to score mAP against)")
     pred = Predictor.from_checkpoint(ckpt, score_threshold=score_threshold, device=device,
                                      **_evaluation_caps(ckpt, max_dets, pre_nms_topk))
     metrics = run_evaluation(pred, ds, out, max_dets=max_dets, examples=examples,
@@ -186,7 +200,7 @@ def predict_detector_cmd(
     out: Path = typer.Option(..., "--out"),
     score_threshold: float | None = typer.Option(None, "--score-threshold", help="Default: the checkpoint's."),
     resize: str = typer.Option("letterbox", "--resize", help="letterbox (as trained) | pad (native, stride pad)."),
-    threads: int | None = typer.Option(None, "--threads"),
+    threads: int | None = typer.Option(None, "--threads", min=0),
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Detect cells in images; writes annotated images and one JSON per image (plus detections.json)."""

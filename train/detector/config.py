@@ -43,6 +43,7 @@ class DetectorModelConfig(StrictConfig):
 
 
 DEFAULT_MATCHER_TOPK = 20
+MIN_IMAGE_SIDE = 32  # px: the model input's smallest height or width
 
 
 class MatcherConfig(StrictConfig):
@@ -109,7 +110,7 @@ class TrainConfig(StrictConfig):
     pretrained: bool = True
     backbone_weights: str | None = None
     # [H, W]; None = the variant's default (rounded to max stride)
-    image_size: list[Annotated[int, Field(ge=32)]] | None = Field(None, min_length=2, max_length=2)
+    image_size: list[Annotated[int, Field(ge=MIN_IMAGE_SIDE)]] | None = Field(None, min_length=2, max_length=2)
     anchors: AnchorConfig | Literal["auto", "default"] = "auto"
     epochs: int = Field(60, ge=1)
     batch_size: int = Field(8, ge=1)

@@ -36,11 +36,11 @@ def load_split(
     return ds
 
 
-def check_class_names(expected: list[str], found: list[str], source: str) -> None:
-    """Class names of a checkpoint and a dataset must agree exactly (same names, same order)."""
+def check_class_names(expected: list[str], found: list[str], source: str, reference: str = "the checkpoint's") -> None:
+    """Class names of a checkpoint (or ``reference``) and a dataset must agree exactly (same names, same order)."""
     if list(expected) != list(found):
         raise InputError(
-            f"{source}: class names {list(found)} differ from the checkpoint's {list(expected)} "
+            f"{source}: class names {list(found)} differ from {reference} {list(expected)} "
             "(same names in the same order expected)"
         )
 

@@ -19,6 +19,9 @@ from smearsight.anchors import box_iou
 from smearsight.errors import require
 from smearsight.train.datasets.records import DetectionDataset
 
+REPORT_FILES = ("metrics.json", "pr_curve.png", "confusion_matrix.png")  # beside EXAMPLE_PREFIX*.jpg
+EXAMPLE_PREFIX = "example_"
+
 
 def coco_evaluate(
     ds: DetectionDataset, detections: list[np.ndarray], max_dets: int = 1000
@@ -125,8 +128,12 @@ def run_evaluation(
     batch_size: int = 4,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Predict every image of ``ds``, score it, and (with ``out_dir``) write metrics.json and the plots."""
-    from smearsight.fileio import atomic_write_json
+    """Predict every image of ``ds``, score it, and (with ``out_dir``) write metrics.json and the plots.
+
+    An earlier report in ``out_dir`` is removed first (its example images would mix with these) and metrics.json
+    is written last: a folder that holds metrics.json holds one evaluation's whole report.
+    """
+    from smearsight.fileio import atomic_write_json, remove_stale_temp_files
     from smearsight.train.datasets.images import read_image_rgb
     from smearsight.train.detector.progress import make_progress
 
@@ -144,13 +151,17 @@ def run_evaluation(
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "metrics.json", metrics)
+        old = [out_dir / n for n in REPORT_FILES] + sorted(out_dir.glob(f"{EXAMPLE_PREFIX}*.jpg"))
+        for path in old:  # metrics.json first: a report without it is known to be incomplete
+            path.unlink(missing_ok=True)
+        remove_stale_temp_files(out_dir, [*REPORT_FILES, f"{EXAMPLE_PREFIX}*.jpg"])  # left by a kill -9
         plots.pr_curves(raw, out_dir / "pr_curve.png")
         cm = confusion_matrix(ds, detections, plot_score_threshold)
         plots.confusion(cm, list(ds.class_names), out_dir / "confusion_matrix.png")
         for k, rec in enumerate(ds.images[:examples]):
             plots.example_image(
                 read_image_rgb(rec.path), detections[k], rec.boxes, rec.labels, list(ds.class_names),
-                plot_score_threshold, out_dir / f"example_{k:02d}_{Path(rec.file_name).stem}.jpg",
+                plot_score_threshold, out_dir / f"{EXAMPLE_PREFIX}{k:02d}_{Path(rec.file_name).stem}.jpg",
             )
+        atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -63,7 +63,10 @@ def pr_curves(raw: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left")
+    else:  # no detection scored against ground truth: an empty plot that says so (and no empty-legend warning)
+        ax.text(0.5, 0.5, "no detections to score", ha="center", va="center")
     ax.set_title("PR curve (IoU 0.5)")
     _save(fig, path)
     plt.close(fig)

@@ -152,6 +152,19 @@ def _resumed_recipe(
     return saved
 
 
+def _check_resumed_splits(resumed: dict[str, Any], asked: dict[str, str | None], last_path: Path) -> None:
+    """InputError when --format, --train-split or --val-split differ from those the run in ``last_path`` was
+    started with (checkpoints written before these were saved are not checked)."""
+    saved = resumed.get("data") or {}
+    conflicts = [f"--{key.replace('_', '-')} {value!r} (saved {saved[key]!r})"
+                 for key, value in asked.items() if key in saved and saved[key] != value]
+    if conflicts:
+        raise InputError(
+            f"{last_path}: --resume continues the run on its own splits, but this call asks for "
+            f"{'; '.join(conflicts)}: pass the run's splits to resume, or train into a new --out"
+        )
+
+
 def train_detector(
     data: str | Path,
     fmt: str,
@@ -202,8 +215,12 @@ def train_detector(
             raise InputError(f"{last_path}: not a resumable last.pt (no training state: {', '.join(missing)}); "
                              "is it a copy of best.pt?")
         cfg = _resumed_recipe(resumed, cfg, explicit_fields, last_path)
+        _check_resumed_splits(resumed, {"format": fmt, "train_split": train_split, "val_split": val_split}, last_path)
     elif last_path.exists():
         raise InputError(f"{out}: run folder already holds last.pt; pass --resume to continue it or pick a new --out")
+    elif (out / "best.pt").exists():  # another run's (a morphology run keeps no last.pt): never overwrite it
+        raise InputError(f"{out}: run folder already holds best.pt of another run (no last.pt to resume); "
+                         "pick a new --out")
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -215,12 +232,15 @@ def train_detector(
     train_ds = load_split(data, fmt, train_split, "training split", verify_images=True)
     val_ds = load_split(data, fmt, val_split, "validation split", verify_images=True) if val_split is not None else None
     if val_ds is not None:
-        check_class_names(train_ds.class_names, val_ds.class_names, f"{data} [{val_split}]")
+        check_class_names(train_ds.class_names, val_ds.class_names, f"{data} [{val_split}]", "the training split's")
     if train_ds.num_boxes == 0:
         raise InputError(f"{data}: training split {train_split!r} holds no boxes (nothing to learn)")
+    if val_ds is not None and val_ds.num_boxes == 0:
+        raise InputError(f"{data}: validation split {val_split!r} holds no boxes (mAP cannot select best.pt); "
+                         "pass --val-split none to train without validation")
 
     if resumed is not None:
-        check_class_names(resumed["class_names"], train_ds.class_names, f"{data} [{train_split}]")
+        check_class_names(resumed["class_names"], train_ds.class_names, f"{data} [{train_split}]", f"{last_path}'s")
         image_size = list(resumed["image_size"])
         anchors = AnchorConfig(**resumed["anchors"])
         model_cfg = DetectorModelConfig.from_dict(resumed["model_config"])
@@ -372,7 +392,8 @@ def train_detector(
             payload = _checkpoint_payload(state, ema.module.state_dict())
             payload.update({"model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "ema": ema.state_dict(), "scaler": scaler.state_dict(),
-                            "rng": {"torch": torch.get_rng_state(), "matcher": wrapper.generator.get_state()}})
+                            "rng": {"torch": torch.get_rng_state(), "matcher": wrapper.generator.get_state()},
+                            "data": {"format": fmt, "train_split": train_split, "val_split": val_split}})
             save_checkpoint(last_path, payload)
             if val_ds is None:
                 save_checkpoint(out / "best.pt", _checkpoint_payload(state, ema.module.state_dict()))
@@ -383,6 +404,8 @@ def train_detector(
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not finished:
                 return {"interrupted": True, "epochs_done": state["epoch"], "history": state["history"]}
 
+    if val_ds is None and not (out / "best.pt").is_file():  # a kill came between last.pt and best.pt
+        save_checkpoint(out / "best.pt", _checkpoint_payload(state, ema.module.state_dict()))
     summary: dict[str, Any] = {"history": state["history"], "best_map50": state["best_map50"],
                                "image_size": image_size, "anchors": anchors.to_dict(),
                                "epochs_done": state["epoch"], "steps": state["step"],
