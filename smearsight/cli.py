@@ -11,17 +11,14 @@ ends its recorded session, closes the video it writes and writes its stats, then
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import importlib
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 
 from smearsight.cli_app import app
 from smearsight.errors import SmearSightError, StdoutError
+from smearsight.interrupts import signals_as_interrupt
 
 COMMAND_MODULES: tuple[str, ...] = (
     "smearsight.train.datasets.cli",
@@ -47,27 +44,6 @@ def _register_commands() -> None:
 
 
 _register_commands()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn the first SIGTERM into KeyboardInterrupt (later ones are ignored while cleaning up)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = False
-
-    def _on_term(signum: int, frame: object) -> None:
-        nonlocal received
-        if not received:
-            received = True
-            raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, _on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # only writes fail with these
@@ -111,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        with sigterm_as_interrupt():
+        with signals_as_interrupt():
             result = app(args=argv, prog_name="smearsight", standalone_mode=False)
         try:
             sys.stdout.flush()  # a full disk behind "> file" shows here, not silently at exit

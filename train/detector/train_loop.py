@@ -22,6 +22,7 @@ import numpy as np
 
 from smearsight.anchors import AnchorConfig
 from smearsight.errors import InputError, SmearSightError
+from smearsight.interrupts import raise_if_interrupted
 from smearsight.train.detector.config import TrainConfig, default_detector_anchors
 
 log = logging.getLogger(__name__)
@@ -328,6 +329,7 @@ def train_detector(
             ep_task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader))
             epoch_start = last_log = time.monotonic()
             for images, boxes, labels, _ in loader:
+                raise_if_interrupted()
                 factor = lr_factor(progress_now(), state["step"], warmup_steps, cfg.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * group["lr_mult"] * factor

@@ -12,6 +12,7 @@ import numpy as np
 
 from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
+from smearsight.interrupts import raise_if_interrupted
 from smearsight.train.morphology.config import MorphologyTrainConfig
 from smearsight.train.morphology.data import CropSet, check_part, load_crops, to_tensor_input
 from smearsight.train.morphology.metrics import binary_metrics, roc_auc
@@ -158,6 +159,7 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
         head.train()
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), 256):
+            raise_if_interrupted()
             idx = order[start : start + 256]
             loss = F.binary_cross_entropy_with_logits(head(x[idx]), y[idx], pos_weight=pos_weight)
             opt.zero_grad()
@@ -257,6 +259,7 @@ def train_morphology(
             order = torch.randperm(len(data), generator=generator)
             losses = []
             for start in range(0, len(data), cfg.batch_size):
+                raise_if_interrupted()
                 x = augment(data[order[start : start + cfg.batch_size]], generator, cfg.rotate_degrees, cfg.flips)
                 n_att = int(round(cfg.fgsm_fraction * len(x))) if cfg.fgsm_epsilon > 0 else 0
                 if n_att:
