@@ -11,6 +11,7 @@ ends its recorded session, closes the video it writes and writes its stats, then
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -132,10 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _exit_at_once(code: int) -> None:
+    """End the process without the interpreter's shutdown, after flushing the logs and the console.
+
+    For an interrupted command: what it left half-done (a ``torch.save`` cut short, whose zip writer writes
+    as it is destroyed) can crash the shutdown after "interrupted" was printed ("Fatal Python error:
+    PyThreadState_Get ... finalizing", exit -6, or an exit by the signal, -2; seen on a loaded 2-core CI
+    machine). Everything this package writes is already durable by then (atomic, fsynced writes).
+    """
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def entry() -> None:  # pragma: no cover - console-script shim
     code = main()
     if _stdout_is_broken():
         _silence_stdout()
+    if code == 130:
+        _exit_at_once(code)
     sys.exit(code)
 
 

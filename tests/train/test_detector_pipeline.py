@@ -384,9 +384,9 @@ def test_ctrl_c_during_training_says_interrupted(synth_data, tmp_path) -> None:
         time.sleep(0.2)  # one epoch done: training is under way
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    # 130 is the CLI's own exit; once in a while (seen on a loaded CI machine, never reproduced locally) the
-    # interpreter instead ends by the signal itself after printing "interrupted". A shell reports both as 130.
-    assert proc.returncode in (130, -signal.SIGINT), err[-2000:]
+    # the interpreter's shutdown is skipped after an interrupt: on a loaded CI machine it crashed now and then
+    # after "interrupted" (exit -6 "Fatal Python error ... finalizing", or -2)
+    assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err.splitlines()[-1] and "Traceback" not in err, err[-2000:]
     resumable = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert resumable["epoch"] >= 1 and "optimizer" in resumable
