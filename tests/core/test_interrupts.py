@@ -11,6 +11,15 @@ import pytest
 from smearsight.interrupts import raise_if_interrupted, signals_as_interrupt
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_as_at_a_terminal():
+    """pytest started with Ctrl-C ignored (``nohup``, a background job) passes that on; these tests need the
+    default handler, as a terminal gives it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class _InterruptedWhileFreed:
     """Receives Ctrl-C while it is being freed: Python reports the KeyboardInterrupt as 'ignored' and goes on."""
 
