@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -85,7 +86,7 @@ def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]
     killed mid-write (``.NAME.XXXXXXXX.tmp``); returns how many. Call it before writing those files again."""
     removed = 0
     for name in names:
-        for stale in Path(folder).glob(f".{name}.*.tmp"):
+        for stale in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
             with contextlib.suppress(OSError):
                 stale.unlink()
                 removed += 1
@@ -102,7 +103,7 @@ def new_staging_dir(target: str | os.PathLike[str]) -> Path:
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.staging"):
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.staging"):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
@@ -167,8 +168,8 @@ def finite_json(value: Any) -> Any:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+    """Write ``obj`` as JSON atomically, NaN and infinities as null (:func:`finite_json`)."""
+    return atomic_write_text(path, json.dumps(finite_json(obj), indent=indent, sort_keys=False) + "\n")
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:

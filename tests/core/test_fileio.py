@@ -62,3 +62,14 @@ def test_a_new_staging_folder_removes_those_killed_runs_left_and_nothing_else(tm
     assert not killed.exists()
     assert all(folder.is_dir() for folder in others)
     assert not target.exists()
+
+
+def test_json_files_hold_null_where_a_number_is_not_finite(tmp_path) -> None:
+    import json
+
+    from smearsight.fileio import atomic_write_json
+
+    atomic_write_json(tmp_path / "metrics.json", {"auc": float("nan"), "per_part": [1.5, float("inf")], "n": 3})
+    text = (tmp_path / "metrics.json").read_text()
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}")) == {
+        "auc": None, "per_part": [1.5, None], "n": 3}

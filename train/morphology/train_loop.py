@@ -349,8 +349,8 @@ def train_morphology(
     # best.pt last: a folder that holds it holds the whole run (a kill before leaves no best.pt to reuse); a
     # failure on the way (a full disk) takes back what this run wrote, so no files of an unfinished run stay
     try:
-        atomic_write_json(out / "metrics.json", _finite(metrics))
-        atomic_write_json(out / "history.json", _finite({"student": history, "classifier": classifier_info}))
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "history.json", {"student": history, "classifier": classifier_info})
         _plot_curves(out / "curves.png", history)
         save_checkpoint(out / "best.pt", payload)
     except BaseException:
@@ -405,14 +405,3 @@ def _load_student(model: Any, path: str | Path, as_is_for: str | None = None) ->
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise InputError(f"{path}: its student does not fit this model config (teacher layers/student widths differ)")
     model.student.load_state_dict(state)
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf floats become None."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
