@@ -266,13 +266,15 @@ td{{padding:2px 10px}}</style></head>
 <body><div id="b"></div><img id="v" src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
 <script>
 const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;');
-let seen=null,lost=false,last=0;const WAIT_MS=4000;
-async function tick(){{let s;const stop=new AbortController();const t=setTimeout(()=>stop.abort(),WAIT_MS);
+let seen=null,lost=false,last=0,busy=false;const WAIT_MS=4000;
+// one request at a time: while the network hangs, ticks must not pile up fetches (a browser allows ~6 per host)
+async function tick(){{if(busy)return;busy=true;
+let s;const stop=new AbortController();const t=setTimeout(()=>stop.abort(),WAIT_MS);
 const now=Date.now(),slept=last&&now-last>5000;last=now;
 try{{const r=await fetch('/status.json',{{cache:'no-store',signal:stop.signal}});s=await r.json();}}
 catch(e){{const b=document.getElementById('b');b.textContent='no connection to the device'+
 (seen?' since '+seen.toLocaleTimeString():'')+': the picture is not live';b.className='err';lost=true;return;}}
-finally{{clearTimeout(t);}}
+finally{{clearTimeout(t);busy=false;}}
 // a browser never reopens a stream that broke (Wi-Fi gone, device restarted, tablet asleep): open it again
 if(lost||slept)document.getElementById('v').src='/stream.mjpg?t='+now;
 lost=false;seen=new Date();const b=document.getElementById('b');

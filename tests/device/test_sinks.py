@@ -238,6 +238,34 @@ def test_status_page_says_the_device_is_unreachable_when_the_network_hangs(tmp_p
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_status_page_asks_once_at_a_time_while_the_network_hangs(tmp_path: Path) -> None:
+    """Ticks come every second and a hung /status.json is given up only after WAIT_MS: the ticks between
+    must not open more requests (they piled up to four, beside the picture's stream)."""
+    from smearsight.device.sinks import _PAGE
+
+    script = _PAGE.format(body="").split("<script>")[1].split("</script>")[0]
+    (tmp_path / "page.js").write_text(script)
+    (tmp_path / "harness.js").write_text("""
+const els = {b: {textContent: '', className: ''}, s: {innerHTML: ''}, v: {src: '/stream.mjpg'}};
+global.document = {getElementById: id => els[id]};
+let open = 0, most = 0;
+global.fetch = (url, opts) => { open += 1; most = Math.max(most, open);
+  return new Promise((_, reject) => opts.signal.addEventListener('abort', () => {
+    open -= 1; reject(new Error('x')); })); };
+global.setInterval = () => {};
+const page = require('fs').readFileSync(process.argv[2], 'utf8');
+eval(page.replace('tick();', '').replace(/WAIT_MS=[0-9]+/, 'WAIT_MS=200'));
+const ticks = [tick(), tick(), tick(), tick()];  // four ticks while the first request hangs
+Promise.all(ticks).then(() => console.log(JSON.stringify({most, banner: els.b.textContent})));
+""")
+    proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["most"] == 1 and result["banner"].startswith("no connection to the device")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
 def test_status_page_reopens_the_stream_after_losing_the_device_or_sleeping(tmp_path: Path) -> None:
     """A browser never reopens an MJPEG stream that broke: after a Wi-Fi drop, a device restart or the tablet
     sleeping (the device drops a viewer that stops reading), the picture stayed frozen under live counts."""
