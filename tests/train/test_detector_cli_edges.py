@@ -268,14 +268,21 @@ def test_eval_with_other_class_names_names_both_lists_and_the_weights(weights, s
     assert not out.exists()
 
 
-def test_resume_of_a_finished_run_killed_before_best_pt_writes_it(weights, synth_data, tmp_path, capsys) -> None:
-    """Without validation best.pt follows last.pt; a kill between the two left a finished run without best.pt,
-    and --resume, with nothing left to train, ended saying the weights were in a best.pt that did not exist."""
-    from smearsight.train.checkpoint import load_checkpoint
+@pytest.mark.parametrize("left", ["no best.pt", "an epoch-old best.pt"])
+def test_resume_of_a_finished_run_killed_before_best_pt_writes_it(weights, synth_data, tmp_path, capsys,
+                                                                  left) -> None:
+    """Without validation best.pt follows last.pt; a kill between the two left a finished run without best.pt
+    (or with the previous epoch's), and --resume, with nothing left to train, kept it."""
+    from smearsight.train.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(weights.parent, run)
-    (run / "best.pt").unlink()
+    if left == "no best.pt":
+        (run / "best.pt").unlink()
+    else:
+        older = load_checkpoint(run / "best.pt")
+        older["state_dict"] = {k: torch.zeros_like(v) for k, v in older["state_dict"].items()}
+        save_checkpoint(run / "best.pt", {**older, "epoch": 0})
     assert main(_train_args(synth_data, run, "--resume")) == 0, capsys.readouterr()
     best, last = load_checkpoint(run / "best.pt", kind="detector"), load_checkpoint(run / "last.pt")
     assert best["epoch"] == last["epoch"] == 1 and "optimizer" not in best

@@ -406,7 +406,8 @@ def train_detector(
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not finished:
                 return {"interrupted": True, "epochs_done": state["epoch"], "history": state["history"]}
 
-    if val_ds is None and not (out / "best.pt").is_file():  # a kill came between last.pt and best.pt
+    if val_ds is None and epochs_this_call == 0:  # a finished run resumed: a kill may have come between last.pt
+        # and best.pt in its last epoch, leaving best.pt missing or an epoch behind
         save_checkpoint(out / "best.pt", _checkpoint_payload(state, ema.module.state_dict()))
     summary: dict[str, Any] = {"history": state["history"], "best_map50": state["best_map50"],
                                "image_size": image_size, "anchors": anchors.to_dict(),
