@@ -28,19 +28,22 @@ DIR_MODE = 0o777 & ~_current_umask()
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[BinaryIO]:
+def atomic_open(path: str | os.PathLike[str], mode: int | None = None, *, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary file that appears as ``path`` only when the block ends without error.
 
     Written under a temporary name in the same folder (see :func:`remove_stale_temp_files`), fsynced,
     renamed over ``path`` and the folder fsynced; on error nothing is left behind. ``mode`` defaults to
-    what ``open()`` would create. An OSError of the write (a full disk) names ``path``.
+    what ``open()`` would create. An OSError of the write (a full disk) names ``path``. ``durable=False`` skips
+    the fsyncs (many files whose index, written last, is durable: a crash leaves whole old or new files, or
+    none, but possibly not the newest).
     """
-    with atomic_files([path], mode) as (handle,):
+    with atomic_files([path], mode, durable=durable) as (handle,):
         yield handle
 
 
 @contextlib.contextmanager
-def atomic_files(paths: Sequence[str | os.PathLike[str]], mode: int | None = None) -> Iterator[list[BinaryIO]]:
+def atomic_files(paths: Sequence[str | os.PathLike[str]], mode: int | None = None, *,
+                 durable: bool = True) -> Iterator[list[BinaryIO]]:
     """Binary files, one per path, that replace theirs together when the block ends without error.
 
     Each is written under a temporary name beside its path (as :func:`atomic_open` does) and fsynced; only
@@ -63,7 +66,8 @@ def atomic_files(paths: Sequence[str | os.PathLike[str]], mode: int | None = Non
         for handle in handles:
             os.fchmod(handle.fileno(), _FILE_MODE if mode is None else mode)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
             handle.close()
         for tmp, path in zip(temps, targets, strict=True):
             os.replace(tmp, path)
@@ -77,8 +81,9 @@ def atomic_files(paths: Sequence[str | os.PathLike[str]], mode: int | None = Non
             named = targets[0] if len(targets) == 1 else targets[0].parent
             raise OSError(exc.errno, exc.strerror, str(named)) from exc
         raise
-    for folder in dict.fromkeys(path.parent for path in targets):
-        fsync_dir(folder)
+    if durable:
+        for folder in dict.fromkeys(path.parent for path in targets):
+            fsync_dir(folder)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> int:
@@ -143,9 +148,10 @@ def check_output_file(path: str | os.PathLike[str], what: str) -> Path:
     return out
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None, *,
+                       durable: bool = True) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    with atomic_open(path, mode) as handle:
+    with atomic_open(path, mode, durable=durable) as handle:
         handle.write(data)
     return Path(path)
 

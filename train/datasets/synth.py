@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -32,7 +31,7 @@ import numpy as np
 
 from smearsight.catalog import TPS_CLASS_NAMES, TPS_CLASSES
 from smearsight.errors import InputError
-from smearsight.fileio import check_output_dir
+from smearsight.fileio import atomic_write_bytes, check_output_dir
 from smearsight.train.datasets.synth_render import (
     Scene,
     illumination_map,
@@ -287,18 +286,9 @@ def _encode_jpeg(image_rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Temp file + rename (no fsync per image; the annotation files, written last, are durable)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; images are meant to be shared
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # a full disk: the CLI names the file
-        raise
+    """Temp file + rename, no fsync per image (the annotation files, written last, are durable); 0644, as
+    images are meant to be shared."""
+    atomic_write_bytes(path, data, 0o644, durable=False)
 
 
 def split_indices(n_images: int, seed: int) -> tuple[list[int], list[int]]:
