@@ -436,6 +436,24 @@ def test_an_image_listed_twice_in_a_split_is_reported_once_kept(tmp_path: Path) 
     assert len(problems) == 1 and [r.path.name for r in ds.images] == ["a.png", "b.png"]
 
 
+def test_an_image_in_two_lists_or_folders_of_a_yolo_split_is_read_once(tmp_path: Path) -> None:
+    root = tmp_path / "yolo"
+    for stem in ("a", "b"):
+        _image(root / "images" / f"{stem}.png")
+    (root / "classes.txt").write_text("cell\n")
+    (root / "one.txt").write_text("images/a.png\n")
+    (root / "two.txt").write_text("images/b.png\nimages/a.png\n")
+    (root / "data.yaml").write_text("names: [cell]\ntrain: [one.txt, two.txt]\n")
+    ds, problems = read_dataset(root, "yolo", "train")
+    _find(problems, "two.txt", f"a.png is listed again (first in {root / 'one.txt'}, line 1)", "line 2")
+    assert len(problems) == 1 and sorted(r.path.name for r in ds.images) == ["a.png", "b.png"]
+
+    (root / "data.yaml").write_text("names: [cell]\ntrain: [images, images]\n")
+    ds, problems = read_dataset(root, "yolo", "train")
+    assert len(problems) == 2 and all(f"is listed again (first in {root / 'images'})" in p.message for p in problems)
+    assert sorted(r.path.name for r in ds.images) == ["a.png", "b.png"]
+
+
 def test_coco_folder_without_annotation_files_says_so(tmp_path: Path) -> None:
     _image(tmp_path / "images" / "a.png")
     with pytest.raises(InputError, match=r"annotations: no COCO annotation files \(\*\.json\) found"):

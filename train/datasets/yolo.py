@@ -134,18 +134,35 @@ def _split_images(
                 target = base / name[3:]  # Roboflow's exports say ../train/images; Ultralytics reads them so too
             targets.append(target)
     out: list[tuple[Path, Problem | None]] = []
-    first_line: dict[str, int] = {}
+    first_seen: dict[str, tuple[Path, int | None]] = {}  # real path -> the list file (and line) or folder
     for target in targets:
         if target.is_dir():
-            out.extend((p, None) for p in list_images(target))
+            for image in list_images(target):
+                again = _seen_before(image, target, None, first_seen)
+                out.append((image, again and Problem(str(target), f"{image} is listed again ({again})", "")))
             continue
         if not target.is_file():
             raise InputError(f"{target}: split list for {split!r} not found")
-        out.extend(_list_file_images(target, first_line))
+        out.extend(_list_file_images(target, first_seen))
     return out
 
 
-def _list_file_images(list_file: Path, first_line: dict[str, int]) -> list[tuple[Path, Problem | None]]:
+def _seen_before(image: Path, source: Path, line: int | None,
+                 first_seen: dict[str, tuple[Path, int | None]]) -> str | None:
+    """Where ``image`` was first listed, in words, when it was (it would count twice in training and
+    evaluation); else None, and it is remembered as listed by ``source`` (at ``line``)."""
+    key = os.path.realpath(image)
+    if key not in first_seen:
+        first_seen[key] = (source, line)
+        return None
+    where, first_line = first_seen[key]
+    if where == source and first_line is not None:
+        return f"first on line {first_line}"
+    return f"first in {where}" + (f", line {first_line}" if first_line is not None else "")
+
+
+def _list_file_images(list_file: Path, first_seen: dict[str, tuple[Path, int | None]]
+                      ) -> list[tuple[Path, Problem | None]]:
     """The images a split list file names (relative to its folder), each with its problem or None."""
     out: list[tuple[Path, Problem | None]] = []
     for n, line in enumerate(read_list_file(list_file, "split list").splitlines(), start=1):
@@ -160,11 +177,8 @@ def _list_file_images(list_file: Path, first_line: dict[str, int]) -> list[tuple
         elif image.suffix.lower() not in IMAGE_SUFFIXES:
             kinds = ", ".join(IMAGE_SUFFIXES)
             problem = Problem(str(list_file), f"{image} is not an image file ({kinds})", f"line {n}")
-        elif (key := os.path.realpath(image)) in first_line:  # else it would count twice in training and evaluation
-            problem = Problem(str(list_file), f"{image} is listed again (first on line {first_line[key]})",
-                              f"line {n}")
-        else:
-            first_line[key] = n
+        elif again := _seen_before(image, list_file, n, first_seen):
+            problem = Problem(str(list_file), f"{image} is listed again ({again})", f"line {n}")
         out.append((image, problem))
     return out
 
