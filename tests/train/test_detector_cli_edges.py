@@ -173,7 +173,7 @@ def test_train_names_both_splits_when_their_class_names_differ(synth_data, tmp_p
     assert "checkpoint" not in err  # there is none yet
 
 
-@pytest.mark.parametrize(("option", "value", "said"), [("--val-split", "none", "--val-split None (saved 'val')"),
+@pytest.mark.parametrize(("option", "value", "said"), [("--val-split", "none", "--val-split none (saved 'val')"),
                                                        ("--train-split", "val", "--train-split 'val' (saved 'train')")])
 def test_resume_refuses_other_splits(synth_data, tmp_path, option, value, said, capsys) -> None:
     """Resuming a validated run with --val-split none replaced its best-mAP best.pt by the latest weights."""

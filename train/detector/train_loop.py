@@ -157,7 +157,10 @@ def _check_resumed_splits(resumed: dict[str, Any], asked: dict[str, str | None],
     """InputError when --format, --train-split or --val-split differ from those the run in ``last_path`` was
     started with (checkpoints written before these were saved are not checked)."""
     saved = resumed.get("data") or {}
-    conflicts = [f"--{key.replace('_', '-')} {value!r} (saved {saved[key]!r})"
+    def said(value: str | None) -> str:  # as typed: --val-split none means no validation split
+        return "none" if value is None else repr(value)
+
+    conflicts = [f"--{key.replace('_', '-')} {said(value)} (saved {said(saved[key])})"
                  for key, value in asked.items() if key in saved and saved[key] != value]
     if conflicts:
         raise InputError(
