@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from smearsight.errors import InputError, SmearSightError, require
-from smearsight.fileio import fsync_dir, new_staging_dir, sha256_file
+from smearsight.fileio import fsync_dir, sha256_file, staging_dir
 from smearsight.manifest import MANIFEST_NAME, Manifest, QuantizationSpec, load_manifest
 
 MATCH_IOU = 0.5
@@ -211,8 +210,7 @@ def quantize_detector(
             x = next(self._it, None)
             return None if x is None else {spec.name: x}
 
-    staging = new_staging_dir(out_dir)
-    try:
+    with staging_dir(out_dir) as staging:
         pre = staging / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         excluded = _float_nodes(onnx.load(str(pre)), keep_stem_float)
@@ -274,5 +272,3 @@ def quantize_detector(
         os.replace(staged, out_dir)
         fsync_dir(out_dir.parent)
         return report
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

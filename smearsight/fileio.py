@@ -98,20 +98,48 @@ def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]
     return removed
 
 
-def new_staging_dir(target: str | os.PathLike[str]) -> Path:
-    """A new hidden folder beside ``target`` in which to build it before renaming it into place.
+@contextlib.contextmanager
+def staging_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A new hidden folder beside ``target`` in which to build it, removed when the block ends (rename what
+    is kept out of it first).
 
-    Named ``.NAME.XXXXXXXX.staging``; those that earlier runs killed mid-build left (kill -9 runs no
-    clean-up) are removed first. The caller removes its own on error.
+    Named ``.NAME.XXXXXXXX.staging`` and locked while in use; those that runs killed mid-build left (kill -9
+    runs no clean-up) are removed first, never one that another run is building in.
     """
+    import fcntl
     import shutil
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.staging"):
-        if stale.is_dir() and not stale.is_symlink():
+        if not stale.is_dir() or stale.is_symlink():
+            continue
+        try:
+            fd = os.open(stale / _STAGING_LOCK, os.O_RDWR)
+        except FileNotFoundError:  # killed before it was locked
+            fd = None
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+        except BlockingIOError:
+            pass  # another run is building in it
+        finally:
+            if fd is not None:
+                os.close(fd)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    fd = os.open(staging / _STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.close(fd)
+
+
+_STAGING_LOCK = ".lock"
 
 
 def check_output_dir(path: str | os.PathLike[str], what: str = "--out") -> Path:

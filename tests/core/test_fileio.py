@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from smearsight.fileio import atomic_files, new_staging_dir
+from smearsight.fileio import atomic_files, staging_dir
 
 
 def _old_pair(folder):
@@ -49,19 +49,30 @@ def test_a_full_disk_keeps_the_old_pair_and_names_the_folder(tmpfs) -> None:
         assert sorted(p.name for p in disk.iterdir()) == ["manifest.json", "model.onnx"]
 
 
-def test_a_new_staging_folder_removes_those_killed_runs_left_and_nothing_else(tmp_path) -> None:
+def test_a_staging_folder_clears_what_killed_runs_left_but_not_a_running_ones(tmp_path) -> None:
+    import fcntl
+    import os
+
     target = tmp_path / "det_int8"
-    killed = tmp_path / ".det_int8.k1ll3d00.staging"
+    killed = tmp_path / ".det_int8.k1ll3d00.staging"  # a kill -9 leaves its folder, unlocked
     (killed / "model").mkdir(parents=True)
     (killed / "model" / "model.onnx").write_bytes(b"half")
+    (killed / ".lock").touch()
+    running = tmp_path / ".det_int8.running0.staging"  # another export into the same --out, still at work
+    running.mkdir()
+    held = os.open(running / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
     others = [tmp_path / ".det_int8.keep", tmp_path / ".other.k1ll3d00.staging", tmp_path / "det_int8.staging"]
     for folder in others:
         folder.mkdir()
-    staging = new_staging_dir(target)
-    assert staging.is_dir() and staging.parent == tmp_path and staging.name.endswith(".staging")
-    assert not killed.exists()
-    assert all(folder.is_dir() for folder in others)
-    assert not target.exists()
+    try:
+        with staging_dir(target) as staging:
+            assert staging.is_dir() and staging.parent == tmp_path and staging.name.endswith(".staging")
+            assert not killed.exists() and running.is_dir()
+            assert all(folder.is_dir() for folder in others)
+        assert not staging.exists() and not target.exists()
+    finally:
+        os.close(held)
 
 
 def test_json_files_hold_null_where_a_number_is_not_finite(tmp_path) -> None:
