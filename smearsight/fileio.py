@@ -87,11 +87,12 @@ def atomic_files(paths: Sequence[str | os.PathLike[str]], mode: int | None = Non
 
 
 def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> int:
-    """Delete the temporary files :func:`atomic_open` left in ``folder`` for ``names`` when its process was
-    killed mid-write (``.NAME.XXXXXXXX.tmp``); returns how many. Call it before writing those files again."""
+    """Delete the temporary files :func:`atomic_open` left in ``folder`` for ``names`` (file names or glob
+    patterns such as ``example_*.jpg``) when its process was killed mid-write (``.NAME.XXXXXXXX.tmp``);
+    returns how many. Call it before writing those files again."""
     removed = 0
     for name in names:
-        for stale in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+        for stale in Path(folder).glob(f".{name}.*.tmp"):
             with contextlib.suppress(OSError):
                 stale.unlink()
                 removed += 1
