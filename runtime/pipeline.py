@@ -29,6 +29,7 @@ from smearsight.anchors import generate_anchors
 from smearsight.catalog import MORPHOLOGY_PARTS
 from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_json, check_output_file
+from smearsight.interrupts import raise_if_interrupted
 from smearsight.manifest import MANIFEST_NAME, load_manifest
 from smearsight.runtime.backends import InferenceBackend, cpu_only, open_backend
 from smearsight.runtime.frame_worker import InferenceWorker, Processed
@@ -839,6 +840,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 timer.add("annotate", t6 - t5)
                 timer.add("sink", t7 - t6)
                 timer.add("record", t8 - t7)
+            raise_if_interrupted()  # a Ctrl-C or SIGTERM that a finalizer swallowed still stops the run
             if getattr(sink, "should_stop", False) or (cfg.max_frames is not None and frames >= cfg.max_frames):
                 break
     except KeyboardInterrupt:

@@ -267,3 +267,24 @@ def test_a_manifest_input_that_differs_from_the_graph_is_refused(tiny, tmp_path,
                "--max-frames", "1"])
     err = capfd.readouterr().err
     assert rc == 1 and "input 'images' has shape [1, 3, 64, 96] but the manifest says [1, 1, 64, 96]" in err
+
+
+def test_run_stops_at_a_ctrl_c_that_a_finalizer_swallowed(models, tmp_path, monkeypatch):
+    """Python drops a KeyboardInterrupt raised inside a finalizer; the request is remembered, and the frame loop
+    stops at it as at any Ctrl-C (the stats are written). Stand-in: the remembered flag turns on at frame 3."""
+    import threading
+
+    from smearsight import interrupts
+
+    class _SetAtThirdLook(threading.Event):
+        looks = 0
+
+        def is_set(self) -> bool:
+            self.looks += 1
+            return self.looks >= 3 or super().is_set()
+
+    monkeypatch.setattr(interrupts, "_requested", _SetAtThirdLook())
+    stats = tmp_path / "stats.json"
+    rc = main(["run", "synth://", "null://", "--models", str(models), "--backend", "onnx", "--headless",
+               "--max-frames", "50", "--stats-json", str(stats)])
+    assert rc == 0 and json.loads(stats.read_text())["frames"] == 3
