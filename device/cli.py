@@ -38,14 +38,10 @@ def _when(ts: float | None) -> str:
 
 
 def _dumps(obj: Any, **kwargs: Any) -> str:
-    """JSON text of ``obj`` with NaN and infinities as null (an overflowed score, a summary written with a NaN):
-    Python's ``NaN``/``Infinity`` are not JSON, and jq, browsers and spreadsheet imports refuse them."""
-    try:
-        return json.dumps(obj, allow_nan=False, default=str, **kwargs)
-    except ValueError:  # rare: the fast path above is the usual one
-        from smearsight.fileio import finite_json
+    """JSON text of a record's rows: NaN and infinities (an overflowed score) as null, dates as text."""
+    from smearsight.fileio import dumps_finite
 
-        return json.dumps(finite_json(obj), default=str, **kwargs)
+    return dumps_finite(obj, default=str, **kwargs)
 
 
 def _console() -> Any:

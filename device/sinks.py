@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from smearsight.errors import InputError, require
-from smearsight.fileio import atomic_write_bytes, finite_json, fsync_dir, fsync_file
+from smearsight.fileio import atomic_write_bytes, dumps_finite, finite_json, fsync_dir, fsync_file
 
 
 class FrameSink:
@@ -586,7 +586,7 @@ class HttpSink(FrameSink):
         latest = self._latest
         try:
             # NaN/Infinity are not JSON: the page's JSON.parse would fail and say "no connection to the device"
-            status_json = json.dumps(finite_json(status or {}), default=_json_default).encode("utf-8")
+            status_json = dumps_finite(status or {}, default=_json_default).encode("utf-8")
         except (TypeError, ValueError) as exc:
             status_json = json.dumps({"error": f"status not serialisable: {exc}"}).encode("utf-8")
         with latest.cond:

@@ -202,9 +202,18 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+def dumps_finite(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps(obj, **kwargs)`` with NaN and infinities as null (:func:`finite_json`); the copy is made only
+    when ``obj`` holds such a number (rare: an overflowed score, a NaN metric)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        return json.dumps(finite_json(obj), **kwargs)
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> Path:
-    """Write ``obj`` as JSON atomically, NaN and infinities as null (:func:`finite_json`)."""
-    return atomic_write_text(path, json.dumps(finite_json(obj), indent=indent, sort_keys=False) + "\n")
+    """Write ``obj`` as JSON atomically, NaN and infinities as null (:func:`dumps_finite`)."""
+    return atomic_write_text(path, dumps_finite(obj, indent=indent, sort_keys=False) + "\n")
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
