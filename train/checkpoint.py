@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any
 
-from smearsight.errors import InputError, require
+from smearsight.errors import InputError, first_line, require
 from smearsight.fileio import atomic_write_bytes
 
 CHECKPOINT_FORMAT = 1
@@ -45,10 +46,16 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+    try:  # tensors and plain data only: a crafted file cannot run code on load
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))  # the weights-only unpickler names what it refused
+        if blocked:
+            raise InputError(
+                f"{path}: not a SmearSight checkpoint: it holds a Python object ({blocked.group(1)}) besides tensors "
+                "and plain data, and is not loaded (loading it could run code)"
+            ) from None
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(payload, dict):
         raise InputError(f"{path}: not a SmearSight checkpoint (expected a dict, got {type(payload).__name__})")
     _validate(payload, str(path))
