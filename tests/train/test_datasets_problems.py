@@ -526,3 +526,44 @@ def test_yolo_classes_txt_and_data_yaml_that_disagree_are_a_problem(tmp_path: Pa
     assert len(problems) == 1 and ds.class_names == ["cell", "sperm"]
     (root / "data.yaml").write_text("names: {0: cell, 1: sperm}\ntrain: images\n")
     assert read_dataset(root, "yolo", None)[1] == []
+
+
+def test_quiet_opencv_overlapping_in_two_threads_restores_the_level_once_both_leave() -> None:
+    import threading
+
+    import cv2
+
+    from smearsight.train.datasets.images import quiet_opencv
+
+    log = cv2.utils.logging
+    before = log.getLogLevel()
+    log.setLogLevel(log.LOG_LEVEL_WARNING)
+    a_in, b_in, a_out, b_may_leave = (threading.Event() for _ in range(4))
+    seen: dict[str, int] = {}
+
+    def first() -> None:
+        with quiet_opencv(cv2):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def second() -> None:
+        a_in.wait(5)
+        with quiet_opencv(cv2):
+            b_in.set()
+            a_out.wait(5)
+            seen["after_first_left"] = log.getLogLevel()  # the other thread left while this one decodes
+            b_may_leave.wait(5)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    try:
+        for t in threads:
+            t.start()
+        a_out.wait(5)
+        b_may_leave.set()
+        for t in threads:
+            t.join(5)
+        assert seen["after_first_left"] == log.LOG_LEVEL_FATAL
+        assert log.getLogLevel() == log.LOG_LEVEL_WARNING  # not left at FATAL for good
+    finally:
+        log.setLogLevel(before)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,20 +31,36 @@ def _cv2():
     return require("cv2", "reading images")
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_quiet_saved_level: int | None = None
+
+
 @contextlib.contextmanager
 def quiet_opencv(cv2: Any) -> Iterator[None]:
     """OpenCV's log off for a decode whose failure the caller reports in one line itself (OpenCV logs a broken
-    file at its ERROR level, e.g. ``readHeader IHDR chunk shall be first``; only FATAL stays on)."""
+    file at its ERROR level, e.g. ``readHeader IHDR chunk shall be first``; only FATAL stays on).
+
+    OpenCV's log level is process-wide: overlapping uses from several threads keep it off until the last one
+    leaves, which restores the level found by the first.
+    """
+    global _quiet_depth, _quiet_saved_level
     log = getattr(getattr(cv2, "utils", None), "logging", None)
     if log is None:
         yield
         return
-    level = log.getLogLevel()
-    log.setLogLevel(log.LOG_LEVEL_FATAL)
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            _quiet_saved_level = log.getLogLevel()
+            log.setLogLevel(log.LOG_LEVEL_FATAL)
+        _quiet_depth += 1
     try:
         yield
     finally:
-        log.setLogLevel(level)
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_saved_level is not None:
+                log.setLogLevel(_quiet_saved_level)
 
 
 def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
