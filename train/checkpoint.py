@@ -64,6 +64,18 @@ def load_checkpoint(path: str | Path, kind: str | None = None, map_location: str
     return payload
 
 
+RUN_CHECKPOINTS = ("last.pt", "best.pt")
+
+
+def refuse_training_run_folder(out: Path, writes: str) -> None:
+    """InputError when the report folder ``out`` holds a training run (its checkpoints), whose metrics.json
+    and other files a report writing ``writes`` could replace."""
+    for name in RUN_CHECKPOINTS:
+        if (out / name).exists():
+            raise InputError(f"--out {out}: holds a training run ({name}) whose files {writes} could replace; "
+                             f"pick another folder (e.g. {out / 'report'})")
+
+
 DETECTOR_THRESHOLDS = ("score", "iou", "pre_nms_topk", "max_detections")  # what training writes
 
 

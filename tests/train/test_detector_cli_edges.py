@@ -161,6 +161,18 @@ def test_eval_refuses_an_out_that_is_a_training_run(weights, synth_data, capsys)
     assert not (run / "pr_curve.png").exists()
 
 
+def test_predict_refuses_an_out_that_is_a_training_run(weights, synth_data, tmp_path, capsys) -> None:
+    """An image named metrics.jpg would write metrics.json over the run's training history."""
+    run = weights.parent
+    image = tmp_path / "metrics.jpg"
+    shutil.copy(next((synth_data / "images").glob("*.jpg")), image)
+    before = (run / "metrics.json").read_bytes()
+    assert main(["predict", "detector", str(image), "--weights", str(weights), "--out", str(run)]) == 1
+    err = _one_line_error(capsys)
+    assert f"--out {run}: holds a training run (last.pt)" in err
+    assert (run / "metrics.json").read_bytes() == before and not (run / "metrics_pred.jpg").exists()
+
+
 def test_train_names_both_splits_when_their_class_names_differ(synth_data, tmp_path, capsys) -> None:
     root = tmp_path / "renamed_val"
     shutil.copytree(synth_data, root)

@@ -14,6 +14,7 @@ import typer
 from smearsight.cli_app import data_app, eval_app, predict_app, train_app
 from smearsight.errors import InputError
 from smearsight.fileio import check_output_dir
+from smearsight.train.checkpoint import refuse_training_run_folder
 
 FORMATS = ("coco", "voc", "yolo")
 SUMMARY_STEM = "detections"  # predict detector: OUT/detections.json beside OUT/<image stem>.json
@@ -169,10 +170,7 @@ def eval_detector_cmd(
 ) -> None:
     """Evaluate a detector checkpoint: COCO mAP@[.5:.95], mAP@0.5, recall per class (pycocotools)."""
     check_output_dir(out)
-    for name in ("last.pt", "best.pt"):  # a run folder's metrics.json is the training's: keep the report apart
-        if (out / name).exists():
-            raise InputError(f"--out {out}: holds a training run ({name}) whose metrics.json the report would "
-                             f"replace; pick another folder (e.g. {out / 'eval'})")
+    refuse_training_run_folder(out, "the report (metrics.json)")
     _setup_torch(threads)
     _check_device(device)
     from smearsight.train.detector.data import check_class_names, load_split
@@ -205,6 +203,7 @@ def predict_detector_cmd(
 ) -> None:
     """Detect cells in images; writes annotated images and one JSON per image (plus detections.json)."""
     check_output_dir(out)
+    refuse_training_run_folder(out, "the per-image JSON files (an image named metrics.png, say)")
     _setup_torch(threads)
     _check_device(device)
     import cv2
