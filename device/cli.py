@@ -168,7 +168,9 @@ def _refuse_the_record_itself(out: Path, record: Path) -> None:
 def sessions_export(
     session_id: int = typer.Argument(..., help="Session id (see `smearsight sessions list`)."),
     fmt: str = typer.Option("csv", "--format", help="csv (one row per detection) or json (session + frames)."),
-    out: Path | None = typer.Option(None, "--out", help="Output file (written atomically); default stdout."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output file (written atomically); default (or -) stdout."
+    ),
     db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
 ) -> None:
     """Export a session's detections and morphology results as CSV or JSON.
@@ -179,6 +181,8 @@ def sessions_export(
     from smearsight.device.record import RecordReader
     from smearsight.fileio import atomic_open, check_output_file, write_stdout
 
+    if out is not None and str(out) == "-":
+        out = None
     fmt = fmt.lower()
     if fmt not in ("csv", "json"):
         raise InputError(f"--format: expected csv or json, got {fmt!r}")

@@ -360,3 +360,13 @@ def test_export_that_fails_on_a_full_disk_leaves_nothing_behind(tmp_path: Path, 
         assert proc.returncode == 1 and "cannot write the export (No space left on device)" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
         assert list(full.iterdir()) == [], "the folders made for the export were left behind"
+
+
+def test_export_out_dash_writes_to_stdout(db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out -` is the usual spelling of standard output: no file named "-" appears."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["sessions", "export", "1", "--format", "json", "--out", "-", "--db", str(db)]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["id"] == 1 and len(exported["frames"]) == 3
+    assert not (tmp_path / "-").exists()
