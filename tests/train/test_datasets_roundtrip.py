@@ -272,3 +272,23 @@ def test_a_truncated_tiff_is_one_error_without_opencv_log_lines(tmp_path: Path, 
     with pytest.raises(InputError, match="t.tif: not a decodable image"):
         read_image_rgb(path)
     assert capfd.readouterr().err == ""  # OpenCV printed "[ERROR:0@...] global grfmt_tiff.cpp ... TIFF_Error" lines
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc", "yolo"])
+def test_fingerprint_follows_the_data_not_the_folder(tmp_path: Path, fmt: str) -> None:
+    """`--resume` compares fingerprints: a moved copy matches, one moved box or a renamed class does not."""
+    import shutil
+
+    ds = make_dataset(tmp_path / "src")
+    write_dataset(ds, tmp_path / "a", fmt, "train")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    first, _ = read_dataset(tmp_path / "a", fmt, "train")
+    moved, _ = read_dataset(tmp_path / "elsewhere" / "b", fmt, "train")
+    assert first.fingerprint() == moved.fingerprint()
+    assert first.fingerprint()["images"] == len(ds) and first.fingerprint()["boxes"] == ds.num_boxes
+    nudged = DetectionDataset(first.class_names, [*first.images], root=first.root)
+    rec = first.images[0]
+    nudged.images[0] = ImageRecord(rec.path, rec.width, rec.height, rec.boxes + np.float32(0.5), rec.labels)
+    assert nudged.fingerprint()["sha256"] != first.fingerprint()["sha256"]
+    renamed = DetectionDataset([*first.class_names[:-1], "other"], first.images, root=first.root)
+    assert renamed.fingerprint()["sha256"] != first.fingerprint()["sha256"]

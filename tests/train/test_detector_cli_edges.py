@@ -210,6 +210,39 @@ def test_resume_refuses_other_splits(synth_data, tmp_path, option, value, said, 
     assert (out / "best.pt").read_bytes() == best and load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
+def test_resume_takes_the_same_data_moved_and_refuses_changed_data(synth_data, tmp_path, capsys) -> None:
+    """A moved --data folder with the same images resumes; one box changed in the training split is refused."""
+    from smearsight.train.checkpoint import load_checkpoint
+    from smearsight.train.detector.config import TrainConfig
+    from smearsight.train.detector.train_loop import train_detector
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(variant="test_efficientdet", pretrained=False, batch_size=4, image_size=[128, 128], epochs=3,
+                      eval_every=1, threads=1)
+    train_detector(synth_data, "coco", "train", "val", out, cfg, progress=False, stop_after_epochs=1)
+    changed = tmp_path / "changed"
+    shutil.copytree(synth_data, changed)
+    train_json = changed / "annotations" / "train.json"
+    coco = json.loads(train_json.read_text())
+    coco["annotations"][0]["bbox"][0] += 1.0
+    train_json.write_text(json.dumps(coco))
+
+    def resume(data: Path) -> list[str]:
+        args = _train_args(data, out, "--resume", val="val")
+        args[args.index("--epochs") + 1] = "3"
+        return args
+
+    assert main(resume(changed)) == 1
+    err = _one_line_error(capsys)
+    assert str(out / "last.pt") in err and f"{changed} [train] (train split)" in err
+    assert "not the same ones" in err and load_checkpoint(out / "last.pt")["epoch"] == 1
+
+    moved = tmp_path / "moved"
+    shutil.copytree(synth_data, moved)
+    assert main(resume(moved)) == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 3
+
+
 def test_eval_without_any_detection_still_draws_its_plots_quietly(weights, synth_data, tmp_path, capsys) -> None:
     """No detection at all (or no class with ground truth and detections): empty PR and confusion plots, no
     matplotlib warning on stderr about an empty legend, finite metrics."""

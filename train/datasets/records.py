@@ -7,6 +7,8 @@ collect :class:`Problem` entries so that ``smearsight data check`` can report ev
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,24 @@ class DetectionDataset:
     @property
     def num_boxes(self) -> int:
         return sum(len(r.boxes) for r in self.images)
+
+    def fingerprint(self) -> dict[str, int | str]:
+        """Image and box counts and a SHA-256 over the class names and every image's name (relative to the
+        dataset root), size, boxes and labels: equal for the same data in a moved folder, different when an
+        image, a box or a class changes."""
+        digest = hashlib.sha256(json.dumps(list(self.class_names)).encode("utf-8"))
+        for rec in sorted(self.images, key=lambda r: self._relative_name(r.path)):
+            digest.update(f"\0{self._relative_name(rec.path)}\0{rec.width}x{rec.height}\0".encode())
+            digest.update(rec.boxes.astype("<f4").tobytes() + rec.labels.astype("<i8").tobytes())
+        return {"images": len(self.images), "boxes": self.num_boxes, "sha256": digest.hexdigest()}
+
+    def _relative_name(self, path: Path) -> str:
+        if self.root is not None:
+            try:
+                return path.relative_to(self.root).as_posix()
+            except ValueError:
+                pass
+        return path.name
 
     def boxes_per_class(self) -> np.ndarray:
         counts = np.zeros(len(self.class_names), dtype=np.int64)

@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from smearsight.anchors import AnchorConfig
 from smearsight.errors import InputError, SmearSightError
 from smearsight.interrupts import raise_if_interrupted
 from smearsight.train.detector.config import TrainConfig, default_detector_anchors
+
+if TYPE_CHECKING:
+    from smearsight.train.datasets.records import DetectionDataset
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,28 @@ def _check_resumed_splits(resumed: dict[str, Any], asked: dict[str, str | None],
         )
 
 
+def _check_resumed_data(resumed: dict[str, Any], datasets: dict[str, DetectionDataset | None], data: str | Path,
+                        last_path: Path) -> None:
+    """InputError when a split now holds other images or boxes than when the run in ``last_path`` started (the
+    same data in a moved --data folder is accepted; checkpoints written before fingerprints were saved are not
+    checked)."""
+    saved = resumed.get("data") or {}
+    for role, ds in datasets.items():
+        before = saved.get(f"{role}_fingerprint")
+        if ds is None or not isinstance(before, dict):
+            continue
+        now = ds.fingerprint()
+        if now["sha256"] != before.get("sha256"):
+            counts = (f"{now['images']} images and {now['boxes']} boxes, the run's {before.get('images')} and "
+                      f"{before.get('boxes')}" if (now["images"], now["boxes"]) != (before.get("images"),
+                                                                                   before.get("boxes"))
+                      else "as many images and boxes as the run's, but not the same ones")
+            raise InputError(
+                f"{last_path}: --resume continues the run on the data it started with, but {data} [{ds.split}] "
+                f"({role} split) now holds {counts}: resume on that data, or train into a new --out"
+            )
+
+
 def train_detector(
     data: str | Path,
     fmt: str,
@@ -245,6 +270,7 @@ def train_detector(
 
     if resumed is not None:
         check_class_names(resumed["class_names"], train_ds.class_names, f"{data} [{train_split}]", f"{last_path}'s")
+        _check_resumed_data(resumed, {"train": train_ds, "val": val_ds}, data, last_path)
         image_size = list(resumed["image_size"])
         anchors = AnchorConfig(**resumed["anchors"])
         model_cfg = DetectorModelConfig.from_dict(resumed["model_config"])
@@ -267,6 +293,9 @@ def train_detector(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     train_set = DetectorDataset(train_ds, (image_size[0], image_size[1]), mean, std, cfg.augment, seed=cfg.seed)
+    data_record = {"format": fmt, "train_split": train_split, "val_split": val_split,
+                   "train_fingerprint": train_ds.fingerprint(),
+                   "val_fingerprint": val_ds.fingerprint() if val_ds is not None else None}
     steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -398,7 +427,7 @@ def train_detector(
             payload.update({"model_state": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "ema": ema.state_dict(), "scaler": scaler.state_dict(),
                             "rng": {"torch": torch.get_rng_state(), "matcher": wrapper.generator.get_state()},
-                            "data": {"format": fmt, "train_split": train_split, "val_split": val_split}})
+                            "data": data_record})
             save_checkpoint(last_path, payload)
             if val_ds is None:
                 save_checkpoint(out / "best.pt", _checkpoint_payload(state, ema.module.state_dict()))
