@@ -225,7 +225,8 @@ class SessionRecorder:
         self.batch_frames = int(batch_frames)
         self.background = bool(background)
         self.error = ""
-        self.frames_lost = 0
+        self.frames_lost = 0  # frames of every session so far whose batch could not be committed
+        self._lost_before_session = 0  # frames_lost when the open (or last) session started
         self.commits = 0
         self.session_id: int | None = None
         self._class_names: list[str] = []
@@ -285,6 +286,7 @@ class SessionRecorder:
         self._class_names = [str(n) for n in meta.get("class_names", [])]
         self._summary = SessionSummary()
         self._last_index = None
+        self._lost_before_session = self.frames_lost  # the last session's batches are all done (end_session)
         try:
             with self._db_lock:
                 cur = self._conn.execute(
@@ -432,7 +434,7 @@ class SessionRecorder:
     def summary(self) -> dict[str, Any]:
         """The running summary of the open (or last) session."""
         out = self._summary.to_dict(self._class_names)
-        out["frames_not_saved"] = self.frames_lost
+        out["frames_not_saved"] = self.frames_lost - self._lost_before_session
         return out
 
     def end_session(self, summary: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -443,7 +445,7 @@ class SessionRecorder:
             return final
         self.flush()
         self.sync()
-        final["frames_not_saved"] = self.frames_lost
+        final["frames_not_saved"] = self.frames_lost - self._lost_before_session
         try:
             with self._db_lock:
                 self._conn.execute(

@@ -268,6 +268,30 @@ def test_full_disk_is_reported_not_raised_and_recovers(tmp_path: Path, tmpfs) ->
         assert get_session(tiny / "s.db", 1)["frames_saved"] == 16 - rec.frames_lost
 
 
+def test_frames_not_saved_is_counted_per_session(tmp_path: Path, tmpfs) -> None:
+    """A session's summary counts the frames lost in that session only: the next slide's summary said frames of
+    the previous one were not saved."""
+    with tmpfs("tiny_per_session", "size=256k") as tiny:
+        rec = SessionRecorder(tiny / "s.db", batch_frames=4)
+        rec.start_session({"source": "slide 1"})
+        filler = _fill_disk(tiny)
+        big = _dets(300, [i % 6 for i in range(300)], max_det=300)
+        for i in range(8):
+            rec.record_frame(i, float(i), big, TPS_CLASS_NAMES)
+        first = rec.end_session()
+        assert first["frames_not_saved"] == rec.frames_lost >= 4
+        filler.unlink()
+        rec.start_session({"source": "slide 2"})
+        assert rec.summary()["frames_not_saved"] == 0
+        for i in range(8):
+            assert rec.record_frame(i, float(i), _dets(1, [0]), TPS_CLASS_NAMES)
+        second = rec.end_session()
+        rec.close()
+        assert second["frames"] == 8 and second["frames_not_saved"] == 0
+        assert get_session(tiny / "s.db", 2)["summary"]["frames_not_saved"] == 0
+        assert get_session(tiny / "s.db", 2)["frames_saved"] == 8
+
+
 def test_not_a_database(tmp_path: Path) -> None:
     bad = tmp_path / "junk.db"
     bad.write_bytes(b"this is not sqlite" * 100)
