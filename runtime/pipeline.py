@@ -698,6 +698,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     totals = dict.fromkeys(pipe.class_names, 0)
     slide = SessionSummary(pipe.class_names)  # this session's running summary: the status page's, the stats'
     slide_now = slide.to_dict()
+    slide_open = True  # False after the panel stopped the session: its summary stays on the page as it ended
     frames = 0
     failed_in_a_row = 0
     gave_up = ""  # why the run stopped before its source ended: the models fail on every frame
@@ -750,8 +751,10 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 problems.report(bridge.status_line())
                 requests = bridge.take_requests()
                 if requests.start_session is not None:  # a new slide, recorded or not: a new summary
-                    slide = SessionSummary(pipe.class_names)
+                    slide, slide_open = SessionSummary(pipe.class_names), True
                     slide_now = slide.to_dict()
+                elif requests.stop_session:
+                    slide_open = False
                 session_id = _apply_panel_requests(requests, recorder, session_id, cfg, pipe,
                                                    worker.reset_morphology, say)
                 if bridge.frozen and last_img is not None:  # hold the field the technician froze
@@ -801,8 +804,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                             for i, name in enumerate(pipe.class_names)}
             for name, c in frame_counts.items():
                 totals[name] += c
-            slide.add_frame(frame.timestamp, valid, pipe.class_names, morph)
-            slide_now = slide.to_dict()
+            if slide_open:
+                slide.add_frame(frame.timestamp, valid, pipe.class_names, morph)
+                slide_now = slide.to_dict()
             now = time.perf_counter()
             dt = now - t_prev
             t_prev = now

@@ -143,20 +143,25 @@ def test_a_run_without_record_still_has_the_session_summary(sperm_models: Path) 
 
 def test_a_session_started_from_the_panel_starts_a_new_summary(sperm_models: Path, tmp_path: Path) -> None:
     """The panel's "start session" is a new slide: the page's summary starts again from that frame, as the
-    recorded session does, and --stats-json holds the panel's session."""
+    recorded session does; after "stop session" it stays as that session ended (it went on counting frames
+    no session holds), and --stats-json holds the panel's session."""
     from smearsight.device.panel.link import SerialLink
     from smearsight.device.panel.nullmodem import VirtualNullModem
-    from smearsight.device.panel.protocol import StartSession
+    from smearsight.device.panel.protocol import StartSession, StopSession
 
     modem = VirtualNullModem().start()
     panel = SerialLink(modem.b, name="test-panel")
     panel.start()
     started: list[int] = []
+    stopped: list[int] = []
 
     def operator(status: dict[str, Any]) -> None:
         if not started and (status.get("frame") or 0) >= 8:
             panel.send(StartSession("slide-2"))
             started.append(status["frame"])
+        elif started and not stopped and (status.get("frame") or 0) >= started[0] + 10:
+            panel.send(StopSession())
+            stopped.append(status["frame"])
 
     record = tmp_path / "rec.sqlite"
     cfg = pl.RunConfig(source="synth://?size=96x64&fps=20", sink="http://127.0.0.1:0", models=sperm_models,
@@ -167,13 +172,15 @@ def test_a_session_started_from_the_panel_starts_a_new_summary(sperm_models: Pat
     finally:
         panel.close()
         modem.close()
-    assert started and stats["session_id"] == 2
+    assert started and stopped and "session_id" not in stats  # no session is open at the end
     first, second = (list(session_frames(record, sid)) for sid in (1, 2))
-    assert first and second and len(first) + len(second) == stats["frames"] == FRAMES
+    assert first and second and len(first) + len(second) < stats["frames"] == FRAMES
     where = {f["frame_index"]: (frames, i) for frames in (first, second) for i, f in enumerate(frames)}
     live = [s for s in seen if s.get("frame") is not None]
     assert any(s["frame"] in {f["frame_index"] for f in second} for s in live)
+    after = [s for s in live if s["frame"] > second[-1]["frame_index"]]
+    assert after and all(s["session"] == _summary_of(second) for s in after)
     for status in live:
-        frames, i = where[status["frame"]]
+        frames, i = where.get(status["frame"], (second, len(second) - 1))
         assert status["session"] == _summary_of(frames[: i + 1]), status["frame"]
     assert {k: v for k, v in stats["session_summary"].items() if k != "frames_not_saved"} == _summary_of(second)
