@@ -159,14 +159,14 @@ def test_a_session_started_from_the_panel_starts_a_new_summary(sperm_models: Pat
         if not started and (status.get("frame") or 0) >= 8:
             panel.send(StartSession("slide-2"))
             started.append(status["frame"])
-        elif started and not stopped and (status.get("frame") or 0) >= started[0] + 10:
+        elif started and not stopped and (status.get("frame") or 0) >= started[0] + 8:
             panel.send(StopSession())
             stopped.append(status["frame"])
 
     record = tmp_path / "rec.sqlite"
     cfg = pl.RunConfig(source="synth://?size=96x64&fps=20", sink="http://127.0.0.1:0", models=sperm_models,
-                       backend="onnx", headless=True, max_frames=FRAMES, record=record, detect_every=1,
-                       panel=modem.a)
+                       backend="onnx", headless=True, max_frames=2 * FRAMES, record=record, detect_every=1,
+                       panel=modem.a)  # 3 s: time for the watcher to press start, then stop, then see the result
     try:
         stats, seen, _ = _run_and_watch(cfg, operator)
     finally:
@@ -174,7 +174,7 @@ def test_a_session_started_from_the_panel_starts_a_new_summary(sperm_models: Pat
         modem.close()
     assert started and stopped and "session_id" not in stats  # no session is open at the end
     first, second = (list(session_frames(record, sid)) for sid in (1, 2))
-    assert first and second and len(first) + len(second) < stats["frames"] == FRAMES
+    assert first and second and len(first) + len(second) < stats["frames"] == 2 * FRAMES
     where = {f["frame_index"]: (frames, i) for frames in (first, second) for i, f in enumerate(frames)}
     live = [s for s in seen if s.get("frame") is not None]
     assert any(s["frame"] in {f["frame_index"] for f in second} for s in live)
