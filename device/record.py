@@ -130,10 +130,37 @@ def explain_db_error(path: Path | str, exc: BaseException) -> str:
     return f"session record {path}: {why}"
 
 
-class _Summary:
-    """Running per-session summary."""
+def detection_rows(detections: np.ndarray, class_names: Sequence[str]) -> list[tuple[int, int, str, list[float]]]:
+    """The detections of a ``[K, 6]`` array as ``(row, class id, class name, [x1, y1, x2, y2, score])``.
 
-    def __init__(self) -> None:
+    Unused rows (class -1) and rows a broken model filled with NaN/Inf are not detections (a NaN would also
+    fail the record's NOT NULL columns and lose the whole batch); a class beyond ``class_names`` is
+    ``class_<id>``.
+    """
+    dets = np.asarray(detections, dtype=np.float64).reshape(-1, 6)
+    finite = np.isfinite(dets).all(axis=1).tolist()
+    out = []
+    for k, row in enumerate(dets.tolist()):
+        if not finite[k] or row[5] < 0:
+            continue
+        c = int(row[5])
+        out.append((k, c, str(class_names[c]) if c < len(class_names) else f"class_{c}", row[:5]))
+    return out
+
+
+class SessionSummary:
+    """The running summary of one session (one slide), the single implementation of its figures: what the
+    status page and ``/status.json`` show as ``session`` while ``smearsight run`` goes on (with or without
+    ``--record``), what a recorded session stores when it ends, and ``--stats-json``'s ``session_summary``.
+
+    ``counts_per_class`` are detections summed over the frames (a cell in view for ten frames counts ten
+    times), ``fields_with_mature_sperm`` the frames with at least one mature sperm, ``sperm_judged`` /
+    ``sperm_abnormal`` sperm (per frame) with a result on at least one part / flagged on any part,
+    ``abnormal_by_part`` the flags per part, ``duration_s`` from the first frame's timestamp to the last's.
+    """
+
+    def __init__(self, class_names: Sequence[str] = ()) -> None:
+        self.class_names = [str(n) for n in class_names]
         self.frames = 0
         self.detections = 0
         self.counts: dict[str, int] = {}
@@ -144,7 +171,14 @@ class _Summary:
         self.first_ts: float | None = None
         self.last_ts: float | None = None
 
+    def add_frame(self, timestamp: float, detections: np.ndarray, class_names: Sequence[str],
+                  morphology: list[dict[str, Any]] | None = None) -> None:
+        """Add one shown frame: its ``[K, 6]`` detections and its morphology results (as the pipeline has them)."""
+        self.add(timestamp, [name for _, _, name, _ in detection_rows(detections, class_names)],
+                 morphology_flags(morphology))
+
     def add(self, timestamp: float, names: list[str], flags: dict[int, list[tuple[str, Any, Any]]]) -> None:
+        """Add one frame given its detections' class names and its :func:`morphology_flags`."""
         self.frames += 1
         self.detections += len(names)
         for name in names:
@@ -163,8 +197,11 @@ class _Summary:
         self.first_ts = timestamp if self.first_ts is None else self.first_ts
         self.last_ts = timestamp
 
-    def to_dict(self, class_names: Sequence[str]) -> dict[str, Any]:
-        counts = {name: self.counts.get(name, 0) for name in class_names}
+    def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """The figures as a JSON-ready dict; every class of ``class_names`` (default: the constructor's) is
+        listed, with 0 when none was seen, followed by any other class seen."""
+        counts = {name: self.counts.get(name, 0) for name in (self.class_names if class_names is None
+                                                               else class_names)}
         counts.update({k: v for k, v in self.counts.items() if k not in counts})
         return {
             "frames": self.frames,
@@ -188,11 +225,12 @@ class SessionRecorder:
         self.batch_frames = int(batch_frames)
         self.background = bool(background)
         self.error = ""
-        self.frames_lost = 0
+        self.frames_lost = 0  # frames of every session so far whose batch could not be committed
+        self._lost_before_session = 0  # frames_lost when the open (or last) session started
         self.commits = 0
         self.session_id: int | None = None
         self._class_names: list[str] = []
-        self._summary = _Summary()
+        self._summary = SessionSummary()
         self._last_index: int | None = None
         self._frames: list[tuple] = []
         self._dets: list[tuple] = []
@@ -246,8 +284,9 @@ class SessionRecorder:
             self.end_session()
         meta = dict(meta or {})
         self._class_names = [str(n) for n in meta.get("class_names", [])]
-        self._summary = _Summary()
+        self._summary = SessionSummary()
         self._last_index = None
+        self._lost_before_session = self.frames_lost  # the last session's batches are all done (end_session)
         try:
             with self._db_lock:
                 cur = self._conn.execute(
@@ -317,21 +356,12 @@ class SessionRecorder:
             return False
         self._last_index = int(frame_index)
         sid = self.session_id
-        dets = np.asarray(detections, dtype=np.float64).reshape(-1, 6)
-        names_list = [str(n) for n in class_names]
         if not self._class_names:
-            self._class_names = names_list
+            self._class_names = [str(n) for n in class_names]
         names: list[str] = []
-        finite = np.isfinite(dets).all(axis=1).tolist()
-        for k, (x1, y1, x2, y2, score, cls) in enumerate(dets.tolist()):
-            # unused rows (class -1) and rows a broken model filled with NaN/Inf are not detections;
-            # a NaN would also fail the NOT NULL columns and lose the whole batch
-            if not finite[k] or cls < 0:
-                continue
-            c = int(cls)
-            name = names_list[c] if c < len(names_list) else f"class_{c}"
+        for k, c, name, (x1, y1, x2, y2, score) in detection_rows(detections, class_names):
             names.append(name)
-            self._dets.append((sid, int(frame_index), k, c, name, float(score), x1, y1, x2, y2))
+            self._dets.append((sid, int(frame_index), k, c, name, score, x1, y1, x2, y2))
         flags = morphology_flags(morphology)
         for det, parts in flags.items():
             for part, score, abnormal in parts:
@@ -404,7 +434,7 @@ class SessionRecorder:
     def summary(self) -> dict[str, Any]:
         """The running summary of the open (or last) session."""
         out = self._summary.to_dict(self._class_names)
-        out["frames_not_saved"] = self.frames_lost
+        out["frames_not_saved"] = self.frames_lost - self._lost_before_session
         return out
 
     def end_session(self, summary: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -415,7 +445,7 @@ class SessionRecorder:
             return final
         self.flush()
         self.sync()
-        final["frames_not_saved"] = self.frames_lost
+        final["frames_not_saved"] = self.frames_lost - self._lost_before_session
         try:
             with self._db_lock:
                 self._conn.execute(

@@ -16,7 +16,9 @@
 The status dict given to ``write`` is served as-is by ``/status.json``, NaN and infinities as ``null`` (what
 ``smearsight run`` puts in it: :func:`smearsight.runtime.pipeline.frame_status`); the page shows its ``error``
 or ``status`` (as a banner), ``frame``, ``fps``, ``counts`` (class -> number), how the detector runs
-(``detect_every``, ``boxes_age_ms``) and ``sperm_abnormal`` / ``sperm_judged``.
+(``detect_every``, ``boxes_age_ms``) and ``sperm_abnormal`` / ``sperm_judged``, and under "This slide so far"
+``session``, the session's running summary (:class:`smearsight.device.record.SessionSummary`: frames, duration,
+detections per class summed over the frames, fields with mature sperm, sperm judged / abnormal, abnormal by part).
 
 ``write`` never raises for a failing disk or a closed window; it records the problem in ``.error`` (plain
 words) for the pipeline to show, and ``.should_stop`` turns true when the user closes the window or
@@ -262,10 +264,24 @@ _PAGE = """<!doctype html>
 <title>SmearSight</title>
 <style>body{{margin:0;background:#111;color:#eee;font:16px sans-serif}} img{{max-width:100%;display:block}}
 #s,#b{{padding:8px}} .err{{color:#f66;font-weight:bold}} .warn{{color:#fc3;font-weight:bold}}
-td{{padding:2px 10px}}</style></head>
+td{{padding:2px 10px}} #slide{{padding:0 8px 8px}} h2{{font-size:18px;margin:8px 0 4px}}</style></head>
 <body><div id="b"></div><img id="v" src="/stream.mjpg" alt="live picture"><div id="s">{body}</div>
+<section id="slide"><h2>This slide so far</h2><div id="t"><p>no frame yet</p></div></section>
 <script>
-const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;');
+const esc=t=>String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/>/g,'&gt;').replace(/"/g,'&quot;');
+const num=x=>Number.isFinite(Number(x))?Number(x):0;
+function hms(x){{x=Math.max(0,Math.round(num(x)));const h=Math.floor(x/3600),m=Math.floor(x%3600/60);
+return (h?h+' h ':'')+(h||m?m+' min ':'')+(x%60)+' s';}}
+// the session's running summary (the same figures as the recorded session's and --stats-json's)
+function slide(m){{let h='<p>'+esc(num(m.frames))+' frames in '+esc(hms(m.duration_s))+'</p>';
+h+='<table><tr><th>class</th><th>detections, summed over the frames</th></tr>';
+for(const[k,v]of Object.entries(m.counts_per_class||{{}}))h+='<tr><td>'+esc(k)+'</td><td>'+esc(num(v))+'</td></tr>';
+h+='</table><p>fields with mature sperm: '+esc(num(m.fields_with_mature_sperm))+' of '+esc(num(m.frames))+'</p>';
+const j=num(m.sperm_judged),a=num(m.sperm_abnormal);
+h+='<p>sperm judged: '+esc(j)+' &middot; abnormal: '+esc(a)+(j?' ('+esc(Math.round(100*a/j))+' %)':'')+'</p>';
+const parts=Object.entries(m.abnormal_by_part||{{}});
+if(parts.length)h+='<p>abnormal by part: '+parts.map(([p,n])=>esc(p||'?')+' '+esc(num(n))).join(', ')+'</p>';
+return h;}}
 let seen=null,lost=false,last=0,busy=false;const WAIT_MS=4000;
 // one request at a time: while the network hangs, ticks must not pile up fetches (a browser allows ~6 per host)
 async function tick(){{if(busy)return;busy=true;
@@ -285,10 +301,11 @@ let h='';const msg=s.error||s.status||'';if(msg)h+='<p class="err">'+esc(msg)+'<
 h+='<p>frame '+esc(s.frame??'-')+' &middot; '+(s.fps!=null?Number(s.fps).toFixed(1):'-')+' FPS';
 if(s.detect_every==='async')h+=' &middot; boxes '+Number(s.boxes_age_ms||0).toFixed(0)+' ms old';
 else if(s.detect_every>1)h+=' &middot; detector 1/'+esc(s.detect_every)+' frames';
-h+='</p>';if(s.sperm_judged)h+='<p>abnormal sperm: '+esc(s.sperm_abnormal)+'/'+esc(s.sperm_judged)+'</p>';
+h+='</p>';if(s.sperm_judged)h+='<p>abnormal sperm in view: '+esc(s.sperm_abnormal)+'/'+esc(s.sperm_judged)+'</p>';
 if(s.counts){{h+='<table>';
 for(const[k,v]of Object.entries(s.counts))h+='<tr><td>'+esc(k)+'</td><td>'+esc(v)+'</td></tr>';
-h+='</table>';}}document.getElementById('s').innerHTML=h;}}
+h+='</table>';}}document.getElementById('s').innerHTML=h;
+if(s.session&&typeof s.session==='object')document.getElementById('t').innerHTML=slide(s.session);}}
 setInterval(tick,1000);tick();
 </script></body></html>
 """

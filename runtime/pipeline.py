@@ -669,6 +669,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     per class summed over the frames shown (a cell in view for ten frames counts ten times), not cells.
     """
     from smearsight.deploy.sdnotify import Watchdog
+    from smearsight.device.record import SessionSummary
     from smearsight.device.sinks import check_sink_is_not_source, open_sink
     from smearsight.device.sources import open_source
     from smearsight.runtime.annotate import annotate
@@ -695,6 +696,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     captures = 0
     timer = StageTimer()
     totals = dict.fromkeys(pipe.class_names, 0)
+    slide = SessionSummary(pipe.class_names)  # this session's running summary: the status page's, the stats'
+    slide_now = slide.to_dict()
+    slide_open = True  # False after the panel stopped the session: its summary stays on the page as it ended
     frames = 0
     failed_in_a_row = 0
     gave_up = ""  # why the run stopped before its source ended: the models fail on every frame
@@ -745,7 +749,13 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             problems.report(source.status, count=False)
             if bridge is not None:
                 problems.report(bridge.status_line())
-                session_id = _apply_panel_requests(bridge.take_requests(), recorder, session_id, cfg, pipe,
+                requests = bridge.take_requests()
+                if requests.start_session is not None:  # a new slide, recorded or not: a new summary
+                    slide, slide_open = SessionSummary(pipe.class_names), True
+                    slide_now = slide.to_dict()
+                elif requests.stop_session:
+                    slide_open = False
+                session_id = _apply_panel_requests(requests, recorder, session_id, cfg, pipe,
                                                    worker.reset_morphology, say)
                 if bridge.frozen and last_img is not None:  # hold the field the technician froze
                     worker.hold.set()
@@ -760,7 +770,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 img = frame.image.copy()
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
                          {"error": problems.active() or "camera lost", "title": "SmearSight"})
-                sink.write(img, {"error": problems.active(), "frame": frame.index})
+                sink.write(img, {"error": problems.active(), "frame": frame.index, "session": slide_now})
                 continue
             if item.generation != worker.generation:  # judged before a new session reset the morphology
                 continue
@@ -769,7 +779,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 img = frame.image.copy()
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
                          {"error": item.error, "title": "SmearSight"})
-                sink.write(img, {"error": item.error, "frame": frame.index})
+                sink.write(img, {"error": item.error, "frame": frame.index, "session": slide_now})
                 if getattr(sink, "should_stop", False):  # the window closed, q or Esc
                     break
                 failed_in_a_row += 1
@@ -794,6 +804,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                             for i, name in enumerate(pipe.class_names)}
             for name, c in frame_counts.items():
                 totals[name] += c
+            if slide_open:
+                slide.add_frame(frame.timestamp, valid, pipe.class_names, morph)
+                slide_now = slide.to_dict()
             now = time.perf_counter()
             dt = now - t_prev
             t_prev = now
@@ -817,7 +830,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             try:
                 img = annotate(frame.image, valid, pipe.class_names, morph, overlay)
                 t6 = time.perf_counter()
-                status = frame_status(frame.index, fps, frame_counts, active, pipe, item, overlay["latency_ms"])
+                status = frame_status(frame.index, fps, frame_counts, active, pipe, item, overlay["latency_ms"],
+                                      slide_now)
                 sink.write(img, status)
                 t7 = time.perf_counter()
                 if recorder is not None:
@@ -851,6 +865,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         if worker is not None:
             worker.stop()  # no new frame from here on; joined below, once the source is closed
         summary = None
+        recorded = session_id is not None and session_id >= 0
         if recorder is not None:
             summary = recorder.end_session()
             recorder.close()
@@ -901,8 +916,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         if session_id is not None and session_id >= 0:
             stats["session_id"] = session_id
             stats["record"] = str(cfg.record)
-        if summary is not None:
-            stats["session_summary"] = summary
+        # the recorded session's summary (SessionSummary too, + frames_not_saved), else this run's last one
+        stats["session_summary"] = summary if summary is not None and recorded else slide.to_dict()
         if own_pipeline and worker_done:  # never under a frame still being inferred
             pipe.close()
     if cfg.stats_json is not None:
@@ -917,12 +932,14 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
 
 
 def frame_status(frame_index: int, fps: float, counts: dict[str, int], problem: str, pipe: Pipeline,
-                 item: Processed, latency_ms: dict[str, float]) -> dict[str, Any]:
+                 item: Processed, latency_ms: dict[str, float],
+                 session: dict[str, Any] | None = None) -> dict[str, Any]:
     """The status of one shown frame, as the sinks get it (``http://`` serves it as ``/status.json``).
 
     ``detected``: the detector ran on this very frame; otherwise its boxes are an earlier frame's, moved with
     the stage, found ``boxes_age_ms`` earlier. ``detect_every`` is the interval in use (or ``"async"``);
     ``sperm_abnormal`` / ``sperm_judged`` count the sperm in view with a result on at least one part.
+    ``session``: the session's running summary so far (:meth:`smearsight.device.record.SessionSummary.to_dict`).
     """
     from smearsight.runtime.annotate import morphology_flags, sperm_tally
 
@@ -931,7 +948,7 @@ def frame_status(frame_index: int, fps: float, counts: dict[str, int], problem: 
             "backend": pipe.detector.name, "detected": bool(item.detected),
             "detect_every": pipe.detect_interval, "detector_runs": pipe.detector_runs,
             "boxes_age_ms": round(1000.0 * item.boxes_age_s, 1), "latency_ms": latency_ms,
-            "sperm_abnormal": abnormal, "sperm_judged": judged}
+            "sperm_abnormal": abnormal, "sperm_judged": judged, **({"session": session} if session else {})}
 
 
 def _spread_ms(seconds: deque[float]) -> dict[str, float] | None:

@@ -21,6 +21,7 @@ from smearsight.device.record import (
     SCHEMA_VERSION,
     RecordError,
     SessionRecorder,
+    SessionSummary,
     get_session,
     list_sessions,
     session_frames,
@@ -110,6 +111,31 @@ def test_non_finite_rows_are_skipped_not_losing_the_batch(tmp_path: Path) -> Non
     fr = list(session_frames(db, sid))
     assert [f["n_detections"] for f in fr] == [2, 1]
     assert [d["det"] for d in fr[1]["detections"]] == [1]
+
+
+def test_session_summary_without_a_record_equals_the_recorders(tmp_path: Path) -> None:
+    """The summary the status page shows without --record is the recorder's, figure for figure, from the same
+    frames (broken and unused rows, a class beyond the names and n/a morphology included)."""
+    broken = _dets(3, [MATURE, 1, 2])
+    broken[1, 2] = np.inf
+    beyond = _dets(2, [0, len(TPS_CLASS_NAMES) + 1])
+    frames = [(_dets(2, [MATURE, MATURE]), [{"det": 0, "part": "head", "score": 0.9, "abnormal": True},
+                                              {"det": 1, "status": "n/a"}]),
+              (broken, [{"det": 0, "parts": {"head": {"score": 0.1, "abnormal": False},
+                                              "tail": {"score": 0.8, "abnormal": True}}}]),
+              (beyond, None), (_dets(0, []), [])]
+    live = SessionSummary(TPS_CLASS_NAMES)
+    with SessionRecorder(tmp_path / "rec.db") as rec:
+        rec.start_session({"class_names": list(TPS_CLASS_NAMES)})
+        for i, (dets, morph) in enumerate(frames):
+            assert rec.record_frame(i, 50.0 + 0.25 * i, dets, TPS_CLASS_NAMES, morph)
+            live.add_frame(50.0 + 0.25 * i, dets, TPS_CLASS_NAMES, morph)
+        recorded = rec.end_session()
+    assert {k: v for k, v in recorded.items() if k != "frames_not_saved"} == live.to_dict()
+    assert live.to_dict()["counts_per_class"] == {**dict.fromkeys(TPS_CLASS_NAMES, 0), "mature_sperm": 3,
+                                                  "sertoli": 1, "round_spermatid": 1, "class_7": 1}
+    assert live.to_dict()["fields_with_mature_sperm"] == 2 and live.to_dict()["duration_s"] == 0.75
+    assert (live.sperm_judged, live.sperm_abnormal, live.abnormal_by_part) == (2, 2, {"head": 1, "tail": 1})
 
 
 def test_multiple_sessions_and_reopen(tmp_path: Path) -> None:
@@ -240,6 +266,30 @@ def test_full_disk_is_reported_not_raised_and_recovers(tmp_path: Path, tmpfs) ->
         rec.close()
         assert summary["frames"] == 16 and summary["frames_not_saved"] == rec.frames_lost
         assert get_session(tiny / "s.db", 1)["frames_saved"] == 16 - rec.frames_lost
+
+
+def test_frames_not_saved_is_counted_per_session(tmp_path: Path, tmpfs) -> None:
+    """A session's summary counts the frames lost in that session only: the next slide's summary said frames of
+    the previous one were not saved."""
+    with tmpfs("tiny_per_session", "size=256k") as tiny:
+        rec = SessionRecorder(tiny / "s.db", batch_frames=4)
+        rec.start_session({"source": "slide 1"})
+        filler = _fill_disk(tiny)
+        big = _dets(300, [i % 6 for i in range(300)], max_det=300)
+        for i in range(8):
+            rec.record_frame(i, float(i), big, TPS_CLASS_NAMES)
+        first = rec.end_session()
+        assert first["frames_not_saved"] == rec.frames_lost >= 4
+        filler.unlink()
+        rec.start_session({"source": "slide 2"})
+        assert rec.summary()["frames_not_saved"] == 0
+        for i in range(8):
+            assert rec.record_frame(i, float(i), _dets(1, [0]), TPS_CLASS_NAMES)
+        second = rec.end_session()
+        rec.close()
+        assert second["frames"] == 8 and second["frames_not_saved"] == 0
+        assert get_session(tiny / "s.db", 2)["summary"]["frames_not_saved"] == 0
+        assert get_session(tiny / "s.db", 2)["frames_saved"] == 8
 
 
 def test_not_a_database(tmp_path: Path) -> None:

@@ -286,6 +286,57 @@ def test_status_page_reopens_the_stream_after_losing_the_device_or_sleeping(tmp_
     assert src[5].startswith("/stream.mjpg?") and src[5] != src[4] and src[6] == src[5]  # woke up: reopened
 
 
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_status_page_shows_the_slides_running_summary_escaped(tmp_path: Path) -> None:
+    """The page's "This slide so far" section, drawn by its own JavaScript under node: every figure of the
+    session summary, text escaped, the last summary kept while the device is unreachable or the field frozen,
+    and numbers that the JSON holds as null (not finite) shown as 0, never NaN or undefined."""
+    from smearsight.device.sinks import _PAGE
+
+    script = _PAGE.format(body="").split("<script>")[1].split("</script>")[0]
+    (tmp_path / "page.js").write_text(script)
+    (tmp_path / "harness.js").write_text(
+        _PAGE_HARNESS.replace("v: {src: '/stream.mjpg'}}", "v: {src: '/stream.mjpg'}, t: {innerHTML: ''}}")
+        .replace("els.v.src]", "els.v.src, els.t.innerHTML]"))
+    session = {"frames": 3, "duration_s": 125.4, "detections": 5,
+               "counts_per_class": {"mature_sperm": 4, "<b>odd</b>": 1}, "fields_with_mature_sperm": 2,
+               "sperm_judged": 4, "sperm_abnormal": 1, "abnormal_by_part": {"head": 1, 'vac"<u>': 2}}
+    replies = [{"frame": 5, "counts": {"mature_sperm": 2}, "session": session, "age_s": 0.1},
+               None,  # the device went away
+               {"frame": 6, "counts": {"mature_sperm": 2}, "session": session, "frozen": True, "age_s": 0.1},
+               {"frame": 7, "counts": {}, "age_s": 0.1,
+                "session": {"frames": 1, "duration_s": None, "counts_per_class": {"rbc": None},
+                            "fields_with_mature_sperm": None, "sperm_judged": 0, "sperm_abnormal": None}}]
+    (tmp_path / "replies.json").write_text(json.dumps(replies))
+    proc = subprocess.run(["node", str(tmp_path / "harness.js"), str(tmp_path / "page.js"),
+                           str(tmp_path / "replies.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
+    (_, _, _, live), (gone, _, _, kept), (frozen, _, _, held), (_, _, _, nulls) = json.loads(proc.stdout)
+    assert "3 frames in 2 min 5 s" in live and "<td>mature_sperm</td><td>4</td>" in live
+    assert "<td>&lt;b&gt;odd&lt;/b&gt;</td><td>1</td>" in live and "<b>" not in live
+    assert "fields with mature sperm: 2 of 3" in live
+    assert "sperm judged: 4 &middot; abnormal: 1 (25 %)" in live
+    assert "abnormal by part: head 1, vac&quot;&lt;u&gt; 2" in live
+    assert gone.startswith("no connection to the device") and kept == live
+    assert frozen.startswith("FROZEN") and held == live
+    assert "1 frames in 0 s" in nulls and "<td>rbc</td><td>0</td>" in nulls and "abnormal: 0</p>" in nulls
+    assert not any(word in nulls for word in ("NaN", "null", "undefined"))
+
+
+def test_status_page_has_the_slide_section_and_status_json_the_summary() -> None:
+    sink = open_sink("http://127.0.0.1:0")
+    try:
+        summary = {"frames": 2, "counts_per_class": {"mature_sperm": 3}, "duration_s": float("nan")}
+        sink.write(_solid((1, 2, 3)), {"frame": 1, "counts": {"mature_sperm": 1}, "session": summary})
+        with urllib.request.urlopen(f"{sink.url}/status.json", timeout=10) as resp:
+            status = json.loads(resp.read())
+        assert status["session"] == {**summary, "duration_s": None}
+        page = urllib.request.urlopen(f"{sink.url}/", timeout=10).read().decode()
+        assert '<section id="slide"><h2>This slide so far</h2><div id="t">' in page
+    finally:
+        sink.close()
+
+
 def test_http_viewers_that_reset_leave_no_traceback(capfd) -> None:
     import struct
 
