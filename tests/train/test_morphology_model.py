@@ -550,19 +550,30 @@ def test_diverged_training_is_an_error_not_an_untrained_model(tmp_path: Path) ->
 
 
 def test_full_disk_leaves_no_partial_run(tmp_path: Path, tmpfs, capfd: pytest.CaptureFixture[str]) -> None:
-    """A disk that fills while the run's files are written: one line, exit 1, and none of the run's files stay
-    (metrics.json, history.json and curves.png without best.pt looked like a finished run)."""
+    """A disk that fills while the run's files are written: one line, exit 1, and none of the finished run's files
+    stay (metrics.json, history.json and curves.png without best.pt looked like a finished run); last.pt does, and
+    --resume writes them once there is room."""
+    import subprocess
+
     import yaml
 
     data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"model": TINY_MODEL, "batch_size": 16}))
-    with tmpfs("small", "size=128k") as disk:  # room for the JSON files and curves.png, not for best.pt
-        rc = main(["train", "morphology", "--data", str(data), "--part", "head", "--out", str(disk / "run"),
-                   "--config", str(config), "--epochs", "1", "--no-progress"])
+    args = ["train", "morphology", "--data", str(data), "--part", "head", "--config", str(config), "--epochs", "1",
+            "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "sizes")]) == 0
+    pages = {p.name: -(-p.stat().st_size // 4096) for p in (tmp_path / "sizes").iterdir()}
+    room = pages["last.pt"] + pages["metrics.json"] + pages["history.json"] + pages["curves.png"] + 2
+    assert pages["best.pt"] > 4
+    with tmpfs("small", f"size={(room + pages['best.pt'] // 2) * 4}k") as disk:  # no room for best.pt
+        rc = main([*args, "--out", str(disk / "run")])
         err = capfd.readouterr().err
         assert rc == 1 and "best.pt: cannot write" in err and "Traceback" not in err
-        assert list((disk / "run").iterdir()) == []
+        assert [p.name for p in (disk / "run").iterdir()] == ["last.pt"]
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        assert main([*args, "--out", str(disk / "run"), "--resume"]) == 0, capfd.readouterr().err
+        assert sorted(p.name for p in (disk / "run").iterdir()) == sorted(pages)
 
 
 def test_full_disk_during_eval_leaves_no_mixed_report(tmp_path: Path, tmpfs, capfd: pytest.CaptureFixture[str]) -> None:

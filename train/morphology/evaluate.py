@@ -37,9 +37,10 @@ def evaluate_morphology(
 
     check_part(part)
     out = Path(out_dir)
-    if (out / "best.pt").exists():  # a training run folder: the report's metrics.json would replace the run's
-        raise InputError(f"--out {out}: holds best.pt (a training run); its metrics.json would be overwritten, "
-                         "pick another report folder")
+    for name in ("best.pt", "last.pt"):  # a training run folder: the report's metrics.json would replace the run's
+        if (out / name).exists():
+            raise InputError(f"--out {out}: holds {name} (a training run); its metrics.json would be overwritten, "
+                             "pick another report folder")
     if (out / "localisation").exists() and not (out / "localisation").is_dir():
         raise InputError(f"--out {out}: localisation is a file; the report writes its panels into a folder so named")
     model, ckpt = load_model(weights)

@@ -1,10 +1,17 @@
-"""Training one part's KD model: normal train crops only, flips/rotations, FGSM, selection on valid."""
+"""Training one part's KD model: normal train crops only, flips/rotations, FGSM, selection on valid.
+
+``RUN/last.pt`` is written after every KD epoch (student, optimiser, schedule, RNG state, the best epoch so far and
+the history: ``--resume`` continues after a kill); ``RUN/best.pt`` (written last) holds the finished model with its
+threshold, beside ``metrics.json``, ``history.json`` and ``curves.png``.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +25,10 @@ from smearsight.train.morphology.data import CropSet, check_part, load_crops, to
 from smearsight.train.morphology.metrics import binary_metrics, roc_auc
 from smearsight.train.morphology.threshold import choose_threshold
 
-RUN_FILES = ("best.pt", "metrics.json", "history.json", "curves.png")  # what a run folder holds
+RUN_FILES = ("best.pt", "metrics.json", "history.json", "curves.png")  # what a finished run adds to last.pt
+LAST = "last.pt"  # the training state after the latest KD epoch (--resume)
+RESUME_STATE = ("student", "optimizer", "scheduler", "rng", "epoch", "best", "history", "elapsed_s", "train_config",
+                "data")
 
 NORMALIZATION = {"color": "gray", "mean": [0.5], "std": [0.5]}
 
@@ -179,6 +189,79 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
     return {"history": history, "best_epoch": best["epoch"], "best_valid_auc": best["auc"]}
 
 
+_OPTION_OF = {"epochs": "--epochs", "seed": "--seed", "model.supervised": "--supervised",
+              "model.teacher.name": "--teacher", "model.teacher.weights": "--teacher-weights"}
+
+
+def _at(tree: Any, path: str) -> Any:
+    for key in path.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _differences(path: str, asked: Any, saved: Any) -> list[str]:
+    """``["epochs 3 (saved 2)"]``; for a section only its keys that differ; a field an option sets is named by it."""
+    if isinstance(asked, dict) and isinstance(saved, dict):
+        return [text for key in sorted(set(asked) | set(saved))
+                for text in _differences(f"{path}.{key}", asked.get(key), saved.get(key))]
+    if asked == saved:
+        return []
+    label = f"{path} ({_OPTION_OF[path]})" if path in _OPTION_OF else path
+    return [f"{label} {asked!r} (saved {saved!r})"]
+
+
+def _load_resumable(last_path: Path) -> dict[str, Any]:
+    from smearsight.train.checkpoint import load_checkpoint
+
+    if not last_path.is_file():
+        raise InputError(f"{last_path}: nothing to resume (no {LAST} in the run folder)")
+    resumed = load_checkpoint(last_path, kind="morphology")
+    missing = [key for key in RESUME_STATE if key not in resumed]
+    if missing:
+        raise InputError(f"{last_path}: not a resumable {LAST} (no training state: {', '.join(missing)}); "
+                         "is it a copy of best.pt?")
+    return resumed
+
+
+def _resumed_config(resumed: dict[str, Any], requested: MorphologyTrainConfig, explicit_fields: Collection[str],
+                    last_path: Path) -> MorphologyTrainConfig:
+    """The saved settings of the run in ``last_path``; InputError when an explicit request (dotted field names:
+    options, keys of a --config file) contradicts them. ``threads`` applies to this call only."""
+    saved = MorphologyTrainConfig.from_dict(resumed["train_config"], source=f"{last_path} train_config")
+    asked_dict, saved_dict = requested.to_dict(), saved.to_dict()
+    conflicts = [text for path in sorted(set(explicit_fields) - {"threads"})
+                 for text in _differences(path, _at(asked_dict, path), _at(saved_dict, path))]
+    if conflicts:
+        raise InputError(f"{last_path}: --resume continues the run with its saved settings, but this call asks for "
+                         f"{'; '.join(conflicts)}: drop those options to resume, or train into a new --out")
+    if "threads" in explicit_fields:
+        saved.threads = requested.threads
+    return saved
+
+
+def _check_resumed_run(resumed: dict[str, Any], asked: dict[str, str], last_path: Path) -> None:
+    """InputError when --part, the splits or --init-from differ from those the run in ``last_path`` started with."""
+    saved = resumed["data"]
+
+    def said(value: str | None) -> str:
+        return "none" if value is None else repr(value)
+
+    conflicts = [f"--{key.replace('_', '-')} {said(value)} (saved {said(saved.get(key))})"
+                 for key, value in asked.items() if saved.get(key) != value]
+    if conflicts:
+        raise InputError(f"{last_path}: --resume continues the run on its own part and data, but this call asks for "
+                         f"{'; '.join(conflicts)}: pass the run's, or train into a new --out")
+
+
+def _data_digest(train: CropSet, valid: CropSet) -> str:
+    """sha256 of the crops and labels a run trains and selects on (a resumed run must see the same)."""
+    digest = hashlib.sha256()
+    for array in (train.images, train.labels, valid.images, valid.labels):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def train_morphology(
     data_dir: str | Path,
     part: str,
@@ -189,20 +272,48 @@ def train_morphology(
     log: Any = print,
     progress: bool = True,
     init_from: str | Path | None = None,
+    *,
+    resume: bool = False,
+    explicit_fields: Collection[str] = (),
+    stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train, select on valid, choose the threshold and write ``out_dir/best.pt`` + metrics + curves.
 
     ``init_from``: a morphology checkpoint whose student weights start the training (with ``epochs=0`` the
     KD stage is skipped, e.g. to fit only the ``--supervised`` classifier on an existing KD model).
+
+    ``out_dir/last.pt`` is written after every KD epoch. With ``resume`` the run continues from it with its saved
+    settings on the same part, splits and crops (else InputError); ``explicit_fields`` names the ``cfg`` fields
+    (dotted: ``model.teacher.name``) the caller set on purpose, each of which must equal the saved one, except
+    ``threads``. A finished run resumed returns its metrics and writes nothing. ``stop_after_epochs`` ends this
+    call after that many epochs as if it had been killed right after writing last.pt (tests check ``resume``).
     """
     import torch
 
-    from smearsight.train.checkpoint import save_checkpoint
+    from smearsight.train.checkpoint import load_checkpoint, save_checkpoint
     from smearsight.train.morphology.losses import discrepancy
     from smearsight.train.morphology.student import count_flops
     from smearsight.train.morphology.torch_model import build_model
 
     check_part(part)
+    out = Path(out_dir)
+    last_path = out / LAST
+    resumed: dict[str, Any] | None = None
+    if resume:
+        resumed = _load_resumable(last_path)
+        cfg = _resumed_config(resumed, cfg, explicit_fields, last_path)
+        asked = {"part": part, "train_split": train_split, "valid_split": valid_split}
+        if init_from is not None:
+            asked["init_from"] = str(init_from)
+        _check_resumed_run(resumed, asked, last_path)
+        init_from = resumed["data"].get("init_from")
+    elif (out / "best.pt").exists():  # its metrics, history and curves would be mixed with this run's
+        raise InputError(f"{out}: run folder already holds best.pt; pick a new --out (or delete the old run)")
+    elif last_path.exists():
+        raise InputError(f"{out}: run folder already holds {LAST} of an unfinished run; pass --resume to continue "
+                         "it, or pick a new --out")
+    if (out / "roc.png").exists() or (out / "score_hist.png").exists():  # eval morphology's report files
+        raise InputError(f"{out}: holds an evaluation report (its metrics.json would be replaced); pick a new --out")
     if init_from is None and cfg.epochs == 0:
         raise InputError("epochs: 0 epochs is only allowed when starting from a checkpoint (--init-from)")
     if cfg.threads:
@@ -218,19 +329,23 @@ def train_morphology(
         raise InputError(f"{valid.source}: the validation split holds no normal sample for part '{part}' "
                          "(the threshold is chosen on it)")
     valid_two_classes = len(set(valid.labels.tolist())) == 2
-    out = Path(out_dir)
-    if (out / "best.pt").exists():  # its metrics, history and curves would be mixed with this run's
-        raise InputError(f"{out}: run folder already holds best.pt; pick a new --out (or delete the old run)")
-    if (out / "roc.png").exists() or (out / "score_hist.png").exists():  # eval morphology's report files
-        raise InputError(f"{out}: holds an evaluation report (its metrics.json would be replaced); pick a new --out")
+    digest = _data_digest(train, valid)
+    if resumed is not None:
+        if resumed["data"]["sha256"] != digest:
+            raise InputError(f"--data {data_dir}: its '{train_split}'/'{valid_split}' crops or labels for part "
+                             f"'{part}' are not those the run in {last_path} was trained on: pass the run's data to "
+                             "resume, or train into a new --out")
+        if resumed["epoch"] >= cfg.epochs and (out / "best.pt").is_file():
+            log(f"{out}: the run finished ({resumed['epoch']} epochs); nothing to resume")
+            return load_checkpoint(out / "best.pt", kind="morphology")["metrics"]
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    if init_from is not None:
+    if init_from is not None and resumed is None:
         _load_student(model, init_from, part if cfg.epochs == 0 else None)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
-    remove_stale_temp_files(out, RUN_FILES)  # left by a kill -9 of an earlier try
+    remove_stale_temp_files(out, (*RUN_FILES, LAST))  # left by a kill -9 of an earlier try
     sizes = model.sizes()
     example = torch.zeros(1, 1, 64, 64)
     sizes.update(teacher_flops=count_flops(model.teacher, example), student_flops=count_flops(model.student, example))
@@ -247,14 +362,28 @@ def train_morphology(
     data = torch.from_numpy(to_tensor_input(normal))
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"key": -math.inf, "epoch": 0, "state": copy.deepcopy(model.student.state_dict()),
-                            "subset": list(model.score_positions)}
-    started = time.perf_counter()
+                            "subset": list(model.score_positions), "threshold": None}
+    recipe = cfg.to_dict()  # as asked: the choices made after the KD epochs change cfg
+    run_data = {"part": part, "train_split": train_split, "valid_split": valid_split,
+                "init_from": None if init_from is None else str(init_from), "sha256": digest}
+    start_epoch, elapsed = 0, 0.0
+    if resumed is not None:
+        model.student.load_state_dict(resumed["student"])
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        generator.set_state(resumed["rng"]["generator"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        history, best, start_epoch = resumed["history"], resumed["best"], resumed["epoch"]
+        elapsed = resumed["elapsed_s"]
+        log(f"resumed {last_path} after epoch {start_epoch} of {cfg.epochs}")
+    started = time.perf_counter() - elapsed
     bar = _progress() if progress else None
-    task = bar.add_task(f"train {part}", total=cfg.epochs * steps_per_epoch, info="") if bar else None
+    task = (bar.add_task(f"train {part}", total=cfg.epochs * steps_per_epoch, completed=start_epoch * steps_per_epoch,
+                         info="") if bar else None)
     if bar:
         bar.start()
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
             model.student.train()
             order = torch.randperm(len(data), generator=generator)
             losses = []
@@ -293,7 +422,17 @@ def train_morphology(
                     f"normal score {normal_mean:.4f} ({time.perf_counter() - started:.0f} s)")
             if key > best["key"]:
                 best = {"key": key, "epoch": epoch, "state": copy.deepcopy(model.student.state_dict()),
-                        "subset": subset}
+                        "subset": subset,
+                        "threshold": choose_threshold(scores, valid.labels, cfg.fallback_quantile).threshold}
+            save_checkpoint(last_path, {
+                **_best_so_far(model, recipe, part, best),
+                "student": model.student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()}, "epoch": epoch,
+                "best": best, "history": history, "elapsed_s": time.perf_counter() - started,
+                "train_config": recipe, "data": run_data,
+            })
+            if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs and epoch < cfg.epochs:
+                return {"interrupted": True, "epochs_done": epoch, "history": history}
     finally:
         if bar:
             bar.stop()
@@ -358,6 +497,18 @@ def train_morphology(
             (out / name).unlink(missing_ok=True)
         raise
     return metrics
+
+
+def _best_so_far(model: Any, recipe: dict[str, Any], part: str, best: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint fields for the best KD student so far: an unsupervised model scored by the layers chosen for it,
+    with the valid threshold for those scores (a supervised run fits its classifier after the KD epochs)."""
+    model_config = copy.deepcopy(recipe["model"])
+    model_config.update(supervised=False, scoring_layers=[model_config["teacher"]["layers"][i] for i in best["subset"]])
+    state = {key: value for key, value in model.state_dict().items() if key.startswith("teacher.")}
+    state.update({f"student.{key}": value for key, value in best["state"].items()})
+    return {"kind": "morphology", "model_config": model_config, "state_dict": state, "normalization": NORMALIZATION,
+            "image_size": [64, 64], "morphology": {"part": part, "threshold": float(best["threshold"]),
+                                                   "mode": "unsupervised"}}
 
 
 def _plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
