@@ -592,3 +592,24 @@ def test_full_disk_during_eval_leaves_no_mixed_report(tmp_path: Path, tmpfs, cap
         assert rc == 1 and "cannot write" in err and "Traceback" not in err
         left = sorted(str(p.relative_to(disk / "report")) for p in (disk / "report").rglob("*"))
         assert left in ([], ["localisation"]), left
+
+
+def test_eval_sweeps_the_temp_files_a_killed_eval_left(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """kill -9 mid-write leaves ``.NAME.XXXXXXXX.tmp`` beside the report's files; the next eval into the same --out
+    removes those of its own files (metrics.json, the plots, the panels) and no one else's."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+    report = tmp_path / "report"
+    (report / "localisation").mkdir(parents=True)
+    stale = [report / ".metrics.json.k1ll3d00.tmp", report / ".roc.png.k1ll3d01.tmp",
+             report / ".score_hist.png.k1ll3d02.tmp", report / "localisation" / ".03_idx5_abnormal.png.k1ll3d03.tmp"]
+    others = [report / ".notes.txt.abcdefgh.tmp", report / "localisation" / ".mine.png.abcdefgh.tmp"]
+    for path in stale + others:
+        path.write_bytes(b"half a file")
+    rc = main(["eval", "morphology", "--weights", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+               "--part", "head", "--split", "valid", "--out", str(report), "--localise", "2"])
+    assert rc == 0, capfd.readouterr().err
+    assert [p.name for p in stale if p.exists()] == []
+    assert all(p.exists() for p in others)

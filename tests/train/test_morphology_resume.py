@@ -175,3 +175,4 @@ def test_cli_run_killed_with_sigkill_resumes_to_the_full_history(tmp_path: Path)
     assert res.returncode == 0, res.stderr
     assert f"resumed {run / 'last.pt'} after epoch {done} of 8" in res.stdout
     assert len(load_checkpoint(run / "last.pt")["history"]) == 8 and (run / "best.pt").is_file()
+

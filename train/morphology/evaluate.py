@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_write_bytes, atomic_write_json
+from smearsight.fileio import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 from smearsight.train.morphology.data import check_part, load_crops, require_two_classes
 from smearsight.train.morphology.metrics import binary_metrics, roc_curve
 
 REPORT_FILES = ("metrics.json", "roc.png", "score_hist.png")
 PANEL_NAME = re.compile(r"\d{2,}_idx\d+_(ab)?normal\.png")  # the localisation panels written below
+PANEL_GLOB = "*_idx*.png"  # what may be one of them
 
 
 def load_model(weights: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -78,10 +79,13 @@ def evaluate_morphology(
 
 
 def _remove_report(out: Path) -> None:
-    """Delete what a report writes into ``out``: REPORT_FILES and the localisation panels (nothing else)."""
+    """Delete what a report writes into ``out``: REPORT_FILES and the localisation panels (nothing else), and the
+    temporary files of those that a kill -9 of an earlier evaluation left."""
     for name in REPORT_FILES:
         (out / name).unlink(missing_ok=True)
-    for panel in (out / "localisation").glob("*_idx*.png"):
+    remove_stale_temp_files(out, REPORT_FILES)
+    remove_stale_temp_files(out / "localisation", [PANEL_GLOB])
+    for panel in (out / "localisation").glob(PANEL_GLOB):
         if PANEL_NAME.fullmatch(panel.name):
             panel.unlink()
 
