@@ -613,3 +613,32 @@ def test_eval_sweeps_the_temp_files_a_killed_eval_left(tmp_path: Path, capfd: py
     assert rc == 0, capfd.readouterr().err
     assert [p.name for p in stale if p.exists()] == []
     assert all(p.exists() for p in others)
+
+
+def test_one_class_split_errors_name_the_label_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A split with one class only is a problem of its labels: the error names y_<part>_<split>.npy, not the crops'
+    x_64_<split>.npy (which holds no labels)."""
+    from smearsight.train.morphology.data import require_two_classes
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+    np.save(data / "y_head_valid.npy", np.zeros(8, np.uint8))
+    rc = main(["eval", "morphology", "--weights", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+               "--part", "head", "--split", "valid", "--out", str(tmp_path / "report")])
+    err = capfd.readouterr().err
+    assert rc == 1 and f"{data / 'y_head_valid.npy'}: evaluation needs both classes" in err, err
+    assert "x_64" not in err
+    np.save(data / "y_head_valid.npy", np.ones(8, np.uint8))
+    with pytest.raises(InputError, match=r"y_head_valid\.npy: the validation split holds no normal sample"):
+        train_morphology(data, "head", tmp_path / "r2", tiny_train_config(epochs=1), log=lambda *_: None,
+                         progress=False)
+    np.save(data / "y_head_train.npy", np.ones(16, np.uint8))
+    with pytest.raises(InputError, match=r"y_head_train\.npy: the train split holds no normal sample"):
+        train_morphology(data, "head", tmp_path / "r3", tiny_train_config(epochs=1), log=lambda *_: None,
+                         progress=False)
+    cv2 = pytest.importorskip("cv2")  # the PNG+CSV layout keeps its labels in labels.csv
+    cv2.imwrite(str(tmp_path / "c0.png"), synth_crops(1, 0)[0])
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,1\n")
+    with pytest.raises(InputError, match=r"labels\.csv: evaluation needs both classes"):
+        require_two_classes(load_crops(tmp_path, "head", "valid"), "evaluation")

@@ -23,11 +23,16 @@ CROP_SIZE = 64
 
 @dataclass
 class CropSet:
-    """Grayscale crops ``images`` uint8 [N,64,64] and labels int64 [N] (0 normal, 1 abnormal)."""
+    """Grayscale crops ``images`` uint8 [N,64,64] and labels int64 [N] (0 normal, 1 abnormal); ``source`` names the
+    file that holds the crops, ``labels_source`` the one that holds the labels (what a label problem names)."""
 
     images: np.ndarray
     labels: np.ndarray
     source: str
+    labels_source: str = ""
+
+    def __post_init__(self) -> None:
+        self.labels_source = self.labels_source or self.source
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -113,7 +118,7 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
             raise InputError(f"{y_path}: {len(labels)} labels for {len(images)} images in {x_path.name}")
         if len(images) == 0:
             raise InputError(f"{x_path}: the '{split}' split holds no crops")
-        return CropSet(images, labels, str(x_path))
+        return CropSet(images, labels, str(x_path), str(y_path))
     csv_path = root / "labels.csv"
     if csv_path.is_file():
         return _load_csv(root, csv_path, part, split)
@@ -178,7 +183,7 @@ def require_two_classes(crops: CropSet, what: str) -> None:
     counts = np.bincount(crops.labels, minlength=2)
     if counts.min() == 0:
         only = "normal" if counts[0] else "abnormal"
-        raise InputError(f"{crops.source}: {what} needs both classes, but the split holds {only} samples only")
+        raise InputError(f"{crops.labels_source}: {what} needs both classes, but the split holds {only} samples only")
 
 
 def to_tensor_input(images: np.ndarray, mean: float = 0.5, std: float = 0.5) -> np.ndarray:

@@ -322,11 +322,11 @@ def train_morphology(
     valid = load_crops(data_dir, part, valid_split)
     normal = train.images[train.labels == 0]
     if len(normal) == 0:
-        raise InputError(f"{train.source}: the train split holds no normal sample for part '{part}'")
+        raise InputError(f"{train.labels_source}: the train split holds no normal sample for part '{part}'")
     if cfg.model.supervised and len(set(train.labels.tolist())) < 2:
-        raise InputError(f"{train.source}: --supervised needs both classes in the train split for part '{part}'")
+        raise InputError(f"{train.labels_source}: --supervised needs both classes in the train split for part '{part}'")
     if not (valid.labels == 0).any():  # checked before training: the threshold needs normal validation scores
-        raise InputError(f"{valid.source}: the validation split holds no normal sample for part '{part}' "
+        raise InputError(f"{valid.labels_source}: the validation split holds no normal sample for part '{part}' "
                          "(the threshold is chosen on it)")
     valid_two_classes = len(set(valid.labels.tolist())) == 2
     digest = _data_digest(train, valid)
