@@ -642,3 +642,24 @@ def test_one_class_split_errors_name_the_label_file(tmp_path: Path, capfd: pytes
     (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,1\n")
     with pytest.raises(InputError, match=r"labels\.csv: evaluation needs both classes"):
         require_two_classes(load_crops(tmp_path, "head", "valid"), "evaluation")
+
+
+def test_png_csv_16_bit_crops_are_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 16-bit PNG crop was decoded twice (once as 8-bit gray, once more at 16 bits for the low-bit-depth check);
+    now once, with the same 8-bit pixels as OpenCV's IMREAD_GRAYSCALE gives (gray and colour files)."""
+    cv2 = pytest.importorskip("cv2")
+    crops = synth_crops(3, 0)
+    colour = np.stack([crops[2], 255 - crops[2], crops[2] // 2], axis=-1).astype(np.uint16) * 257 + 99
+    cv2.imwrite(str(tmp_path / "c8.png"), crops[0])
+    cv2.imwrite(str(tmp_path / "c16.png"), crops[1].astype(np.uint16) * 257)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), colour)
+    expected = [cv2.imread(str(tmp_path / name), cv2.IMREAD_GRAYSCALE) for name in ("c8.png", "c16.png", "rgb16.png")]
+    (tmp_path / "labels.csv").write_text("file,split,head\nc8.png,valid,0\nc16.png,valid,1\nrgb16.png,valid,0\n")
+    decoded: list[str] = []
+    for name in ("imread", "imdecode"):  # the real decoders, counted
+        real = getattr(cv2, name)
+        monkeypatch.setattr(cv2, name, lambda *args, _real=real, _name=name: decoded.append(_name) or _real(*args))
+    loaded = load_crops(tmp_path, "head", "valid")
+    assert len(decoded) == 3, decoded
+    np.testing.assert_array_equal(loaded.images, np.stack(expected))
+    np.testing.assert_array_equal(loaded.images[1], crops[1])
