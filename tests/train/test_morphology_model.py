@@ -663,3 +663,18 @@ def test_png_csv_16_bit_crops_are_decoded_once(tmp_path: Path, monkeypatch: pyte
     assert len(decoded) == 3, decoded
     np.testing.assert_array_equal(loaded.images, np.stack(expected))
     np.testing.assert_array_equal(loaded.images[1], crops[1])
+
+
+def test_score_reduce_log_names_teacher_layers_not_their_positions(tmp_path: Path) -> None:
+    """The line comparing mean with max over positions named the chosen layers by their index in teacher.layers
+    ([0, 1] for layers [2, 3]); it names the teacher layers, as the other lines and scoring_layers do."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    model = {"teacher": {**TINY_MODEL["teacher"], "layers": [2, 3]}, "student": {"widths": [4, 8, 8, 16, 16]}}
+    lines: list[str] = []
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(model=model, epochs=1), log=lines.append,
+                     progress=False)
+    (line,) = [text for text in lines if text.startswith("valid AUC with")]
+    named = json.loads(line.split("(layers ")[1].split(")")[0])
+    assert named and set(named) <= {2, 3}, line

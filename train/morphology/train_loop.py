@@ -445,7 +445,8 @@ def train_morphology(
     if cfg.select_score_reduce and valid_two_classes and cfg.select_scoring_layers:
         other = "max" if cfg.model.score_reduce == "mean" else "mean"
         subset, auc = best_subset(layer_scores(model, valid.images, other), valid.labels, True, [])
-        log(f"valid AUC with {other} over positions: {auc:.4f} (layers {subset}) vs {best['key']:.4f}")
+        named = [cfg.model.teacher.layers[i] for i in subset]
+        log(f"valid AUC with {other} over positions: {auc:.4f} (layers {named}) vs {best['key']:.4f}")
         if auc > best["key"] + 1e-9:
             cfg.model.score_reduce = other
             best["subset"], best["key"] = subset, auc
