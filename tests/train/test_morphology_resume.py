@@ -176,3 +176,27 @@ def test_cli_run_killed_with_sigkill_resumes_to_the_full_history(tmp_path: Path)
     assert f"resumed {run / 'last.pt'} after epoch {done} of 8" in res.stdout
     assert len(load_checkpoint(run / "last.pt")["history"]) == 8 and (run / "best.pt").is_file()
 
+
+
+def test_resume_refuses_a_teacher_whose_weights_file_changed(tmp_path: Path) -> None:
+    """The student would go on distilling from another teacher: the weights built now must be the saved ones."""
+    from smearsight.train.backbones import create_backbone
+
+    def teacher_file(seed: int) -> None:
+        torch.manual_seed(seed)
+        state = create_backbone("tf_efficientnet_lite0", pretrained=False, out_indices=(1, 2)).state_dict()
+        torch.save(state, tmp_path / "teacher.pt")
+
+    data = helpers.write_mhsma(tmp_path / "data", n_train=32, n_valid=16)
+    teacher = {**helpers.TINY_MODEL["teacher"], "weights": str(tmp_path / "teacher.pt")}
+    model = {**helpers.TINY_MODEL, "teacher": teacher}
+    cfg = helpers.tiny_train_config(model=model, epochs=2)
+    teacher_file(1)
+    train_morphology(data, "head", tmp_path / "run", cfg, log=quiet, progress=False, stop_after_epochs=1)
+    teacher_file(2)
+    with pytest.raises(InputError, match=r"teacher.weights: .*now has other weights than the one the run in"):
+        train_morphology(data, "head", tmp_path / "run", cfg, log=quiet, progress=False, resume=True)
+    assert not (tmp_path / "run" / "best.pt").exists()
+    teacher_file(1)
+    train_morphology(data, "head", tmp_path / "run", cfg, log=quiet, progress=False, resume=True)
+    assert (tmp_path / "run" / "best.pt").is_file()

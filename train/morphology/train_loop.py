@@ -253,6 +253,18 @@ def _check_resumed_run(resumed: dict[str, Any], asked: dict[str, str], last_path
                          f"{'; '.join(conflicts)}: pass the run's, or train into a new --out")
 
 
+def _check_same_teacher(model: Any, resumed: dict[str, Any], cfg: MorphologyTrainConfig, last_path: Path) -> None:
+    """InputError when the teacher built now (its weights file or package) is not the one the run distilled from."""
+    import torch
+
+    saved = {key[len("teacher."):]: value for key, value in resumed["state_dict"].items() if key.startswith("teacher.")}
+    own = model.teacher.state_dict()
+    if saved.keys() != own.keys() or any(not torch.equal(own[key], saved[key]) for key in own):
+        raise InputError(f"teacher.weights: the {cfg.model.teacher.name} teacher from {cfg.model.teacher.weights!r} "
+                         f"now has other weights than the one the run in {last_path} distilled from; restore them to "
+                         "resume, or train into a new --out")
+
+
 def _data_digest(train: CropSet, valid: CropSet) -> str:
     """sha256 of the crops and labels a run trains and selects on (a resumed run must see the same)."""
     digest = hashlib.sha256()
@@ -344,6 +356,8 @@ def train_morphology(
     model = build_model(cfg.model)
     if init_from is not None and resumed is None:
         _load_student(model, init_from, part if cfg.epochs == 0 else None)
+    if resumed is not None:
+        _check_same_teacher(model, resumed, cfg, last_path)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
     remove_stale_temp_files(out, (*RUN_FILES, LAST))  # left by a kill -9 of an earlier try
     sizes = model.sizes()
