@@ -678,3 +678,24 @@ def test_score_reduce_log_names_teacher_layers_not_their_positions(tmp_path: Pat
     (line,) = [text for text in lines if text.startswith("valid AUC with")]
     named = json.loads(line.split("(layers ")[1].split(")")[0])
     assert named and set(named) <= {2, 3}, line
+
+
+def test_eval_of_a_model_that_scores_nan_is_an_error_not_a_report(tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint whose weights give NaN scores was reported as a model calling every crop abnormal (accuracy =
+    the abnormal share, AUC NaN printed as invalid JSON, plots of nothing); it is now one line, exit 1, no report."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    for key, value in ckpt["state_dict"].items():
+        if key.startswith("student.heads") and key.endswith("bias"):
+            ckpt["state_dict"][key] = value * float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    rc = main(["eval", "morphology", "--weights", str(tmp_path / "nan.pt"), "--data", str(data), "--part", "head",
+               "--split", "valid", "--out", str(tmp_path / "report")])
+    captured = capfd.readouterr()
+    assert rc == 1 and "nan.pt: the model scores 8 of 8 'valid' crops as NaN or infinity" in captured.err, captured
+    assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""
+    assert not (tmp_path / "report").exists()

@@ -54,6 +54,10 @@ def evaluate_morphology(
     started = time.perf_counter()
     scores = score_crops(model, crops.images)
     seconds = time.perf_counter() - started
+    broken = ~np.isfinite(scores)
+    if broken.any():  # every metric would be quietly wrong (NaN is never below the threshold: all 'abnormal')
+        raise InputError(f"{weights}: the model scores {int(broken.sum())} of {len(scores)} '{split}' crops as NaN or "
+                         f"infinity (first: crop {int(np.flatnonzero(broken)[0])}); its weights are broken, retrain it")
     metrics = binary_metrics(crops.labels, scores, threshold)
     out.mkdir(parents=True, exist_ok=True)
     report = {
