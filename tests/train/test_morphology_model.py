@@ -699,3 +699,16 @@ def test_eval_of_a_model_that_scores_nan_is_an_error_not_a_report(tmp_path: Path
     assert rc == 1 and "nan.pt: the model scores 8 of 8 'valid' crops as NaN or infinity" in captured.err, captured
     assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""
     assert not (tmp_path / "report").exists()
+
+
+def test_diverged_classifier_is_an_error_not_an_untrained_head(tmp_path: Path) -> None:
+    """A too high classifier_lr made the supervised head NaN: no evaluation beat the initial 'best' (AUC -1), so the
+    random-init head was kept as 'best epoch 0' and shipped in best.pt; now the run stops saying so."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    cfg = tiny_train_config(model={**TINY_MODEL, "supervised": True}, epochs=1, classifier_lr=1e30,
+                            classifier_epochs=5)
+    with pytest.raises(InputError, match=r"classifier_lr: the supervised classifier diverged by epoch \d"):
+        train_morphology(data, "head", tmp_path / "run", cfg, log=lambda *_: None, progress=False)
+    assert not (tmp_path / "run" / "best.pt").exists()

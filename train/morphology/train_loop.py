@@ -162,7 +162,7 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
     pos_weight = torch.tensor((y == 0).sum().item() / max(1.0, (y == 1).sum().item()))
     opt = torch.optim.AdamW(head.net.parameters(), lr=cfg.classifier_lr, weight_decay=cfg.classifier_weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    best = {"auc": -1.0, "epoch": 0, "state": copy.deepcopy(head.state_dict())}
+    best = {"auc": -math.inf, "epoch": 0, "state": copy.deepcopy(head.state_dict())}
     history = []
     two_classes = len(set(valid.labels.tolist())) == 2
     for epoch in range(1, cfg.classifier_epochs + 1):
@@ -179,6 +179,9 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
             head.eval()
             with torch.no_grad():
                 valid_scores = torch.stack([torch.sigmoid(head(view)) for view in valid_views]).mean(0).numpy()
+            if not (math.isfinite(loss.item()) and np.isfinite(valid_scores).all()):  # else the untrained head stays
+                raise InputError(f"classifier_lr: the supervised classifier diverged by epoch {epoch} (NaN or infinite "
+                                 f"loss or scores); lower classifier_lr (now {cfg.classifier_lr:g})")
             auc = roc_auc(valid.labels, valid_scores) if two_classes else -float(valid_scores.mean())
             history.append({"epoch": epoch, "loss": loss.item(), "valid_auc": auc})
             if auc > best["auc"]:
