@@ -712,3 +712,27 @@ def test_diverged_classifier_is_an_error_not_an_untrained_head(tmp_path: Path) -
     with pytest.raises(InputError, match=r"classifier_lr: the supervised classifier diverged by epoch \d"):
         train_morphology(data, "head", tmp_path / "run", cfg, log=lambda *_: None, progress=False)
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_eval_stops_at_a_ctrl_c_that_a_finalizer_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """Python drops a KeyboardInterrupt raised inside a finalizer; the request is remembered, and scoring (minutes
+    on a large split with 8 views) stops at it, as the training loops do: no report. Stand-in: the remembered flag
+    is on from the first look."""
+    import threading
+
+    from smearsight import interrupts
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+
+    class _SetFromFirstLook(threading.Event):
+        def is_set(self) -> bool:
+            return True
+
+    monkeypatch.setattr(interrupts, "_requested", _SetFromFirstLook())
+    rc = main(["eval", "morphology", "--weights", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+               "--part", "head", "--split", "valid", "--out", str(tmp_path / "report")])
+    assert rc == 130 and "interrupted" in capfd.readouterr().err
+    assert not (tmp_path / "report" / "metrics.json").exists()

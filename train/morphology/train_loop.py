@@ -86,6 +86,7 @@ def score_crops(model: Any, images: np.ndarray, batch_size: int = 128, kd_only: 
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
+            raise_if_interrupted()  # scoring a large split (8 views with tta) takes minutes on a CPU
             x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
             out.append((model.kd_score(x) if kd_only else model(x)).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -103,6 +104,7 @@ def layer_scores(model: Any, images: np.ndarray, reduce: str = "mean", batch_siz
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
+            raise_if_interrupted()
             x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
             per_view = []
             for view in dihedral_views(x) if model.cfg.tta else [x]:
@@ -140,6 +142,7 @@ def _features(model: Any, images: np.ndarray, views: bool, batch_size: int = 128
     chunks = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
+            raise_if_interrupted()
             x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
             chunks.append(np.stack([model.features(v).numpy() for v in (dihedral_views(x) if views else [x])]))
     return np.concatenate(chunks, axis=1)
