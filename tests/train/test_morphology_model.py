@@ -550,19 +550,30 @@ def test_diverged_training_is_an_error_not_an_untrained_model(tmp_path: Path) ->
 
 
 def test_full_disk_leaves_no_partial_run(tmp_path: Path, tmpfs, capfd: pytest.CaptureFixture[str]) -> None:
-    """A disk that fills while the run's files are written: one line, exit 1, and none of the run's files stay
-    (metrics.json, history.json and curves.png without best.pt looked like a finished run)."""
+    """A disk that fills while the run's files are written: one line, exit 1, and none of the finished run's files
+    stay (metrics.json, history.json and curves.png without best.pt looked like a finished run); last.pt does, and
+    --resume writes them once there is room."""
+    import subprocess
+
     import yaml
 
     data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"model": TINY_MODEL, "batch_size": 16}))
-    with tmpfs("small", "size=128k") as disk:  # room for the JSON files and curves.png, not for best.pt
-        rc = main(["train", "morphology", "--data", str(data), "--part", "head", "--out", str(disk / "run"),
-                   "--config", str(config), "--epochs", "1", "--no-progress"])
+    args = ["train", "morphology", "--data", str(data), "--part", "head", "--config", str(config), "--epochs", "1",
+            "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "sizes")]) == 0
+    pages = {p.name: -(-p.stat().st_size // 4096) for p in (tmp_path / "sizes").iterdir()}
+    room = pages["last.pt"] + pages["metrics.json"] + pages["history.json"] + pages["curves.png"] + 2
+    assert pages["best.pt"] > 4
+    with tmpfs("small", f"size={(room + pages['best.pt'] // 2) * 4}k") as disk:  # no room for best.pt
+        rc = main([*args, "--out", str(disk / "run")])
         err = capfd.readouterr().err
         assert rc == 1 and "best.pt: cannot write" in err and "Traceback" not in err
-        assert list((disk / "run").iterdir()) == []
+        assert [p.name for p in (disk / "run").iterdir()] == ["last.pt"]
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        assert main([*args, "--out", str(disk / "run"), "--resume"]) == 0, capfd.readouterr().err
+        assert sorted(p.name for p in (disk / "run").iterdir()) == sorted(pages)
 
 
 def test_full_disk_during_eval_leaves_no_mixed_report(tmp_path: Path, tmpfs, capfd: pytest.CaptureFixture[str]) -> None:
@@ -581,3 +592,147 @@ def test_full_disk_during_eval_leaves_no_mixed_report(tmp_path: Path, tmpfs, cap
         assert rc == 1 and "cannot write" in err and "Traceback" not in err
         left = sorted(str(p.relative_to(disk / "report")) for p in (disk / "report").rglob("*"))
         assert left in ([], ["localisation"]), left
+
+
+def test_eval_sweeps_the_temp_files_a_killed_eval_left(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """kill -9 mid-write leaves ``.NAME.XXXXXXXX.tmp`` beside the report's files; the next eval into the same --out
+    removes those of its own files (metrics.json, the plots, the panels) and no one else's."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+    report = tmp_path / "report"
+    (report / "localisation").mkdir(parents=True)
+    stale = [report / ".metrics.json.k1ll3d00.tmp", report / ".roc.png.k1ll3d01.tmp",
+             report / ".score_hist.png.k1ll3d02.tmp", report / "localisation" / ".03_idx5_abnormal.png.k1ll3d03.tmp"]
+    others = [report / ".notes.txt.abcdefgh.tmp", report / "localisation" / ".mine.png.abcdefgh.tmp"]
+    for path in stale + others:
+        path.write_bytes(b"half a file")
+    rc = main(["eval", "morphology", "--weights", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+               "--part", "head", "--split", "valid", "--out", str(report), "--localise", "2"])
+    assert rc == 0, capfd.readouterr().err
+    assert [p.name for p in stale if p.exists()] == []
+    assert all(p.exists() for p in others)
+
+
+def test_one_class_split_errors_name_the_label_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A split with one class only is a problem of its labels: the error names y_<part>_<split>.npy, not the crops'
+    x_64_<split>.npy (which holds no labels)."""
+    from smearsight.train.morphology.data import require_two_classes
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+    np.save(data / "y_head_valid.npy", np.zeros(8, np.uint8))
+    rc = main(["eval", "morphology", "--weights", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+               "--part", "head", "--split", "valid", "--out", str(tmp_path / "report")])
+    err = capfd.readouterr().err
+    assert rc == 1 and f"{data / 'y_head_valid.npy'}: evaluation needs both classes" in err, err
+    assert "x_64" not in err
+    np.save(data / "y_head_valid.npy", np.ones(8, np.uint8))
+    with pytest.raises(InputError, match=r"y_head_valid\.npy: the validation split holds no normal sample"):
+        train_morphology(data, "head", tmp_path / "r2", tiny_train_config(epochs=1), log=lambda *_: None,
+                         progress=False)
+    np.save(data / "y_head_train.npy", np.ones(16, np.uint8))
+    with pytest.raises(InputError, match=r"y_head_train\.npy: the train split holds no normal sample"):
+        train_morphology(data, "head", tmp_path / "r3", tiny_train_config(epochs=1), log=lambda *_: None,
+                         progress=False)
+    cv2 = pytest.importorskip("cv2")  # the PNG+CSV layout keeps its labels in labels.csv
+    cv2.imwrite(str(tmp_path / "c0.png"), synth_crops(1, 0)[0])
+    (tmp_path / "labels.csv").write_text("file,split,head\nc0.png,valid,1\n")
+    with pytest.raises(InputError, match=r"labels\.csv: evaluation needs both classes"):
+        require_two_classes(load_crops(tmp_path, "head", "valid"), "evaluation")
+
+
+def test_png_csv_16_bit_crops_are_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 16-bit PNG crop was decoded twice (once as 8-bit gray, once more at 16 bits for the low-bit-depth check);
+    now once, with the same 8-bit pixels as OpenCV's IMREAD_GRAYSCALE gives (gray and colour files)."""
+    cv2 = pytest.importorskip("cv2")
+    crops = synth_crops(3, 0)
+    colour = np.stack([crops[2], 255 - crops[2], crops[2] // 2], axis=-1).astype(np.uint16) * 257 + 99
+    cv2.imwrite(str(tmp_path / "c8.png"), crops[0])
+    cv2.imwrite(str(tmp_path / "c16.png"), crops[1].astype(np.uint16) * 257)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), colour)
+    expected = [cv2.imread(str(tmp_path / name), cv2.IMREAD_GRAYSCALE) for name in ("c8.png", "c16.png", "rgb16.png")]
+    (tmp_path / "labels.csv").write_text("file,split,head\nc8.png,valid,0\nc16.png,valid,1\nrgb16.png,valid,0\n")
+    decoded: list[str] = []
+    for name in ("imread", "imdecode"):  # the real decoders, counted
+        real = getattr(cv2, name)
+        monkeypatch.setattr(cv2, name, lambda *args, _real=real, _name=name: decoded.append(_name) or _real(*args))
+    loaded = load_crops(tmp_path, "head", "valid")
+    assert len(decoded) == 3, decoded
+    np.testing.assert_array_equal(loaded.images, np.stack(expected))
+    np.testing.assert_array_equal(loaded.images[1], crops[1])
+
+
+def test_score_reduce_log_names_teacher_layers_not_their_positions(tmp_path: Path) -> None:
+    """The line comparing mean with max over positions named the chosen layers by their index in teacher.layers
+    ([0, 1] for layers [2, 3]); it names the teacher layers, as the other lines and scoring_layers do."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    model = {"teacher": {**TINY_MODEL["teacher"], "layers": [2, 3]}, "student": {"widths": [4, 8, 8, 16, 16]}}
+    lines: list[str] = []
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(model=model, epochs=1), log=lines.append,
+                     progress=False)
+    (line,) = [text for text in lines if text.startswith("valid AUC with")]
+    named = json.loads(line.split("(layers ")[1].split(")")[0])
+    assert named and set(named) <= {2, 3}, line
+
+
+def test_eval_of_a_model_that_scores_nan_is_an_error_not_a_report(tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint whose weights give NaN scores was reported as a model calling every crop abnormal (accuracy =
+    the abnormal share, AUC NaN printed as invalid JSON, plots of nothing); it is now one line, exit 1, no report."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    for key, value in ckpt["state_dict"].items():
+        if key.startswith("student.heads") and key.endswith("bias"):
+            ckpt["state_dict"][key] = value * float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    rc = main(["eval", "morphology", "--weights", str(tmp_path / "nan.pt"), "--data", str(data), "--part", "head",
+               "--split", "valid", "--out", str(tmp_path / "report")])
+    captured = capfd.readouterr()
+    assert rc == 1 and "nan.pt: the model scores 8 of 8 'valid' crops as NaN or infinity" in captured.err, captured
+    assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""
+    assert not (tmp_path / "report").exists()
+
+
+def test_diverged_classifier_is_an_error_not_an_untrained_head(tmp_path: Path) -> None:
+    """A too high classifier_lr made the supervised head NaN: no evaluation beat the initial 'best' (AUC -1), so the
+    random-init head was kept as 'best epoch 0' and shipped in best.pt; now the run stops saying so."""
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    cfg = tiny_train_config(model={**TINY_MODEL, "supervised": True}, epochs=1, classifier_lr=1e30,
+                            classifier_epochs=5)
+    with pytest.raises(InputError, match=r"classifier_lr: the supervised classifier diverged by epoch \d"):
+        train_morphology(data, "head", tmp_path / "run", cfg, log=lambda *_: None, progress=False)
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_eval_stops_at_a_ctrl_c_that_a_finalizer_swallowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """Python drops a KeyboardInterrupt raised inside a finalizer; the request is remembered, and scoring (minutes
+    on a large split with 8 views) stops at it, as the training loops do: no report. Stand-in: the remembered flag
+    is on from the first look."""
+    import threading
+
+    from smearsight import interrupts
+    from smearsight.train.morphology.train_loop import train_morphology
+
+    data = write_mhsma(tmp_path / "data", n_train=16, n_valid=8)
+    train_morphology(data, "head", tmp_path / "run", tiny_train_config(epochs=1), log=lambda *_: None, progress=False)
+
+    class _SetFromFirstLook(threading.Event):
+        def is_set(self) -> bool:
+            return True
+
+    monkeypatch.setattr(interrupts, "_requested", _SetFromFirstLook())
+    rc = main(["eval", "morphology", "--weights", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+               "--part", "head", "--split", "valid", "--out", str(tmp_path / "report")])
+    assert rc == 130 and "interrupted" in capfd.readouterr().err
+    assert not (tmp_path / "report" / "metrics.json").exists()

@@ -20,7 +20,9 @@ def train_morphology_cmd(
         ..., "--data", help="MHSMA folder (x_64_<split>.npy, y_<part>_<split>.npy) or PNGs + labels.csv."
     ),
     part: str = typer.Option(..., "--part", help="head | acrosome | vacuole | tail"),
-    out: Path = typer.Option(..., "--out", help="Run folder: best.pt, metrics.json, history.json, curves.png."),
+    out: Path = typer.Option(
+        ..., "--out", help="Run folder: best.pt, last.pt, metrics.json, history.json, curves.png."
+    ),
     supervised: bool = typer.Option(
         False, "--supervised",
         help="Add a classifier trained with the labels (configs/morphology_supervised.yaml: the stronger setup).",
@@ -36,12 +38,17 @@ def train_morphology_cmd(
     init_from: Path | None = typer.Option(
         None, "--init-from", help="Start from this checkpoint's student (with --epochs 0: only fit the classifier)."
     ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from last.pt with its saved settings (--threads may change)."
+    ),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Train a knowledge-distillation morphology model for one part on normal crops only.
 
     The student is selected and the threshold chosen on the validation split (F0.5, normal positive).
+    RUN/last.pt is written after every epoch: --resume continues a killed run.
     """
+    from smearsight.config import read_yaml
     from smearsight.train.morphology.config import MorphologyTrainConfig
     from smearsight.train.morphology.data import check_part
     from smearsight.train.morphology.train_loop import train_morphology
@@ -50,24 +57,23 @@ def train_morphology_cmd(
     check_output_dir(out)
     cfg = MorphologyTrainConfig.from_yaml(config) if config else MorphologyTrainConfig()
     data_cfg = cfg.to_dict()
-    if epochs is not None:
-        data_cfg["epochs"] = epochs
-    if threads is not None:
-        data_cfg["threads"] = threads
-    if seed is not None:
-        data_cfg["seed"] = seed
-    if supervised:
-        data_cfg["model"]["supervised"] = True
-    if teacher is not None:
-        data_cfg["model"]["teacher"]["name"] = teacher
-        if teacher in ("vgg16", "vgg16_bn") and not _config_sets_teacher_layers(config):
-            data_cfg["model"]["teacher"]["layers"] = [2, 3, 4, 5]  # pool2..pool5, the published choice
-    if teacher_weights is not None:
-        data_cfg["model"]["teacher"]["weights"] = teacher_weights
+    explicit = _leaf_fields(read_yaml(config)) if config else set()  # what --resume checks against the saved run
+    options = {"epochs": epochs, "threads": threads, "seed": seed, "model.supervised": True if supervised else None,
+               "model.teacher.name": teacher, "model.teacher.weights": teacher_weights}
+    if teacher in ("vgg16", "vgg16_bn") and not _config_sets_teacher_layers(config):
+        options["model.teacher.layers"] = [2, 3, 4, 5]  # pool2..pool5, the published choice
+    for field, value in options.items():
+        if value is not None:
+            *parents, name = field.split(".")
+            node = data_cfg
+            for parent in parents:
+                node = node[parent]
+            node[name] = value
+            explicit.add(field)
     # the file alone passed above: what fails now comes from the options
     cfg = MorphologyTrainConfig.from_dict(data_cfg, source=f"options (over {config})" if config else "options")
     metrics = train_morphology(data, part, out, cfg, train_split, valid_split, log=typer.echo,
-                               progress=not no_progress, init_from=init_from)
+                               progress=not no_progress, init_from=init_from, resume=resume, explicit_fields=explicit)
     valid = metrics["valid"]
     typer.echo(
         f"{part} ({metrics['mode']}): valid AUC {valid['auc']:.4f} accuracy {valid['accuracy']:.4f} "
@@ -79,10 +85,18 @@ def _config_sets_teacher_layers(config: Path | None) -> bool:
     """Whether the (already validated) config file sets ``model.teacher.layers`` itself."""
     from smearsight.config import read_yaml
 
-    if config is None:
-        return False
-    teacher = (read_yaml(config).get("model") or {}).get("teacher") or {}
-    return "layers" in teacher
+    return config is not None and "model.teacher.layers" in _leaf_fields(read_yaml(config))
+
+
+def _leaf_fields(tree: dict, prefix: str = "") -> set[str]:
+    """The dotted names of the settings a (validated) config mapping sets: ``{"model.teacher.name", "epochs"}``."""
+    fields: set[str] = set()
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            fields |= _leaf_fields(value, f"{prefix}{key}.")
+        else:
+            fields.add(f"{prefix}{key}")
+    return fields
 
 
 @eval_app.command("morphology")

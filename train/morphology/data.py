@@ -12,6 +12,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,15 +20,21 @@ from smearsight.catalog import MORPHOLOGY_PARTS
 from smearsight.errors import InputError
 
 CROP_SIZE = 64
+LOW_16BIT_PEAK = 4096  # a 16-bit crop darker than this may be low-bit data (datasets.images.low_bit_depth_note)
 
 
 @dataclass
 class CropSet:
-    """Grayscale crops ``images`` uint8 [N,64,64] and labels int64 [N] (0 normal, 1 abnormal)."""
+    """Grayscale crops ``images`` uint8 [N,64,64] and labels int64 [N] (0 normal, 1 abnormal); ``source`` names the
+    file that holds the crops, ``labels_source`` the one that holds the labels (what a label problem names)."""
 
     images: np.ndarray
     labels: np.ndarray
     source: str
+    labels_source: str = ""
+
+    def __post_init__(self) -> None:
+        self.labels_source = self.labels_source or self.source
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -113,7 +120,7 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
             raise InputError(f"{y_path}: {len(labels)} labels for {len(images)} images in {x_path.name}")
         if len(images) == 0:
             raise InputError(f"{x_path}: the '{split}' split holds no crops")
-        return CropSet(images, labels, str(x_path))
+        return CropSet(images, labels, str(x_path), str(y_path))
     csv_path = root / "labels.csv"
     if csv_path.is_file():
         return _load_csv(root, csv_path, part, split)
@@ -122,7 +129,7 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
 
 def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
     from smearsight.errors import require
-    from smearsight.train.datasets.images import low_bit_depth_note, quiet_opencv
+    from smearsight.train.datasets.images import low_bit_depth_note
 
     cv2 = require("cv2", "PNG crops")
     try:
@@ -157,14 +164,16 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
         if resolved in seen:
             raise InputError(f"{csv_path}: {row['file']!r} is listed twice in split '{split}'")
         seen.add(resolved)
-        with quiet_opencv(cv2):  # the InputError below says it in one line
-            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) if path.is_file() else None
+        image = _read_gray(cv2, path)
         if image is None:
             raise InputError(f"{path}: missing or unreadable image (listed in {csv_path.name})")
         if image.shape != (CROP_SIZE, CROP_SIZE):
             raise InputError(f"{path}: expected a 64x64 crop, got {image.shape[1]}x{image.shape[0]}")
-        if note := low_bit_depth_note(path):  # 12-bit data in a 16-bit PNG: read as 8-bit it is nearly black
-            raise InputError(note)
+        if image.dtype == np.uint16:  # decoded once, at its own depth: 8-bit below, as IMREAD_GRAYSCALE does
+            # 12-bit data in a 16-bit PNG: read as 8-bit it is nearly black (the note decodes it again to say so)
+            if int(image.max()) < LOW_16BIT_PEAK and (note := low_bit_depth_note(path)):
+                raise InputError(note)
+            image = (image >> 8).astype(np.uint8)
         value = row[part].strip()
         if value not in ("0", "1"):
             raise InputError(f"{csv_path}: column '{part}' must be 0 or 1, got {value!r} for {row['file']}")
@@ -173,12 +182,25 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
     return CropSet(np.stack(images), np.asarray(labels, dtype=np.int64), str(csv_path))
 
 
+def _read_gray(cv2: Any, path: Path) -> np.ndarray | None:
+    """``path`` decoded once as gray, uint8 or (a 16-bit file) uint16; None when missing or undecodable."""
+    from smearsight.train.datasets.images import quiet_opencv
+
+    if not path.is_file():
+        return None
+    with quiet_opencv(cv2):  # the caller's InputError says it in one line
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+        if image is not None and image.dtype not in (np.uint8, np.uint16):  # a float or 32-bit TIFF, say
+            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    return image
+
+
 def require_two_classes(crops: CropSet, what: str) -> None:
     """Raise when a split holds one class only (AUC and F0.5 are undefined there)."""
     counts = np.bincount(crops.labels, minlength=2)
     if counts.min() == 0:
         only = "normal" if counts[0] else "abnormal"
-        raise InputError(f"{crops.source}: {what} needs both classes, but the split holds {only} samples only")
+        raise InputError(f"{crops.labels_source}: {what} needs both classes, but the split holds {only} samples only")
 
 
 def to_tensor_input(images: np.ndarray, mean: float = 0.5, std: float = 0.5) -> np.ndarray:

@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from smearsight.errors import InputError
-from smearsight.fileio import atomic_write_bytes, atomic_write_json
+from smearsight.fileio import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 from smearsight.train.morphology.data import check_part, load_crops, require_two_classes
 from smearsight.train.morphology.metrics import binary_metrics, roc_curve
 
 REPORT_FILES = ("metrics.json", "roc.png", "score_hist.png")
 PANEL_NAME = re.compile(r"\d{2,}_idx\d+_(ab)?normal\.png")  # the localisation panels written below
+PANEL_GLOB = "*_idx*.png"  # what may be one of them
 
 
 def load_model(weights: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -37,9 +38,10 @@ def evaluate_morphology(
 
     check_part(part)
     out = Path(out_dir)
-    if (out / "best.pt").exists():  # a training run folder: the report's metrics.json would replace the run's
-        raise InputError(f"--out {out}: holds best.pt (a training run); its metrics.json would be overwritten, "
-                         "pick another report folder")
+    for name in ("best.pt", "last.pt"):  # a training run folder: the report's metrics.json would replace the run's
+        if (out / name).exists():
+            raise InputError(f"--out {out}: holds {name} (a training run); its metrics.json would be overwritten, "
+                             "pick another report folder")
     if (out / "localisation").exists() and not (out / "localisation").is_dir():
         raise InputError(f"--out {out}: localisation is a file; the report writes its panels into a folder so named")
     model, ckpt = load_model(weights)
@@ -52,6 +54,10 @@ def evaluate_morphology(
     started = time.perf_counter()
     scores = score_crops(model, crops.images)
     seconds = time.perf_counter() - started
+    broken = ~np.isfinite(scores)
+    if broken.any():  # every metric would be quietly wrong (NaN is never below the threshold: all 'abnormal')
+        raise InputError(f"{weights}: the model scores {int(broken.sum())} of {len(scores)} '{split}' crops as NaN or "
+                         f"infinity (first: crop {int(np.flatnonzero(broken)[0])}); its weights are broken, retrain it")
     metrics = binary_metrics(crops.labels, scores, threshold)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -77,10 +83,13 @@ def evaluate_morphology(
 
 
 def _remove_report(out: Path) -> None:
-    """Delete what a report writes into ``out``: REPORT_FILES and the localisation panels (nothing else)."""
+    """Delete what a report writes into ``out``: REPORT_FILES and the localisation panels (nothing else), and the
+    temporary files of those that a kill -9 of an earlier evaluation left."""
     for name in REPORT_FILES:
         (out / name).unlink(missing_ok=True)
-    for panel in (out / "localisation").glob("*_idx*.png"):
+    remove_stale_temp_files(out, REPORT_FILES)
+    remove_stale_temp_files(out / "localisation", [PANEL_GLOB])
+    for panel in (out / "localisation").glob(PANEL_GLOB):
         if PANEL_NAME.fullmatch(panel.name):
             panel.unlink()
 

@@ -1,10 +1,17 @@
-"""Training one part's KD model: normal train crops only, flips/rotations, FGSM, selection on valid."""
+"""Training one part's KD model: normal train crops only, flips/rotations, FGSM, selection on valid.
+
+``RUN/last.pt`` is written after every KD epoch (student, optimiser, schedule, RNG state, the best epoch so far and
+the history: ``--resume`` continues after a kill); ``RUN/best.pt`` (written last) holds the finished model with its
+threshold, beside ``metrics.json``, ``history.json`` and ``curves.png``.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +25,10 @@ from smearsight.train.morphology.data import CropSet, check_part, load_crops, to
 from smearsight.train.morphology.metrics import binary_metrics, roc_auc
 from smearsight.train.morphology.threshold import choose_threshold
 
-RUN_FILES = ("best.pt", "metrics.json", "history.json", "curves.png")  # what a run folder holds
+RUN_FILES = ("best.pt", "metrics.json", "history.json", "curves.png")  # what a finished run adds to last.pt
+LAST = "last.pt"  # the training state after the latest KD epoch (--resume)
+RESUME_STATE = ("student", "optimizer", "scheduler", "rng", "epoch", "best", "history", "elapsed_s", "train_config",
+                "data")
 
 NORMALIZATION = {"color": "gray", "mean": [0.5], "std": [0.5]}
 
@@ -76,6 +86,7 @@ def score_crops(model: Any, images: np.ndarray, batch_size: int = 128, kd_only: 
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
+            raise_if_interrupted()  # scoring a large split (8 views with tta) takes minutes on a CPU
             x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
             out.append((model.kd_score(x) if kd_only else model(x)).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -93,6 +104,7 @@ def layer_scores(model: Any, images: np.ndarray, reduce: str = "mean", batch_siz
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
+            raise_if_interrupted()
             x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
             per_view = []
             for view in dihedral_views(x) if model.cfg.tta else [x]:
@@ -130,6 +142,7 @@ def _features(model: Any, images: np.ndarray, views: bool, batch_size: int = 128
     chunks = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
+            raise_if_interrupted()
             x = torch.from_numpy(to_tensor_input(images[start : start + batch_size]))
             chunks.append(np.stack([model.features(v).numpy() for v in (dihedral_views(x) if views else [x])]))
     return np.concatenate(chunks, axis=1)
@@ -152,7 +165,7 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
     pos_weight = torch.tensor((y == 0).sum().item() / max(1.0, (y == 1).sum().item()))
     opt = torch.optim.AdamW(head.net.parameters(), lr=cfg.classifier_lr, weight_decay=cfg.classifier_weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    best = {"auc": -1.0, "epoch": 0, "state": copy.deepcopy(head.state_dict())}
+    best = {"auc": -math.inf, "epoch": 0, "state": copy.deepcopy(head.state_dict())}
     history = []
     two_classes = len(set(valid.labels.tolist())) == 2
     for epoch in range(1, cfg.classifier_epochs + 1):
@@ -169,6 +182,9 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
             head.eval()
             with torch.no_grad():
                 valid_scores = torch.stack([torch.sigmoid(head(view)) for view in valid_views]).mean(0).numpy()
+            if not (math.isfinite(loss.item()) and np.isfinite(valid_scores).all()):  # else the untrained head stays
+                raise InputError(f"classifier_lr: the supervised classifier diverged by epoch {epoch} (NaN or infinite "
+                                 f"loss or scores); lower classifier_lr (now {cfg.classifier_lr:g})")
             auc = roc_auc(valid.labels, valid_scores) if two_classes else -float(valid_scores.mean())
             history.append({"epoch": epoch, "loss": loss.item(), "valid_auc": auc})
             if auc > best["auc"]:
@@ -177,6 +193,91 @@ def train_classifier(model: Any, train: CropSet, valid: CropSet, cfg: Morphology
     head.eval()
     log(f"classifier: best valid AUC {best['auc']:.4f} at epoch {best['epoch']}")
     return {"history": history, "best_epoch": best["epoch"], "best_valid_auc": best["auc"]}
+
+
+_OPTION_OF = {"epochs": "--epochs", "seed": "--seed", "model.supervised": "--supervised",
+              "model.teacher.name": "--teacher", "model.teacher.weights": "--teacher-weights"}
+
+
+def _at(tree: Any, path: str) -> Any:
+    for key in path.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _differences(path: str, asked: Any, saved: Any) -> list[str]:
+    """``["epochs 3 (saved 2)"]``; for a section only its keys that differ; a field an option sets is named by it."""
+    if isinstance(asked, dict) and isinstance(saved, dict):
+        return [text for key in sorted(set(asked) | set(saved))
+                for text in _differences(f"{path}.{key}", asked.get(key), saved.get(key))]
+    if asked == saved:
+        return []
+    label = f"{path} ({_OPTION_OF[path]})" if path in _OPTION_OF else path
+    return [f"{label} {asked!r} (saved {saved!r})"]
+
+
+def _load_resumable(last_path: Path) -> dict[str, Any]:
+    from smearsight.train.checkpoint import load_checkpoint
+
+    if not last_path.is_file():
+        raise InputError(f"{last_path}: nothing to resume (no {LAST} in the run folder)")
+    resumed = load_checkpoint(last_path, kind="morphology")
+    missing = [key for key in RESUME_STATE if key not in resumed]
+    if missing:
+        raise InputError(f"{last_path}: not a resumable {LAST} (no training state: {', '.join(missing)}); "
+                         "is it a copy of best.pt?")
+    return resumed
+
+
+def _resumed_config(resumed: dict[str, Any], requested: MorphologyTrainConfig, explicit_fields: Collection[str],
+                    last_path: Path) -> MorphologyTrainConfig:
+    """The saved settings of the run in ``last_path``; InputError when an explicit request (dotted field names:
+    options, keys of a --config file) contradicts them. ``threads`` applies to this call only."""
+    saved = MorphologyTrainConfig.from_dict(resumed["train_config"], source=f"{last_path} train_config")
+    asked_dict, saved_dict = requested.to_dict(), saved.to_dict()
+    conflicts = [text for path in sorted(set(explicit_fields) - {"threads"})
+                 for text in _differences(path, _at(asked_dict, path), _at(saved_dict, path))]
+    if conflicts:
+        raise InputError(f"{last_path}: --resume continues the run with its saved settings, but this call asks for "
+                         f"{'; '.join(conflicts)}: drop those options to resume, or train into a new --out")
+    if "threads" in explicit_fields:
+        saved.threads = requested.threads
+    return saved
+
+
+def _check_resumed_run(resumed: dict[str, Any], asked: dict[str, str], last_path: Path) -> None:
+    """InputError when --part, the splits or --init-from differ from those the run in ``last_path`` started with."""
+    saved = resumed["data"]
+
+    def said(value: str | None) -> str:
+        return "none" if value is None else repr(value)
+
+    conflicts = [f"--{key.replace('_', '-')} {said(value)} (saved {said(saved.get(key))})"
+                 for key, value in asked.items() if saved.get(key) != value]
+    if conflicts:
+        raise InputError(f"{last_path}: --resume continues the run on its own part and data, but this call asks for "
+                         f"{'; '.join(conflicts)}: pass the run's, or train into a new --out")
+
+
+def _check_same_teacher(model: Any, resumed: dict[str, Any], cfg: MorphologyTrainConfig, last_path: Path) -> None:
+    """InputError when the teacher built now (its weights file or package) is not the one the run distilled from."""
+    import torch
+
+    saved = {key[len("teacher."):]: value for key, value in resumed["state_dict"].items() if key.startswith("teacher.")}
+    own = model.teacher.state_dict()
+    if saved.keys() != own.keys() or any(not torch.equal(own[key], saved[key]) for key in own):
+        raise InputError(f"teacher.weights: the {cfg.model.teacher.name} teacher from {cfg.model.teacher.weights!r} "
+                         f"now has other weights than the one the run in {last_path} distilled from; restore them to "
+                         "resume, or train into a new --out")
+
+
+def _data_digest(train: CropSet, valid: CropSet) -> str:
+    """sha256 of the crops and labels a run trains and selects on (a resumed run must see the same)."""
+    digest = hashlib.sha256()
+    for array in (train.images, train.labels, valid.images, valid.labels):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def train_morphology(
@@ -189,20 +290,48 @@ def train_morphology(
     log: Any = print,
     progress: bool = True,
     init_from: str | Path | None = None,
+    *,
+    resume: bool = False,
+    explicit_fields: Collection[str] = (),
+    stop_after_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train, select on valid, choose the threshold and write ``out_dir/best.pt`` + metrics + curves.
 
     ``init_from``: a morphology checkpoint whose student weights start the training (with ``epochs=0`` the
     KD stage is skipped, e.g. to fit only the ``--supervised`` classifier on an existing KD model).
+
+    ``out_dir/last.pt`` is written after every KD epoch. With ``resume`` the run continues from it with its saved
+    settings on the same part, splits and crops (else InputError); ``explicit_fields`` names the ``cfg`` fields
+    (dotted: ``model.teacher.name``) the caller set on purpose, each of which must equal the saved one, except
+    ``threads``. A finished run resumed returns its metrics and writes nothing. ``stop_after_epochs`` ends this
+    call after that many epochs as if it had been killed right after writing last.pt (tests check ``resume``).
     """
     import torch
 
-    from smearsight.train.checkpoint import save_checkpoint
+    from smearsight.train.checkpoint import load_checkpoint, save_checkpoint
     from smearsight.train.morphology.losses import discrepancy
     from smearsight.train.morphology.student import count_flops
     from smearsight.train.morphology.torch_model import build_model
 
     check_part(part)
+    out = Path(out_dir)
+    last_path = out / LAST
+    resumed: dict[str, Any] | None = None
+    if resume:
+        resumed = _load_resumable(last_path)
+        cfg = _resumed_config(resumed, cfg, explicit_fields, last_path)
+        asked = {"part": part, "train_split": train_split, "valid_split": valid_split}
+        if init_from is not None:
+            asked["init_from"] = str(init_from)
+        _check_resumed_run(resumed, asked, last_path)
+        init_from = resumed["data"].get("init_from")
+    elif (out / "best.pt").exists():  # its metrics, history and curves would be mixed with this run's
+        raise InputError(f"{out}: run folder already holds best.pt; pick a new --out (or delete the old run)")
+    elif last_path.exists():
+        raise InputError(f"{out}: run folder already holds {LAST} of an unfinished run; pass --resume to continue "
+                         "it, or pick a new --out")
+    if (out / "roc.png").exists() or (out / "score_hist.png").exists():  # eval morphology's report files
+        raise InputError(f"{out}: holds an evaluation report (its metrics.json would be replaced); pick a new --out")
     if init_from is None and cfg.epochs == 0:
         raise InputError("epochs: 0 epochs is only allowed when starting from a checkpoint (--init-from)")
     if cfg.threads:
@@ -211,26 +340,32 @@ def train_morphology(
     valid = load_crops(data_dir, part, valid_split)
     normal = train.images[train.labels == 0]
     if len(normal) == 0:
-        raise InputError(f"{train.source}: the train split holds no normal sample for part '{part}'")
+        raise InputError(f"{train.labels_source}: the train split holds no normal sample for part '{part}'")
     if cfg.model.supervised and len(set(train.labels.tolist())) < 2:
-        raise InputError(f"{train.source}: --supervised needs both classes in the train split for part '{part}'")
+        raise InputError(f"{train.labels_source}: --supervised needs both classes in the train split for part '{part}'")
     if not (valid.labels == 0).any():  # checked before training: the threshold needs normal validation scores
-        raise InputError(f"{valid.source}: the validation split holds no normal sample for part '{part}' "
+        raise InputError(f"{valid.labels_source}: the validation split holds no normal sample for part '{part}' "
                          "(the threshold is chosen on it)")
     valid_two_classes = len(set(valid.labels.tolist())) == 2
-    out = Path(out_dir)
-    if (out / "best.pt").exists():  # its metrics, history and curves would be mixed with this run's
-        raise InputError(f"{out}: run folder already holds best.pt; pick a new --out (or delete the old run)")
-    if (out / "roc.png").exists() or (out / "score_hist.png").exists():  # eval morphology's report files
-        raise InputError(f"{out}: holds an evaluation report (its metrics.json would be replaced); pick a new --out")
+    digest = _data_digest(train, valid)
+    if resumed is not None:
+        if resumed["data"]["sha256"] != digest:
+            raise InputError(f"--data {data_dir}: its '{train_split}'/'{valid_split}' crops or labels for part "
+                             f"'{part}' are not those the run in {last_path} was trained on: pass the run's data to "
+                             "resume, or train into a new --out")
+        if resumed["epoch"] >= cfg.epochs and (out / "best.pt").is_file():
+            log(f"{out}: the run finished ({resumed['epoch']} epochs); nothing to resume")
+            return load_checkpoint(out / "best.pt", kind="morphology")["metrics"]
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    if init_from is not None:
+    if init_from is not None and resumed is None:
         _load_student(model, init_from, part if cfg.epochs == 0 else None)
+    if resumed is not None:
+        _check_same_teacher(model, resumed, cfg, last_path)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
-    remove_stale_temp_files(out, RUN_FILES)  # left by a kill -9 of an earlier try
+    remove_stale_temp_files(out, (*RUN_FILES, LAST))  # left by a kill -9 of an earlier try
     sizes = model.sizes()
     example = torch.zeros(1, 1, 64, 64)
     sizes.update(teacher_flops=count_flops(model.teacher, example), student_flops=count_flops(model.student, example))
@@ -247,14 +382,28 @@ def train_morphology(
     data = torch.from_numpy(to_tensor_input(normal))
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"key": -math.inf, "epoch": 0, "state": copy.deepcopy(model.student.state_dict()),
-                            "subset": list(model.score_positions)}
-    started = time.perf_counter()
+                            "subset": list(model.score_positions), "threshold": None}
+    recipe = cfg.to_dict()  # as asked: the choices made after the KD epochs change cfg
+    run_data = {"part": part, "train_split": train_split, "valid_split": valid_split,
+                "init_from": None if init_from is None else str(init_from), "sha256": digest}
+    start_epoch, elapsed = 0, 0.0
+    if resumed is not None:
+        model.student.load_state_dict(resumed["student"])
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        generator.set_state(resumed["rng"]["generator"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        history, best, start_epoch = resumed["history"], resumed["best"], resumed["epoch"]
+        elapsed = resumed["elapsed_s"]
+        log(f"resumed {last_path} after epoch {start_epoch} of {cfg.epochs}")
+    started = time.perf_counter() - elapsed
     bar = _progress() if progress else None
-    task = bar.add_task(f"train {part}", total=cfg.epochs * steps_per_epoch, info="") if bar else None
+    task = (bar.add_task(f"train {part}", total=cfg.epochs * steps_per_epoch, completed=start_epoch * steps_per_epoch,
+                         info="") if bar else None)
     if bar:
         bar.start()
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
             model.student.train()
             order = torch.randperm(len(data), generator=generator)
             losses = []
@@ -293,7 +442,17 @@ def train_morphology(
                     f"normal score {normal_mean:.4f} ({time.perf_counter() - started:.0f} s)")
             if key > best["key"]:
                 best = {"key": key, "epoch": epoch, "state": copy.deepcopy(model.student.state_dict()),
-                        "subset": subset}
+                        "subset": subset,
+                        "threshold": choose_threshold(scores, valid.labels, cfg.fallback_quantile).threshold}
+            save_checkpoint(last_path, {
+                **_best_so_far(model, recipe, part, best),
+                "student": model.student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()}, "epoch": epoch,
+                "best": best, "history": history, "elapsed_s": time.perf_counter() - started,
+                "train_config": recipe, "data": run_data,
+            })
+            if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs and epoch < cfg.epochs:
+                return {"interrupted": True, "epochs_done": epoch, "history": history}
     finally:
         if bar:
             bar.stop()
@@ -306,7 +465,8 @@ def train_morphology(
     if cfg.select_score_reduce and valid_two_classes and cfg.select_scoring_layers:
         other = "max" if cfg.model.score_reduce == "mean" else "mean"
         subset, auc = best_subset(layer_scores(model, valid.images, other), valid.labels, True, [])
-        log(f"valid AUC with {other} over positions: {auc:.4f} (layers {subset}) vs {best['key']:.4f}")
+        named = [cfg.model.teacher.layers[i] for i in subset]
+        log(f"valid AUC with {other} over positions: {auc:.4f} (layers {named}) vs {best['key']:.4f}")
         if auc > best["key"] + 1e-9:
             cfg.model.score_reduce = other
             best["subset"], best["key"] = subset, auc
@@ -358,6 +518,18 @@ def train_morphology(
             (out / name).unlink(missing_ok=True)
         raise
     return metrics
+
+
+def _best_so_far(model: Any, recipe: dict[str, Any], part: str, best: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint fields for the best KD student so far: an unsupervised model scored by the layers chosen for it,
+    with the valid threshold for those scores (a supervised run fits its classifier after the KD epochs)."""
+    model_config = copy.deepcopy(recipe["model"])
+    model_config.update(supervised=False, scoring_layers=[model_config["teacher"]["layers"][i] for i in best["subset"]])
+    state = {key: value for key, value in model.state_dict().items() if key.startswith("teacher.")}
+    state.update({f"student.{key}": value for key, value in best["state"].items()})
+    return {"kind": "morphology", "model_config": model_config, "state_dict": state, "normalization": NORMALIZATION,
+            "image_size": [64, 64], "morphology": {"part": part, "threshold": float(best["threshold"]),
+                                                   "mode": "unsupervised"}}
 
 
 def _plot_curves(path: Path, history: list[dict[str, Any]]) -> None:
