@@ -149,7 +149,7 @@ def test_resume_refusals_are_one_line_and_write_nothing(tmp_path: Path, capfd: p
     assert rc == 1 and "not a resumable last.pt" in capfd.readouterr().err
     rc = main(["eval", "morphology", "--weights", str(copy / "last.pt"), "--data", str(data), "--part", "head",
                "--split", "valid", "--out", str(copy)])  # a killed run's folder is no report folder either
-    assert rc == 1 and "holds last.pt (a training run)" in capfd.readouterr().err
+    assert rc == 1 and "holds a training run (last.pt)" in capfd.readouterr().err
 
 
 def test_cli_run_killed_with_sigkill_resumes_to_the_full_history(tmp_path: Path) -> None:

@@ -247,7 +247,7 @@ def train_detector(
         _check_resumed_splits(resumed, {"format": fmt, "train_split": train_split, "val_split": val_split}, last_path)
     elif last_path.exists():
         raise InputError(f"{out}: run folder already holds last.pt; pass --resume to continue it or pick a new --out")
-    elif (out / "best.pt").exists():  # another run's (a morphology run keeps no last.pt): never overwrite it
+    elif (out / "best.pt").exists():  # a finished run whose last.pt is gone: never overwrite it
         raise InputError(f"{out}: run folder already holds best.pt of another run (no last.pt to resume); "
                          "pick a new --out")
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from smearsight.errors import InputError
 from smearsight.fileio import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
+from smearsight.train.checkpoint import refuse_training_run_folder
 from smearsight.train.morphology.data import check_part, load_crops, require_two_classes
 from smearsight.train.morphology.metrics import binary_metrics, roc_curve
 
@@ -38,10 +39,7 @@ def evaluate_morphology(
 
     check_part(part)
     out = Path(out_dir)
-    for name in ("best.pt", "last.pt"):  # a training run folder: the report's metrics.json would replace the run's
-        if (out / name).exists():
-            raise InputError(f"--out {out}: holds {name} (a training run); its metrics.json would be overwritten, "
-                             "pick another report folder")
+    refuse_training_run_folder(out, "the report (metrics.json)")
     if (out / "localisation").exists() and not (out / "localisation").is_dir():
         raise InputError(f"--out {out}: localisation is a file; the report writes its panels into a folder so named")
     model, ckpt = load_model(weights)
