@@ -24,6 +24,7 @@ from smearsight.anchors import AnchorConfig
 from smearsight.errors import InputError, SmearSightError
 from smearsight.interrupts import raise_if_interrupted
 from smearsight.train.detector.config import TrainConfig, default_detector_anchors
+from smearsight.train.resume import check_resumed_inputs, setting_differences
 
 if TYPE_CHECKING:
     from smearsight.train.datasets.records import DetectionDataset
@@ -118,16 +119,6 @@ _OPTION_OF = {"time_budget_min": "--time-budget", "batch_size": "--batch-size", 
               "backbone_weights": "--backbone-weights", "pretrained": "--random-init"}
 
 
-def _difference(name: str, asked: Any, saved: Any) -> str:
-    """``"epochs 3 (saved 1)"``; for a nested section only the keys that differ (``"augment.hflip 0.1 (saved
-    0.5)"``); a field set by a CLI option is named by that option."""
-    if isinstance(asked, dict) and isinstance(saved, dict):
-        keys = sorted(k for k in set(asked) | set(saved) if asked.get(k) != saved.get(k))
-        return "; ".join(_difference(f"{name}.{k}", asked.get(k), saved.get(k)) for k in keys)
-    label = f"{name} ({_OPTION_OF[name]})" if name in _OPTION_OF else name
-    return f"{label} {asked!r} (saved {saved!r})"
-
-
 def _resumed_recipe(
     resumed: dict[str, Any], requested: TrainConfig, explicit_fields: Collection[str], last_path: Path
 ) -> TrainConfig:
@@ -142,9 +133,10 @@ def _resumed_recipe(
 
     asked_dict, saved_dict = requested.to_dict(), saved.to_dict()
     conflicts = [
-        _difference(name, asked_dict[name], saved_dict[name])
+        text
         for name in sorted(set(explicit_fields) - {"threads"})
         if not same(name)
+        for text in setting_differences(name, asked_dict[name], saved_dict[name], _OPTION_OF)
     ]
     if conflicts:
         raise InputError(
@@ -154,22 +146,6 @@ def _resumed_recipe(
     if "threads" in explicit_fields:
         saved.threads = requested.threads
     return saved
-
-
-def _check_resumed_splits(resumed: dict[str, Any], asked: dict[str, str | None], last_path: Path) -> None:
-    """InputError when --format, --train-split or --val-split differ from those the run in ``last_path`` was
-    started with (checkpoints written before these were saved are not checked)."""
-    saved = resumed.get("data") or {}
-    def said(value: str | None) -> str:  # as typed: --val-split none means no validation split
-        return "none" if value is None else repr(value)
-
-    conflicts = [f"--{key.replace('_', '-')} {said(value)} (saved {said(saved[key])})"
-                 for key, value in asked.items() if key in saved and saved[key] != value]
-    if conflicts:
-        raise InputError(
-            f"{last_path}: --resume continues the run on its own splits, but this call asks for "
-            f"{'; '.join(conflicts)}: pass the run's splits to resume, or train into a new --out"
-        )
 
 
 def _check_resumed_data(resumed: dict[str, Any], datasets: dict[str, DetectionDataset | None], data: str | Path,
@@ -244,7 +220,8 @@ def train_detector(
             raise InputError(f"{last_path}: not a resumable last.pt (no training state: {', '.join(missing)}); "
                              "is it a copy of best.pt?")
         cfg = _resumed_recipe(resumed, cfg, explicit_fields, last_path)
-        _check_resumed_splits(resumed, {"format": fmt, "train_split": train_split, "val_split": val_split}, last_path)
+        check_resumed_inputs(resumed.get("data") or {}, {"format": fmt, "train_split": train_split,
+                                                        "val_split": val_split}, last_path, "its own splits")
     elif last_path.exists():
         raise InputError(f"{out}: run folder already holds last.pt; pass --resume to continue it or pick a new --out")
     elif (out / "best.pt").exists():  # a finished run whose last.pt is gone: never overwrite it

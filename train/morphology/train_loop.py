@@ -24,6 +24,7 @@ from smearsight.train.morphology.config import MorphologyTrainConfig
 from smearsight.train.morphology.data import CropSet, check_part, load_crops, to_tensor_input
 from smearsight.train.morphology.metrics import binary_metrics, roc_auc
 from smearsight.train.morphology.threshold import choose_threshold
+from smearsight.train.resume import check_resumed_inputs, setting_differences
 
 RUN_FILES = ("best.pt", "metrics.json", "history.json", "curves.png")  # what a finished run adds to last.pt
 LAST = "last.pt"  # the training state after the latest KD epoch (--resume)
@@ -205,17 +206,6 @@ def _at(tree: Any, path: str) -> Any:
     return tree
 
 
-def _differences(path: str, asked: Any, saved: Any) -> list[str]:
-    """``["epochs 3 (saved 2)"]``; for a section only its keys that differ; a field an option sets is named by it."""
-    if isinstance(asked, dict) and isinstance(saved, dict):
-        return [text for key in sorted(set(asked) | set(saved))
-                for text in _differences(f"{path}.{key}", asked.get(key), saved.get(key))]
-    if asked == saved:
-        return []
-    label = f"{path} ({_OPTION_OF[path]})" if path in _OPTION_OF else path
-    return [f"{label} {asked!r} (saved {saved!r})"]
-
-
 def _load_resumable(last_path: Path) -> dict[str, Any]:
     from smearsight.train.checkpoint import load_checkpoint
 
@@ -236,27 +226,13 @@ def _resumed_config(resumed: dict[str, Any], requested: MorphologyTrainConfig, e
     saved = MorphologyTrainConfig.from_dict(resumed["train_config"], source=f"{last_path} train_config")
     asked_dict, saved_dict = requested.to_dict(), saved.to_dict()
     conflicts = [text for path in sorted(set(explicit_fields) - {"threads"})
-                 for text in _differences(path, _at(asked_dict, path), _at(saved_dict, path))]
+                 for text in setting_differences(path, _at(asked_dict, path), _at(saved_dict, path), _OPTION_OF)]
     if conflicts:
         raise InputError(f"{last_path}: --resume continues the run with its saved settings, but this call asks for "
                          f"{'; '.join(conflicts)}: drop those options to resume, or train into a new --out")
     if "threads" in explicit_fields:
         saved.threads = requested.threads
     return saved
-
-
-def _check_resumed_run(resumed: dict[str, Any], asked: dict[str, str], last_path: Path) -> None:
-    """InputError when --part, the splits or --init-from differ from those the run in ``last_path`` started with."""
-    saved = resumed["data"]
-
-    def said(value: str | None) -> str:
-        return "none" if value is None else repr(value)
-
-    conflicts = [f"--{key.replace('_', '-')} {said(value)} (saved {said(saved.get(key))})"
-                 for key, value in asked.items() if saved.get(key) != value]
-    if conflicts:
-        raise InputError(f"{last_path}: --resume continues the run on its own part and data, but this call asks for "
-                         f"{'; '.join(conflicts)}: pass the run's, or train into a new --out")
 
 
 def _check_same_teacher(model: Any, resumed: dict[str, Any], cfg: MorphologyTrainConfig, last_path: Path) -> None:
@@ -323,7 +299,7 @@ def train_morphology(
         asked = {"part": part, "train_split": train_split, "valid_split": valid_split}
         if init_from is not None:
             asked["init_from"] = str(init_from)
-        _check_resumed_run(resumed, asked, last_path)
+        check_resumed_inputs(resumed["data"], asked, last_path, "its own part and data")
         init_from = resumed["data"].get("init_from")
     elif (out / "best.pt").exists():  # its metrics, history and curves would be mixed with this run's
         raise InputError(f"{out}: run folder already holds best.pt; pick a new --out (or delete the old run)")
