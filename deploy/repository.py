@@ -23,7 +23,6 @@ import posixpath
 import re
 import shutil
 import socket
-import tempfile
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -39,13 +38,13 @@ from smearsight.deploy.bundle import read_index, version_key
 from smearsight.deploy.keys import ROLES, generate_key, load_signer
 from smearsight.errors import InputError
 from smearsight.fileio import (
-    DIR_MODE,
     atomic_open,
     atomic_write_bytes,
     atomic_write_json,
     check_output_dir,
     fsync_dir,
     sha256_file,
+    staging_dir,
 )
 
 CONFIG_NAME = "repository.json"
@@ -191,10 +190,11 @@ class FileRepository(Repository):
         if (repo_dir / "metadata").exists() or (repo_dir / "keys").exists():
             raise InputError(f"{repo_dir}: already holds a repository (metadata/ or keys/ exists)")
         check_output_dir(repo_dir, "deploy repo init")
-        repo_dir.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.init-", dir=repo_dir.parent))
-        try:
-            stage.chmod(DIR_MODE)
+        # staging_dir: locked while in use, and the folders of inits killed part-way (holding private keys) are
+        # removed by the next init
+        with staging_dir(repo_dir) as work:
+            stage = work / "repo"
+            stage.mkdir()
             atomic_write_json(stage / CONFIG_NAME, {"expiry_days": {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}})
             staged = cls(stage)
             staged.targets_dir.mkdir()
@@ -214,11 +214,7 @@ class FileRepository(Repository):
             else:  # a folder holding other files: move the pieces in, metadata/ (what marks a repository) last
                 for name in (CONFIG_NAME, "targets", "keys", "metadata"):
                     os.replace(stage / name, repo_dir / name)
-                stage.rmdir()
             fsync_dir(repo_dir.parent)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
         return cls(repo_dir)
 
     def published(self) -> dict[str, dict[str, Any]]:

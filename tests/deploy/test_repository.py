@@ -80,6 +80,19 @@ def test_init_into_an_existing_folder_keeps_its_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["srv"]  # no staging folder left
 
 
+def test_init_clears_the_staging_folder_of_an_init_that_was_killed(tmp_path):
+    """kill -9 runs no clean-up: the half-made repository it leaves (private keys included) is removed by the
+    next init, and only the new repository remains."""
+    killed = tmp_path / ".repo.k1ll3d00.staging"
+    (killed / "repo" / "keys").mkdir(parents=True)
+    (killed / "repo" / "keys" / "root.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\n")
+    (killed / ".lock").write_bytes(b"")  # locked by no one: its process is gone
+    repo = FileRepository.init(tmp_path / "repo")
+    assert (repo.meta_dir / "1.root.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert not (repo.dir / ".lock").exists() and not (repo.dir / "repo").exists()
+
+
 def test_expiry_settings_are_used(tmp_path):
     repo = FileRepository.init(tmp_path / "r", {"timestamp": 2, "root": 30})
     ts = repo.timestamp()
