@@ -8,6 +8,7 @@ engine built for another device.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -15,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from smearsight.errors import InputError, SmearSightError, require
-from smearsight.fileio import atomic_write_bytes, sha256_file
-from smearsight.manifest import EngineSpec, load_manifest
+from smearsight.fileio import (
+    atomic_files,
+    atomic_write_bytes,
+    check_output_dir,
+    check_output_file,
+    remove_stale_temp_files,
+)
+from smearsight.manifest import MANIFEST_NAME, EngineSpec, load_manifest, verify_files
 
 
 @dataclass
@@ -146,27 +153,45 @@ def query_gpu() -> GpuInfo:
 
 
 def export_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions) -> EngineSpec:
-    """Build ``out_dir/model.engine`` from ``onnx_path`` and record it in ``out_dir/manifest.json``."""
+    """Build ``out_dir/model.engine`` from ``onnx_path`` and record it in ``out_dir/manifest.json``.
+
+    The ONNX model must be the one its manifest names (an export killed between writing the two leaves a
+    mismatched pair), and the output paths must be writable: both are checked before the build. The engine,
+    the manifest (and the ONNX model copied beside them when ``out_dir`` is another folder) replace earlier
+    ones together.
+    """
     onnx_path = Path(onnx_path)
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: ONNX model not found")
     manifest = load_manifest(onnx_path.parent)
+    if onnx_path.name != manifest.onnx_file:
+        raise InputError(f"{onnx_path}: the manifest beside it names '{manifest.onnx_file}' as its model")
+    manifest.engine = None  # an earlier build's engine is replaced, its file need not match
+    problems = verify_files(onnx_path.parent, manifest)
+    if problems:
+        raise InputError(f"{problems[0]} (export the model again)")
+    if options.timing_cache is not None:
+        check_output_file(options.timing_cache, "--timing-cache")
     engine_bytes, trt = build_engine(onnx_path, options)
     gpu = query_gpu()
-    engine_path = atomic_write_bytes(out_dir / "model.engine", engine_bytes)
     spec = EngineSpec(
-        file=engine_path.name,
-        sha256=sha256_file(engine_path),
+        file="model.engine",
+        sha256=hashlib.sha256(engine_bytes).hexdigest(),
         tensorrt_version=str(trt.__version__),
         cuda_version=gpu.cuda_version,
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
         build_flags=options.flags(),
     )
-    if out_dir.resolve() != onnx_path.parent.resolve():
-        atomic_write_bytes(out_dir / manifest.onnx_file, onnx_path.read_bytes())
     manifest.engine = spec
     manifest.precision = "fp16" if options.fp16 else "fp32"
-    manifest.save(out_dir)
+    files = {out_dir / spec.file: engine_bytes}
+    if out_dir.resolve() != onnx_path.parent.resolve():
+        files[out_dir / manifest.onnx_file] = onnx_path.read_bytes()
+    files[out_dir / MANIFEST_NAME] = manifest.to_json().encode("utf-8")
+    remove_stale_temp_files(out_dir, [path.name for path in files])
+    with atomic_files(list(files)) as handles:
+        for handle, data in zip(handles, files.values(), strict=True):
+            handle.write(data)
     return spec

@@ -48,3 +48,37 @@ def test_fp16_engine_build_records_environment(onnx_dir, tmp_path):
     assert engine.build_flags["fp16"] is True
     assert timing_cache.stat().st_size > 0
     assert verify_files(tmp_path) == []
+
+
+def test_engine_refuses_a_model_that_its_manifest_does_not_name(onnx_dir, tiny_detector_checkpoint, tmp_path,
+                                                                 capsys):
+    """An export killed between its two renames leaves the new model beside the old manifest: an engine built
+    from that pair would run one graph under another's contract. It is refused before any build."""
+    import shutil
+
+    other = tmp_path / "other"
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(other),
+                 "--image-size", "128x128"]) == 0
+    mixed = tmp_path / "mixed"
+    shutil.copytree(onnx_dir, mixed)
+    shutil.copyfile(other / "model.onnx", mixed / "model.onnx")
+    capsys.readouterr()
+    out = tmp_path / "engine"
+    assert main(["export", "engine", "--onnx", str(mixed / "model.onnx"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{mixed / 'model.onnx'}: sha256" in err and "onnx_sha256" in err and "export the model again" in err
+    assert len(err.strip().splitlines()) == 1
+    shutil.copyfile(mixed / "model.onnx", mixed / "renamed.onnx")
+    assert main(["export", "engine", "--onnx", str(mixed / "renamed.onnx"), "--out", str(out)]) == 1
+    assert "names 'model.onnx' as its model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_engine_output_paths_are_checked_before_the_build(onnx_dir, tmp_path, capsys):
+    args = ["export", "engine", "--onnx", str(onnx_dir / "model.onnx")]
+    (tmp_path / "file").write_text("x")
+    assert main([*args, "--out", str(tmp_path / "file")]) == 1
+    assert "--out" in capsys.readouterr().err
+    (tmp_path / "cache").mkdir()
+    assert main([*args, "--out", str(tmp_path / "out"), "--timing-cache", str(tmp_path / "cache")]) == 1
+    assert "--timing-cache" in capsys.readouterr().err
