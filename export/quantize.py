@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from smearsight.errors import InputError, SmearSightError, require
-from smearsight.fileio import fsync_dir, sha256_file, staging_dir
+from smearsight.fileio import check_output_dir, fsync_dir, sha256_file, staging_dir
 from smearsight.manifest import MANIFEST_NAME, Manifest, QuantizationSpec, load_manifest
 
 MATCH_IOU = 0.5
@@ -185,6 +185,7 @@ def quantize_detector(
         raise InputError(f"--min-agreement: {min_agreement} must lie in [0, 1]")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"--out {out_dir}: exists and is not an empty folder (choose a new folder)")
+    check_output_dir(out_dir)  # a folder that cannot be made fails now, not after calibrating
     src = model_dir / manifest.onnx_file
     if not src.is_file():
         raise InputError(f"{src}: ONNX model missing (named by {model_dir / MANIFEST_NAME})")

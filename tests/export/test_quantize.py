@@ -106,6 +106,9 @@ def test_quantize_refuses_bad_requests_and_writes_nothing(float_model, int8_mode
     with pytest.raises(InputError, match="only detector models"):
         quantize_detector(morph, tmp_path / "m8")
     assert main(["export", "int8", str(float_model), "--out", str(tmp_path / "x"), "--min-agreement", "2"]) == 1
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InputError, match="a_file is a file, so the folder cannot be created"):
+        quantize_detector(float_model, tmp_path / "a_file" / "int8")
 
 
 def test_badly_calibrated_int8_model_is_refused(tmp_path):
