@@ -142,12 +142,17 @@ def query_gpu() -> GpuInfo:
         pass
     if shutil.which("nvidia-smi") is None:
         raise SmearSightError("no NVIDIA GPU found (neither pycuda nor nvidia-smi is available)")
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-        capture_output=True, text=True, check=True,
-    ).stdout.splitlines()[0]
-    name, capability, _driver = (part.strip() for part in out.split(","))
-    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+    query = ["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=60)
+        lines = done.stdout.splitlines()
+        if done.returncode != 0 or not lines or len(lines[0].split(",")) != 3:
+            said = (done.stdout.strip() or done.stderr.strip() or f"exit code {done.returncode}").splitlines()[0]
+            raise SmearSightError(f"nvidia-smi cannot describe the GPU ({said}); is the NVIDIA driver loaded?")
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SmearSightError(f"nvidia-smi cannot describe the GPU ({exc})") from None
+    name, capability, _driver = (part.strip() for part in lines[0].split(","))
     cuda_version = smi.split("CUDA Version:")[1].split()[0] if "CUDA Version:" in smi else "unknown"
     return GpuInfo(name, capability, cuda_version)
 

@@ -1,8 +1,10 @@
 import importlib.util
+import os
 
 import pytest
 
 from smearsight.cli import main
+from smearsight.export.engine import GpuInfo
 from smearsight.manifest import load_manifest, verify_files
 
 pytest.importorskip("torch")
@@ -82,3 +84,22 @@ def test_engine_output_paths_are_checked_before_the_build(onnx_dir, tmp_path, ca
     (tmp_path / "cache").mkdir()
     assert main([*args, "--out", str(tmp_path / "out"), "--timing-cache", str(tmp_path / "cache")]) == 1
     assert "--timing-cache" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pycuda") is not None, reason="pycuda answers before nvidia-smi")
+def test_gpu_query_without_a_working_driver_is_one_line(tmp_path, monkeypatch):
+    """nvidia-smi is installed but the driver is not loaded (it says so and exits 9), as on a host whose kernel
+    was updated: one line saying so, not a CalledProcessError traceback after the whole engine build."""
+    from smearsight.errors import SmearSightError
+    from smearsight.export.engine import query_gpu
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"\n"
+                   "exit 9\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SmearSightError, match="nvidia-smi cannot describe the GPU \\(NVIDIA-SMI has failed") as info:
+        query_gpu()
+    assert "\n" not in str(info.value)
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 9.0, 570.1'\necho '| CUDA Version: 12.8 |'\n")
+    assert query_gpu() == GpuInfo("NVIDIA H200", "9.0", "12.8")
