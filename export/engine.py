@@ -38,9 +38,15 @@ class EngineOptions:
     opt_batch: int = 8
     max_batch: int = 32
 
+    @property
+    def fp16_kernels(self) -> bool:
+        """Whether the builder may pick FP16 kernels: a strongly-typed network takes its types from the ONNX
+        model instead (float32 for ``smearsight export onnx`` models), whatever ``fp16`` says."""
+        return self.fp16 and not self.strongly_typed
+
     def flags(self) -> dict[str, object]:
         return {
-            "fp16": self.fp16,
+            "fp16": self.fp16_kernels,
             "strongly_typed": self.strongly_typed,
             "workspace_mb": self.workspace_mb,
             "batch_profile": [self.min_batch, self.opt_batch, self.max_batch],
@@ -102,7 +108,7 @@ def build_engine(onnx_path: str | Path, options: EngineOptions) -> tuple[bytes, 
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
-    if options.fp16 and not options.strongly_typed:
+    if options.fp16_kernels:
         config.set_flag(trt.BuilderFlag.FP16)
     cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
@@ -170,6 +176,9 @@ def export_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOpt
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: ONNX model not found")
     manifest = load_manifest(onnx_path.parent)
+    if manifest.precision == "int8":
+        raise InputError(f"{onnx_path.parent / MANIFEST_NAME}: precision 'int8': the int8 model is for CPU-only "
+                         "devices; build the engine from the float32 model (the export onnx output)")
     if onnx_path.name != manifest.onnx_file:
         raise InputError(f"{onnx_path}: the manifest beside it names '{manifest.onnx_file}' as its model")
     manifest.engine = None  # an earlier build's engine is replaced, its file need not match
@@ -190,7 +199,7 @@ def export_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOpt
         build_flags=options.flags(),
     )
     manifest.engine = spec
-    manifest.precision = "fp16" if options.fp16 else "fp32"
+    manifest.precision = "fp16" if options.fp16_kernels else "fp32"  # the ONNX graph itself is float32
     files = {out_dir / spec.file: engine_bytes}
     if out_dir.resolve() != onnx_path.parent.resolve():
         files[out_dir / manifest.onnx_file] = onnx_path.read_bytes()

@@ -103,3 +103,20 @@ def test_gpu_query_without_a_working_driver_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(info.value)
     smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 9.0, 570.1'\necho '| CUDA Version: 12.8 |'\n")
     assert query_gpu() == GpuInfo("NVIDIA H200", "9.0", "12.8")
+
+
+def test_strongly_typed_engines_are_not_recorded_as_fp16():
+    """A strongly-typed network takes its types from the float32 ONNX model; the builder's FP16 flag is not set,
+    so the manifest must not call the engine fp16 (the default --fp16 made it say so)."""
+    from smearsight.export.engine import EngineOptions
+
+    assert EngineOptions(fp16=True).flags()["fp16"] is True
+    assert EngineOptions(fp16=True, strongly_typed=True).flags()["fp16"] is False
+
+
+def test_engine_refuses_the_int8_model(tmp_path, capsys):
+    from smearsight.runtime.pipeline import packaged_models_root
+
+    int8 = packaged_models_root() / "detector_int8"
+    assert main(["export", "engine", "--onnx", str(int8 / "model.onnx"), "--out", str(tmp_path / "e")]) == 1
+    assert "precision 'int8'" in capsys.readouterr().err and not (tmp_path / "e").exists()
