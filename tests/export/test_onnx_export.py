@@ -299,3 +299,15 @@ def test_export_check_compares_the_manifest_with_the_checkpoint(detector_export,
     assert rc == 1 and "disagrees with" in err
     for field in ("input.mean", "detector.class_names", "detector.anchors"):
         assert field in err, field
+
+
+def test_a_nan_output_fails_parity_whichever_output_it_is():
+    """max() of [1e-6, nan] is 1e-6: a NaN in the second output (box_regression) passed the fp32 check."""
+    from smearsight.export.parity import Agreement, Comparison, OutputError, ParityReport
+
+    for errors in ([OutputError("class_logits", 1e-6, 1e-6), OutputError("box_regression", np.nan, np.nan)],
+                   [OutputError("class_logits", np.nan, np.nan), OutputError("box_regression", 1e-6, 1e-6)]):
+        report = ParityReport("detector", 4, Comparison("onnxruntime fp32", errors, Agreement(0, 0, 0)))
+        assert not report.fp32_ok
+    good = [OutputError("class_logits", 1e-6, 1e-6), OutputError("box_regression", 2e-6, 1e-6)]
+    assert ParityReport("detector", 4, Comparison("onnxruntime fp32", good, Agreement(3, 3, 3))).fp32_ok
