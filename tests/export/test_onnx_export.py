@@ -131,7 +131,7 @@ def test_export_over_an_earlier_one_replaces_the_pair_and_clears_killed_writes(t
     assert main([*args, "--score-threshold", "0.6"]) == 0
     manifest = load_manifest(out)
     assert manifest.detector.score_threshold == 0.6
-    verify_files(out, manifest)  # the new model is the one the new manifest names
+    assert verify_files(out, manifest) == []  # the new model is the one the new manifest names
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
 
 
