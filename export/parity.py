@@ -288,6 +288,9 @@ def check_export(
     problems = verify_files(model_dir, manifest)
     if problems:
         raise InputError("; ".join(problems))
+    if data is not None and manifest.kind != "morphology":
+        raise InputError(f"--data {data}: MHSMA crops check morphology models; a {manifest.kind} is checked on "
+                         "synthetic smears")
     checkpoint = load_checkpoint(weights)
     if checkpoint["kind"] != manifest.kind:
         raise InputError(
