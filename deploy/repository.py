@@ -23,6 +23,8 @@ import posixpath
 import re
 import shutil
 import socket
+import sys
+import time
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -355,6 +357,21 @@ class _RepoHandler(http.server.SimpleHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+class _RepoServer(http.server.ThreadingHTTPServer):
+    """A device that goes away mid-download (unplugged, rebooted, timed out) is one log line, not a traceback."""
+
+    quiet = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, ConnectionError):
+            super().handle_error(request, client_address)
+        elif not self.quiet:
+            when = time.strftime("%d/%b/%Y %H:%M:%S")  # as the request log lines give it
+            sys.stderr.write(f"{client_address[0]} - - [{when}] the client closed the connection before the response "
+                             f"was sent ({exc.strerror or type(exc).__name__})\n")
+
+
 def make_server(
     repo_dir: str | Path, host: str = "127.0.0.1", port: int = 0, quiet: bool = True
 ) -> http.server.ThreadingHTTPServer:
@@ -366,7 +383,7 @@ def make_server(
         raise InputError(f"--port: {port} is not a TCP port (0 to 65535; 0 picks a free one)")
     handler = type("RepoHandler", (_RepoHandler,), {"quiet": quiet})
     try:
-        server = http.server.ThreadingHTTPServer((host, port), partial(handler, directory=str(repo_dir)))
+        server = _RepoServer((host, port), partial(handler, directory=str(repo_dir)))
     except socket.gaierror as exc:
         raise InputError(f"--host: '{host}' is not a known host name or address ({exc.strerror or exc})") from None
     except (OSError, OverflowError) as exc:
@@ -377,4 +394,5 @@ def make_server(
             raise InputError(f"--host: {host} is not an address of this machine ({reason})") from None
         raise InputError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
     server.daemon_threads = True
+    server.quiet = quiet
     return server

@@ -363,3 +363,37 @@ def test_a_version_published_before_cannot_come_back_with_other_content(repo, bu
         repo.publish(tmp_path / "other-1.0.tar.gz", allow_downgrade=True)
     assert repo.published()["bundles/onnx.tar.gz"]["version"] == "1.1"
     assert repo.publish(bundles["1.0"], allow_downgrade=True)["changed"]  # the same content may come back
+
+
+def test_serve_a_client_that_goes_away_mid_download_is_one_line(repo, capfd):
+    """A device unplugged while downloading a bundle: the server logs one line and keeps serving, rather than
+    printing socketserver's traceback for every dropped download."""
+    import socket
+    import struct
+    import time
+
+    with open(repo.targets_dir / "big.tar.gz", "wb") as handle:
+        handle.truncate(64 << 20)  # more than the socket buffers hold
+    server = make_server(repo.dir, quiet=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"GET /targets/big.tar.gz HTTP/1.1\r\nHost: device\r\n\r\n")
+        assert client.recv(1024).startswith(b"HTTP/1.0 200")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, as a cut cable
+        client.close()
+        err, deadline = "", time.monotonic() + 10
+        while "closed the connection" not in err and "-----\n" not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capfd.readouterr().err
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata/timestamp.json", timeout=10) as response:
+            assert response.status == 200  # still serving
+    finally:
+        server.shutdown()
+        server.server_close()
+    err += capfd.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "closed the connection" in line]
+    assert len(lines) == 1 and lines[0].startswith("127.0.0.1 - - [")
