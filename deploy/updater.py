@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 from urllib.request import url2pathname
 
 import urllib3
@@ -288,8 +288,11 @@ def _update_locked(
             raise UpdateError(f"update refused: the repository offers {version}, older than the installed "
                               f"{current} (downgrade; use --allow-downgrade to install it)")
         say(f"downloading {info.path} ({info.length} bytes)")
-        path = updater.find_cached_target(info) or updater.download_target(info)
+        # named as ngclient names it; removed however this ends (a download cut short by a full disk included)
+        path = device.root / "downloads" / quote(info.path, safe="")
         try:
+            if updater.find_cached_target(info, str(path)) is None:
+                updater.download_target(info, str(path))
             say(f"installing {version}")
             return device.install_bundle(path, version, key, profile, keep)
         except IncompatibleError as exc:
@@ -297,7 +300,7 @@ def _update_locked(
             device.log_event("incompatible", version=version, key=key, reason=str(exc))
             continue
         finally:
-            Path(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
     if incompatible:
         raise IncompatibleError("; ".join(incompatible))
     raise UpdateError(f"update refused: the repository has no bundle for this device (looked for {', '.join(keys)})")
