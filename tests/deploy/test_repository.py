@@ -397,3 +397,15 @@ def test_serve_a_client_that_goes_away_mid_download_is_one_line(repo, capfd):
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "closed the connection" in line]
     assert len(lines) == 1 and lines[0].startswith("127.0.0.1 - - [")
+
+
+@pytest.mark.parametrize("text", ["[]", "null",
+                                  '{"keyid": "ab", "keytype": "ed25519", "scheme": "ed25519", "keyval": 3}'])
+def test_a_damaged_public_key_file_is_named_not_the_private_key(repo, capsys, text):
+    from smearsight.cli import main
+
+    (repo.keys_dir / "timestamp.pub.json").write_text(text)
+    assert main(["deploy", "repo", "refresh", str(repo.dir)]) == 1
+    err = capsys.readouterr().err
+    assert "timestamp.pub.json: cannot read the public key" in err and "timestamp.pem" not in err
+    assert len(err.strip().splitlines()) == 1
