@@ -85,6 +85,24 @@ def _expires(days: float) -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=days)
 
 
+def _check_engines_for(bundle: Path, index: dict[str, Any], key: str) -> None:
+    """A bundle published for the GPU key ``key`` must hold, for every model, an engine built for that key: a device
+    of that key refuses the whole bundle otherwise (and downloads it again at every update check)."""
+    models = index.get("models", [])
+    if not any(m.get("engine") for m in models):
+        raise InputError(f"{bundle}: has no TensorRT engines; publish it with --onnx-fallback instead of --gpu")
+    for model in models:
+        engine = model.get("engine")
+        if not engine:
+            raise InputError(f"{bundle}: model '{model.get('name')}' has no TensorRT engine; a --gpu bundle needs one "
+                             "for every model (or publish it with --onnx-fallback)")
+        capability, version = str(engine.get("compute_capability")), str(engine.get("tensorrt_version"))
+        built_for = gpu_key(capability, version)
+        if built_for != key:
+            raise InputError(f"{bundle}: the engine of model '{model.get('name')}' was built for {built_for} (compute "
+                             f"capability {capability}, TensorRT {version}), not for --gpu {key}")
+
+
 class FileRepository(Repository):
     """python-tuf's repository workflow (edit, snapshot, timestamp) over files in one directory."""
 
@@ -233,9 +251,8 @@ class FileRepository(Repository):
         path = target_path(key)
         index = read_index(bundle)
         version = str(index["version"])
-        has_engines = any(m.get("engine") for m in index.get("models", []))
-        if key != ONNX_KEY and not has_engines:
-            raise InputError(f"{bundle}: has no TensorRT engines; publish it with --onnx-fallback instead of --gpu")
+        if key != ONNX_KEY:
+            _check_engines_for(bundle, index, key)
         sha = sha256_file(bundle)
         existing = self.targets().targets.get(path)
         if existing is not None:

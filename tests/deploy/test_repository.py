@@ -139,6 +139,26 @@ def test_gpu_keys(repo, bundles):
         repo.publish(bundles["1.0"], "sm_87-trt10.3")
 
 
+def test_a_gpu_bundle_is_published_only_under_the_key_its_engines_were_built_for(repo, tmp_path, factory):
+    """Devices of the key would refuse the whole bundle, and download it again at every update check."""
+    from smearsight.deploy.bundle import build_bundle
+
+    orin = dict(tensorrt_version="10.3.0", cuda_version="12.6", gpu_name="Orin", compute_capability="8.7")
+    a2000 = {**orin, "gpu_name": "RTX A2000", "compute_capability": "8.6"}
+    det = factory.detector(tmp_path / "det", seed=5, engine=a2000)
+    build_bundle([det], "2.0", tmp_path / "wrong-gpu.tar.gz")
+    with pytest.raises(InputError, match="model 'detector' was built for sm_86-trt10.3 .*not for --gpu sm_87-trt10.3"):
+        repo.publish(tmp_path / "wrong-gpu.tar.gz", "sm_87-trt10.3")
+    morph = factory.morphology(tmp_path / "head")
+    det = factory.detector(tmp_path / "det-orin", seed=6, engine=orin)
+    build_bundle([det, morph], "2.0", tmp_path / "half.tar.gz")
+    with pytest.raises(InputError, match="model 'morphology_head' has no TensorRT engine"):
+        repo.publish(tmp_path / "half.tar.gz", "sm_87-trt10.3")
+    assert repo.targets().targets == {} and repo.targets().version == 1  # nothing was signed
+    build_bundle([det], "2.0", tmp_path / "orin.tar.gz")
+    assert repo.publish(tmp_path / "orin.tar.gz", "sm_87-trt10.3")["changed"]
+
+
 def test_serve_only_metadata_and_targets(repo, bundles):
     repo.publish(bundles["1.0"])
     server = make_server(repo.dir)

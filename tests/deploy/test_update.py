@@ -87,13 +87,33 @@ def test_keep_n_previous_releases(repo, bundles, device_root):
     assert device.events()[-1]["pruned"] == ["1.0"]
 
 
+def _publish_unchecked(repo, bundle, key):
+    """Publish as a tool that does not check the engines against the key would (``publish`` refuses this)."""
+    import shutil
+
+    from tuf.api.metadata import TargetFile
+
+    from smearsight.deploy.bundle import read_index
+    from smearsight.deploy.repository import target_path
+
+    info = TargetFile.from_file(target_path(key), str(bundle), ["sha256"])
+    info.unrecognized_fields["custom"] = {"smearsight": {"version": read_index(bundle)["version"], "key": key}}
+    stored = repo.targets_dir / "bundles" / f"{info.hashes['sha256']}.{key}.tar.gz"
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundle, stored)
+    with repo.edit_targets() as targets:
+        targets.targets[info.path] = info
+    repo.do_snapshot()
+    repo.do_timestamp()
+
+
 def test_incompatible_gpu_bundle_falls_back_to_onnx(repo, bundles, device_root, tmp_path, factory):
     engine = dict(tensorrt_version="10.3.0", cuda_version="12.6", gpu_name="RTX A2000",
                   compute_capability="8.6")  # built on the wrong GPU, published under the Orin key
     det = factory.detector(tmp_path / "det-gpu", seed=5, engine=engine)
     gpu_bundle = tmp_path / "gpu.tar.gz"
     build_bundle([det], "2.0", gpu_bundle)
-    repo.publish(gpu_bundle, "sm_87-trt10.3")
+    _publish_unchecked(repo, gpu_bundle, "sm_87-trt10.3")
     orin = DeviceProfile(compute_capability="8.7", tensorrt_version="10.3.0")
     assert orin.gpu_key == "sm_87-trt10.3"
     with pytest.raises(UpdateError, match="compute capability 8.6 .* this device's GPU is 8.7"):
