@@ -272,6 +272,7 @@ def _update_locked(
     state = device.load_state()
     keys = ([profile.gpu_key] if profile.gpu_key else []) + [ONNX_KEY]
     incompatible: list[str] = []
+    downgrades: list[str] = []
     for key in keys:
         info = updater.get_targetinfo(target_path(key))
         if info is None:
@@ -285,8 +286,10 @@ def _update_locked(
                     "reason": f"version {version} was rolled back here ({state['rejected'][version]}); "
                               "use --force to install it again"}
         if current and version_key(version) < version_key(current) and not allow_downgrade:
-            raise UpdateError(f"update refused: the repository offers {version}, older than the installed "
+            # an older bundle for this GPU (its engines not yet rebuilt) must not hide a newer fallback
+            downgrades.append(f"update refused: the repository offers {version}, older than the installed "
                               f"{current} (downgrade; use --allow-downgrade to install it)")
+            continue
         say(f"downloading {info.path} ({info.length} bytes)")
         # named as ngclient names it; removed however this ends (a download cut short by a full disk included)
         path = device.root / "downloads" / quote(info.path, safe="")
@@ -301,6 +304,8 @@ def _update_locked(
             continue
         finally:
             path.unlink(missing_ok=True)
+    if downgrades:
+        raise UpdateError(downgrades[0])
     if incompatible:
         raise IncompatibleError("; ".join(incompatible))
     raise UpdateError(f"update refused: the repository has no bundle for this device (looked for {', '.join(keys)})")

@@ -562,3 +562,23 @@ def test_a_device_provisioned_from_an_expired_first_root_updates_through_a_newer
     repo.publish(bundles["1.0"])
     assert update(root, str(repo.dir))["version"] == "1.0"
     assert Device(root).current() == "1.0"
+
+
+def test_an_older_bundle_for_this_gpu_does_not_hide_a_newer_onnx_one(repo, bundles, device_root, tmp_path, factory):
+    """The GPU key is tried first; its bundle being older than the installed release (engines built for an earlier
+    release) must not stop the update: the ONNX fallback's newer release is installed, as when the GPU bundle
+    cannot run here."""
+    orin = DeviceProfile(compute_capability="8.7", tensorrt_version="10.3.0")
+    repo.publish(bundles["1.1"])
+    assert update(device_root, str(repo.dir), profile=orin)["version"] == "1.1"
+    engine = dict(tensorrt_version="10.3.0", cuda_version="12.6", gpu_name="Orin", compute_capability="8.7")
+    build_bundle([factory.detector(tmp_path / "det-orin", seed=7, engine=engine)], "1.0", tmp_path / "orin.tar.gz")
+    repo.publish(tmp_path / "orin.tar.gz", orin.gpu_key)
+    repo.publish(bundles["1.2"])
+    result = update(device_root, str(repo.dir), profile=orin)
+    assert result["status"] == "installed" and result["version"] == "1.2" and result["key"] == "onnx"
+    # with nothing newer anywhere, the downgrade is still refused and says so
+    repo.publish(bundles["1.0"], allow_downgrade=True)
+    with pytest.raises(UpdateError, match="offers 1.0, older than the installed 1.2"):
+        update(device_root, str(repo.dir), profile=orin)
+    assert Device(device_root).current() == "1.2"
