@@ -137,3 +137,17 @@ def test_shipped_int8_demo_detector_belongs_to_the_shipped_float_one():
     assert int8_manifest.quantization.float_onnx_sha256 == float_manifest.onnx_sha256
     assert int8_manifest.detector == float_manifest.detector and int8_manifest.input == float_manifest.input
     assert verify_files(root / "detector_int8") == []
+
+
+def test_a_check_without_any_detection_does_not_pass_as_full_agreement(tiny_detector_checkpoint, tmp_path):
+    """At a score threshold no anchor reaches, both models find nothing on the check frames: 0/0 used to count as
+    agreement 1.0, pass any --min-agreement and be recorded in the manifest as measured."""
+    blind = tmp_path / "blind"
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(blind),
+                 "--score-threshold", "1.0"]) == 0
+    with pytest.raises(SmearSightError, match="int8 model not checked: neither it nor the float model detects"):
+        quantize_detector(blind, tmp_path / "int8", count=2, check_count=2, min_agreement=0.9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blind"]
+    report = quantize_detector(blind, tmp_path / "unchecked", count=2, check_count=2, min_agreement=0)
+    assert report.float_detections == report.int8_detections == 0
+    assert load_manifest(tmp_path / "unchecked").quantization.agreement is None
