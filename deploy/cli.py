@@ -139,7 +139,8 @@ def repo_serve(
     from smearsight.deploy.repository import make_server
 
     server = make_server(repo_dir, host, port, quiet=False)
-    typer.echo(f"serving {repo_dir} at http://{host}:{server.server_address[1]}/ (Ctrl-C to stop)")
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"serving {repo_dir} at http://{shown}:{server.server_address[1]}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()
     finally:

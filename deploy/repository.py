@@ -14,6 +14,7 @@ Bundles are published as targets ``bundles/<key>.tar.gz`` where ``key`` is a GPU
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.server
 import json
@@ -389,6 +390,17 @@ class _RepoServer(http.server.ThreadingHTTPServer):
                              f"was sent ({exc.strerror or type(exc).__name__})\n")
 
 
+class _RepoServer6(_RepoServer):
+    """IPv6; '::' also takes IPv4 connections (as ``python -m http.server --bind ::`` does)."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def make_server(
     repo_dir: str | Path, host: str = "127.0.0.1", port: int = 0, quiet: bool = True
 ) -> http.server.ThreadingHTTPServer:
@@ -399,8 +411,9 @@ def make_server(
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise InputError(f"--port: {port} is not a TCP port (0 to 65535; 0 picks a free one)")
     handler = type("RepoHandler", (_RepoHandler,), {"quiet": quiet})
+    server_class = _RepoServer6 if ":" in host else _RepoServer  # an IPv6 address such as '::' or '::1'
     try:
-        server = _RepoServer((host, port), partial(handler, directory=str(repo_dir)))
+        server = server_class((host, port), partial(handler, directory=str(repo_dir)))
     except socket.gaierror as exc:
         raise InputError(f"--host: '{host}' is not a known host name or address ({exc.strerror or exc})") from None
     except (OSError, OverflowError) as exc:

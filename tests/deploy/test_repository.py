@@ -429,3 +429,46 @@ def test_a_damaged_public_key_file_is_named_not_the_private_key(repo, capsys, te
     err = capsys.readouterr().err
     assert "timestamp.pub.json: cannot read the public key" in err and "timestamp.pem" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_serve_on_an_ipv6_address(repo):
+    """--host :: (every interface, IPv6 and IPv4) and --host ::1 were refused as unknown host names."""
+    for host, url_host in (("::1", "[::1]"), ("::", "127.0.0.1")):
+        server = make_server(repo.dir, host=host)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://{url_host}:{server.server_address[1]}/metadata/timestamp.json"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.read() == (repo.meta_dir / "timestamp.json").read_bytes()
+        finally:
+            server.shutdown()
+            server.server_close()
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "smearsight.cli", "deploy", "repo", "serve", str(repo.dir),
+                             "--host", "::1", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://\[::1\]:(\d+)/", line).group(1))  # a URL a browser or device can use
+        with urllib.request.urlopen(f"http://[::1]:{port}/metadata/1.root.json", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
