@@ -210,14 +210,19 @@ def open_updater(device: Device, repo: str) -> Updater:
     (device.root / "downloads").mkdir(parents=True, exist_ok=True)
     if isinstance(fetcher, _RootBufferedFetcher):
         fetcher.buffer_dir = device.root / "downloads"
-    return Updater(
-        metadata_dir=str(device.root / "tuf"),
-        metadata_base_url=f"{base}/metadata/",
-        target_dir=str(device.root / "downloads"),
-        target_base_url=f"{base}/targets/",
-        fetcher=fetcher,
-        bootstrap=anchor.read_bytes(),
-    )
+    try:
+        return Updater(
+            metadata_dir=str(device.root / "tuf"),
+            metadata_base_url=f"{base}/metadata/",
+            target_dir=str(device.root / "downloads"),
+            target_base_url=f"{base}/targets/",
+            fetcher=fetcher,
+            bootstrap=anchor.read_bytes(),
+        )
+    except tuf_errors.RepositoryError as exc:  # the device's own anchor, not the repository's metadata
+        raise InputError(f"{anchor}: not valid, self-signed TUF root metadata ({type(exc).__name__}: "
+                         f"{first_line(exc)}); provision the device again: smearsight deploy provision "
+                         "--trusted-root FILE --force") from None
 
 
 def update(

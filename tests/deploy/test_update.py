@@ -582,3 +582,21 @@ def test_an_older_bundle_for_this_gpu_does_not_hide_a_newer_onnx_one(repo, bundl
     with pytest.raises(UpdateError, match="offers 1.0, older than the installed 1.2"):
         update(device_root, str(repo.dir), profile=orin)
     assert Device(device_root).current() == "1.2"
+
+
+@pytest.mark.parametrize("anchor", ["garbage", '{"signed": {"_type": "root"}, "signatures": []}', "unsigned"])
+def test_a_damaged_trusted_root_on_the_device_is_named(repo, bundles, device_root, capsys, anchor):
+    """The device's own trust anchor was blamed on the repository ('the repository metadata is invalid')."""
+    repo.publish(bundles["1.0"])
+    path = device_root / "trusted-root.json"
+    if anchor == "unsigned":
+        data = json.loads(path.read_text())
+        data["signatures"] = []
+        anchor = json.dumps(data)
+    path.write_text(anchor)
+    capsys.readouterr()
+    assert main(["deploy", "update", "--repo", str(repo.dir), "--root-dir", str(device_root)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: not valid, self-signed TUF root metadata" in err[0]
+    assert "repository metadata" not in err[0] and "deploy provision" in err[0]
+    assert Device(device_root).current() is None
