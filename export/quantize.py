@@ -177,7 +177,8 @@ def quantize_detector(
     if manifest.kind != "detector":
         raise InputError(f"{model_dir / MANIFEST_NAME}: kind '{manifest.kind}': only detector models are "
                          "quantized to int8 (morphology anomaly scores are too small a difference for int8)")
-    if manifest.precision != "fp32":
+    # an FP16 engine built in the folder (export engine --out DIR) leaves its model.onnx the float32 graph
+    if manifest.precision != "fp32" and not (manifest.precision == "fp16" and manifest.engine is not None):
         raise InputError(f"{model_dir / MANIFEST_NAME}: precision '{manifest.precision}': quantize the float32 "
                          "model (the export onnx output)")
     if count < 1 or check_count < 1:

@@ -151,3 +151,26 @@ def test_a_check_without_any_detection_does_not_pass_as_full_agreement(tiny_dete
     report = quantize_detector(blind, tmp_path / "unchecked", count=2, check_count=2, min_agreement=0)
     assert report.float_detections == report.int8_detections == 0
     assert load_manifest(tmp_path / "unchecked").quantization.agreement is None
+
+
+def test_a_folder_with_an_fp16_engine_beside_its_float_model_is_quantized(float_model, tmp_path):
+    """The README's order: export onnx --out DIR, export engine --out DIR (precision fp16 now describes the
+    engine), export int8 DIR: its model.onnx is still the float32 graph, and was refused as 'precision fp16'."""
+    import hashlib
+    import shutil
+
+    from smearsight.manifest import EngineSpec
+
+    folder = tmp_path / "det"
+    shutil.copytree(float_model, folder)
+    (folder / "model.engine").write_bytes(b"an engine")
+    manifest = load_manifest(folder)
+    manifest.precision = "fp16"
+    manifest.engine = EngineSpec(sha256=hashlib.sha256(b"an engine").hexdigest(),
+                                 tensorrt_version="10.3.0", cuda_version="12.6", gpu_name="Orin",
+                                 compute_capability="8.7")
+    manifest.save(folder)
+    quantize_detector(folder, tmp_path / "int8", count=2, check_count=1, min_agreement=0)
+    int8 = load_manifest(tmp_path / "int8")
+    assert int8.precision == "int8" and int8.engine is None and verify_files(tmp_path / "int8") == []
+    assert int8.quantization.float_onnx_sha256 == manifest.onnx_sha256
