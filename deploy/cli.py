@@ -127,6 +127,8 @@ def repo_refresh(
     v = FileRepository(repo_dir).refresh(targets=targets, root=root)
     typer.echo(f"signed: root v{v['root']}, targets v{v['targets']}, snapshot v{v['snapshot']}, "
                f"timestamp v{v['timestamp']}")
+    for warning in v["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @repo_app.command("serve")

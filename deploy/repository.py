@@ -321,11 +321,13 @@ class FileRepository(Repository):
         self.do_timestamp()
         return True
 
-    def refresh(self, targets: bool = False, root: bool = False) -> dict[str, int]:
+    def refresh(self, targets: bool = False, root: bool = False) -> dict[str, Any]:
         """Re-sign snapshot and timestamp (and optionally targets, root) with fresh expiries.
 
         Run it regularly (see docs/deploy.md). Re-signing root needs the offline root key and publishes
-        ``N.root.json``, which devices pick up on their next update.
+        ``N.root.json``, which devices pick up on their next update. ``warnings`` in the result: one line per
+        role left as it was whose metadata has expired, or expires before the new timestamp does (devices
+        refuse the whole repository from then on).
         """
         self._signers.clear()
         roles = [Root.type] * root + [Targets.type] * targets + [Snapshot.type, Timestamp.type]
@@ -339,8 +341,19 @@ class FileRepository(Repository):
                 pass
         self.do_snapshot(force=True)
         self.do_timestamp(force=True)
+        warnings = []
+        horizon = self.timestamp().expires
+        for role, signed, option in ((Root.type, root, "--root"), (Targets.type, targets, "--targets")):
+            expires = self.root().expires if role == Root.type else self.targets().expires
+            if not signed and expires <= horizon:
+                expired = expires <= datetime.now(timezone.utc)
+                what = "expired" if expired else "expires"
+                effect = "devices refuse the repository until" if expired else "devices will refuse it unless"
+                extra = " with root.pem brought back from offline" if role == Root.type else ""
+                warnings.append(f"{role} metadata {what} on {expires.isoformat()}: {effect} it is re-signed; run "
+                                f"'smearsight deploy repo refresh {option}'{extra}")
         return {"root": self.root().version, "targets": self.targets().version,
-                "snapshot": self.snapshot().version, "timestamp": self.timestamp().version}
+                "snapshot": self.snapshot().version, "timestamp": self.timestamp().version, "warnings": warnings}
 
 
 # -------------------------------------------------------------------------------------------- serve

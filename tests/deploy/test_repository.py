@@ -472,3 +472,22 @@ def test_serve_on_an_ipv6_address(repo):
         proc.wait(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_refresh_warns_when_metadata_it_does_not_sign_has_expired(tmp_path, bundles, capsys):
+    """A daily 'refresh' cron re-signs snapshot and timestamp only; once targets expired it still said 'signed'
+    and exited 0 while every device refused the repository ('metadata has expired')."""
+    import time
+
+    from smearsight.cli import main
+
+    repo = FileRepository.init(tmp_path / "r", {"targets": 1 / 86400})  # targets valid for one second
+    repo.publish(bundles["1.0"])
+    time.sleep(1.2)
+    capsys.readouterr()
+    assert main(["deploy", "repo", "refresh", str(repo.dir)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: targets metadata expired on ")
+    assert "refresh --targets" in err[0]
+    assert main(["deploy", "repo", "refresh", str(repo.dir), "--targets"]) == 0
+    assert capsys.readouterr().err == ""  # targets fresh again; root (a year) is far from expiring
