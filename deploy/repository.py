@@ -212,8 +212,10 @@ class FileRepository(Repository):
             raise InputError(f"{repo_dir}: already holds a repository (metadata/ or keys/ exists)")
         check_output_dir(repo_dir, "deploy repo init")
         # staging_dir: locked while in use, and the folders of inits killed part-way (holding private keys) are
-        # removed by the next init
-        with staging_dir(repo_dir) as work:
+        # removed by the next init. An existing folder (one an administrator made for this user, often in a
+        # folder the user may not write) is built in; a new one beside it.
+        existing = repo_dir.is_dir()
+        with staging_dir(repo_dir / "init" if existing else repo_dir) as work:  # .init.XXXXXXXX.staging inside
             stage = work / "repo"
             stage.mkdir()
             atomic_write_json(stage / CONFIG_NAME, {"expiry_days": {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}})
@@ -228,14 +230,12 @@ class FileRepository(Repository):
             staged._sign_and_write(Targets.type, Metadata(Targets()))
             staged._sign_and_write(Snapshot.type, Metadata(Snapshot()))
             staged._sign_and_write(Timestamp.type, Metadata(Timestamp()))
-            if repo_dir.is_dir() and not any(repo_dir.iterdir()):
-                repo_dir.rmdir()
-            if not repo_dir.exists():
+            if not existing:
                 os.replace(stage, repo_dir)
-            else:  # a folder holding other files: move the pieces in, metadata/ (what marks a repository) last
+            else:  # move the pieces in, metadata/ (what marks a repository) last
                 for name in (CONFIG_NAME, "targets", "keys", "metadata"):
                     os.replace(stage / name, repo_dir / name)
-            fsync_dir(repo_dir.parent)
+            fsync_dir(repo_dir if existing else repo_dir.parent)
         return cls(repo_dir)
 
     def published(self) -> dict[str, dict[str, Any]]:

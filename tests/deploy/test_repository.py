@@ -491,3 +491,27 @@ def test_refresh_warns_when_metadata_it_does_not_sign_has_expired(tmp_path, bund
     assert "refresh --targets" in err[0]
     assert main(["deploy", "repo", "refresh", str(repo.dir), "--targets"]) == 0
     assert capsys.readouterr().err == ""  # targets fresh again; root (a year) is far from expiring
+
+
+def test_init_into_an_existing_folder_needs_no_write_access_beside_it(tmp_path, tmpfs):
+    """/srv/smearsight-repo made by an administrator for the publishing user, /srv not writable by that user: init
+    staged beside the folder, in /srv, and failed. The parent is made read-only here (permissions do not stop
+    root), the folder itself a writable mount."""
+    import subprocess
+
+    with tmpfs("srv", "size=4m") as srv:
+        target = srv / "smearsight-repo"
+        target.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(target)], check=True)
+        try:
+            (target / "README").write_text("ours")
+            killed = target / ".init.k1ll3d00.staging"  # what an init killed in this folder leaves
+            (killed / "repo" / "keys").mkdir(parents=True)
+            subprocess.run(["mount", "-o", "remount,ro", str(srv)], check=True)
+            repo = FileRepository.init(target)
+            assert (repo.meta_dir / "1.root.json").is_file() and (target / "README").read_text() == "ours"
+            assert sorted(p.name for p in target.iterdir()) == ["README", "keys", "metadata", "repository.json",
+                                                                "targets"]
+            assert stat.S_IMODE((repo.keys_dir / "root.pem").stat().st_mode) == 0o600
+        finally:
+            subprocess.run(["umount", "-l", str(target)], check=False)
