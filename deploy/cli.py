@@ -127,6 +127,8 @@ def repo_refresh(
     v = FileRepository(repo_dir).refresh(targets=targets, root=root)
     typer.echo(f"signed: root v{v['root']}, targets v{v['targets']}, snapshot v{v['snapshot']}, "
                f"timestamp v{v['timestamp']}")
+    for warning in v["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @repo_app.command("serve")
@@ -139,7 +141,8 @@ def repo_serve(
     from smearsight.deploy.repository import make_server
 
     server = make_server(repo_dir, host, port, quiet=False)
-    typer.echo(f"serving {repo_dir} at http://{host}:{server.server_address[1]}/ (Ctrl-C to stop)")
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"serving {repo_dir} at http://{shown}:{server.server_address[1]}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()
     finally:

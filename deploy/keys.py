@@ -50,9 +50,11 @@ def load_public_key(keys_dir: str | Path, role: str) -> SSlibKey:
     path = Path(keys_dir) / f"{role}.pub.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         keyid = data.pop("keyid")
         return SSlibKey.from_dict(keyid, data)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: cannot read the public key ({exc})") from None
 
 

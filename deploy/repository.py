@@ -14,6 +14,7 @@ Bundles are published as targets ``bundles/<key>.tar.gz`` where ``key`` is a GPU
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.server
 import json
@@ -23,7 +24,8 @@ import posixpath
 import re
 import shutil
 import socket
-import tempfile
+import sys
+import time
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -39,13 +41,13 @@ from smearsight.deploy.bundle import read_index, version_key
 from smearsight.deploy.keys import ROLES, generate_key, load_signer
 from smearsight.errors import InputError
 from smearsight.fileio import (
-    DIR_MODE,
     atomic_open,
     atomic_write_bytes,
     atomic_write_json,
     check_output_dir,
     fsync_dir,
     sha256_file,
+    staging_dir,
 )
 
 CONFIG_NAME = "repository.json"
@@ -82,6 +84,24 @@ def check_expiry_days(expiry_days: dict[str, Any], where: str) -> None:
 
 def _expires(days: float) -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=days)
+
+
+def _check_engines_for(bundle: Path, index: dict[str, Any], key: str) -> None:
+    """A bundle published for the GPU key ``key`` must hold, for every model, an engine built for that key: a device
+    of that key refuses the whole bundle otherwise (and downloads it again at every update check)."""
+    models = index.get("models", [])
+    if not any(m.get("engine") for m in models):
+        raise InputError(f"{bundle}: has no TensorRT engines; publish it with --onnx-fallback instead of --gpu")
+    for model in models:
+        engine = model.get("engine")
+        if not engine:
+            raise InputError(f"{bundle}: model '{model.get('name')}' has no TensorRT engine; a --gpu bundle needs one "
+                             "for every model (or publish it with --onnx-fallback)")
+        capability, version = str(engine.get("compute_capability")), str(engine.get("tensorrt_version"))
+        built_for = gpu_key(capability, version)
+        if built_for != key:
+            raise InputError(f"{bundle}: the engine of model '{model.get('name')}' was built for {built_for} (compute "
+                             f"capability {capability}, TensorRT {version}), not for --gpu {key}")
 
 
 class FileRepository(Repository):
@@ -191,10 +211,13 @@ class FileRepository(Repository):
         if (repo_dir / "metadata").exists() or (repo_dir / "keys").exists():
             raise InputError(f"{repo_dir}: already holds a repository (metadata/ or keys/ exists)")
         check_output_dir(repo_dir, "deploy repo init")
-        repo_dir.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.init-", dir=repo_dir.parent))
-        try:
-            stage.chmod(DIR_MODE)
+        # staging_dir: locked while in use, and the folders of inits killed part-way (holding private keys) are
+        # removed by the next init. An existing folder (one an administrator made for this user, often in a
+        # folder the user may not write) is built in; a new one beside it.
+        existing = repo_dir.is_dir()
+        with staging_dir(repo_dir / "init" if existing else repo_dir) as work:  # .init.XXXXXXXX.staging inside
+            stage = work / "repo"
+            stage.mkdir()
             atomic_write_json(stage / CONFIG_NAME, {"expiry_days": {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}})
             staged = cls(stage)
             staged.targets_dir.mkdir()
@@ -207,18 +230,12 @@ class FileRepository(Repository):
             staged._sign_and_write(Targets.type, Metadata(Targets()))
             staged._sign_and_write(Snapshot.type, Metadata(Snapshot()))
             staged._sign_and_write(Timestamp.type, Metadata(Timestamp()))
-            if repo_dir.is_dir() and not any(repo_dir.iterdir()):
-                repo_dir.rmdir()
-            if not repo_dir.exists():
+            if not existing:
                 os.replace(stage, repo_dir)
-            else:  # a folder holding other files: move the pieces in, metadata/ (what marks a repository) last
+            else:  # move the pieces in, metadata/ (what marks a repository) last
                 for name in (CONFIG_NAME, "targets", "keys", "metadata"):
                     os.replace(stage / name, repo_dir / name)
-                stage.rmdir()
-            fsync_dir(repo_dir.parent)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+            fsync_dir(repo_dir if existing else repo_dir.parent)
         return cls(repo_dir)
 
     def published(self) -> dict[str, dict[str, Any]]:
@@ -235,9 +252,8 @@ class FileRepository(Repository):
         path = target_path(key)
         index = read_index(bundle)
         version = str(index["version"])
-        has_engines = any(m.get("engine") for m in index.get("models", []))
-        if key != ONNX_KEY and not has_engines:
-            raise InputError(f"{bundle}: has no TensorRT engines; publish it with --onnx-fallback instead of --gpu")
+        if key != ONNX_KEY:
+            _check_engines_for(bundle, index, key)
         sha = sha256_file(bundle)
         existing = self.targets().targets.get(path)
         if existing is not None:
@@ -305,11 +321,13 @@ class FileRepository(Repository):
         self.do_timestamp()
         return True
 
-    def refresh(self, targets: bool = False, root: bool = False) -> dict[str, int]:
+    def refresh(self, targets: bool = False, root: bool = False) -> dict[str, Any]:
         """Re-sign snapshot and timestamp (and optionally targets, root) with fresh expiries.
 
         Run it regularly (see docs/deploy.md). Re-signing root needs the offline root key and publishes
-        ``N.root.json``, which devices pick up on their next update.
+        ``N.root.json``, which devices pick up on their next update. ``warnings`` in the result: one line per
+        role left as it was whose metadata has expired, or expires before the new timestamp does (devices
+        refuse the whole repository from then on).
         """
         self._signers.clear()
         roles = [Root.type] * root + [Targets.type] * targets + [Snapshot.type, Timestamp.type]
@@ -323,8 +341,19 @@ class FileRepository(Repository):
                 pass
         self.do_snapshot(force=True)
         self.do_timestamp(force=True)
+        warnings = []
+        horizon = self.timestamp().expires
+        for role, signed, option in ((Root.type, root, "--root"), (Targets.type, targets, "--targets")):
+            expires = self.root().expires if role == Root.type else self.targets().expires
+            if not signed and expires <= horizon:
+                expired = expires <= datetime.now(timezone.utc)
+                what = "expired" if expired else "expires"
+                effect = "devices refuse the repository until" if expired else "devices will refuse it unless"
+                extra = " with root.pem brought back from offline" if role == Root.type else ""
+                warnings.append(f"{role} metadata {what} on {expires.isoformat()}: {effect} it is re-signed; run "
+                                f"'smearsight deploy repo refresh {option}'{extra}")
         return {"root": self.root().version, "targets": self.targets().version,
-                "snapshot": self.snapshot().version, "timestamp": self.timestamp().version}
+                "snapshot": self.snapshot().version, "timestamp": self.timestamp().version, "warnings": warnings}
 
 
 # -------------------------------------------------------------------------------------------- serve
@@ -359,6 +388,32 @@ class _RepoHandler(http.server.SimpleHTTPRequestHandler):
             super().log_message(format, *args)
 
 
+class _RepoServer(http.server.ThreadingHTTPServer):
+    """A device that goes away mid-download (unplugged, rebooted, timed out) is one log line, not a traceback."""
+
+    quiet = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, ConnectionError):
+            super().handle_error(request, client_address)
+        elif not self.quiet:
+            when = time.strftime("%d/%b/%Y %H:%M:%S")  # as the request log lines give it
+            sys.stderr.write(f"{client_address[0]} - - [{when}] the client closed the connection before the response "
+                             f"was sent ({exc.strerror or type(exc).__name__})\n")
+
+
+class _RepoServer6(_RepoServer):
+    """IPv6; '::' also takes IPv4 connections (as ``python -m http.server --bind ::`` does)."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def make_server(
     repo_dir: str | Path, host: str = "127.0.0.1", port: int = 0, quiet: bool = True
 ) -> http.server.ThreadingHTTPServer:
@@ -369,8 +424,9 @@ def make_server(
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise InputError(f"--port: {port} is not a TCP port (0 to 65535; 0 picks a free one)")
     handler = type("RepoHandler", (_RepoHandler,), {"quiet": quiet})
+    server_class = _RepoServer6 if ":" in host else _RepoServer  # an IPv6 address such as '::' or '::1'
     try:
-        server = http.server.ThreadingHTTPServer((host, port), partial(handler, directory=str(repo_dir)))
+        server = server_class((host, port), partial(handler, directory=str(repo_dir)))
     except socket.gaierror as exc:
         raise InputError(f"--host: '{host}' is not a known host name or address ({exc.strerror or exc})") from None
     except (OSError, OverflowError) as exc:
@@ -381,4 +437,5 @@ def make_server(
             raise InputError(f"--host: {host} is not an address of this machine ({reason})") from None
         raise InputError(f"--host {host} --port {port}: cannot listen there ({reason})") from None
     server.daemon_threads = True
+    server.quiet = quiet
     return server

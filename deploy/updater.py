@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 from urllib.request import url2pathname
 
 import urllib3
@@ -210,14 +210,19 @@ def open_updater(device: Device, repo: str) -> Updater:
     (device.root / "downloads").mkdir(parents=True, exist_ok=True)
     if isinstance(fetcher, _RootBufferedFetcher):
         fetcher.buffer_dir = device.root / "downloads"
-    return Updater(
-        metadata_dir=str(device.root / "tuf"),
-        metadata_base_url=f"{base}/metadata/",
-        target_dir=str(device.root / "downloads"),
-        target_base_url=f"{base}/targets/",
-        fetcher=fetcher,
-        bootstrap=anchor.read_bytes(),
-    )
+    try:
+        return Updater(
+            metadata_dir=str(device.root / "tuf"),
+            metadata_base_url=f"{base}/metadata/",
+            target_dir=str(device.root / "downloads"),
+            target_base_url=f"{base}/targets/",
+            fetcher=fetcher,
+            bootstrap=anchor.read_bytes(),
+        )
+    except tuf_errors.RepositoryError as exc:  # the device's own anchor, not the repository's metadata
+        raise InputError(f"{anchor}: not valid, self-signed TUF root metadata ({type(exc).__name__}: "
+                         f"{first_line(exc)}); provision the device again: smearsight deploy provision "
+                         "--trusted-root FILE --force") from None
 
 
 def update(
@@ -272,6 +277,7 @@ def _update_locked(
     state = device.load_state()
     keys = ([profile.gpu_key] if profile.gpu_key else []) + [ONNX_KEY]
     incompatible: list[str] = []
+    downgrades: list[str] = []
     for key in keys:
         info = updater.get_targetinfo(target_path(key))
         if info is None:
@@ -285,11 +291,16 @@ def _update_locked(
                     "reason": f"version {version} was rolled back here ({state['rejected'][version]}); "
                               "use --force to install it again"}
         if current and version_key(version) < version_key(current) and not allow_downgrade:
-            raise UpdateError(f"update refused: the repository offers {version}, older than the installed "
+            # an older bundle for this GPU (its engines not yet rebuilt) must not hide a newer fallback
+            downgrades.append(f"update refused: the repository offers {version}, older than the installed "
                               f"{current} (downgrade; use --allow-downgrade to install it)")
+            continue
         say(f"downloading {info.path} ({info.length} bytes)")
-        path = updater.find_cached_target(info) or updater.download_target(info)
+        # named as ngclient names it; removed however this ends (a download cut short by a full disk included)
+        path = device.root / "downloads" / quote(info.path, safe="")
         try:
+            if updater.find_cached_target(info, str(path)) is None:
+                updater.download_target(info, str(path))
             say(f"installing {version}")
             return device.install_bundle(path, version, key, profile, keep)
         except IncompatibleError as exc:
@@ -297,7 +308,9 @@ def _update_locked(
             device.log_event("incompatible", version=version, key=key, reason=str(exc))
             continue
         finally:
-            Path(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+    if downgrades:
+        raise UpdateError(downgrades[0])
     if incompatible:
         raise IncompatibleError("; ".join(incompatible))
     raise UpdateError(f"update refused: the repository has no bundle for this device (looked for {', '.join(keys)})")

@@ -8,6 +8,7 @@ engine built for another device.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -15,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from smearsight.errors import InputError, SmearSightError, require
-from smearsight.fileio import atomic_write_bytes, sha256_file
-from smearsight.manifest import EngineSpec, load_manifest
+from smearsight.fileio import (
+    atomic_files,
+    atomic_write_bytes,
+    check_output_dir,
+    check_output_file,
+    remove_stale_temp_files,
+)
+from smearsight.manifest import MANIFEST_NAME, EngineSpec, load_manifest, verify_files
 
 
 @dataclass
@@ -31,9 +38,15 @@ class EngineOptions:
     opt_batch: int = 8
     max_batch: int = 32
 
+    @property
+    def fp16_kernels(self) -> bool:
+        """Whether the builder may pick FP16 kernels: a strongly-typed network takes its types from the ONNX
+        model instead (float32 for ``smearsight export onnx`` models), whatever ``fp16`` says."""
+        return self.fp16 and not self.strongly_typed
+
     def flags(self) -> dict[str, object]:
         return {
-            "fp16": self.fp16,
+            "fp16": self.fp16_kernels,
             "strongly_typed": self.strongly_typed,
             "workspace_mb": self.workspace_mb,
             "batch_profile": [self.min_batch, self.opt_batch, self.max_batch],
@@ -95,7 +108,7 @@ def build_engine(onnx_path: str | Path, options: EngineOptions) -> tuple[bytes, 
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
-    if options.fp16 and not options.strongly_typed:
+    if options.fp16_kernels:
         config.set_flag(trt.BuilderFlag.FP16)
     cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
@@ -135,38 +148,64 @@ def query_gpu() -> GpuInfo:
         pass
     if shutil.which("nvidia-smi") is None:
         raise SmearSightError("no NVIDIA GPU found (neither pycuda nor nvidia-smi is available)")
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-        capture_output=True, text=True, check=True,
-    ).stdout.splitlines()[0]
-    name, capability, _driver = (part.strip() for part in out.split(","))
-    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+    query = ["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=60)
+        lines = done.stdout.splitlines()
+        if done.returncode != 0 or not lines or len(lines[0].split(",")) != 3:
+            said = (done.stdout.strip() or done.stderr.strip() or f"exit code {done.returncode}").splitlines()[0]
+            raise SmearSightError(f"nvidia-smi cannot describe the GPU ({said}); is the NVIDIA driver loaded?")
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SmearSightError(f"nvidia-smi cannot describe the GPU ({exc})") from None
+    name, capability, _driver = (part.strip() for part in lines[0].split(","))
     cuda_version = smi.split("CUDA Version:")[1].split()[0] if "CUDA Version:" in smi else "unknown"
     return GpuInfo(name, capability, cuda_version)
 
 
 def export_engine(onnx_path: str | Path, out_dir: str | Path, options: EngineOptions) -> EngineSpec:
-    """Build ``out_dir/model.engine`` from ``onnx_path`` and record it in ``out_dir/manifest.json``."""
+    """Build ``out_dir/model.engine`` from ``onnx_path`` and record it in ``out_dir/manifest.json``.
+
+    The ONNX model must be the one its manifest names (an export killed between writing the two leaves a
+    mismatched pair), and the output paths must be writable: both are checked before the build. The engine,
+    the manifest (and the ONNX model copied beside them when ``out_dir`` is another folder) replace earlier
+    ones together.
+    """
     onnx_path = Path(onnx_path)
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: ONNX model not found")
     manifest = load_manifest(onnx_path.parent)
+    if manifest.precision == "int8":
+        raise InputError(f"{onnx_path.parent / MANIFEST_NAME}: precision 'int8': the int8 model is for CPU-only "
+                         "devices; build the engine from the float32 model (the export onnx output)")
+    if onnx_path.name != manifest.onnx_file:
+        raise InputError(f"{onnx_path}: the manifest beside it names '{manifest.onnx_file}' as its model")
+    manifest.engine = None  # an earlier build's engine is replaced, its file need not match
+    problems = verify_files(onnx_path.parent, manifest)
+    if problems:
+        raise InputError(f"{problems[0]} (export the model again)")
+    if options.timing_cache is not None:
+        check_output_file(options.timing_cache, "--timing-cache")
     engine_bytes, trt = build_engine(onnx_path, options)
     gpu = query_gpu()
-    engine_path = atomic_write_bytes(out_dir / "model.engine", engine_bytes)
     spec = EngineSpec(
-        file=engine_path.name,
-        sha256=sha256_file(engine_path),
+        file="model.engine",
+        sha256=hashlib.sha256(engine_bytes).hexdigest(),
         tensorrt_version=str(trt.__version__),
         cuda_version=gpu.cuda_version,
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
         build_flags=options.flags(),
     )
-    if out_dir.resolve() != onnx_path.parent.resolve():
-        atomic_write_bytes(out_dir / manifest.onnx_file, onnx_path.read_bytes())
     manifest.engine = spec
-    manifest.precision = "fp16" if options.fp16 else "fp32"
-    manifest.save(out_dir)
+    manifest.precision = "fp16" if options.fp16_kernels else "fp32"  # the ONNX graph itself is float32
+    files = {out_dir / spec.file: engine_bytes}
+    if out_dir.resolve() != onnx_path.parent.resolve():
+        files[out_dir / manifest.onnx_file] = onnx_path.read_bytes()
+    files[out_dir / MANIFEST_NAME] = manifest.to_json().encode("utf-8")
+    remove_stale_temp_files(out_dir, [path.name for path in files])
+    with atomic_files(list(files)) as handles:
+        for handle, data in zip(handles, files.values(), strict=True):
+            handle.write(data)
     return spec

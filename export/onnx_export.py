@@ -152,6 +152,9 @@ def export_checkpoint(
     if overrides and kind != "detector":
         raise InputError(f"{weights}: --score-threshold / --pre-nms-topk / --max-detections apply to detector "
                          f"checkpoints, not {kind}")
+    if image_size is not None and kind != "detector":
+        raise InputError(f"{weights}: --image-size applies to detector checkpoints; {kind} crops are "
+                         f"{MORPHOLOGY_CROP}x{MORPHOLOGY_CROP}")
     bad = [f"{k} {v}" for k, v in overrides.items() if k != "score" and v < 1]
     if bad:
         raise InputError(f"{', '.join(bad)}: detection caps must be at least 1")

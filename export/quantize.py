@@ -17,7 +17,8 @@ detector several times faster than float32 (docs/benchmarks.md). This module:
 3. checks the result against the float model on *other* frames: detections are matched one to one
    (same class, IoU >= 0.5) at the manifest's score threshold; the agreement is the smaller of the share
    of float detections the int8 model finds and the share of int8 detections the float model made.
-   Below ``min_agreement`` nothing is written.
+   Below ``min_agreement`` nothing is written, nor when neither model detects anything on those frames
+   (unless ``min_agreement`` is 0: the manifest then records no agreement).
 
 The output is a complete model folder (``model.onnx`` + ``manifest.json`` with ``precision: int8`` and a
 ``quantization`` section) written through a staging folder, so an interrupted run leaves nothing half
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from smearsight.errors import InputError, SmearSightError, require
-from smearsight.fileio import fsync_dir, sha256_file, staging_dir
+from smearsight.fileio import check_output_dir, fsync_dir, sha256_file, staging_dir
 from smearsight.manifest import MANIFEST_NAME, Manifest, QuantizationSpec, load_manifest
 
 MATCH_IOU = 0.5
@@ -176,7 +177,8 @@ def quantize_detector(
     if manifest.kind != "detector":
         raise InputError(f"{model_dir / MANIFEST_NAME}: kind '{manifest.kind}': only detector models are "
                          "quantized to int8 (morphology anomaly scores are too small a difference for int8)")
-    if manifest.precision != "fp32":
+    # an FP16 engine built in the folder (export engine --out DIR) leaves its model.onnx the float32 graph
+    if manifest.precision != "fp32" and not (manifest.precision == "fp16" and manifest.engine is not None):
         raise InputError(f"{model_dir / MANIFEST_NAME}: precision '{manifest.precision}': quantize the float32 "
                          "model (the export onnx output)")
     if count < 1 or check_count < 1:
@@ -185,6 +187,7 @@ def quantize_detector(
         raise InputError(f"--min-agreement: {min_agreement} must lie in [0, 1]")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"--out {out_dir}: exists and is not an empty folder (choose a new folder)")
+    check_output_dir(out_dir)  # a folder that cannot be made fails now, not after calibrating
     src = model_dir / manifest.onnx_file
     if not src.is_file():
         raise InputError(f"{src}: ONNX model missing (named by {model_dir / MANIFEST_NAME})")
@@ -259,13 +262,21 @@ def quantize_detector(
             int8_detections=n_got, matched=matched, excluded_nodes=excluded,
             float_mb=src.stat().st_size / 1e6, int8_mb=target.stat().st_size / 1e6,
         )
+        compared = bool(n_ref or n_got)
+        if not compared and min_agreement > 0:  # 0/0 detections "agree" completely and prove nothing
+            raise SmearSightError(
+                f"int8 model not checked: neither it nor the float model detects anything on the {check_count} "
+                "synthetic check frames (a detector of other cells, or a score threshold too high for them); "
+                "use --min-agreement 0 to accept it unchecked"
+            )
         if report.agreement < min_agreement:
             raise SmearSightError(
                 f"int8 model rejected: it agrees with the float model on {report.agreement:.3f} of detections "
                 f"(recall {report.recall:.3f}, precision {report.precision:.3f}) < --min-agreement {min_agreement}; "
                 "calibrate on frames closer to the device's (--calibration) or keep the float model"
             )
-        int8_manifest.quantization.agreement = round(report.agreement, 4)  # type: ignore[union-attr]
+        int8_manifest.quantization.agreement = (  # type: ignore[union-attr]
+            round(report.agreement, 4) if compared else None)  # None: not measured
         int8_manifest.save(staged)
         if out_dir.exists():
             out_dir.rmdir()

@@ -184,3 +184,52 @@ def test_unwritable_releases_directory_without_privileges(repo, on_1_0_with_1_1_
     finally:
         os.chmod(releases, 0o755)
     assert _assert_intact(on_1_0_with_1_1_published) == "1.0"
+
+
+@needs_namespace
+def test_a_download_that_fills_the_disk_leaves_no_partial_bundle(repo, on_1_0_with_1_1_published, bundles,
+                                                                   tmp_path):
+    """Room for ngclient's download buffer but not for the copy it then writes into downloads/: the partial bundle
+    must not stay behind, filling the disk that the runtime's session record and event log need."""
+    from smearsight.deploy.bundle import build_bundle
+
+    models = bundles["1.0"].parent / "models"
+    notes = tmp_path / "notes.md"
+    notes.write_bytes(os.urandom(400_000))  # incompressible: a bundle of ~100 pages
+    big = tmp_path / "big.tar.gz"
+    build_bundle([models / "det1", models / "head"], "1.5", big, notes)
+    repo.publish(big)
+    pages = -(-big.stat().st_size // 4096)
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    python = f"""
+        import os, shutil, sys
+        from smearsight.deploy.install import Device, UpdateError
+        from smearsight.deploy.updater import update
+        root = {str(mount / 'device')!r}
+        shutil.copytree({str(on_1_0_with_1_1_published)!r}, root, symlinks=True)
+        filler = {str(mount / 'filler')!r}
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b'x' * 4096)
+        except OSError as exc:
+            assert exc.errno == 28, exc
+        os.ftruncate(fd, os.fstat(fd).st_size - {(pages + pages // 2) * 4096})  # the buffer fits, its copy not
+        os.close(fd)
+        try:
+            update(root, {str(repo.dir)!r})
+            sys.exit('update succeeded on a nearly full disk')
+        except UpdateError as exc:
+            print('MESSAGE', exc)
+        assert Device(root).current() == '1.0'
+        print('DOWNLOADS', sorted(os.listdir(root + '/downloads')))
+        os.unlink(filler)
+        assert update(root, {str(repo.dir)!r})['version'] == '1.5'
+        print('OK')
+    """
+    proc = _run_in_namespace(f"mount -t tmpfs -o size=2m tmpfs {mount}", python)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "is full" in next(line for line in lines if line.startswith("MESSAGE"))
+    assert next(line for line in lines if line.startswith("DOWNLOADS")) == "DOWNLOADS []"

@@ -80,6 +80,19 @@ def test_init_into_an_existing_folder_keeps_its_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["srv"]  # no staging folder left
 
 
+def test_init_clears_the_staging_folder_of_an_init_that_was_killed(tmp_path):
+    """kill -9 runs no clean-up: the half-made repository it leaves (private keys included) is removed by the
+    next init, and only the new repository remains."""
+    killed = tmp_path / ".repo.k1ll3d00.staging"
+    (killed / "repo" / "keys").mkdir(parents=True)
+    (killed / "repo" / "keys" / "root.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\n")
+    (killed / ".lock").write_bytes(b"")  # locked by no one: its process is gone
+    repo = FileRepository.init(tmp_path / "repo")
+    assert (repo.meta_dir / "1.root.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert not (repo.dir / ".lock").exists() and not (repo.dir / "repo").exists()
+
+
 def test_expiry_settings_are_used(tmp_path):
     repo = FileRepository.init(tmp_path / "r", {"timestamp": 2, "root": 30})
     ts = repo.timestamp()
@@ -124,6 +137,26 @@ def test_gpu_keys(repo, bundles):
         target_path("orin")
     with pytest.raises(InputError, match="has no TensorRT engines"):
         repo.publish(bundles["1.0"], "sm_87-trt10.3")
+
+
+def test_a_gpu_bundle_is_published_only_under_the_key_its_engines_were_built_for(repo, tmp_path, factory):
+    """Devices of the key would refuse the whole bundle, and download it again at every update check."""
+    from smearsight.deploy.bundle import build_bundle
+
+    orin = dict(tensorrt_version="10.3.0", cuda_version="12.6", gpu_name="Orin", compute_capability="8.7")
+    a2000 = {**orin, "gpu_name": "RTX A2000", "compute_capability": "8.6"}
+    det = factory.detector(tmp_path / "det", seed=5, engine=a2000)
+    build_bundle([det], "2.0", tmp_path / "wrong-gpu.tar.gz")
+    with pytest.raises(InputError, match="model 'detector' was built for sm_86-trt10.3 .*not for --gpu sm_87-trt10.3"):
+        repo.publish(tmp_path / "wrong-gpu.tar.gz", "sm_87-trt10.3")
+    morph = factory.morphology(tmp_path / "head")
+    det = factory.detector(tmp_path / "det-orin", seed=6, engine=orin)
+    build_bundle([det, morph], "2.0", tmp_path / "half.tar.gz")
+    with pytest.raises(InputError, match="model 'morphology_head' has no TensorRT engine"):
+        repo.publish(tmp_path / "half.tar.gz", "sm_87-trt10.3")
+    assert repo.targets().targets == {} and repo.targets().version == 1  # nothing was signed
+    build_bundle([det], "2.0", tmp_path / "orin.tar.gz")
+    assert repo.publish(tmp_path / "orin.tar.gz", "sm_87-trt10.3")["changed"]
 
 
 def test_serve_only_metadata_and_targets(repo, bundles):
@@ -350,3 +383,135 @@ def test_a_version_published_before_cannot_come_back_with_other_content(repo, bu
         repo.publish(tmp_path / "other-1.0.tar.gz", allow_downgrade=True)
     assert repo.published()["bundles/onnx.tar.gz"]["version"] == "1.1"
     assert repo.publish(bundles["1.0"], allow_downgrade=True)["changed"]  # the same content may come back
+
+
+def test_serve_a_client_that_goes_away_mid_download_is_one_line(repo, capfd):
+    """A device unplugged while downloading a bundle: the server logs one line and keeps serving, rather than
+    printing socketserver's traceback for every dropped download."""
+    import socket
+    import struct
+    import time
+
+    with open(repo.targets_dir / "big.tar.gz", "wb") as handle:
+        handle.truncate(64 << 20)  # more than the socket buffers hold
+    server = make_server(repo.dir, quiet=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"GET /targets/big.tar.gz HTTP/1.1\r\nHost: device\r\n\r\n")
+        assert client.recv(1024).startswith(b"HTTP/1.0 200")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, as a cut cable
+        client.close()
+        err, deadline = "", time.monotonic() + 10
+        while "closed the connection" not in err and "-----\n" not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capfd.readouterr().err
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata/timestamp.json", timeout=10) as response:
+            assert response.status == 200  # still serving
+    finally:
+        server.shutdown()
+        server.server_close()
+    err += capfd.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "closed the connection" in line]
+    assert len(lines) == 1 and lines[0].startswith("127.0.0.1 - - [")
+
+
+@pytest.mark.parametrize("text", ["[]", "null",
+                                  '{"keyid": "ab", "keytype": "ed25519", "scheme": "ed25519", "keyval": 3}'])
+def test_a_damaged_public_key_file_is_named_not_the_private_key(repo, capsys, text):
+    from smearsight.cli import main
+
+    (repo.keys_dir / "timestamp.pub.json").write_text(text)
+    assert main(["deploy", "repo", "refresh", str(repo.dir)]) == 1
+    err = capsys.readouterr().err
+    assert "timestamp.pub.json: cannot read the public key" in err and "timestamp.pem" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_serve_on_an_ipv6_address(repo):
+    """--host :: (every interface, IPv6 and IPv4) and --host ::1 were refused as unknown host names."""
+    for host, url_host in (("::1", "[::1]"), ("::", "127.0.0.1")):
+        server = make_server(repo.dir, host=host)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://{url_host}:{server.server_address[1]}/metadata/timestamp.json"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.read() == (repo.meta_dir / "timestamp.json").read_bytes()
+        finally:
+            server.shutdown()
+            server.server_close()
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "smearsight.cli", "deploy", "repo", "serve", str(repo.dir),
+                             "--host", "::1", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://\[::1\]:(\d+)/", line).group(1))  # a URL a browser or device can use
+        with urllib.request.urlopen(f"http://[::1]:{port}/metadata/1.root.json", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_refresh_warns_when_metadata_it_does_not_sign_has_expired(tmp_path, bundles, capsys):
+    """A daily 'refresh' cron re-signs snapshot and timestamp only; once targets expired it still said 'signed'
+    and exited 0 while every device refused the repository ('metadata has expired')."""
+    import time
+
+    from smearsight.cli import main
+
+    repo = FileRepository.init(tmp_path / "r", {"targets": 1 / 86400})  # targets valid for one second
+    repo.publish(bundles["1.0"])
+    time.sleep(1.2)
+    capsys.readouterr()
+    assert main(["deploy", "repo", "refresh", str(repo.dir)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: targets metadata expired on ")
+    assert "refresh --targets" in err[0]
+    assert main(["deploy", "repo", "refresh", str(repo.dir), "--targets"]) == 0
+    assert capsys.readouterr().err == ""  # targets fresh again; root (a year) is far from expiring
+
+
+def test_init_into_an_existing_folder_needs_no_write_access_beside_it(tmp_path, tmpfs):
+    """/srv/smearsight-repo made by an administrator for the publishing user, /srv not writable by that user: init
+    staged beside the folder, in /srv, and failed. The parent is made read-only here (permissions do not stop
+    root), the folder itself a writable mount."""
+    import subprocess
+
+    with tmpfs("srv", "size=4m") as srv:
+        target = srv / "smearsight-repo"
+        target.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(target)], check=True)
+        try:
+            (target / "README").write_text("ours")
+            killed = target / ".init.k1ll3d00.staging"  # what an init killed in this folder leaves
+            (killed / "repo" / "keys").mkdir(parents=True)
+            subprocess.run(["mount", "-o", "remount,ro", str(srv)], check=True)
+            repo = FileRepository.init(target)
+            assert (repo.meta_dir / "1.root.json").is_file() and (target / "README").read_text() == "ours"
+            assert sorted(p.name for p in target.iterdir()) == ["README", "keys", "metadata", "repository.json",
+                                                                "targets"]
+            assert stat.S_IMODE((repo.keys_dir / "root.pem").stat().st_mode) == 0o600
+        finally:
+            subprocess.run(["umount", "-l", str(target)], check=False)

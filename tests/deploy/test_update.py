@@ -87,13 +87,33 @@ def test_keep_n_previous_releases(repo, bundles, device_root):
     assert device.events()[-1]["pruned"] == ["1.0"]
 
 
+def _publish_unchecked(repo, bundle, key):
+    """Publish as a tool that does not check the engines against the key would (``publish`` refuses this)."""
+    import shutil
+
+    from tuf.api.metadata import TargetFile
+
+    from smearsight.deploy.bundle import read_index
+    from smearsight.deploy.repository import target_path
+
+    info = TargetFile.from_file(target_path(key), str(bundle), ["sha256"])
+    info.unrecognized_fields["custom"] = {"smearsight": {"version": read_index(bundle)["version"], "key": key}}
+    stored = repo.targets_dir / "bundles" / f"{info.hashes['sha256']}.{key}.tar.gz"
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundle, stored)
+    with repo.edit_targets() as targets:
+        targets.targets[info.path] = info
+    repo.do_snapshot()
+    repo.do_timestamp()
+
+
 def test_incompatible_gpu_bundle_falls_back_to_onnx(repo, bundles, device_root, tmp_path, factory):
     engine = dict(tensorrt_version="10.3.0", cuda_version="12.6", gpu_name="RTX A2000",
                   compute_capability="8.6")  # built on the wrong GPU, published under the Orin key
     det = factory.detector(tmp_path / "det-gpu", seed=5, engine=engine)
     gpu_bundle = tmp_path / "gpu.tar.gz"
     build_bundle([det], "2.0", gpu_bundle)
-    repo.publish(gpu_bundle, "sm_87-trt10.3")
+    _publish_unchecked(repo, gpu_bundle, "sm_87-trt10.3")
     orin = DeviceProfile(compute_capability="8.7", tensorrt_version="10.3.0")
     assert orin.gpu_key == "sm_87-trt10.3"
     with pytest.raises(UpdateError, match="compute capability 8.6 .* this device's GPU is 8.7"):
@@ -542,3 +562,41 @@ def test_a_device_provisioned_from_an_expired_first_root_updates_through_a_newer
     repo.publish(bundles["1.0"])
     assert update(root, str(repo.dir))["version"] == "1.0"
     assert Device(root).current() == "1.0"
+
+
+def test_an_older_bundle_for_this_gpu_does_not_hide_a_newer_onnx_one(repo, bundles, device_root, tmp_path, factory):
+    """The GPU key is tried first; its bundle being older than the installed release (engines built for an earlier
+    release) must not stop the update: the ONNX fallback's newer release is installed, as when the GPU bundle
+    cannot run here."""
+    orin = DeviceProfile(compute_capability="8.7", tensorrt_version="10.3.0")
+    repo.publish(bundles["1.1"])
+    assert update(device_root, str(repo.dir), profile=orin)["version"] == "1.1"
+    engine = dict(tensorrt_version="10.3.0", cuda_version="12.6", gpu_name="Orin", compute_capability="8.7")
+    build_bundle([factory.detector(tmp_path / "det-orin", seed=7, engine=engine)], "1.0", tmp_path / "orin.tar.gz")
+    repo.publish(tmp_path / "orin.tar.gz", orin.gpu_key)
+    repo.publish(bundles["1.2"])
+    result = update(device_root, str(repo.dir), profile=orin)
+    assert result["status"] == "installed" and result["version"] == "1.2" and result["key"] == "onnx"
+    # with nothing newer anywhere, the downgrade is still refused and says so
+    repo.publish(bundles["1.0"], allow_downgrade=True)
+    with pytest.raises(UpdateError, match="offers 1.0, older than the installed 1.2"):
+        update(device_root, str(repo.dir), profile=orin)
+    assert Device(device_root).current() == "1.2"
+
+
+@pytest.mark.parametrize("anchor", ["garbage", '{"signed": {"_type": "root"}, "signatures": []}', "unsigned"])
+def test_a_damaged_trusted_root_on_the_device_is_named(repo, bundles, device_root, capsys, anchor):
+    """The device's own trust anchor was blamed on the repository ('the repository metadata is invalid')."""
+    repo.publish(bundles["1.0"])
+    path = device_root / "trusted-root.json"
+    if anchor == "unsigned":
+        data = json.loads(path.read_text())
+        data["signatures"] = []
+        anchor = json.dumps(data)
+    path.write_text(anchor)
+    capsys.readouterr()
+    assert main(["deploy", "update", "--repo", str(repo.dir), "--root-dir", str(device_root)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: not valid, self-signed TUF root metadata" in err[0]
+    assert "repository metadata" not in err[0] and "deploy provision" in err[0]
+    assert Device(device_root).current() is None

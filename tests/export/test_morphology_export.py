@@ -95,3 +95,18 @@ def test_export_of_a_bad_morphology_checkpoint_writes_nothing(tiny_morphology_ch
     err = capsys.readouterr().err
     assert rc == 1 and expected in err and "Traceback" not in err
     assert not (out / "model.onnx").exists() and not (out / "manifest.json").exists()
+
+
+def test_detector_only_options_are_refused_not_ignored(morphology_export, tiny_morphology_checkpoint,
+                                                       tiny_detector_checkpoint, tmp_path, capsys):
+    """--image-size on a morphology export and --data on a detector check were accepted and silently ignored."""
+    out = tmp_path / "m"
+    assert main(["export", "onnx", "--weights", str(tiny_morphology_checkpoint), "--out", str(out),
+                 "--image-size", "128x128"]) == 1
+    assert "--image-size applies to detector checkpoints" in capsys.readouterr().err and not out.exists()
+    det = tmp_path / "det"
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(det)]) == 0
+    capsys.readouterr()
+    assert main(["export", "check", str(det), "--weights", str(tiny_detector_checkpoint), "--data",
+                 str(tmp_path)]) == 1
+    assert "MHSMA crops check morphology models" in capsys.readouterr().err

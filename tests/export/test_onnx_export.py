@@ -131,7 +131,7 @@ def test_export_over_an_earlier_one_replaces_the_pair_and_clears_killed_writes(t
     assert main([*args, "--score-threshold", "0.6"]) == 0
     manifest = load_manifest(out)
     assert manifest.detector.score_threshold == 0.6
-    verify_files(out, manifest)  # the new model is the one the new manifest names
+    assert verify_files(out, manifest) == []  # the new model is the one the new manifest names
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
 
 
@@ -299,3 +299,61 @@ def test_export_check_compares_the_manifest_with_the_checkpoint(detector_export,
     assert rc == 1 and "disagrees with" in err
     for field in ("input.mean", "detector.class_names", "detector.anchors"):
         assert field in err, field
+
+
+def test_a_nan_output_fails_parity_whichever_output_it_is():
+    """max() of [1e-6, nan] is 1e-6: a NaN in the second output (box_regression) passed the fp32 check."""
+    from smearsight.export.parity import Agreement, Comparison, OutputError, ParityReport
+
+    for errors in ([OutputError("class_logits", 1e-6, 1e-6), OutputError("box_regression", np.nan, np.nan)],
+                   [OutputError("class_logits", np.nan, np.nan), OutputError("box_regression", 1e-6, 1e-6)]):
+        report = ParityReport("detector", 4, Comparison("onnxruntime fp32", errors, Agreement(0, 0, 0)))
+        assert not report.fp32_ok
+    good = [OutputError("class_logits", 1e-6, 1e-6), OutputError("box_regression", 2e-6, 1e-6)]
+    assert ParityReport("detector", 4, Comparison("onnxruntime fp32", good, Agreement(3, 3, 3))).fp32_ok
+
+
+def test_an_export_killed_between_its_two_renames_is_refused_by_every_reader(tiny_detector_checkpoint, tmp_path,
+                                                                              capsys):
+    """kill -9 after model.onnx replaced the old one but before manifest.json did: the new model sits beside the
+    old manifest. The manifest's onnx_sha256 no longer matches, and every command that reads the folder says so
+    in one line instead of using the pair."""
+    import os
+    import subprocess
+    import sys
+
+    from smearsight.runtime.backends import open_backend
+
+    out = tmp_path / "model"
+    args = ["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(out)]
+    assert main([*args, "--image-size", "128x128"]) == 0
+    old_manifest = (out / "manifest.json").read_bytes()
+    kill_after_model = (
+        "import os, sys\n"
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    real(src, dst)\n"
+        "    if str(dst).endswith('model.onnx'):\n"
+        "        os.kill(os.getpid(), 9)\n"
+        "os.replace = replace\n"
+        "from smearsight.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", kill_after_model, *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == -9, proc.stderr
+    assert (out / "manifest.json").read_bytes() == old_manifest  # the mixed pair
+    assert verify_files(out) and "onnx_sha256" in verify_files(out)[0]
+    weights = str(tiny_detector_checkpoint)
+    for command in (["export", "inspect", str(out)], ["export", "check", str(out), "--weights", weights],
+                    ["export", "int8", str(out), "--out", str(tmp_path / "int8")],
+                    ["export", "engine", "--onnx", str(out / "model.onnx"), "--out", str(tmp_path / "engine")],
+                    ["deploy", "bundle", str(out), "--version", "1.0", "--out", str(tmp_path / "b.tar.gz")]):
+        capsys.readouterr()
+        assert main(command) == 1, command
+        said = capsys.readouterr()
+        assert "model.onnx" in said.out + said.err and "Traceback" not in said.err, command
+    with pytest.raises(InputError, match="does not match the manifest's onnx_sha256"):
+        open_backend(out, "onnx")
+    assert not (tmp_path / "int8").exists() and not (tmp_path / "engine").exists()
+    assert not (tmp_path / "b.tar.gz").exists()

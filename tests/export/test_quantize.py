@@ -106,6 +106,9 @@ def test_quantize_refuses_bad_requests_and_writes_nothing(float_model, int8_mode
     with pytest.raises(InputError, match="only detector models"):
         quantize_detector(morph, tmp_path / "m8")
     assert main(["export", "int8", str(float_model), "--out", str(tmp_path / "x"), "--min-agreement", "2"]) == 1
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InputError, match="a_file is a file, so the folder cannot be created"):
+        quantize_detector(float_model, tmp_path / "a_file" / "int8")
 
 
 def test_badly_calibrated_int8_model_is_refused(tmp_path):
@@ -134,3 +137,40 @@ def test_shipped_int8_demo_detector_belongs_to_the_shipped_float_one():
     assert int8_manifest.quantization.float_onnx_sha256 == float_manifest.onnx_sha256
     assert int8_manifest.detector == float_manifest.detector and int8_manifest.input == float_manifest.input
     assert verify_files(root / "detector_int8") == []
+
+
+def test_a_check_without_any_detection_does_not_pass_as_full_agreement(tiny_detector_checkpoint, tmp_path):
+    """At a score threshold no anchor reaches, both models find nothing on the check frames: 0/0 used to count as
+    agreement 1.0, pass any --min-agreement and be recorded in the manifest as measured."""
+    blind = tmp_path / "blind"
+    assert main(["export", "onnx", "--weights", str(tiny_detector_checkpoint), "--out", str(blind),
+                 "--score-threshold", "1.0"]) == 0
+    with pytest.raises(SmearSightError, match="int8 model not checked: neither it nor the float model detects"):
+        quantize_detector(blind, tmp_path / "int8", count=2, check_count=2, min_agreement=0.9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blind"]
+    report = quantize_detector(blind, tmp_path / "unchecked", count=2, check_count=2, min_agreement=0)
+    assert report.float_detections == report.int8_detections == 0
+    assert load_manifest(tmp_path / "unchecked").quantization.agreement is None
+
+
+def test_a_folder_with_an_fp16_engine_beside_its_float_model_is_quantized(float_model, tmp_path):
+    """The README's order: export onnx --out DIR, export engine --out DIR (precision fp16 now describes the
+    engine), export int8 DIR: its model.onnx is still the float32 graph, and was refused as 'precision fp16'."""
+    import hashlib
+    import shutil
+
+    from smearsight.manifest import EngineSpec
+
+    folder = tmp_path / "det"
+    shutil.copytree(float_model, folder)
+    (folder / "model.engine").write_bytes(b"an engine")
+    manifest = load_manifest(folder)
+    manifest.precision = "fp16"
+    manifest.engine = EngineSpec(sha256=hashlib.sha256(b"an engine").hexdigest(),
+                                 tensorrt_version="10.3.0", cuda_version="12.6", gpu_name="Orin",
+                                 compute_capability="8.7")
+    manifest.save(folder)
+    quantize_detector(folder, tmp_path / "int8", count=2, check_count=1, min_agreement=0)
+    int8 = load_manifest(tmp_path / "int8")
+    assert int8.precision == "int8" and int8.engine is None and verify_files(tmp_path / "int8") == []
+    assert int8.quantization.float_onnx_sha256 == manifest.onnx_sha256
