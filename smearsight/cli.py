@@ -103,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         err.print("interrupted")
         return 130
     except OSError as exc:
-        # A write that failed for want of space or permission, naming its file (fileio.atomic_open names
-        # it): one line. Anything else is a bug and shows its traceback.
-        if exc.filename is None or exc.errno not in _WRITE_ERRNOS:
-            raise
-        err.print(f"[bold red]error:[/] {escape(str(exc.filename))}: cannot write ({escape(exc.strerror or '')})")
-        return 1
+        # A write that failed for want of space, naming its file (fileio.atomic_open names it), or a file this
+        # user may not read or write: one line. Anything else is a bug and shows its traceback.
+        if exc.filename is not None and exc.errno in _WRITE_ERRNOS:
+            err.print(f"[bold red]error:[/] {escape(str(exc.filename))}: cannot write ({escape(exc.strerror or '')})")
+            return 1
+        if exc.filename is not None and exc.errno in (errno.EACCES, errno.EPERM):  # a file this user may not use
+            err.print(f"[bold red]error:[/] {escape(str(exc.filename))}: {escape(exc.strerror or 'permission denied')} "
+                      "(check the file's owner and permissions)")
+            return 1
+        raise
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except Exception as exc:

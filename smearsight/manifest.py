@@ -227,6 +227,8 @@ def load_manifest(path: str | Path) -> Manifest:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
     except RecursionError:
         raise InputError(f"{path}: not a manifest (JSON nested too deeply)") from None
+    except OSError as exc:  # e.g. a models folder copied as root, read by the device's own user
+        raise InputError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     from pydantic import ValidationError

@@ -65,3 +65,68 @@ def test_an_error_raised_while_ctrl_c_unwinds_is_reported_as_interrupted(monkeyp
     monkeypatch.setattr(cli, "app", bug)
     with pytest.raises(RuntimeError, match="a real bug"):  # not every error is an interruption
         main(["anything"])
+
+
+def _main_as_another_user(argv: list[str]) -> tuple[int, str]:
+    """``main(argv)`` in a forked child that is not the files' owner (root reads any file: it drops to nobody;
+    a fork, as this Python may live where nobody may execute it); returns the exit code and stderr."""
+    import os
+
+    main(argv)  # once as this user: every module the command imports is loaded before the child drops rights
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            sys.stderr = os.fdopen(write_end, "w")  # where the CLI's console writes (pytest captures the rest)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            code = main(argv)
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        err = pipe.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder that any user can reach (pytest's tmp_path is private to its owner), removed afterwards."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    top = Path(tempfile.mkdtemp(prefix="smearsight-perm-", dir="/tmp"))
+    top.chmod(0o755)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("unreadable", ["manifest.json", "model.onnx"])
+def test_a_file_this_user_may_not_read_is_one_line_not_a_traceback(unreadable: str, shared_dir, capsys) -> None:
+    """A models folder copied as root and read by the device's own user: one line naming the file."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import smearsight
+
+    models = shared_dir / "m"
+    shutil.copytree(Path(smearsight.__file__).parent / "models" / "morphology_head", models)
+    models.chmod(0o755)
+    target = models / unreadable
+    code, err = _main_as_another_user(["export", "inspect", str(models)])
+    assert code == 0, err  # readable: the command works for the other user
+    target.chmod(0)
+    if os.geteuid() != 0 and os.access(target, os.R_OK):
+        pytest.skip("this user reads files whatever their mode")
+    capsys.readouterr()
+    code, err = _main_as_another_user(["export", "inspect", str(models)])
+    assert code == 1, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(target) in lines[0] and "ermission denied" in lines[0], err
