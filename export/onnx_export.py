@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,13 +179,18 @@ def export_checkpoint(
     with torch.no_grad():
         outputs = module(example)
         outputs = outputs if isinstance(outputs, tuple | list) else (outputs,)
-        try:
-            torch.onnx.export(
-                module, (example,), buffer, dynamo=False, opset_version=opset, input_names=[input_name],
-                output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-            )
-        except Exception as exc:  # an opset the exporter or an operator lacks, most often
-            raise InputError(f"--opset {opset}: the ONNX export failed ({first_line(exc)})") from None
+        with warnings.catch_warnings():
+            # The tracer warns about shape-dependent branches (BiFPN resizing, the morphology score's border):
+            # the export's spatial size is fixed (the manifest's input shape), so they are rightly constants, and
+            # the parity check compares the graph with PyTorch. The user sees no page of warnings.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            try:
+                torch.onnx.export(
+                    module, (example,), buffer, dynamo=False, opset_version=opset, input_names=[input_name],
+                    output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                )
+            except Exception as exc:  # an opset the exporter or an operator lacks, most often
+                raise InputError(f"--opset {opset}: the ONNX export failed ({first_line(exc)})") from None
     model = onnx.load_from_string(buffer.getvalue())
     simplified = False
     if simplify:

@@ -357,3 +357,17 @@ def test_an_export_killed_between_its_two_renames_is_refused_by_every_reader(tin
         open_backend(out, "onnx")
     assert not (tmp_path / "int8").exists() and not (tmp_path / "engine").exists()
     assert not (tmp_path / "b.tar.gz").exists()
+
+
+@pytest.mark.parametrize("which", ["detector", "morphology"])
+def test_export_shows_no_tracer_warnings(which, tiny_detector_checkpoint, tiny_morphology_checkpoint, tmp_path):
+    """The tracer's warnings about shape-dependent branches are expected at a fixed input size: not shown."""
+    import warnings
+
+    import torch
+
+    ckpt = tiny_detector_checkpoint if which == "detector" else tiny_morphology_checkpoint
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", "onnx", "--weights", str(ckpt), "--out", str(tmp_path / "m")]) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)] == []
