@@ -45,7 +45,10 @@ def test_runtime_unit_has_watchdog_restart_and_rollback():
 
 def test_update_timer_and_service():
     timer = parse_unit(read_unit("smearsight-update.timer"))
-    assert timer["Timer"]["Unit"] == ["smearsight-update.service"] and timer["Timer"]["Persistent"] == ["true"]
+    assert timer["Timer"]["Unit"] == ["smearsight-update.service"]
+    # monotonic timers: a check after boot, then hourly (Persistent= would be ignored without OnCalendar=)
+    assert timer["Timer"]["OnBootSec"] == ["5min"] and timer["Timer"]["OnUnitActiveSec"] == ["1h"]
+    assert "Persistent" not in timer["Timer"] or "OnCalendar" in timer["Timer"]
     assert timer["Install"]["WantedBy"] == ["timers.target"]
     service = parse_unit(read_unit("smearsight-update.service"))["Service"]
     assert service["Type"] == ["oneshot"] and "deploy update --repo ${SMEARSIGHT_REPO}" in service["ExecStart"][0]
