@@ -59,10 +59,26 @@ def first_line(exc: BaseException) -> str:
 
 def require(module: str, purpose: str = "") -> ModuleType:
     """Import an optional module or raise :class:`MissingDependencyError` with an install hint."""
+    top = module.split(".")[0]
+    what = f" (needed for {purpose})" if purpose else ""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        top = module.split(".")[0]
+        missing = getattr(exc, "name", None)
+        if missing != top and _installed(top):
+            # the package is there but one of its own imports is not (a CUDA library, a half-removed wheel)
+            raise MissingDependencyError(f"{top} is installed but cannot be imported{what}: {first_line(exc)}") from exc
         hint = _HINTS.get(top, f"pip install {top}")
-        what = f" (needed for {purpose})" if purpose else ""
         raise MissingDependencyError(f"{top} is not installed{what}: {hint}") from exc
+    except Exception as exc:  # a broken install failing as it initialises (a library of the wrong version)
+        raise MissingDependencyError(f"{top} is installed but cannot be imported{what}: "
+                                     f"{type(exc).__name__}: {first_line(exc)}") from exc
+
+
+def _installed(top: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False

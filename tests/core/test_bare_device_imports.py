@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 BLOCKER = textwrap.dedent(
     """
     import sys
@@ -81,3 +83,22 @@ def test_missing_dependency_exit_code_2():
     assert result.returncode == 2
     assert "torch is not installed" in result.stderr and "smearsight[train]" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_broken_install_is_not_called_missing(tmp_path, monkeypatch):
+    """A package that is there but fails to import (a CUDA library missing under it, a wrong version) says so."""
+    from smearsight.errors import MissingDependencyError, require
+
+    (tmp_path / "needs_native").mkdir()
+    (tmp_path / "needs_native" / "__init__.py").write_text("import _smearsight_absent_native_lib\n")
+    (tmp_path / "fails_init").mkdir()
+    (tmp_path / "fails_init" / "__init__.py").write_text("raise RuntimeError('built for CUDA 12, found 11')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingDependencyError, match=r"^needs_native is installed but cannot be imported \(needed "
+                       r"for engines\): No module named '_smearsight_absent_native_lib'$"):
+        require("needs_native", "engines")
+    with pytest.raises(MissingDependencyError,
+                       match=r"^fails_init is installed but cannot be imported: RuntimeError: built for CUDA 12"):
+        require("fails_init")
+    with pytest.raises(MissingDependencyError, match=r"^smearsight_absent_pkg is not installed: pip install"):
+        require("smearsight_absent_pkg")
