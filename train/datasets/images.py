@@ -106,6 +106,12 @@ def low_bit_depth_note(path: str | os.PathLike[str]) -> str | None:
         image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except (OSError, cv2.error):
         return None
+    return low_bit_depth_problem(path, image)
+
+
+def low_bit_depth_problem(path: str | os.PathLike[str], image: np.ndarray | None) -> str | None:
+    """:func:`low_bit_depth_note`'s words for an image already decoded at its own depth (None unless it is a
+    16-bit image whose brightest value is below 4096)."""
     if image is None or image.dtype != np.uint16:
         return None
     peak = int(image.max())

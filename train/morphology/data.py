@@ -20,7 +20,6 @@ from smearsight.catalog import MORPHOLOGY_PARTS
 from smearsight.errors import InputError
 
 CROP_SIZE = 64
-LOW_16BIT_PEAK = 4096  # a 16-bit crop darker than this may be low-bit data (datasets.images.low_bit_depth_note)
 
 
 @dataclass
@@ -129,7 +128,7 @@ def load_crops(data_dir: str | Path, part: str, split: str) -> CropSet:
 
 def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
     from smearsight.errors import require
-    from smearsight.train.datasets.images import low_bit_depth_note
+    from smearsight.train.datasets.images import low_bit_depth_problem
 
     cv2 = require("cv2", "PNG crops")
     try:
@@ -170,8 +169,7 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
         if image.shape != (CROP_SIZE, CROP_SIZE):
             raise InputError(f"{path}: expected a 64x64 crop, got {image.shape[1]}x{image.shape[0]}")
         if image.dtype == np.uint16:  # decoded once, at its own depth: 8-bit below, as IMREAD_GRAYSCALE does
-            # 12-bit data in a 16-bit PNG: read as 8-bit it is nearly black (the note decodes it again to say so)
-            if int(image.max()) < LOW_16BIT_PEAK and (note := low_bit_depth_note(path)):
+            if note := low_bit_depth_problem(path, image):  # 12-bit data in a 16-bit PNG: read as 8-bit, black
                 raise InputError(note)
             image = (image >> 8).astype(np.uint8)
         value = row[part].strip()
