@@ -72,6 +72,7 @@ def run_command(
     With no arguments: the synthetic smear slide through the built-in demo models.
     """
     import logging
+    import math
 
     from rich.console import Console
 
@@ -81,6 +82,9 @@ def run_command(
 
     if backend not in ("auto", "onnx", "trt"):
         raise InputError(f"--backend: '{backend}' is not one of auto, onnx, trt")
+    for flag, value in (("--target-fps", target_fps), ("--morphology-budget-ms", morphology_budget_ms)):
+        if not math.isfinite(value):  # inf passes typer's min=: a video sink at inf FPS hangs, a budget fails
+            raise InputError(f"{flag}: expected a finite number, got {value}")
     every = parse_detect_every(detect_every)
     console = Console(stderr=True, highlight=False, soft_wrap=True)  # one line each, also in the journal
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

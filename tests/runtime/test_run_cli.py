@@ -288,3 +288,13 @@ def test_run_stops_at_a_ctrl_c_that_a_finalizer_swallowed(models, tmp_path, monk
     rc = main(["run", "synth://", "null://", "--models", str(models), "--backend", "onnx", "--headless",
                "--max-frames", "50", "--stats-json", str(stats)])
     assert rc == 0 and json.loads(stats.read_text())["frames"] == 3
+
+
+def test_infinite_rates_and_budgets_are_refused(models, tmp_path, capfd):
+    """inf passes typer's min=: before, --target-fps inf made the video sink's writer hang (SIGTERM did not stop
+    it) and --morphology-budget-ms inf failed every frame ('cannot convert float infinity to integer')."""
+    for flag in ("--target-fps", "--morphology-budget-ms"):
+        rc = main(["run", "synth://", "null://", "--models", str(models), "--backend", "onnx", "--headless",
+                   "--max-frames", "2", flag, "inf"])
+        err = capfd.readouterr().err
+        assert rc == 1 and f"{flag}: expected a finite number, got inf" in err and "Traceback" not in err
