@@ -751,16 +751,22 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                     worker.hold.set()
                     sink.write(last_img, {**last_status, "frozen": True})
                     bridge.publish(frame.index, fps, last_counts, "", str(session_id or ""))
+                    if getattr(sink, "should_stop", False):  # the window closed, q or Esc, on the frozen field
+                        break
                     continue
                 worker.hold.clear()
                 if item.held:  # drawn while the field was frozen, just released: the field stays a moment
                     sink.write(last_img, {**last_status, "frozen": True})
+                    if getattr(sink, "should_stop", False):
+                        break
                     continue
             if frame.stale:  # camera lost: keep the message on screen, no inference
                 img = frame.image.copy()
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
                          {"error": problems.active() or "camera lost", "title": "SmearSight"})
                 sink.write(img, {"error": problems.active(), "frame": frame.index})
+                if getattr(sink, "should_stop", False):  # q while the camera is lost: not only once it is back
+                    break
                 continue
             if item.generation != worker.generation:  # judged before a new session reset the morphology
                 continue

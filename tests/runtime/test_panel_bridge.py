@@ -83,3 +83,45 @@ def test_panel_commands_drive_the_run(tiny, tmp_path, modem, monkeypatch):
     assert {w["frame"] for w in frozen} <= {w["frame"] for w in live}  # a shown frame's index, not a count
     summary = received[MsgType.SUMMARY][-1]
     assert summary.captures == 1 and summary.frames == stats["frames"]
+
+
+def test_q_on_a_frozen_field_ends_the_run(tiny, tmp_path, modem, monkeypatch):
+    """The panel froze the field and the technician presses q in the window (stand-in window: no screen here).
+    Before, the frozen field was shown again and again without looking at the window's stop: the run went on
+    until the field was released."""
+    from smearsight.device import sinks
+
+    real_open_sink = sinks.open_sink
+    frozen_shown = []
+
+    def window(uri, **opts):  # the real null sink, with q pressed on the first frozen picture
+        sink = real_open_sink("null://", **opts)
+        write = sink.write
+
+        def write_and_press_q(image, status=None):
+            write(image, status)
+            if (status or {}).get("frozen"):
+                frozen_shown.append(1)
+                if len(frozen_shown) >= 20:
+                    raise KeyboardInterrupt  # the test's own stop: the run did not honour q
+                sink.should_stop = True
+
+        sink.write = write_and_press_q
+        return sink
+
+    monkeypatch.setattr(sinks, "open_sink", window)
+    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), seed=1, score_threshold=0.2, parts=())
+    panel = SerialLink(modem.b, name="test-panel")
+    status_seen = threading.Event()
+    panel.on_any(lambda frame: status_seen.set() if frame.message.TYPE == MsgType.STATUS else None)
+    panel.start()
+    operator = threading.Thread(target=lambda: status_seen.wait(10) and panel.send(Freeze(FreezeMode.ON)))
+    operator.start()
+    cfg = pl.RunConfig(source="synth://?size=96x64&fps=25", sink="display://0", models=models, backend="onnx",
+                       headless=True, max_frames=400, panel=modem.a)
+    try:
+        stats = pl.run(cfg)
+    finally:
+        operator.join()
+        panel.close()
+    assert len(frozen_shown) == 1 and 1 <= stats["frames"] < 400
