@@ -27,7 +27,7 @@ import numpy as np
 
 from smearsight.anchors import generate_anchors
 from smearsight.catalog import MORPHOLOGY_PARTS
-from smearsight.errors import InputError
+from smearsight.errors import InputError, first_line
 from smearsight.fileio import atomic_write_json, check_output_file
 from smearsight.interrupts import raise_if_interrupted
 from smearsight.manifest import MANIFEST_NAME, load_manifest
@@ -839,8 +839,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                         say(f"captured {save_capture(img, cfg.captures, frame.index)}")
                     bridge.publish(frame.index, fps, frame_counts, active, str(session_id or ""))
             except Exception as exc:  # showing or recording one frame failed: keep going
-                problems.report(f"frame {frame.index}: could not show or record it ({exc})")
-                log.debug("output failed", exc_info=True)
+                # counted by message: the same one for every frame failing the same way, on one line
+                problems.report(f"frame: could not show or record it ({first_line(exc)})")
+                log.debug("output of frame %d failed", frame.index, exc_info=True)
             else:
                 t8 = time.perf_counter()
                 timer.add("annotate", t6 - t5)

@@ -419,3 +419,24 @@ def test_q_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch):
                                 backend="onnx", max_frames=5))
     assert len(window.shown) == 1 and "not found" in window.shown[0]
     assert stats["frames"] == 0
+
+
+def test_a_frame_that_cannot_be_shown_is_one_problem_on_one_line(models, tmp_path, monkeypatch, caplog):
+    """Showing fails on every frame with OpenCV's several-line message: before, each frame added its own
+    problem (the frame index was in it): a warning logged per frame and the stats' problems grew without bound,
+    and the screen got OpenCV's whole message."""
+    from smearsight.runtime import annotate as annotate_module
+
+    def broken(img, *args, **kwargs):
+        raise cv2.error("OpenCV(5.1.0) /src/imgproc/drawing.cpp:1: error: (-215:Assertion failed) ok\n"
+                        "in function 'rectangle'\n")
+
+    monkeypatch.setattr(annotate_module, "annotate", broken)
+    with caplog.at_level("WARNING", logger="smearsight.runtime"):
+        stats = pl.run(pl.RunConfig(source="synth://?size=96x64", sink="null://", models=models, backend="onnx",
+                                    headless=True, max_frames=4))
+    assert stats["frames"] == 4
+    shown = [p for p in stats["problems"] if "could not show or record" in p]
+    assert len(shown) == 1 and stats["problems"][shown[0]] == 4 and "\n" not in shown[0]
+    assert "(-215:Assertion failed) ok" in shown[0]
+    assert sum("could not show or record" in r.getMessage() for r in caplog.records) == 1
