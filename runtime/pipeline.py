@@ -707,6 +707,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     t_start = time.perf_counter()
     try:
         check_sink_is_not_source(sink_uri, cfg.source)
+        _check_outputs_apart(cfg, sink_uri)
         source = open_source(cfg.source, loop=cfg.loop)
         # a video plays at the source's own rate when it has one (a file), else at the rate aimed for
         sink = open_sink(sink_uri, headless=cfg.headless, fullscreen=cfg.fullscreen,
@@ -921,6 +922,24 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         raise InputError(f"{cfg.source}: no frame was processed: {gave_up or stats['source_error']}")
     return stats
 
+
+
+def _check_outputs_apart(cfg: RunConfig, sink_uri: str) -> None:
+    """Raise InputError when ``--stats-json`` or ``--record`` names the source, the output or the other one: each
+    is written over at the end of the run (or as it goes), which would destroy the other."""
+    import os
+
+    from smearsight.device.sinks import _local_path
+
+    taken = [(f"the source {cfg.source}", _local_path(cfg.source)), (f"the output {sink_uri}", _local_path(sink_uri))]
+    for what, path in (("--stats-json", cfg.stats_json), ("--record", cfg.record)):
+        if path is None:
+            continue
+        real = os.path.realpath(Path(path).expanduser())
+        for other, other_path in taken:
+            if other_path is not None and os.path.realpath(other_path) == real:
+                raise InputError(f"{what} {path}: is also {other}; give each its own file")
+        taken.append((f"the {what} file", Path(path)))
 
 
 def frame_status(frame_index: int, fps: float, counts: dict[str, int], problem: str, pipe: Pipeline,

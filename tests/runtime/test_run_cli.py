@@ -298,3 +298,23 @@ def test_infinite_rates_and_budgets_are_refused(models, tmp_path, capfd):
                    "--max-frames", "2", flag, "inf"])
         err = capfd.readouterr().err
         assert rc == 1 and f"{flag}: expected a finite number, got inf" in err and "Traceback" not in err
+
+
+def test_stats_and_record_files_that_are_the_source_or_the_output_are_refused(models, tmp_path, capfd):
+    """Before, each was written over at the end: --stats-json on the source video replaced the video with JSON,
+    on --record the session record, on the output video the video; --record on the output video lost the
+    session record to the finished video."""
+    clip, out, rec = tmp_path / "slide.mp4", tmp_path / "out.mp4", tmp_path / "rec.db"
+    _write_clip(clip, 3, 10.0)
+    before = clip.read_bytes()
+    cases = (
+        (["null://", "--stats-json", str(clip)], f"--stats-json {clip}: is also the source file://{clip}"),
+        ([f"file://{out}", "--stats-json", str(out)], f"--stats-json {out}: is also the output file://{out}"),
+        (["null://", "--record", str(rec), "--stats-json", str(rec)], f"--record {rec}: is also the --stats-json file"),
+        ([f"file://{out}", "--record", str(out)], f"--record {out}: is also the output file://{out}"),
+    )
+    for args, expected in cases:
+        rc = main(["run", f"file://{clip}", *args, "--models", str(models), "--backend", "onnx", "--headless"])
+        err = capfd.readouterr().err
+        assert rc == 1 and expected in err and "Traceback" not in err, err
+    assert clip.read_bytes() == before and not out.exists() and not rec.exists()
