@@ -745,7 +745,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             watchdog.ping()
             problems.report(source.status, count=False)
             if bridge is not None:
-                problems.report(bridge.status_line())
+                problems.report(bridge.problem())  # logged and counted; the screen shows the countdown
+                problems.report(bridge.status_line(), count=False)
                 session_id = _apply_panel_requests(bridge.take_requests(), recorder, session_id, cfg, pipe,
                                                    worker.reset_morphology, say)
                 if bridge.frozen and last_img is not None:  # hold the field the technician froze

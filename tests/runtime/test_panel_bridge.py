@@ -125,3 +125,16 @@ def test_q_on_a_frozen_field_ends_the_run(tiny, tmp_path, modem, monkeypatch):
         operator.join()
         panel.close()
     assert len(frozen_shown) == 1 and 1 <= stats["frames"] < 400
+
+
+def test_a_missing_panel_is_one_problem_not_one_per_countdown_step(tiny, tmp_path):
+    """Before, the screen's 'retrying in 0.2 s' line was also what was logged and counted: each countdown step
+    was a new warning and a new entry in the stats' problems."""
+    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), seed=1, score_threshold=0.2, parts=())
+    cfg = pl.RunConfig(source="synth://?size=96x64&fps=25", sink="null://", models=models, backend="onnx",
+                       headless=True, max_frames=15, panel=str(tmp_path / "ttyNOPE"))
+    stats = pl.run(cfg)
+    panel = {msg: n for msg, n in stats["problems"].items() if msg.startswith("panel:")}
+    assert len(panel) == 1, panel
+    msg, n = next(iter(panel.items()))
+    assert "not connected" in msg and "ttyNOPE" in msg and "retrying" not in msg and 10 <= n <= 15
