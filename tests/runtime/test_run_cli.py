@@ -291,13 +291,18 @@ def test_run_stops_at_a_ctrl_c_that_a_finalizer_swallowed(models, tmp_path, monk
 
 
 def test_infinite_rates_and_budgets_are_refused(models, tmp_path, capfd):
-    """inf passes typer's min=: before, --target-fps inf made the video sink's writer hang (SIGTERM did not stop
-    it) and --morphology-budget-ms inf failed every frame ('cannot convert float infinity to integer')."""
-    for flag in ("--target-fps", "--morphology-budget-ms"):
+    """inf passed typer's min=: before, --target-fps inf made the video sink's writer hang (SIGTERM did not stop
+    it), above 65535 the video was not written ('OpenCV cannot write .mp4 video'), and --morphology-budget-ms inf
+    failed every frame ('cannot convert float infinity to integer')."""
+    for value in ("inf", "70000"):
         rc = main(["run", "synth://", "null://", "--models", str(models), "--backend", "onnx", "--headless",
-                   "--max-frames", "2", flag, "inf"])
-        err = capfd.readouterr().err
-        assert rc == 1 and f"{flag}: expected a finite number, got inf" in err and "Traceback" not in err
+                   "--max-frames", "2", "--target-fps", value])
+        assert rc == 2 and "less than or equal to 1000" in capfd.readouterr().err
+    rc = main(["run", "synth://", "null://", "--models", str(models), "--backend", "onnx", "--headless",
+               "--max-frames", "2", "--morphology-budget-ms", "inf"])
+    err = capfd.readouterr().err
+    assert rc == 1 and "--morphology-budget-ms: expected a finite number, got inf" in err and "Traceback" not in err
+
 
 
 def test_stats_and_record_files_that_are_the_source_or_the_output_are_refused(models, tmp_path, capfd):
