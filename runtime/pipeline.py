@@ -78,6 +78,9 @@ def find_models(models: Path | str | None, precision: str = "auto", backend: str
     packaged = models is None
     root = packaged_models_root() if packaged else Path(models).expanduser()
     if not packaged and not root.is_dir():
+        if root.exists():  # e.g. the model.onnx or manifest.json itself
+            raise InputError(f"--models {root}: is a file; expected the folder holding detector/ (or the "
+                             f"detector's own folder, with its {MANIFEST_NAME})")
         raise InputError(f"--models {root}: no such folder")
     int8 = root / "detector_int8"
     has_int8 = (int8 / MANIFEST_NAME).is_file()

@@ -440,3 +440,10 @@ def test_a_frame_that_cannot_be_shown_is_one_problem_on_one_line(models, tmp_pat
     assert len(shown) == 1 and stats["problems"][shown[0]] == 4 and "\n" not in shown[0]
     assert "(-215:Assertion failed) ok" in shown[0]
     assert sum("could not show or record" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_models_naming_a_model_file_says_so(models):
+    """Before, --models DIR/detector/model.onnx said 'no such folder' of a file that is there."""
+    for path in (models / "detector" / "model.onnx", models / "detector" / "manifest.json"):
+        with pytest.raises(InputError, match=f"--models {path}: is a file; expected the folder holding detector/"):
+            pl.find_models(path)
