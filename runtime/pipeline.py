@@ -770,6 +770,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
                          {"error": problems.active() or "camera lost", "title": "SmearSight"})
                 sink.write(img, {"error": problems.active(), "frame": frame.index})
+                if bridge is not None:  # the panel says so too, with nothing counted in view
+                    bridge.publish(max(frame.index, 0), 0.0, dict.fromkeys(pipe.class_names, 0),
+                                   problems.active() or "camera lost", str(session_id or ""))
                 if getattr(sink, "should_stop", False):  # q while the camera is lost: not only once it is back
                     break
                 continue
@@ -781,6 +784,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
                          {"error": item.error, "title": "SmearSight"})
                 sink.write(img, {"error": item.error, "frame": frame.index})
+                if bridge is not None:
+                    bridge.publish(frame.index, fps, dict.fromkeys(pipe.class_names, 0), item.error,
+                                   str(session_id or ""))
                 if getattr(sink, "should_stop", False):  # the window closed, q or Esc
                     break
                 failed_in_a_row += 1

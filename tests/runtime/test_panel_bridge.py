@@ -138,3 +138,82 @@ def test_a_missing_panel_is_one_problem_not_one_per_countdown_step(tiny, tmp_pat
     assert len(panel) == 1, panel
     msg, n = next(iter(panel.items()))
     assert "not connected" in msg and "ttyNOPE" in msg and "retrying" not in msg and 10 <= n <= 15
+
+
+def test_the_panel_hears_that_the_camera_is_lost(tiny, tmp_path, modem, monkeypatch):
+    """The camera is not there (a V4L2 node that does not exist; stand-in capture): the screen says so, and the
+    panel must too. Before, nothing was published while the camera was lost: the panel kept its last 'running'
+    status (here, having had none, it heard nothing at all)."""
+    from smearsight.device import sinks, sources
+
+    class MissingCamera:  # what cv2.VideoCapture gives for a node that is not there
+        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+            return False
+
+        def set(self, prop: int, value: float) -> bool:
+            return False
+
+        def release(self) -> None:
+            pass
+
+    real_open_source, real_open_sink = sources.open_source, sinks.open_sink
+    monkeypatch.setattr(sources, "open_source", lambda uri, loop=False: real_open_source(
+        uri, loop=loop, capture_factory=lambda target, api: MissingCamera(), stall_s=0.05))
+    received: list = []
+    panel = SerialLink(modem.b, name="test-panel")
+    panel.on_any(lambda frame: received.append(frame.message) if frame.message.TYPE == MsgType.STATUS else None)
+    panel.start()
+
+    def screen(uri, **opts):  # the real null sink; the run ends once the panel has heard (or after 200 frames)
+        sink = real_open_sink(uri, **opts)
+        write = sink.write
+
+        def write_until_heard(image, status=None):
+            write(image, status)
+            sink.should_stop = sink.frames >= 200 or any(s.state.name == "ERROR" for s in received)
+
+        sink.write = write_until_heard
+        return sink
+
+    monkeypatch.setattr(sinks, "open_sink", screen)
+    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), seed=1, score_threshold=0.2, parts=())
+    cfg = pl.RunConfig(source=f"v4l2://{tmp_path / 'video9'}", sink="null://", models=models, backend="onnx",
+                       headless=True, panel=modem.a)
+    try:
+        stats = pl.run(cfg)
+    finally:
+        panel.close()
+    assert stats["frames"] == 0
+    errors = [s for s in received if s.state.name == "ERROR"]
+    assert errors and "not found" in errors[-1].text and errors[-1].frame == 0
+
+
+def test_the_panel_hears_why_frames_are_skipped(tiny, tmp_path, modem, monkeypatch):
+    """Models that fail on every frame (anchors that disagree with the graph): the screen shows why, and before,
+    the panel heard nothing."""
+    import json
+
+    from smearsight.errors import InputError
+
+    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), parts=())
+    manifest = json.loads((models / "detector" / "manifest.json").read_text())
+    for out in manifest["outputs"]:
+        out["shape"][1] = -1
+    manifest["detector"]["anchors"]["scales"] = [1.0, 2.0]  # twice the anchors the graph has
+    (models / "detector" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(pl, "MAX_FAILED_FRAMES", 6)
+    received: list = []
+    panel = SerialLink(modem.b, name="test-panel")
+    panel.on_any(lambda frame: received.append(frame.message) if frame.message.TYPE == MsgType.STATUS else None)
+    panel.start()
+    cfg = pl.RunConfig(source="synth://?size=96x64&fps=25", sink="null://", models=models, backend="onnx",
+                       headless=True, max_frames=3, panel=modem.a)
+    try:
+        with pytest.raises(InputError, match="failed on the first 6 frames"):
+            pl.run(cfg)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        panel.close()
+    assert any(s.state.name == "ERROR" and s.text.startswith("frame skipped: ") for s in received), received
