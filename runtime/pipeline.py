@@ -755,6 +755,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 if bridge.frozen and last_img is not None:  # hold the field the technician froze
                     worker.hold.set()
                     sink.write(last_img, {**last_status, "frozen": True})
+                    captures += _save_captures(bridge.take_captures(), last_img, cfg.captures,
+                                               last_status.get("frame", frame.index), say, problems)
                     bridge.publish(frame.index, fps, last_counts, "", str(session_id or ""))
                     if getattr(sink, "should_stop", False):  # the window closed, q or Esc, on the frozen field
                         break
@@ -845,9 +847,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                         last_img = np.empty_like(img)
                     np.copyto(last_img, img)
                     last_counts, last_status = frame_counts, status
-                    for _ in range(bridge.take_captures()):
-                        captures += 1
-                        say(f"captured {save_capture(img, cfg.captures, frame.index)}")
+                    captures += _save_captures(bridge.take_captures(), img, cfg.captures, frame.index, say, problems)
                     bridge.publish(frame.index, fps, frame_counts, active, str(session_id or ""))
             except Exception as exc:  # showing or recording one frame failed: keep going
                 # counted by message: the same one for every frame failing the same way, on one line
@@ -998,6 +998,21 @@ def _apply_panel_requests(req: Any, recorder: Any, session_id: int | None, cfg: 
                                              "label": req.start_session, "backend": pipe.detector.name})
         say(f"session {session_id} started from the panel ({req.start_session or 'no label'})")
     return session_id
+
+
+def _save_captures(asked: int, image_rgb: np.ndarray, directory: Path, frame_index: int, say: Any,
+                   problems: _Problems) -> int:
+    """Save the field on screen once per capture the panel asked for; returns how many were saved."""
+    saved = 0
+    for _ in range(asked):
+        try:
+            path = save_capture(image_rgb, directory, frame_index)
+        except Exception as exc:  # a full disk or an unwritable --captures: say so, keep running
+            problems.report(f"--captures {directory}: could not save the field ({first_line(exc)})")
+            continue
+        saved += 1
+        say(f"captured {path}")
+    return saved
 
 
 def save_capture(image_rgb: np.ndarray, directory: Path, frame_index: int) -> Path:

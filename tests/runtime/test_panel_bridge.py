@@ -217,3 +217,90 @@ def test_the_panel_hears_why_frames_are_skipped(tiny, tmp_path, modem, monkeypat
     finally:
         panel.close()
     assert any(s.state.name == "ERROR" and s.text.startswith("frame skipped: ") for s in received), received
+
+
+def test_capture_on_a_frozen_field_saves_that_field(tiny, tmp_path, modem, monkeypatch):
+    """Freeze, look, capture: before, the capture waited until the field was released and then saved the next
+    live frame instead of the field on screen."""
+    import cv2
+    import numpy as np
+
+    from smearsight.device import sinks
+
+    frozen_images: list = []
+    real_open_sink = sinks.open_sink
+
+    def screen(uri, **opts):  # the real null sink, keeping a copy of the frozen field it shows
+        sink = real_open_sink(uri, **opts)
+        write = sink.write
+
+        def keep_frozen(image, status=None):
+            if (status or {}).get("frozen") and not frozen_images:
+                frozen_images.append(image.copy())
+            write(image, status)
+
+        sink.write = keep_frozen
+        return sink
+
+    monkeypatch.setattr(sinks, "open_sink", screen)
+    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), seed=1, score_threshold=0.2, parts=())
+    captures = tmp_path / "captures"
+    saved_while_frozen: list = []
+    status_seen = threading.Event()
+    panel = SerialLink(modem.b, name="test-panel")
+    panel.on_any(lambda frame: status_seen.set() if frame.message.TYPE == MsgType.STATUS else None)
+    panel.start()
+
+    def operator() -> None:
+        deadline = time.monotonic() + 10
+        status_seen.wait(10)
+        panel.send(Freeze(FreezeMode.ON))
+        while not frozen_images and time.monotonic() < deadline:
+            time.sleep(0.02)
+        panel.send(Capture())
+        until = time.monotonic() + 2
+        while not saved_while_frozen and time.monotonic() < until:
+            saved_while_frozen.extend(captures.glob("capture_*.png"))
+            time.sleep(0.02)
+        panel.send(Freeze(FreezeMode.OFF))
+
+    thread = threading.Thread(target=operator)
+    thread.start()
+    cfg = pl.RunConfig(source="synth://?size=96x64&fps=25", sink="null://", models=models, backend="onnx",
+                       headless=True, max_frames=30, panel=modem.a, captures=captures)
+    try:
+        pl.run(cfg)
+    finally:
+        thread.join()
+        panel.close()
+    assert len(saved_while_frozen) == 1 and len(list(captures.glob("capture_*.png"))) == 1
+    saved = cv2.cvtColor(cv2.imread(str(saved_while_frozen[0])), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(saved, frozen_images[0])
+
+
+def test_a_capture_that_cannot_be_saved_says_where_and_is_not_counted(tiny, tmp_path, modem):
+    """Before, the failure read 'frame N: could not show or record it (...)' and the summary counted the capture."""
+    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), seed=1, score_threshold=0.2, parts=())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    summaries: list = []
+    status_seen = threading.Event()
+    panel = SerialLink(modem.b, name="test-panel")
+    panel.on_any(lambda frame: status_seen.set() if frame.message.TYPE == MsgType.STATUS else None)
+    panel.on(MsgType.SUMMARY, lambda frame: summaries.append(frame.message))
+    panel.start()
+    operator = threading.Thread(target=lambda: status_seen.wait(10) and panel.send(Capture()))
+    operator.start()
+    cfg = pl.RunConfig(source="synth://?size=96x64&fps=25", sink="null://", models=models, backend="onnx",
+                       headless=True, max_frames=30, panel=modem.a, captures=blocker / "captures")
+    try:
+        stats = pl.run(cfg)
+        deadline = time.monotonic() + 5
+        while not summaries and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        operator.join()
+        panel.close()
+    expected = f"--captures {blocker / 'captures'}: could not save the field ("
+    assert any(p.startswith(expected) for p in stats["problems"]), stats["problems"]
+    assert summaries and summaries[-1].captures == 0
