@@ -23,6 +23,7 @@ detector runs on every Nth frame, the boxes in between are carried with the stag
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,16 +46,22 @@ def plain_ascii(text: str) -> str:
 
 
 class _TextCache:
-    """Text rendered once into a boolean mask, then blitted in any colour."""
+    """Text rendered once into a boolean mask, then blitted in any colour.
 
-    def __init__(self, limit: int = 4096) -> None:
-        self._cache: dict[tuple[str, float, int], tuple[np.ndarray, int]] = {}
+    Least recently used masks go first beyond ``limit`` masks or ``max_bytes`` of them: the FPS/latency line
+    is new text on every frame, and its masks filled the cache (about 80 MB at 768x1024, 1 GB at 2160x3840)."""
+
+    def __init__(self, limit: int = 4096, max_bytes: int = 16 << 20) -> None:
+        self._cache: OrderedDict[tuple[str, float, int], tuple[np.ndarray, int]] = OrderedDict()
         self._limit = limit
+        self._max_bytes = max_bytes
+        self.nbytes = 0
 
     def get(self, text: str, scale: float, thickness: int) -> tuple[np.ndarray, int]:
         key = (text, scale, thickness)
         hit = self._cache.get(key)
         if hit is not None:
+            self._cache.move_to_end(key)
             return hit
         import cv2
 
@@ -62,9 +69,11 @@ class _TextCache:
         canvas = np.zeros((h + base + 2, w + 2), np.uint8)
         cv2.putText(canvas, text, (1, h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thickness, cv2.LINE_8)
         mask = canvas > 127
-        if len(self._cache) >= self._limit:
-            self._cache.clear()
         self._cache[key] = (mask, h + 1)
+        self.nbytes += mask.nbytes
+        while len(self._cache) > 1 and (len(self._cache) > self._limit or self.nbytes > self._max_bytes):
+            old, _ = self._cache.popitem(last=False)[1]
+            self.nbytes -= old.nbytes
         return mask, h + 1
 
     def draw(

@@ -49,8 +49,8 @@ def run_command(
         "its newest boxes moved with the stage (frames paced at --target-fps; the boxes are one to two "
         "detector runs old)."),
     target_fps: float = typer.Option(
-        10.0, "--target-fps", min=0.1, help="Frame rate --detect-every auto aims for, and the rate frames are "
-        "read at with --detect-every async."),
+        10.0, "--target-fps", min=0.1, max=1000.0, help="Frame rate --detect-every auto aims for, and the rate "
+        "frames are read at with --detect-every async (also the rate of a video made from a camera)."),
     morphology_budget_ms: float = typer.Option(
         100.0, "--morphology-budget-ms", min=0.0, help="About how long a frame may spend judging sperm new to "
         "the view (at least one crop); the others are judged on the next frames. 0: no limit, every new sperm "
@@ -72,6 +72,7 @@ def run_command(
     With no arguments: the synthetic smear slide through the built-in demo models.
     """
     import logging
+    import math
 
     from rich.console import Console
 
@@ -81,6 +82,8 @@ def run_command(
 
     if backend not in ("auto", "onnx", "trt"):
         raise InputError(f"--backend: '{backend}' is not one of auto, onnx, trt")
+    if not math.isfinite(morphology_budget_ms):  # inf passes typer's min=, then every frame failed
+        raise InputError(f"--morphology-budget-ms: expected a finite number, got {morphology_budget_ms}")
     every = parse_detect_every(detect_every)
     console = Console(stderr=True, highlight=False, soft_wrap=True)  # one line each, also in the journal
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -223,7 +223,8 @@ class MorphologyStage:
             elif self._crop_seconds is None:
                 size = PROBE_CROPS  # learn what a crop costs first
             else:
-                size = int(left / self._crop_seconds)  # what fits in the time left
+                # what fits in the time left (no more than are left: a budget of 1e305 s overflowed int())
+                size = int(min(left / max(self._crop_seconds, 1e-9), len(candidates) - done))
                 if size < 1:
                     if done:
                         break

@@ -79,8 +79,15 @@ class PanelBridge:
         self.link.send_counts(counts, session, frame_index)
 
     def status_line(self) -> str:
-        """Plain words for the screen when the panel is not connected (empty when all is well)."""
+        """Plain words for the screen when the panel is not connected (empty when all is well); they count down to
+        the next retry, so see :meth:`problem` for the log."""
         return "" if self.link.connected else self.link.status_line()
+
+    def problem(self) -> str:
+        """The same trouble as :meth:`status_line` in words that stay the same while it lasts (to log and count
+        once, not once per countdown step), or "" (also while the first connection is being made)."""
+        why = self.link.last_error
+        return f"panel: not connected ({why})" if why and not self.link.connected else ""
 
     def close(self, session: str, duration_s: float, frames: int, captures: int, counts: dict[str, int]) -> None:
         """Send the session summary and close the link (flushing what is queued)."""

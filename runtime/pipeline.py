@@ -27,7 +27,7 @@ import numpy as np
 
 from smearsight.anchors import generate_anchors
 from smearsight.catalog import MORPHOLOGY_PARTS
-from smearsight.errors import InputError
+from smearsight.errors import InputError, first_line
 from smearsight.fileio import atomic_write_json, check_output_file
 from smearsight.interrupts import raise_if_interrupted
 from smearsight.manifest import MANIFEST_NAME, load_manifest
@@ -78,6 +78,9 @@ def find_models(models: Path | str | None, precision: str = "auto", backend: str
     packaged = models is None
     root = packaged_models_root() if packaged else Path(models).expanduser()
     if not packaged and not root.is_dir():
+        if root.exists():  # e.g. the model.onnx or manifest.json itself
+            raise InputError(f"--models {root}: is a file; expected the folder holding detector/ (or the "
+                             f"detector's own folder, with its {MANIFEST_NAME})")
         raise InputError(f"--models {root}: no such folder")
     int8 = root / "detector_int8"
     has_int8 = (int8 / MANIFEST_NAME).is_file()
@@ -711,6 +714,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     t_start = time.perf_counter()
     try:
         check_sink_is_not_source(sink_uri, cfg.source)
+        _check_outputs_apart(cfg, sink_uri)
         source = open_source(cfg.source, loop=cfg.loop)
         # a video plays at the source's own rate when it has one (a file), else at the rate aimed for
         sink = open_sink(sink_uri, headless=cfg.headless, fullscreen=cfg.fullscreen,
@@ -748,7 +752,8 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
             watchdog.ping()
             problems.report(source.status, count=False)
             if bridge is not None:
-                problems.report(bridge.status_line())
+                problems.report(bridge.problem())  # logged and counted; the screen shows the countdown
+                problems.report(bridge.status_line(), count=False)
                 requests = bridge.take_requests()
                 if requests.start_session is not None:  # a new slide, recorded or not: a new summary
                     slide, slide_open = SessionSummary(pipe.class_names), True
@@ -760,17 +765,28 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 if bridge.frozen and last_img is not None:  # hold the field the technician froze
                     worker.hold.set()
                     sink.write(last_img, {**last_status, "frozen": True})
+                    captures += _save_captures(bridge.take_captures(), last_img, cfg.captures,
+                                               last_status.get("frame", frame.index), say, problems)
                     bridge.publish(frame.index, fps, last_counts, "", str(session_id or ""))
+                    if getattr(sink, "should_stop", False):  # the window closed, q or Esc, on the frozen field
+                        break
                     continue
                 worker.hold.clear()
                 if item.held:  # drawn while the field was frozen, just released: the field stays a moment
                     sink.write(last_img, {**last_status, "frozen": True})
+                    if getattr(sink, "should_stop", False):
+                        break
                     continue
             if frame.stale:  # camera lost: keep the message on screen, no inference
                 img = frame.image.copy()
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
                          {"error": problems.active() or "camera lost", "title": "SmearSight"})
                 sink.write(img, {"error": problems.active(), "frame": frame.index, "session": slide_now})
+                if bridge is not None:  # the panel says so too, with nothing counted in view
+                    bridge.publish(max(frame.index, 0), 0.0, dict.fromkeys(pipe.class_names, 0),
+                                   problems.active() or "camera lost", str(session_id or ""))
+                if getattr(sink, "should_stop", False):  # q while the camera is lost: not only once it is back
+                    break
                 continue
             if item.generation != worker.generation:  # judged before a new session reset the morphology
                 continue
@@ -780,6 +796,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
                          {"error": item.error, "title": "SmearSight"})
                 sink.write(img, {"error": item.error, "frame": frame.index, "session": slide_now})
+                if bridge is not None:
+                    bridge.publish(frame.index, fps, dict.fromkeys(pipe.class_names, 0), item.error,
+                                   str(session_id or ""))
                 if getattr(sink, "should_stop", False):  # the window closed, q or Esc
                     break
                 failed_in_a_row += 1
@@ -842,13 +861,12 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                         last_img = np.empty_like(img)
                     np.copyto(last_img, img)
                     last_counts, last_status = frame_counts, status
-                    for _ in range(bridge.take_captures()):
-                        captures += 1
-                        say(f"captured {save_capture(img, cfg.captures, frame.index)}")
+                    captures += _save_captures(bridge.take_captures(), img, cfg.captures, frame.index, say, problems)
                     bridge.publish(frame.index, fps, frame_counts, active, str(session_id or ""))
             except Exception as exc:  # showing or recording one frame failed: keep going
-                problems.report(f"frame {frame.index}: could not show or record it ({exc})")
-                log.debug("output failed", exc_info=True)
+                # counted by message: the same one for every frame failing the same way, on one line
+                problems.report(f"frame: could not show or record it ({first_line(exc)})")
+                log.debug("output of frame %d failed", frame.index, exc_info=True)
             else:
                 t8 = time.perf_counter()
                 timer.add("annotate", t6 - t5)
@@ -931,6 +949,24 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
 
 
 
+def _check_outputs_apart(cfg: RunConfig, sink_uri: str) -> None:
+    """Raise InputError when ``--stats-json`` or ``--record`` names the source, the output or the other one: each
+    is written over at the end of the run (or as it goes), which would destroy the other."""
+    import os
+
+    from smearsight.device.sinks import _local_path
+
+    taken = [(f"the source {cfg.source}", _local_path(cfg.source)), (f"the output {sink_uri}", _local_path(sink_uri))]
+    for what, path in (("--stats-json", cfg.stats_json), ("--record", cfg.record)):
+        if path is None:
+            continue
+        real = os.path.realpath(Path(path).expanduser())
+        for other, other_path in taken:
+            if other_path is not None and os.path.realpath(other_path) == real:
+                raise InputError(f"{what} {path}: is also {other}; give each its own file")
+        taken.append((f"the {what} file", Path(path)))
+
+
 def frame_status(frame_index: int, fps: float, counts: dict[str, int], problem: str, pipe: Pipeline,
                  item: Processed, latency_ms: dict[str, float],
                  session: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -979,6 +1015,21 @@ def _apply_panel_requests(req: Any, recorder: Any, session_id: int | None, cfg: 
                                              "label": req.start_session, "backend": pipe.detector.name})
         say(f"session {session_id} started from the panel ({req.start_session or 'no label'})")
     return session_id
+
+
+def _save_captures(asked: int, image_rgb: np.ndarray, directory: Path, frame_index: int, say: Any,
+                   problems: _Problems) -> int:
+    """Save the field on screen once per capture the panel asked for; returns how many were saved."""
+    saved = 0
+    for _ in range(asked):
+        try:
+            path = save_capture(image_rgb, directory, frame_index)
+        except Exception as exc:  # a full disk or an unwritable --captures: say so, keep running
+            problems.report(f"--captures {directory}: could not save the field ({first_line(exc)})")
+            continue
+        saved += 1
+        say(f"captured {path}")
+    return saved
 
 
 def save_capture(image_rgb: np.ndarray, directory: Path, frame_index: int) -> Path:

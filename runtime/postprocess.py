@@ -263,7 +263,8 @@ class _BoxColumns:
 def _overlap_pairs(
     boxes: np.ndarray, cls: np.ndarray, iou_threshold: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Same-class pairs (a < b) that may have IoU > ``iou_threshold`` (a superset of them).
+    """Same-class pairs (a < b) that may have IoU > ``iou_threshold`` (a superset of them; none with a box that
+    has a non-finite coordinate, whose IoU is NaN or 0).
 
     IoU > t needs the intersection to be longer than t times each box's width and height, so boxes
     shrunk by t/2 of their size on every side (with a safety margin) still overlap: only those pairs
@@ -274,6 +275,14 @@ def _overlap_pairs(
     The sweep sorts integer keys ``(class, band, floor(x1 * q), copy)`` by value (no argsort) and looks up
     ``(class, band, ceil(x2 * q))``: rounding x1 down and x2 up keeps every overlapping pair.
     """
+    finite = np.isfinite(boxes).all(axis=1)
+    if not finite.all():  # a NaN box (a broken engine's output) has IoU NaN or 0 with every box: it has no pair
+        idx = np.flatnonzero(finite)  # and left in, it made the bands and the x-sweep one group: all n^2 pairs
+        if idx.size < 2:
+            empty = np.zeros(0, dtype=np.int32)
+            return empty, empty
+        a, b = _overlap_pairs(boxes[idx], cls[idx], iou_threshold)
+        return idx[a], idx[b]
     n = boxes.shape[0]
     take, compress = np.take, np.compress  # several times faster than fancy and boolean indexing here
     b64 = boxes.T.astype(np.float64)  # coordinate rows x1, y1, x2, y2

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from smearsight.errors import InputError, MissingDependencyError
+from smearsight.errors import InputError, MissingDependencyError, first_line
 from smearsight.manifest import load_manifest
 from smearsight.runtime.backends.base import EngineMismatchError, InferenceBackend
 
@@ -59,12 +59,17 @@ def open_backend(
     if want_trt:
         from smearsight.runtime.backends.tensorrt import TensorRTBackend
 
+        failure: Exception
         try:
             return TensorRTBackend(model_dir, manifest)
         except (InputError, MissingDependencyError) as exc:
-            if not fallback_to_onnx:
-                raise
-            notes.append(f"TensorRT not used: {exc}; running the ONNX model instead")
+            failure = exc
+        except Exception as exc:  # CUDA or TensorRT itself failed: no usable GPU, a driver older than the CUDA stack
+            failure = InputError(f"{model_dir}: TensorRT could not start ({first_line(exc)})")
+            failure.__cause__ = exc
+        if not fallback_to_onnx:
+            raise failure
+        notes.append(f"TensorRT not used: {failure}; running the ONNX model instead")
     result = OnnxRuntimeBackend(model_dir, manifest)
     result.notes[:0] = notes
     return result

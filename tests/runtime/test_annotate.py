@@ -149,3 +149,17 @@ def test_non_contiguous_view_is_copied_not_failed() -> None:
     view = big[:, ::2]
     out = annotate(view, _dets([(10, 10, 50, 50, 0.9, 1)]), TPS_CLASS_NAMES, None, {"counts": {}})
     assert out.shape == (200, 200, 3) and tuple(out[10, 30]) == _rgb("spermatocyte")
+
+
+def test_text_masks_stay_bounded_and_the_used_ones_stay_cached():
+    """The FPS/latency line is new text every frame: before, its masks piled up to 4096 of them before the cache
+    was cleared (about 1 GB at 2160x3840, 80 MB at 768x1024), then every label was rendered again."""
+    from smearsight.runtime.annotate import _TextCache
+
+    cache = _TextCache()
+    score, _ = cache.get("0.87", 1.3, 2)
+    for frame in range(400):  # a 2160x3840 frame's perf line (scale 1.9), one a frame: about 40 MB of masks
+        cache.get(f"{10 + frame / 100:.1f} FPS  latency capture 0.6 / preprocess 2.0 / infer {frame} / decode_nms "
+                  f"0.7 / morphology 0.4 / annotate 1.0 ms  frame {frame}", 1.9, 2)
+        assert cache.get("0.87", 1.3, 2)[0] is score  # drawn on every frame: never evicted
+    assert sum(mask.nbytes for mask, _ in cache._cache.values()) <= 16 << 20

@@ -150,6 +150,36 @@ def test_unloadable_engine_releases_the_cuda_context(detector_dir, monkeypatch):
     assert calls[-1] == "detach" and calls.count("push") == calls.count("pop")
 
 
+def test_a_gpu_that_cuda_cannot_start_falls_back_in_plain_words(detector_dir, monkeypatch):
+    """TensorRT and pycuda installed, but no usable GPU (a driver older than the CUDA stack, a GPU gone): before,
+    pycuda's own error escaped open_backend, so --backend auto/trt ended the run with a traceback instead of
+    falling back to ONNX Runtime. tensorrt + pycuda are absent here: stand in for that hardware edge only."""
+    import types
+
+    class CudaError(Exception):  # pycuda._driver.Error's place
+        pass
+
+    def init():
+        raise CudaError("cuInit failed: CUDA driver version is insufficient for CUDA runtime version\n(details)")
+
+    fake_driver = types.ModuleType("pycuda.driver")
+    fake_driver.init = init
+    fake_pycuda = types.ModuleType("pycuda")
+    fake_pycuda.driver = fake_driver
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setitem(sys.modules, "pycuda", fake_pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", fake_driver)
+    _add_engine(detector_dir, trt_version="10.3.0", capability="8.7")
+    with pytest.raises(InputError, match="TensorRT could not start \\(cuInit failed: CUDA driver version is "
+                                         "insufficient for CUDA runtime version\\)$"):
+        open_backend(detector_dir, "trt", fallback_to_onnx=False)
+    backend = open_backend(detector_dir, "trt")
+    assert backend.name == "onnxruntime-cpu"
+    assert any("TensorRT not used" in n and "cuInit failed" in n and "ONNX model instead" in n
+               for n in backend.notes)
+    backend.close()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_trt_without_tensorrt_falls_back(detector_dir):
     _add_engine(detector_dir)

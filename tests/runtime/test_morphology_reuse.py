@@ -249,3 +249,12 @@ def test_a_morphology_model_that_fails_stops_alone(slide, head_backend, tmp_path
         assert all(set(r["parts"]) == {"head"} for r in stage(image, dets, len(dets)))
     finally:
         broken.close()
+
+
+def test_a_huge_budget_judges_every_sperm(slide, head_backend):
+    """--morphology-budget-ms 1e308 is a finite number, but crops-that-fit = budget / cost-of-a-crop overflowed
+    to infinity and int() of it failed every frame with more than two new sperm."""
+    stage = MorphologyStage([head_backend], TPS_CLASS_NAMES, reuse=True, budget_s=1e305)
+    img, dets = sperm_detections(slide, 300, 300)
+    res = stage(img, dets, len(dets))
+    assert stage.judged_last == len(dets) >= 20 and all("parts" in r for r in res)

@@ -380,3 +380,70 @@ def test_morphology_without_sperm_classes_says_so(tiny, tmp_path):
         assert any("include no sperm, so no crop will be judged" in n for n in pipe.notes)
     finally:
         pipe.close()
+
+
+def test_q_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch):
+    """The camera is unplugged (a V4L2 node that is not there; stand-in capture) and the technician presses q in
+    the window (stand-in window: there is no screen here). Before, the frames the lost camera gives were shown
+    without looking at the window's stop, so the run went on until the camera came back."""
+    from smearsight.device import sinks, sources
+
+    class MissingCamera:  # what cv2.VideoCapture gives for a node that is not there
+        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+            return False
+
+        def set(self, prop: int, value: float) -> bool:
+            return False
+
+        def release(self) -> None:
+            pass
+
+    class Window(sinks.FrameSink):  # q pressed on the first picture
+        def __init__(self) -> None:
+            super().__init__()
+            self.uri = "display://0"
+            self.shown: list[str] = []
+
+        def write(self, image_rgb, status=None) -> None:
+            self.shown.append((status or {}).get("error", ""))
+            if len(self.shown) >= 20:
+                raise KeyboardInterrupt  # the test's own stop: the run did not honour q
+            self.should_stop = True
+
+    window = Window()
+    real_open_source = sources.open_source
+    monkeypatch.setattr(sources, "open_source", lambda uri, loop=False: real_open_source(
+        uri, loop=loop, capture_factory=lambda target, api: MissingCamera(), stall_s=0.02))
+    monkeypatch.setattr(sinks, "open_sink", lambda uri, **kw: window)
+    stats = pl.run(pl.RunConfig(source=f"v4l2://{tmp_path / 'video9'}", sink="display://0", models=models,
+                                backend="onnx", max_frames=5))
+    assert len(window.shown) == 1 and "not found" in window.shown[0]
+    assert stats["frames"] == 0
+
+
+def test_a_frame_that_cannot_be_shown_is_one_problem_on_one_line(models, tmp_path, monkeypatch, caplog):
+    """Showing fails on every frame with OpenCV's several-line message: before, each frame added its own
+    problem (the frame index was in it): a warning logged per frame and the stats' problems grew without bound,
+    and the screen got OpenCV's whole message."""
+    from smearsight.runtime import annotate as annotate_module
+
+    def broken(img, *args, **kwargs):
+        raise cv2.error("OpenCV(5.1.0) /src/imgproc/drawing.cpp:1: error: (-215:Assertion failed) ok\n"
+                        "in function 'rectangle'\n")
+
+    monkeypatch.setattr(annotate_module, "annotate", broken)
+    with caplog.at_level("WARNING", logger="smearsight.runtime"):
+        stats = pl.run(pl.RunConfig(source="synth://?size=96x64", sink="null://", models=models, backend="onnx",
+                                    headless=True, max_frames=4))
+    assert stats["frames"] == 4
+    shown = [p for p in stats["problems"] if "could not show or record" in p]
+    assert len(shown) == 1 and stats["problems"][shown[0]] == 4 and "\n" not in shown[0]
+    assert "(-215:Assertion failed) ok" in shown[0]
+    assert sum("could not show or record" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_models_naming_a_model_file_says_so(models):
+    """Before, --models DIR/detector/model.onnx said 'no such folder' of a file that is there."""
+    for path in (models / "detector" / "model.onnx", models / "detector" / "manifest.json"):
+        with pytest.raises(InputError, match=f"--models {path}: is a file; expected the folder holding detector/"):
+            pl.find_models(path)

@@ -260,3 +260,30 @@ def test_to_frame_pixels_maps_clips_and_drops_padding_boxes() -> None:
     out2, kept2 = to_frame_pixels(dets, n, scale=scale, offset=offset, frame_size=frame, out=same)
     assert out2 is same and kept2 == kept and np.array_equal(out2, out)
     assert to_frame_pixels(dets, 0, scale=scale, offset=offset, frame_size=frame)[1] == 0
+
+
+def test_a_nan_box_neither_changes_nms_nor_makes_it_quadratic(small_anchors):
+    """One NaN box regression (an FP16 engine overflowing) put NaN in the sweep's band and x keys: every
+    same-class box became a candidate pair of every other (2.8 s instead of 5 ms a frame at 1000 candidates)."""
+    from smearsight.runtime.postprocess import _overlap_pairs, to_frame_pixels
+
+    logits, deltas, _, _ = synthetic_raw_outputs(small_anchors, 3, 40, (128, 160), seed=4)
+    kw = dict(score_threshold=0.2, iou_threshold=0.5, pre_nms_topk=1000, max_detections=300, image_size=(128, 160))
+    weak = np.flatnonzero(sigmoid32(logits).max(axis=1) > 0.2)[3]
+    without = logits.copy()
+    without[weak] = -50.0  # the same frame without that anchor's candidates
+    expected, n_expected = decode_nms(without, deltas, small_anchors, **kw)
+    broken = deltas.copy()
+    broken[weak] = np.nan
+    got, n = decode_nms(logits, broken, small_anchors, **kw)
+    got, n = to_frame_pixels(got, n, scale=(1.0, 1.0), offset=(0.0, 0.0), frame_size=(128, 160))  # drops NaN rows
+    assert n == n_expected and np.array_equal(got[:n], expected[:n_expected])
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 500, size=(400, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + 10], axis=1)
+    cls = np.zeros(400, np.int64)
+    clean = set(zip(*(a.tolist() for a in _overlap_pairs(boxes[1:], cls[1:], 0.5)), strict=True))
+    boxes[0] = np.nan
+    pairs = set(zip(*(a.tolist() for a in _overlap_pairs(boxes, cls, 0.5)), strict=True))
+    assert pairs == {(a + 1, b + 1) for a, b in clean}  # before: all 79,800 pairs

@@ -288,3 +288,38 @@ def test_run_stops_at_a_ctrl_c_that_a_finalizer_swallowed(models, tmp_path, monk
     rc = main(["run", "synth://", "null://", "--models", str(models), "--backend", "onnx", "--headless",
                "--max-frames", "50", "--stats-json", str(stats)])
     assert rc == 0 and json.loads(stats.read_text())["frames"] == 3
+
+
+def test_infinite_rates_and_budgets_are_refused(models, tmp_path, capfd):
+    """inf passed typer's min=: before, --target-fps inf made the video sink's writer hang (SIGTERM did not stop
+    it), above 65535 the video was not written ('OpenCV cannot write .mp4 video'), and --morphology-budget-ms inf
+    failed every frame ('cannot convert float infinity to integer')."""
+    for value in ("inf", "70000"):
+        rc = main(["run", "synth://", "null://", "--models", str(models), "--backend", "onnx", "--headless",
+                   "--max-frames", "2", "--target-fps", value])
+        assert rc == 2 and "less than or equal to 1000" in capfd.readouterr().err
+    rc = main(["run", "synth://", "null://", "--models", str(models), "--backend", "onnx", "--headless",
+               "--max-frames", "2", "--morphology-budget-ms", "inf"])
+    err = capfd.readouterr().err
+    assert rc == 1 and "--morphology-budget-ms: expected a finite number, got inf" in err and "Traceback" not in err
+
+
+
+def test_stats_and_record_files_that_are_the_source_or_the_output_are_refused(models, tmp_path, capfd):
+    """Before, each was written over at the end: --stats-json on the source video replaced the video with JSON,
+    on --record the session record, on the output video the video; --record on the output video lost the
+    session record to the finished video."""
+    clip, out, rec = tmp_path / "slide.mp4", tmp_path / "out.mp4", tmp_path / "rec.db"
+    _write_clip(clip, 3, 10.0)
+    before = clip.read_bytes()
+    cases = (
+        (["null://", "--stats-json", str(clip)], f"--stats-json {clip}: is also the source file://{clip}"),
+        ([f"file://{out}", "--stats-json", str(out)], f"--stats-json {out}: is also the output file://{out}"),
+        (["null://", "--record", str(rec), "--stats-json", str(rec)], f"--record {rec}: is also the --stats-json file"),
+        ([f"file://{out}", "--record", str(out)], f"--record {out}: is also the output file://{out}"),
+    )
+    for args, expected in cases:
+        rc = main(["run", f"file://{clip}", *args, "--models", str(models), "--backend", "onnx", "--headless"])
+        err = capfd.readouterr().err
+        assert rc == 1 and expected in err and "Traceback" not in err, err
+    assert clip.read_bytes() == before and not out.exists() and not rec.exists()
