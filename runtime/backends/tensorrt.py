@@ -37,7 +37,8 @@ def check_engine(model_dir: Path, manifest: Manifest) -> Path:
     if reason:
         raise EngineMismatchError(f"{path}: {reason}")
     if manifest.engine.sha256 and sha256_file(path) != manifest.engine.sha256:
-        raise InputError(f"{path}: sha256 does not match the manifest's engine.sha256; the engine file is corrupt")
+        raise InputError(f"{path}: sha256 does not match the manifest's engine.sha256; the engine file is corrupt "
+                         "or belongs to another manifest (rebuild it with smearsight export engine)")
     return path
 
 
