@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from smearsight.errors import InputError, require
+from smearsight.errors import InputError, first_line, require
 from smearsight.fileio import atomic_write_bytes, dumps_finite, finite_json, fsync_dir, fsync_file
 
 
@@ -217,7 +217,7 @@ class DisplaySink(FrameSink):
         try:
             self._open_window()
         except self._cv2_error() as exc:
-            self._wait_for_screen(f"the window failed to open ({str(exc).strip()[:160]})")
+            self._wait_for_screen(f"the window failed to open ({first_line(exc)[:160]})")
 
     @staticmethod
     def _cv2_error() -> type[Exception]:
@@ -236,7 +236,7 @@ class DisplaySink(FrameSink):
             key = cv2.waitKey(1) & 0xFF
             visible = cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE)
         except cv2.error as exc:
-            self.error = f"the window failed: {exc}"
+            self.error = f"the window failed: {first_line(exc)}"
             self.should_stop = True
             return
         self.frames += 1
@@ -801,9 +801,11 @@ class ImageDirSink(FrameSink):
 
 
 # --------------------------------------------------------------------------------------------- factory
-def _local_path(uri: str) -> Path | None:
-    """The path a ``file://`` URI (or a plain path) names; None for other schemes."""
+def local_path(uri: str) -> Path | None:
+    """The path a ``file://`` URI (or a plain path) names; None for other schemes and for a bare camera index."""
     text = str(uri).strip()
+    if text.isdigit():  # smearsight run 0: the first camera
+        return None
     if text.startswith("file://"):
         return Path(text[len("file://") :]).expanduser()
     return Path(text).expanduser() if "://" not in text else None
@@ -812,7 +814,7 @@ def _local_path(uri: str) -> Path | None:
 def check_sink_is_not_source(sink_uri: str, source_uri: str) -> None:
     """Raise InputError when a ``file://`` output is the source video or image folder itself (writing it
     would destroy the recording being read)."""
-    out, src = _local_path(sink_uri), _local_path(source_uri)
+    out, src = local_path(sink_uri), local_path(source_uri)
     if out is None or src is None:
         return
     if os.path.realpath(out) == os.path.realpath(src):
@@ -846,7 +848,7 @@ def open_sink(uri: str, *, headless: bool = False, **opts: Any) -> FrameSink:
     if text.startswith("http://"):
         return HttpSink(text, **pick("quality"))
     if text.startswith("file://"):
-        path = _local_path(text)
+        path = local_path(text)
         assert path is not None
         if path.is_dir() and not text.endswith("/") and path.suffix.lower() in _VIDEO_EXT:
             raise InputError(f"{text}: is a folder, not a video file (end the output with / to save image "

@@ -954,9 +954,9 @@ def _check_outputs_apart(cfg: RunConfig, sink_uri: str) -> None:
     is written over at the end of the run (or as it goes), which would destroy the other."""
     import os
 
-    from smearsight.device.sinks import _local_path
+    from smearsight.device.sinks import local_path
 
-    taken = [(f"the source {cfg.source}", _local_path(cfg.source)), (f"the output {sink_uri}", _local_path(sink_uri))]
+    taken = [(f"the source {cfg.source}", local_path(cfg.source)), (f"the output {sink_uri}", local_path(sink_uri))]
     for what, path in (("--stats-json", cfg.stats_json), ("--record", cfg.record)):
         if path is None:
             continue

@@ -941,3 +941,12 @@ def test_http_sink_opens_without_asking_dns(tmp_path: Path) -> None:
         pytest.skip(f"cannot make a private network here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
     assert probed.strip() == "0", "opening the sink asked the name server"
+
+
+def test_local_path_of_uris_plain_paths_and_a_camera_index(tmp_path) -> None:
+    """What the output checks compare: a bare number is a camera (smearsight run 0), not a file named 0."""
+    from smearsight.device.sinks import local_path
+
+    assert local_path(f"file://{tmp_path}/out.mp4") == tmp_path / "out.mp4"
+    assert local_path(str(tmp_path / "dir")) == tmp_path / "dir"
+    assert local_path("0") is None and local_path("http://:8080") is None and local_path("v4l2:///dev/video0") is None
