@@ -748,6 +748,9 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
         worker = InferenceWorker(pipe, source, threaded=cfg.overlap,
                                  min_interval_s=pipe.carry.target_s if pipe.detect_async else 0.0)
         for item in worker:
+            # a Ctrl-C or SIGTERM that a finalizer swallowed still stops the run, on every kind of frame (lost
+            # camera, frozen field, failed frame) and before the next one is shown
+            raise_if_interrupted()
             frame = item.frame
             watchdog.ping()
             problems.report(source.status, count=False)
@@ -872,7 +875,6 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 timer.add("annotate", t6 - t5)
                 timer.add("sink", t7 - t6)
                 timer.add("record", t8 - t7)
-            raise_if_interrupted()  # a Ctrl-C or SIGTERM that a finalizer swallowed still stops the run
             if getattr(sink, "should_stop", False) or (cfg.max_frames is not None and frames >= cfg.max_frames):
                 break
     except KeyboardInterrupt:

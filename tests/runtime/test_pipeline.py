@@ -421,6 +421,54 @@ def test_q_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch):
     assert stats["frames"] == 0
 
 
+def test_a_swallowed_ctrl_c_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch):
+    """A Ctrl-C that a finalizer swallowed (remembered by smearsight.interrupts; stand-in: set at the third look)
+    while the camera is unplugged: before, only live frames looked at it, so the run went on until the camera
+    came back."""
+    import threading
+
+    from smearsight import interrupts
+    from smearsight.device import sinks, sources
+
+    class MissingCamera:  # what cv2.VideoCapture gives for a node that is not there
+        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+            return False
+
+        def set(self, prop: int, value: float) -> bool:
+            return False
+
+        def release(self) -> None:
+            pass
+
+    class SetAtThirdLook(threading.Event):
+        looks = 0
+
+        def is_set(self) -> bool:
+            self.looks += 1
+            return self.looks >= 3 or super().is_set()
+
+    class Screen(sinks.FrameSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.uri = "null://"
+            self.shown = 0
+
+        def write(self, image_rgb, status=None) -> None:
+            self.shown += 1
+            if self.shown >= 50:
+                raise RuntimeError("the test's own stop: the run did not honour the remembered Ctrl-C")
+
+    screen = Screen()
+    monkeypatch.setattr(interrupts, "_requested", SetAtThirdLook())
+    real_open_source = sources.open_source
+    monkeypatch.setattr(sources, "open_source", lambda uri, loop=False: real_open_source(
+        uri, loop=loop, capture_factory=lambda target, api: MissingCamera(), stall_s=0.02))
+    monkeypatch.setattr(sinks, "open_sink", lambda uri, **kw: screen)
+    stats = pl.run(pl.RunConfig(source=f"v4l2://{tmp_path / 'video9'}", sink="null://", models=models,
+                                backend="onnx", max_frames=5))
+    assert screen.shown == 2 and stats["frames"] == 0
+
+
 def test_a_frame_that_cannot_be_shown_is_one_problem_on_one_line(models, tmp_path, monkeypatch, caplog):
     """Showing fails on every frame with OpenCV's several-line message: before, each frame added its own
     problem (the frame index was in it): a warning logged per frame and the stats' problems grew without bound,
