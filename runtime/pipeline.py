@@ -270,7 +270,8 @@ class Pipeline:
                 self._gpu_preprocess = self._open_gpu_preprocess()
             return decoder
         except Exception as exc:  # the NumPy reference gives the same detections
-            log.warning("GPU decode + NMS not available (%s); using the CPU reference", exc)
+            log.warning("GPU decode + NMS not available (%s); using the CPU reference", first_line(exc))
+            log.debug("GPU decode + NMS failed to open", exc_info=True)
             return None
 
     def _open_gpu_preprocess(self) -> Any:
@@ -281,7 +282,8 @@ class Pipeline:
 
             return CudaPreprocessor(det.manifest.input, det.context_handle, det.stream)
         except Exception as exc:  # the CPU pre-processing gives the same input
-            log.warning("GPU pre-processing not available (%s); pre-processing on the CPU", exc)
+            log.warning("GPU pre-processing not available (%s); pre-processing on the CPU", first_line(exc))
+            log.debug("GPU pre-processing failed to open", exc_info=True)
             return None
         finally:
             det.context_handle.pop()
@@ -421,7 +423,7 @@ class Pipeline:
         result = bg.take()
         if result is not None and result.error is not None:
             self._async_hw = None  # the next frame is detected here, where a failure is reported with its frame
-            log.warning("background detection failed: %s", result.error)
+            log.warning("background detection failed: %s", first_line(result.error))
             result = None
         if result is not None and result.tag[0] == self._epoch:  # else found before a jump: nothing to carry
             _, x0, y0, found_on = result.tag

@@ -227,7 +227,7 @@ def test_a_slow_result_lands_frames_later_moved_by_the_whole_way(head_models, st
         reference.close()
 
 
-def test_a_failed_background_detection_makes_the_next_frame_a_loop_detection(head_models, stage_slide):
+def test_a_failed_background_detection_makes_the_next_frame_a_loop_detection(head_models, stage_slide, caplog):
     pipe = pl.open_pipeline(head_models, "onnx", morphology=False, detect_every="async")
     try:
         pipe.process(stage_slide.frame_at(400, 300))
@@ -238,6 +238,8 @@ def test_a_failed_background_detection_makes_the_next_frame_a_loop_detection(hea
         assert not pipe.background.busy  # and offers nothing: the next frame is detected here anyway
         _, _, _, times = pipe.process(stage_slide.frame_at(408, 300))
         assert pipe.detected_last and "infer" in times
+        failed = [r.getMessage() for r in caplog.records if "background detection failed" in r.getMessage()]
+        assert len(failed) == 1 and "\n" not in failed[0], failed  # one line in the journal
     finally:
         pipe.close()
 
