@@ -263,7 +263,11 @@ class _DirReader(_Reader):
             data = np.fromfile(path, dtype=np.uint8)
         except OSError as exc:
             raise CorruptFrame(f"skipped {path.name}: cannot read it ({exc.strerror})") from exc
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        try:
+            image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        except cv2.error as exc:  # e.g. more pixels than OpenCV decodes (CV_IO_MAX_IMAGE_PIXELS)
+            reason = "too large to decode" if "MAX_IMAGE_PIXELS" in str(exc) else "OpenCV cannot decode it"
+            raise CorruptFrame(f"skipped {path.name}: {reason}") from exc
         if image is None:
             raise CorruptFrame(f"skipped {path.name}: not a readable image")
         return image

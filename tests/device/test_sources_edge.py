@@ -1,0 +1,38 @@
+"""Frame-source edge cases a technician meets: odd files in an image folder, URIs copied from a file manager,
+cameras named by their device path. Real files written with OpenCV; a fake ``cv2.VideoCapture`` only where
+a camera would be needed."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2")
+
+from smearsight.device.sources import open_source  # noqa: E402
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header announces ``width`` x ``height`` pixels (the data is a few bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_an_image_too_large_to_decode_is_skipped_not_the_end_of_the_folder(tmp_path: Path) -> None:
+    for i in (0, 2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((40, 50, 3), 60 + i, np.uint8))
+    (tmp_path / "1.png").write_bytes(_png_header_only(100_000, 100_000))  # over OpenCV's pixel limit
+    with open_source(f"file://{tmp_path}/") as src:
+        shown = [int(f.image[0, 0, 0]) for f in src]
+    assert shown == [60, 62]  # before: reading stopped at 1.png with OpenCV's multi-line assertion text
+    assert src.error == "" and src.stats.skipped == 1
+    (problem,) = src.stats.problems
+    assert problem.startswith("skipped 1.png:") and "\n" not in problem
