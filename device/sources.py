@@ -2,7 +2,8 @@
 
 URIs:
 
-- ``v4l2:///dev/videoN`` or a camera index (``0``, ``"0"``, ``v4l2://0``): ``cv2.VideoCapture`` with ``CAP_V4L2``.
+- ``v4l2:///dev/videoN``, a plain ``/dev/...`` path or a camera index (``0``, ``"0"``, ``v4l2://0``):
+  ``cv2.VideoCapture`` with ``CAP_V4L2``.
 - ``csi://N``: an ``nvarguscamerasrc`` GStreamer pipeline (Jetson CSI camera); needs an OpenCV built with
   GStreamer (the Jetson system OpenCV; pip wheels have none).
 - a raw GStreamer pipeline (any other string containing ``!`` that is not an existing path), ending in
@@ -29,6 +30,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import sys
 import threading
 import time
@@ -212,6 +214,17 @@ def _is_existing_path(text: str) -> bool:
     """True when ``text`` names an existing file or folder (False for what cannot be a path: a long pipeline)."""
     try:
         return Path(text).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_camera_device(text: str) -> bool:
+    """True for a plain path that names a camera node: anything under /dev/ (present or not yet), or a
+    character device elsewhere (a udev link such as /dev/v4l/by-id/... copied to another place)."""
+    if text.startswith("/dev/"):
+        return True
+    try:
+        return stat.S_ISCHR(os.stat(text).st_mode)
     except (OSError, ValueError):
         return False
 
@@ -758,6 +771,9 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
         slide_size = _parse_size(query["slide"][0], f"{text} slide") if "slide" in query else None
         reader = _SynthReader(seed=seed, speed=speed, fps=synth_fps, frame_size=frame_size,
                               slide_size=slide_size, name=text)
+    elif "://" not in text and _is_camera_device(text):
+        return open_source(f"v4l2://{text}", loop=loop, capture_factory=factory, width=width, height=height,
+                           fps=fps, **source_opts)
     elif "://" not in text and (_is_existing_path(text) or Path(text).suffix.lower() in _FILE_EXT):
         return open_source(f"file://{text}", loop=loop, capture_factory=factory, width=width, height=height,
                            fps=fps, **source_opts)

@@ -36,3 +36,40 @@ def test_an_image_too_large_to_decode_is_skipped_not_the_end_of_the_folder(tmp_p
     assert src.error == "" and src.stats.skipped == 1
     (problem,) = src.stats.problems
     assert problem.startswith("skipped 1.png:") and "\n" not in problem
+
+
+class _RecordingCamera:
+    """A fake ``cv2.VideoCapture`` (no camera on CI) that records how it was opened."""
+
+    opened: list[tuple[object, int]] = []
+
+    def __init__(self, target: object, api: int) -> None:
+        _RecordingCamera.opened.append((target, api))
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return True
+
+    def set(self, prop: int, value: float) -> bool:
+        return True
+
+    def read(self) -> tuple[bool, np.ndarray]:
+        return True, np.zeros((32, 32, 3), np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_camera_named_by_its_device_path_is_a_camera_not_a_video_file(tmp_path: Path) -> None:
+    # /dev/video0 typed without v4l2:// was opened as a video file: no reconnect, the run ended at unplugging
+    node = tmp_path / "usb-Microscope_Cam-video-index0"
+    node.symlink_to("/dev/null")  # a character device, as a udev by-id link to /dev/videoN is
+    _RecordingCamera.opened = []
+    with open_source(str(node), capture_factory=_RecordingCamera) as src:
+        assert src.live and src.uri == f"v4l2://{node}"
+        assert not next(src).stale
+    assert _RecordingCamera.opened[0][1] == cv2.CAP_V4L2
+    # a camera not plugged in yet is waited for, not refused as an unknown source
+    with open_source("/dev/video97", capture_factory=_RecordingCamera, backoff_initial=0.05, stall_s=0.05) as src:
+        frame = next(src)
+        assert frame.stale and src.live
+        assert "/dev/video97 not found" in src.status
