@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
@@ -681,8 +681,15 @@ def _parse_size(value: str, what: str) -> tuple[int, int]:
 
 
 def _file_path(uri: str) -> Path:
+    """The path of a ``file://`` URI; %-escapes (``%20`` from a file manager's copy) are undone unless the
+    name as written exists."""
     rest = uri[len("file://") :]
-    return Path(rest).expanduser()
+    path = Path(rest).expanduser()
+    if "%" in rest and not path.exists():
+        unquoted = Path(unquote(rest)).expanduser()
+        if unquoted.exists():
+            return unquoted
+    return path
 
 
 def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSource:

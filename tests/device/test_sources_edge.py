@@ -73,3 +73,19 @@ def test_a_camera_named_by_its_device_path_is_a_camera_not_a_video_file(tmp_path
         frame = next(src)
         assert frame.stale and src.live
         assert "/dev/video97 not found" in src.status
+
+
+def test_a_file_uri_copied_from_a_file_manager_is_unescaped(tmp_path: Path) -> None:
+    from urllib.parse import quote
+
+    folder = tmp_path / "slide 3 (50%)"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "0.png"), np.full((20, 30, 3), 70, np.uint8))
+    # a file manager's "copy" gives file:///.../slide%203%20(50%25)/: before, "no such file"
+    with open_source(f"file://{quote(str(folder))}/") as src:
+        assert [int(f.image[0, 0, 0]) for f in src] == [70]
+    literal = tmp_path / "a%20b"  # a name that really holds %20 is still found as it is
+    literal.mkdir()
+    cv2.imwrite(str(literal / "0.png"), np.full((20, 30, 3), 90, np.uint8))
+    with open_source(f"file://{literal}/") as src:
+        assert [int(f.image[0, 0, 0]) for f in src] == [90]
