@@ -8,7 +8,8 @@ URIs:
   GStreamer (the Jetson system OpenCV; pip wheels have none).
 - a raw GStreamer pipeline (any other string containing ``!`` that is not an existing path), ending in
   ``appsink``.
-- ``file://video.mp4``: a video file; ``file://dir/``: an image sequence in natural order (2 before 10).
+- ``file://video.mp4``: a video file; ``file://dir/``: an image sequence in natural order (2 before 10);
+  ``file://image.png``: one image.
   ``loop=True`` restarts at the end (a folder is listed again for each pass).
 - ``synth://?seed=S&speed=P[&fps=F&size=WxH&slide=WxH]``: a synthetic smear slide under a slowly moving stage
   (:class:`smearsight.train.datasets.synth.SyntheticSlide`).
@@ -244,7 +245,7 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 class _DirReader(_Reader):
-    """A sorted image sequence in a folder."""
+    """A sorted image sequence in a folder, or one image file (decoded the same way: EXIF orientation)."""
 
     def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory
@@ -253,6 +254,9 @@ class _DirReader(_Reader):
         self._pos = 0
 
     def open(self) -> None:
+        if self.directory.suffix.lower() in IMAGE_EXTENSIONS and self.directory.is_file():
+            self.files, self._pos = [self.directory], 0
+            return
         if not self.directory.is_dir():
             raise InputError(f"{self.name}: not a folder of images")
         self.files = sorted(
@@ -756,6 +760,8 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
             reader = _DirReader(path, text)
         elif not path.exists():
             raise InputError(f"{text}: no such file (expected a video file or a folder of images)")
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            reader = _DirReader(path, text)
         else:
             reader = _CaptureReader(str(path), cv2.CAP_ANY, live=False, name=text, capture_factory=factory)
     elif text.startswith("synth://"):

@@ -89,3 +89,28 @@ def test_a_file_uri_copied_from_a_file_manager_is_unescaped(tmp_path: Path) -> N
     cv2.imwrite(str(literal / "0.png"), np.full((20, 30, 3), 90, np.uint8))
     with open_source(f"file://{literal}/") as src:
         assert [int(f.image[0, 0, 0]) for f in src] == [90]
+
+
+def test_a_single_image_file_is_read_like_an_image_in_a_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, :40] = 255
+    picture = Image.fromarray(pixels)
+    exif = picture.getexif()
+    exif[0x0112] = 6  # "rotate 90°": how a camera held upright marks a portrait JPEG
+    picture.save(tmp_path / "upright.jpg", exif=exif)
+    with open_source(f"file://{tmp_path}/upright.jpg") as single:
+        one = [f.image.shape for f in single]
+    with open_source(f"file://{tmp_path}/") as folder:
+        assert [f.image.shape for f in folder] == [(80, 40, 3)]
+    assert one == [(80, 40, 3)]  # before: (40, 80, 3), the video decoder ignores the orientation
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with open_source(f"file://{tmp_path}/bad.png") as bad:
+        assert list(bad) == []
+    assert bad.stats.problems == {"skipped bad.png: not a readable image": 1}
+    looping = open_source(str(tmp_path / "upright.jpg"), loop=True)
+    try:
+        assert len([next(looping) for _ in range(3)]) == 3
+    finally:
+        looping.close()
