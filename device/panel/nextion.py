@@ -14,6 +14,7 @@ not a physical Nextion.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 from smearsight.device.panel.framing import DecodeError, DecoderStats, Frame
@@ -84,9 +85,25 @@ class NextionLayout:
     )
 
 
+#: typographic punctuation outside Latin-1, as plain characters; "ÿ" is byte 0xFF, the instruction terminator's
+_PLAIN = str.maketrans({"—": "-", "–": "-", "‘": "'", "’": "'", "“": '"', "”": '"', "…": "...", "•": "*", "ÿ": "y"})
+
+
+def _latin1(text: str) -> str:
+    """``text`` in Latin-1 for the display's font: punctuation mapped, accents outside it dropped (ř -> r), else '?'."""
+    text = text.translate(_PLAIN)
+    if all(ord(ch) < 256 for ch in text):
+        return text
+    return "".join(
+        ch if ord(ch) < 256 else unicodedata.normalize("NFKD", ch).encode("latin-1", "ignore").decode("latin-1")
+        or "?"
+        for ch in text
+    )
+
+
 def quote(text: str, limit: int = 200) -> str:
     """A Nextion string literal: escaped quotes and backslashes, newlines as ``\\r``, Latin-1 only."""
-    text = text[:limit].encode("latin-1", "replace").decode("latin-1")
+    text = _latin1(text)[:limit]
     text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\r\n", "\n").replace("\n", "\\r")
     return f'"{text}"'
 
