@@ -6,6 +6,7 @@ URIs:
   ``cv2.VideoCapture`` with ``CAP_V4L2``.
 - ``csi://N``: an ``nvarguscamerasrc`` GStreamer pipeline (Jetson CSI camera); needs an OpenCV built with
   GStreamer (the Jetson system OpenCV; pip wheels have none).
+- ``v4l2://...?width=W&height=H&fps=F`` (or ``csi://N?...``) asks the camera for that size and rate.
 - a raw GStreamer pipeline (any other string containing ``!`` that is not an existing path), ending in
   ``appsink``.
 - ``file://video.mp4``: a video file; ``file://dir/``: an image sequence in natural order (2 before 10);
@@ -684,6 +685,23 @@ def _parse_size(value: str, what: str) -> tuple[int, int]:
     return h, w
 
 
+def _camera_request(uri: str) -> tuple[str, dict[str, int]]:
+    """Split ``v4l2:///dev/video0?width=1920&height=1080&fps=30`` (or ``csi://0?...``) into the URI without
+    its query and the size and rate asked for."""
+    spec, _, query = uri.partition("?")
+    params = parse_qs(query, keep_blank_values=True)
+    unknown = set(params) - {"width", "height", "fps"}
+    if unknown:
+        raise InputError(f"{uri}: unknown parameter(s) {', '.join(sorted(unknown))} (expected width, height, fps)")
+    request: dict[str, int] = {}
+    for key, values in params.items():
+        value = values[-1]
+        if not value.isdigit() or int(value) == 0:
+            raise InputError(f"{uri}: {key} must be a whole number greater than 0, got {value!r}")
+        request[key] = int(value)
+    return spec, request
+
+
 def _file_path(uri: str) -> Path:
     """The path of a ``file://`` URI; %-escapes (``%20`` from a file manager's copy) are undone unless the
     name as written exists."""
@@ -717,6 +735,10 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
     if opts:
         raise InputError(f"source options: unknown {', '.join(sorted(opts))}")
     text = str(uri).strip()
+    spec = text
+    if text.startswith(("v4l2://", "csi://")) and "?" in text:
+        spec, request = _camera_request(text)
+        width, height, fps = width or request.get("width"), height or request.get("height"), fps or request.get("fps")
     props: dict[int, float] = {}
     if width:
         props[cv2.CAP_PROP_FRAME_WIDTH] = float(width)
@@ -734,7 +756,7 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
         reader = _CaptureReader(pipeline, cv2.CAP_GSTREAMER, live=True, name="GStreamer pipeline",
                                 capture_factory=factory)
     elif text.isdigit() or text.startswith("v4l2://"):
-        rest = text[len("v4l2://") :] if text.startswith("v4l2://") else text
+        rest = spec[len("v4l2://") :] if text.startswith("v4l2://") else text
         if rest.isdigit():
             target: str | int = int(rest)
             # OpenCV's V4L2 backend maps index N to /dev/videoN: watch that node for unplugging.
@@ -746,7 +768,7 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
         reader = _CaptureReader(target, cv2.CAP_V4L2, live=True, name=str(rest), capture_factory=factory,
                                 device_path=device_path, props=props)
     elif text.startswith("csi://"):
-        rest = text[len("csi://") :]
+        rest = spec[len("csi://") :]
         if not rest.isdigit():
             raise InputError(f"{text}: expected csi://N with a sensor number such as csi://0")
         if factory is None:

@@ -114,3 +114,34 @@ def test_a_single_image_file_is_read_like_an_image_in_a_folder(tmp_path: Path) -
         assert len([next(looping) for _ in range(3)]) == 3
     finally:
         looping.close()
+
+
+class _SettingsCamera(_RecordingCamera):
+    settings: dict[int, float] = {}
+
+    def set(self, prop: int, value: float) -> bool:
+        _SettingsCamera.settings[prop] = value
+        return True
+
+
+def test_a_camera_uri_asks_for_its_size_and_rate(tmp_path: Path) -> None:
+    from smearsight.errors import InputError
+
+    node = tmp_path / "video0"
+    node.write_text("")
+    _RecordingCamera.opened, _SettingsCamera.settings = [], {}
+    # smearsight run passes only the URI: before, the query became part of the device path, and the
+    # screen said "camera lost: ...video0?width=1920&height=1080 not found" for ever
+    with open_source(f"v4l2://{node}?width=1920&height=1080&fps=15", capture_factory=_SettingsCamera) as src:
+        assert not next(src).stale
+    assert _RecordingCamera.opened[0][0] == str(node)
+    assert _SettingsCamera.settings == {cv2.CAP_PROP_FRAME_WIDTH: 1920.0, cv2.CAP_PROP_FRAME_HEIGHT: 1080.0,
+                                        cv2.CAP_PROP_FPS: 15.0}
+    with open_source("csi://1?width=1280&height=720", capture_factory=_RecordingCamera) as src:
+        next(src)
+    assert "sensor-id=1 " in str(_RecordingCamera.opened[-1][0])
+    assert "width=(int)1280, height=(int)720" in str(_RecordingCamera.opened[-1][0])
+    with pytest.raises(InputError, match=r"unknown parameter\(s\) size \(expected width, height, fps\)"):
+        open_source(f"v4l2://{node}?size=1920x1080", capture_factory=_SettingsCamera)
+    with pytest.raises(InputError, match="width must be a whole number greater than 0, got 'wide'"):
+        open_source(f"v4l2://{node}?width=wide", capture_factory=_SettingsCamera)
