@@ -59,6 +59,8 @@ ERROR_CODES: dict[int, str] = {
 }
 #: informational return codes (reported to ``on_any`` handlers as nothing; just counted)
 INFO_CODES = {0x01, 0x66, 0x70, 0x71, 0x86, 0x87, 0x88, 0x89, 0xFD, 0xFE}
+#: what the display sends when it starts or resets
+STARTUP = b"\x00\x00\x00"
 #: records with binary fields (numbers, coordinates) have a fixed size, terminator included
 _FIXED_SIZE = {0x65: 7, 0x67: 9, 0x68: 9, 0x71: 8}
 _COLOURS = {AlertLevel.INFO: 65535, AlertLevel.WARNING: 65504, AlertLevel.ERROR: 63488}  # white, yellow, red
@@ -184,7 +186,7 @@ class NextionDecoder:
             return Frame(0, type_code(message), self._seq, message, n)
         if code in ERROR_CODES and len(record) == 1:
             return self._error("display", f"display says: {ERROR_CODES[code]} (0x{code:02x})", n)
-        if code in INFO_CODES:
+        if code in INFO_CODES or record == STARTUP:
             return None
         return self._error("garbage", f"{len(record)} bytes that are no Nextion return data", n)
 

@@ -19,3 +19,14 @@ def test_no_text_can_put_the_terminator_byte_inside_an_instruction() -> None:
     instructions = wire.split(b"\xff\xff\xff")
     assert instructions[-1] == b"" and len(instructions) == 4  # three instructions, none cut short
     assert instructions[2].startswith(b'tMsg.txt="yyy ')
+
+
+def test_a_display_powering_up_is_not_reported_as_garbage() -> None:
+    from smearsight.device.panel.nextion import NextionDecoder, NextionLayout
+
+    decoder = NextionDecoder(NextionLayout())
+    ff3 = b"\xff\xff\xff"
+    # what a Nextion sends when it starts or resets ("startup", then "ready"), then a real error
+    events = decoder.feed(b"\x00\x00\x00" + ff3 + b"\x88" + ff3 + b"\x00" + ff3)
+    assert [(e.kind, e.detail) for e in events] == [("display", "display says: invalid instruction (0x00)")]
+    assert decoder.stats.garbage == 0 and decoder.stats.garbage_bytes == 4
