@@ -11,7 +11,7 @@ URIs:
   ``appsink``.
 - ``file://video.mp4``: a video file; ``file://dir/``: an image sequence in natural order (2 before 10);
   ``file://image.png``: one image.
-  ``loop=True`` restarts at the end (a folder is listed again for each pass).
+  ``loop=True`` restarts at the end (a folder is listed again for each pass; hidden files are not frames).
 - ``synth://?seed=S&speed=P[&fps=F&size=WxH&slide=WxH]``: a synthetic smear slide under a slowly moving stage
   (:class:`smearsight.train.datasets.synth.SyntheticSlide`).
 
@@ -261,7 +261,8 @@ class _DirReader(_Reader):
         if not self.directory.is_dir():
             raise InputError(f"{self.name}: not a folder of images")
         self.files = sorted(
-            (p for p in self.directory.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+            (p for p in self.directory.iterdir()  # hidden files: "._x.png" is a Mac's metadata, not a picture
+             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()),
             key=_natural_key,
         )
         if not self.files:

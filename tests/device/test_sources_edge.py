@@ -145,3 +145,19 @@ def test_a_camera_uri_asks_for_its_size_and_rate(tmp_path: Path) -> None:
         open_source(f"v4l2://{node}?size=1920x1080", capture_factory=_SettingsCamera)
     with pytest.raises(InputError, match="width must be a whole number greater than 0, got 'wide'"):
         open_source(f"v4l2://{node}?width=wide", capture_factory=_SettingsCamera)
+
+
+def test_hidden_files_in_an_image_folder_are_not_frames(tmp_path: Path) -> None:
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((20, 30, 3), 40 * (i + 1), np.uint8))
+        # a folder copied from a Mac onto a USB stick: "._0.png" holds Finder metadata, not a picture
+        (tmp_path / f"._{i}.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    with open_source(f"file://{tmp_path}/") as src:
+        assert [int(f.image[0, 0, 0]) for f in src] == [40, 80]
+    assert src.stats.skipped == 0 and src.stats.problems == {}  # before: one "not a readable image" per file
+    (tmp_path / "0.png").unlink()
+    (tmp_path / "1.png").unlink()
+    from smearsight.errors import InputError
+
+    with pytest.raises(InputError, match="no images found"):
+        open_source(f"file://{tmp_path}/")
