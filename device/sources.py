@@ -2,13 +2,16 @@
 
 URIs:
 
-- ``v4l2:///dev/videoN`` or a camera index (``0``, ``"0"``, ``v4l2://0``): ``cv2.VideoCapture`` with ``CAP_V4L2``.
+- ``v4l2:///dev/videoN``, a plain ``/dev/...`` path or a camera index (``0``, ``"0"``, ``v4l2://0``):
+  ``cv2.VideoCapture`` with ``CAP_V4L2``.
 - ``csi://N``: an ``nvarguscamerasrc`` GStreamer pipeline (Jetson CSI camera); needs an OpenCV built with
   GStreamer (the Jetson system OpenCV; pip wheels have none).
+- ``v4l2://...?width=W&height=H&fps=F`` (or ``csi://N?...``) asks the camera for that size and rate.
 - a raw GStreamer pipeline (any other string containing ``!`` that is not an existing path), ending in
   ``appsink``.
-- ``file://video.mp4``: a video file; ``file://dir/``: an image sequence in natural order (2 before 10).
-  ``loop=True`` restarts at the end (a folder is listed again for each pass).
+- ``file://video.mp4``: a video file; ``file://dir/``: an image sequence in natural order (2 before 10);
+  ``file://image.png``: one image.
+  ``loop=True`` restarts at the end (a folder is listed again for each pass; hidden files are not frames).
 - ``synth://?seed=S&speed=P[&fps=F&size=WxH&slide=WxH]``: a synthetic smear slide under a slowly moving stage
   (:class:`smearsight.train.datasets.synth.SyntheticSlide`).
 
@@ -29,6 +32,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import sys
 import threading
 import time
@@ -36,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
@@ -216,6 +220,17 @@ def _is_existing_path(text: str) -> bool:
         return False
 
 
+def _is_camera_device(text: str) -> bool:
+    """True for a plain path that names a camera node: anything under /dev/ (present or not yet), or a
+    character device elsewhere (a udev link such as /dev/v4l/by-id/... copied to another place)."""
+    if text.startswith("/dev/"):
+        return True
+    try:
+        return stat.S_ISCHR(os.stat(text).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def v4l2_index(path: str) -> int | None:
     """N for /dev/videoN or a udev symlink to it (/dev/v4l/by-id/...); None otherwise.
 
@@ -231,7 +246,7 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 class _DirReader(_Reader):
-    """A sorted image sequence in a folder."""
+    """A sorted image sequence in a folder, or one image file (decoded the same way: EXIF orientation)."""
 
     def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory
@@ -240,10 +255,14 @@ class _DirReader(_Reader):
         self._pos = 0
 
     def open(self) -> None:
+        if self.directory.suffix.lower() in IMAGE_EXTENSIONS and self.directory.is_file():
+            self.files, self._pos = [self.directory], 0
+            return
         if not self.directory.is_dir():
             raise InputError(f"{self.name}: not a folder of images")
         self.files = sorted(
-            (p for p in self.directory.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+            (p for p in self.directory.iterdir()  # hidden files: "._x.png" is a Mac's metadata, not a picture
+             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()),
             key=_natural_key,
         )
         if not self.files:
@@ -263,7 +282,11 @@ class _DirReader(_Reader):
             data = np.fromfile(path, dtype=np.uint8)
         except OSError as exc:
             raise CorruptFrame(f"skipped {path.name}: cannot read it ({exc.strerror})") from exc
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        try:
+            image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        except cv2.error as exc:  # e.g. more pixels than OpenCV decodes (CV_IO_MAX_IMAGE_PIXELS)
+            reason = "too large to decode" if "MAX_IMAGE_PIXELS" in str(exc) else "OpenCV cannot decode it"
+            raise CorruptFrame(f"skipped {path.name}: {reason}") from exc
         if image is None:
             raise CorruptFrame(f"skipped {path.name}: not a readable image")
         return image
@@ -663,9 +686,33 @@ def _parse_size(value: str, what: str) -> tuple[int, int]:
     return h, w
 
 
+def _camera_request(uri: str) -> tuple[str, dict[str, int]]:
+    """Split ``v4l2:///dev/video0?width=1920&height=1080&fps=30`` (or ``csi://0?...``) into the URI without
+    its query and the size and rate asked for."""
+    spec, _, query = uri.partition("?")
+    params = parse_qs(query, keep_blank_values=True)
+    unknown = set(params) - {"width", "height", "fps"}
+    if unknown:
+        raise InputError(f"{uri}: unknown parameter(s) {', '.join(sorted(unknown))} (expected width, height, fps)")
+    request: dict[str, int] = {}
+    for key, values in params.items():
+        value = values[-1]
+        if not value.isdigit() or int(value) == 0:
+            raise InputError(f"{uri}: {key} must be a whole number greater than 0, got {value!r}")
+        request[key] = int(value)
+    return spec, request
+
+
 def _file_path(uri: str) -> Path:
+    """The path of a ``file://`` URI; %-escapes (``%20`` from a file manager's copy) are undone unless the
+    name as written exists."""
     rest = uri[len("file://") :]
-    return Path(rest).expanduser()
+    path = Path(rest).expanduser()
+    if "%" in rest and not path.exists():
+        unquoted = Path(unquote(rest)).expanduser()
+        if unquoted.exists():
+            return unquoted
+    return path
 
 
 def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSource:
@@ -689,6 +736,10 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
     if opts:
         raise InputError(f"source options: unknown {', '.join(sorted(opts))}")
     text = str(uri).strip()
+    spec = text
+    if text.startswith(("v4l2://", "csi://")) and "?" in text:
+        spec, request = _camera_request(text)
+        width, height, fps = width or request.get("width"), height or request.get("height"), fps or request.get("fps")
     props: dict[int, float] = {}
     if width:
         props[cv2.CAP_PROP_FRAME_WIDTH] = float(width)
@@ -706,7 +757,7 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
         reader = _CaptureReader(pipeline, cv2.CAP_GSTREAMER, live=True, name="GStreamer pipeline",
                                 capture_factory=factory)
     elif text.isdigit() or text.startswith("v4l2://"):
-        rest = text[len("v4l2://") :] if text.startswith("v4l2://") else text
+        rest = spec[len("v4l2://") :] if text.startswith("v4l2://") else text
         if rest.isdigit():
             target: str | int = int(rest)
             # OpenCV's V4L2 backend maps index N to /dev/videoN: watch that node for unplugging.
@@ -718,7 +769,7 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
         reader = _CaptureReader(target, cv2.CAP_V4L2, live=True, name=str(rest), capture_factory=factory,
                                 device_path=device_path, props=props)
     elif text.startswith("csi://"):
-        rest = text[len("csi://") :]
+        rest = spec[len("csi://") :]
         if not rest.isdigit():
             raise InputError(f"{text}: expected csi://N with a sensor number such as csi://0")
         if factory is None:
@@ -732,6 +783,8 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
             reader = _DirReader(path, text)
         elif not path.exists():
             raise InputError(f"{text}: no such file (expected a video file or a folder of images)")
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            reader = _DirReader(path, text)
         else:
             reader = _CaptureReader(str(path), cv2.CAP_ANY, live=False, name=text, capture_factory=factory)
     elif text.startswith("synth://"):
@@ -754,6 +807,9 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
         slide_size = _parse_size(query["slide"][0], f"{text} slide") if "slide" in query else None
         reader = _SynthReader(seed=seed, speed=speed, fps=synth_fps, frame_size=frame_size,
                               slide_size=slide_size, name=text)
+    elif "://" not in text and _is_camera_device(text):
+        return open_source(f"v4l2://{text}", loop=loop, capture_factory=factory, width=width, height=height,
+                           fps=fps, **source_opts)
     elif "://" not in text and (_is_existing_path(text) or Path(text).suffix.lower() in _FILE_EXT):
         return open_source(f"file://{text}", loop=loop, capture_factory=factory, width=width, height=height,
                            fps=fps, **source_opts)

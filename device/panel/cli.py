@@ -10,6 +10,11 @@ from smearsight.cli_app import device_app
 from smearsight.errors import InputError
 
 
+def _never_opened(port: str, reason: str) -> InputError:
+    why = f" ({reason})" if reason else ""
+    return InputError(f"{port}: could not be opened during the whole run{why}; check the device path and permissions")
+
+
 def _check_common(port: str, baud: int, duration: float | None) -> None:
     if not port.strip():
         raise InputError("PORT: empty; expected a serial device such as /dev/ttyUSB0 or a pyserial URL (loop://)")
@@ -36,7 +41,7 @@ def serial_monitor(
     _check_common(port, baud, duration)
     stats = run_monitor(port, baudrate=baud, duration=duration, jsonl=jsonl, stats_every=stats_every)
     if require_connect and stats.opens == 0:
-        raise InputError(f"{port}: could not be opened during the whole run; check the device path and permissions")
+        raise _never_opened(port, stats.open_error)
 
 
 @device_app.command("panel-sim")
@@ -77,4 +82,4 @@ def panel_sim(
     sim = PanelSim(port, baudrate=baud, label=label, jsonl=jsonl)
     result = sim.run(script=words, interval=interval, duration=duration, repeat=repeat, interactive=interactive)
     if not result.connected:
-        raise InputError(f"{port}: could not be opened during the whole run; check the device path and permissions")
+        raise _never_opened(port, sim.link.stats.open_error)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -74,6 +75,7 @@ class LinkStats:
     port_errors: int = 0
     handler_errors: int = 0
     unhandled: int = 0
+    open_error: str = ""  # why the port last failed to open ("Permission denied"), empty once it opened
     rx: DecoderStats = field(default_factory=DecoderStats)
 
     def as_dict(self) -> dict[str, Any]:
@@ -357,13 +359,15 @@ class SerialLink:
                 port = self._opener()
             except (serial.SerialException, OSError, ValueError) as exc:
                 self.stats.open_failures += 1
-                self._last_error = _short_error(exc)
+                self.stats.open_error = _short_error(exc)
+                self._last_error = f"{self.port_name}: {self.stats.open_error}"
                 self._set_state(LinkState.CONNECTING if first else LinkState.RECONNECTING, self._last_error)
                 if not self._sleep_backoff(delay):
                     return None
                 delay = min(delay * 2, self.backoff_max)
                 continue
             self._retry_at = None
+            self.stats.open_error = ""
             return port
         return None
 
@@ -456,5 +460,7 @@ def _close_quietly(port: Any) -> None:
 
 
 def _short_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:  # pyserial repeats errno and port: "[Errno 2] could not open ..."
+        return os.strerror(exc.errno)
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:160]

@@ -14,6 +14,7 @@ not a physical Nextion.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 from smearsight.device.panel.framing import DecodeError, DecoderStats, Frame
@@ -58,6 +59,8 @@ ERROR_CODES: dict[int, str] = {
 }
 #: informational return codes (reported to ``on_any`` handlers as nothing; just counted)
 INFO_CODES = {0x01, 0x66, 0x70, 0x71, 0x86, 0x87, 0x88, 0x89, 0xFD, 0xFE}
+#: what the display sends when it starts or resets
+STARTUP = b"\x00\x00\x00"
 #: records with binary fields (numbers, coordinates) have a fixed size, terminator included
 _FIXED_SIZE = {0x65: 7, 0x67: 9, 0x68: 9, 0x71: 8}
 _COLOURS = {AlertLevel.INFO: 65535, AlertLevel.WARNING: 65504, AlertLevel.ERROR: 63488}  # white, yellow, red
@@ -84,9 +87,25 @@ class NextionLayout:
     )
 
 
+#: typographic punctuation outside Latin-1, as plain characters; "ÿ" is byte 0xFF, the instruction terminator's
+_PLAIN = str.maketrans({"—": "-", "–": "-", "‘": "'", "’": "'", "“": '"', "”": '"', "…": "...", "•": "*", "ÿ": "y"})
+
+
+def _latin1(text: str) -> str:
+    """``text`` in Latin-1 for the display's font: punctuation mapped, accents outside it dropped (ř -> r), else '?'."""
+    text = text.translate(_PLAIN)
+    if all(ord(ch) < 256 for ch in text):
+        return text
+    return "".join(
+        ch if ord(ch) < 256 else unicodedata.normalize("NFKD", ch).encode("latin-1", "ignore").decode("latin-1")
+        or "?"
+        for ch in text
+    )
+
+
 def quote(text: str, limit: int = 200) -> str:
     """A Nextion string literal: escaped quotes and backslashes, newlines as ``\\r``, Latin-1 only."""
-    text = text[:limit].encode("latin-1", "replace").decode("latin-1")
+    text = _latin1(text)[:limit]
     text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\r\n", "\n").replace("\n", "\\r")
     return f'"{text}"'
 
@@ -167,7 +186,7 @@ class NextionDecoder:
             return Frame(0, type_code(message), self._seq, message, n)
         if code in ERROR_CODES and len(record) == 1:
             return self._error("display", f"display says: {ERROR_CODES[code]} (0x{code:02x})", n)
-        if code in INFO_CODES:
+        if code in INFO_CODES or record == STARTUP:
             return None
         return self._error("garbage", f"{len(record)} bytes that are no Nextion return data", n)
 
