@@ -30,19 +30,16 @@ from typing import Any
 import numpy as np
 
 from smearsight.catalog import TPS_CLASSES, class_color
+from smearsight.plaintext import plain_text
 
 _RED = (235, 40, 40)
 _GREEN = (60, 220, 90)
 _GREY = (170, 170, 170)
 _WHITE = (255, 255, 255)
 _AMBER = (230, 150, 20)
-_ASCII = str.maketrans({"—": "-", "–": "-", "…": "...", "·": "-", "°": " deg", "µ": "u", "×": "x",
-                        "‘": "'", "’": "'", "“": '"', "”": '"'})
-
-
 def plain_ascii(text: str) -> str:
-    """OpenCV's Hershey fonts draw ASCII only: map dashes and quotes, drop the rest."""
-    return str(text).translate(_ASCII).encode("ascii", "replace").decode("ascii")
+    """OpenCV's Hershey fonts draw ASCII only: dashes, quotes and symbols mapped, accents dropped, the rest '?'."""
+    return plain_text(text, 128)
 
 
 class _TextCache:

@@ -14,7 +14,6 @@ not a physical Nextion.
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, field
 
 from smearsight.device.panel.framing import DecodeError, DecoderStats, Frame
@@ -33,6 +32,7 @@ from smearsight.device.panel.protocol import (
     Summary,
     type_code,
 )
+from smearsight.plaintext import plain_text
 
 TERMINATOR = b"\xff\xff\xff"
 TOUCH_EVENT = 0x65
@@ -87,20 +87,10 @@ class NextionLayout:
     )
 
 
-#: typographic punctuation outside Latin-1, as plain characters; "ÿ" is byte 0xFF, the instruction terminator's
-_PLAIN = str.maketrans({"—": "-", "–": "-", "‘": "'", "’": "'", "“": '"', "”": '"', "…": "...", "•": "*", "ÿ": "y"})
-
-
 def _latin1(text: str) -> str:
-    """``text`` in Latin-1 for the display's font: punctuation mapped, accents outside it dropped (ř -> r), else '?'."""
-    text = text.translate(_PLAIN)
-    if all(ord(ch) < 256 for ch in text):
-        return text
-    return "".join(
-        ch if ord(ch) < 256 else unicodedata.normalize("NFKD", ch).encode("latin-1", "ignore").decode("latin-1")
-        or "?"
-        for ch in text
-    )
+    """``text`` in Latin-1 for the display's font (see :func:`plain_text`); "ÿ" is byte 0xFF, the instruction
+    terminator's, so it becomes "y"."""
+    return plain_text(str(text).replace("ÿ", "y"), 256)
 
 
 def quote(text: str, limit: int = 200) -> str:
