@@ -8,7 +8,8 @@ URIs:
   GStreamer (the Jetson system OpenCV; pip wheels have none).
 - ``v4l2://...?width=W&height=H&fps=F`` (or ``csi://N?...``) asks the camera for that size and rate.
 - a raw GStreamer pipeline (any other string containing ``!`` that is not an existing path), ending in
-  ``appsink``.
+  ``appsink``; one that starts from a file (``filesrc``, ``multifilesrc``, ``uridecodebin uri=file://...``)
+  ends at the file's end like a video file, any other is live (a camera: reconnected when it stops).
 - ``file://video.mp4``: a video file; ``file://dir/``: an image sequence in natural order (2 before 10);
   ``file://image.png``: one image.
   ``loop=True`` restarts at the end (a folder is listed again for each pass; hidden files are not frames).
@@ -663,6 +664,15 @@ def csi_pipeline(sensor_id: int, width: int = 1920, height: int = 1080, fps: int
     )
 
 
+def _pipeline_reads_a_file(pipeline: str) -> bool:
+    """True when a GStreamer pipeline starts from a file (``filesrc``, ``multifilesrc``, a ``file://`` URI):
+    it ends, like a video file, instead of being a camera to reconnect to when no frame comes."""
+    first = pipeline.split("!", 1)[0].split()
+    return bool(first) and (first[0] in ("filesrc", "multifilesrc")
+                            or (first[0] in ("uridecodebin", "uridecodebin3", "playbin", "playbin3")
+                                and any(arg.startswith("uri=file:") for arg in first[1:])))
+
+
 def _require_gstreamer(uri: str) -> None:
     from smearsight.opencv_setup import inspect_opencv
 
@@ -754,8 +764,8 @@ def open_source(uri: str | int, *, loop: bool = False, **opts: Any) -> FrameSour
         if factory is None:
             _require_gstreamer("GStreamer pipeline")
         pipeline = text if "appsink" in text else text + " ! videoconvert ! appsink drop=true max-buffers=1"
-        reader = _CaptureReader(pipeline, cv2.CAP_GSTREAMER, live=True, name="GStreamer pipeline",
-                                capture_factory=factory)
+        reader = _CaptureReader(pipeline, cv2.CAP_GSTREAMER, live=not _pipeline_reads_a_file(text),
+                                name="GStreamer pipeline", capture_factory=factory)
     elif text.isdigit() or text.startswith("v4l2://"):
         rest = spec[len("v4l2://") :] if text.startswith("v4l2://") else text
         if rest.isdigit():

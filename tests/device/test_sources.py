@@ -476,3 +476,44 @@ def test_looping_folder_is_read_again_each_pass(tmp_path: Path) -> None:
         src.close()
     assert first == [50, 100] and 150 in shown
     assert "could not start it again" in src.error and "no images found" in src.error
+
+
+@pytest.mark.parametrize(("pipeline", "live"), [
+    ("filesrc location=slide.mp4 ! decodebin ! videoconvert", False),
+    ("multifilesrc location=f%05d.png ! pngdec ! videoconvert", False),
+    ("uridecodebin uri=file:///data/slide.mp4 ! videoconvert", False),
+    ("uridecodebin uri=rtsp://cam/stream ! videoconvert", True),
+    ("v4l2src device=/dev/video0 ! videoconvert", True),
+])
+def test_a_gstreamer_pipeline_from_a_file_ends_instead_of_reconnecting(pipeline: str, live: bool) -> None:
+    """A filesrc pipeline that ends was taken for a lost camera and reopened for ever ("camera lost")."""
+
+    class TwoFrames:  # what a pipeline gives: two frames, then the end of the stream
+        frames = 0
+
+        def __init__(self, target: str, api: int) -> None:
+            pass
+
+        def isOpened(self) -> bool:  # noqa: N802
+            return True
+
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            TwoFrames.frames += 1
+            return (True, np.zeros((16, 16, 3), np.uint8)) if TwoFrames.frames <= 2 else (False, None)
+
+        def get(self, prop: int) -> float:
+            return 0.0  # no rate or frame count known
+
+        def set(self, prop: int, value: float) -> bool:
+            return False
+
+        def release(self) -> None:
+            pass
+
+    src = open_source(pipeline, capture_factory=TwoFrames)
+    try:
+        assert src.live is live
+        if not live:
+            assert len(list(src)) == 2 and src.finished and not src.error
+    finally:
+        src.close()
