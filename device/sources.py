@@ -241,9 +241,10 @@ def v4l2_index(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _natural_key(path: Path) -> list[Any]:
-    """Sort key putting frame2.png before frame10.png."""
-    return [(0, int(t), "") if t.isdecimal() else (1, 0, t) for t in re.split(r"(\d+)", path.name)]
+def _natural_key(path: Path) -> tuple[list[Any], str]:
+    """Sort key putting frame2.png before frame10.png; names equal as numbers (a1, a01) by their text, so the
+    order never depends on the order the filesystem lists them in."""
+    return [(0, int(t), "") if t.isdecimal() else (1, 0, t) for t in re.split(r"(\d+)", path.name)], path.name
 
 
 class _DirReader(_Reader):

@@ -517,3 +517,13 @@ def test_a_gstreamer_pipeline_from_a_file_ends_instead_of_reconnecting(pipeline:
             assert len(list(src)) == 2 and src.finished and not src.error
     finally:
         src.close()
+
+
+def test_image_names_equal_as_numbers_sort_the_same_whatever_the_listing_order() -> None:
+    from pathlib import Path
+
+    from smearsight.device.sources import _natural_key
+
+    names = [Path("f10.png"), Path("f01.png"), Path("f1.png"), Path("f2.png")]
+    assert [p.name for p in sorted(names, key=_natural_key)] == ["f01.png", "f1.png", "f2.png", "f10.png"]
+    assert sorted(names, key=_natural_key) == sorted(reversed(names), key=_natural_key)
