@@ -37,6 +37,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,6 +456,9 @@ class FrameSource:
             reader.open()  # a missing file or an empty folder is an input error, raised here
         self._thread = threading.Thread(target=self._run, name=f"capture:{uri}", daemon=True)
         self._thread.start()
+        # also at interpreter exit for a source never closed: a capture thread still inside OpenCV (a video being
+        # decoded) when Python finalises makes the C++ runtime abort the process
+        self._stop_capture = weakref.finalize(self, _stop_capture, self._stop, self._q, self._thread)
 
     # ---- status
     @property
@@ -638,20 +642,24 @@ class FrameSource:
 
     def close(self) -> None:
         """Stop the capture thread and release the device (idempotent)."""
-        self._stop.set()
         self._finished = True
-        try:
-            while True:
-                self._q.get_nowait()
-        except queue.Empty:
-            pass
-        self._thread.join(timeout=5.0)
+        self._stop_capture()
 
     def __enter__(self) -> FrameSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stop_capture(stop: threading.Event, q: queue.Queue[Any], thread: threading.Thread) -> None:
+    stop.set()
+    try:  # a reader blocked on a full queue sees the stop
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+    thread.join(timeout=5.0)
 
 
 # --------------------------------------------------------------------------------------------- URIs

@@ -527,3 +527,23 @@ def test_image_names_equal_as_numbers_sort_the_same_whatever_the_listing_order()
     names = [Path("f10.png"), Path("f01.png"), Path("f1.png"), Path("f2.png")]
     assert [p.name for p in sorted(names, key=_natural_key)] == ["f01.png", "f1.png", "f2.png", "f10.png"]
     assert sorted(names, key=_natural_key) == sorted(reversed(names), key=_natural_key)
+
+
+def test_a_source_never_closed_does_not_abort_python_at_exit(tmp_path) -> None:
+    """A library user who forgets close(): the capture thread, still decoding the video inside OpenCV when
+    Python finalised, made the C++ runtime abort the process (exit 134, every time)."""
+    import subprocess
+    import sys
+
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (320, 240))
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        writer.write(rng.integers(0, 255, (240, 320, 3), np.uint8))
+    writer.release()
+    script = ("import sys; from smearsight.device.sources import open_source; "
+              "src = open_source(sys.argv[1], drop=True); next(src)")
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", script, f"file://{video}"], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr[-500:]
