@@ -659,7 +659,8 @@ def _stop_capture(stop: threading.Event, q: queue.Queue[Any], thread: threading.
             q.get_nowait()
     except queue.Empty:
         pass
-    thread.join(timeout=5.0)
+    if thread is not threading.current_thread():  # collected on its own thread as it ended: nothing to wait for
+        thread.join(timeout=5.0)
 
 
 # --------------------------------------------------------------------------------------------- URIs

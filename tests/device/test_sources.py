@@ -547,3 +547,25 @@ def test_a_source_never_closed_does_not_abort_python_at_exit(tmp_path) -> None:
         proc = subprocess.run([sys.executable, "-c", script, f"file://{video}"], capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0, proc.stderr[-500:]
+
+
+def test_stopping_a_capture_from_its_own_thread_does_not_try_to_join_it() -> None:
+    """A source dropped without close() is collected on its capture thread as that thread ends; its finalizer
+    then ran there and raised 'cannot join current thread' (an unraisable exception in the log)."""
+    import queue
+    import threading
+
+    from smearsight.device.sources import _stop_capture
+
+    stop, q, errors = threading.Event(), queue.Queue(), []
+
+    def capture() -> None:
+        try:
+            _stop_capture(stop, q, threading.current_thread())
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    thread.join(5)
+    assert stop.is_set() and errors == []
