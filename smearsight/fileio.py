@@ -50,8 +50,8 @@ def atomic_files(paths: Sequence[str | os.PathLike[str]], mode: int | None = Non
     when all are complete are they renamed over their paths, back to back, and their folders fsynced. A
     reader (or a kill) can then find an old set or a new set, or, between two renames, a mix for a few
     microseconds, never a half-written file. A file that belongs with another (a model and the manifest
-    that names its sha256) goes through here. An OSError of the writes names the path (one path) or the
-    folder (several).
+    that names its sha256) goes through here. An OSError names the path it concerns (never a temporary name),
+    or, for a write that names no file, the path (one path) or the folder (several).
     """
     targets = [Path(p) for p in paths]
     temps: list[str] = []
@@ -59,7 +59,10 @@ def atomic_files(paths: Sequence[str | os.PathLike[str]], mode: int | None = Non
     try:
         for path in targets:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as exc:  # it names its random temporary name: name the file being written
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
             temps.append(tmp)
             handles.append(os.fdopen(fd, "wb"))
         yield handles
@@ -77,6 +80,10 @@ def atomic_files(paths: Sequence[str | os.PathLike[str]], mode: int | None = Non
                 handle.close()
         for tmp in temps:
             Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and str(exc.filename) in temps:
+            # the rename over the path failed (a file another user owns in a sticky folder, a folder in its
+            # place): the temporary file it names is gone, the path is what the user knows
+            raise OSError(exc.errno, exc.strerror, str(targets[temps.index(str(exc.filename))])) from exc
         if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
             named = targets[0] if len(targets) == 1 else targets[0].parent
             raise OSError(exc.errno, exc.strerror, str(named)) from exc

@@ -130,3 +130,32 @@ def test_a_file_this_user_may_not_read_is_one_line_not_a_traceback(unreadable: s
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and str(target) in lines[0] and "ermission denied" in lines[0], err
+
+
+def test_a_file_another_user_owns_is_named_not_the_temporary_file_beside_it(shared_dir, capsys) -> None:
+    """deploy bundle --out over a bundle another user made in a shared sticky folder (such as /tmp): the folder
+    check passes (anyone may add files there), but only the file's owner may replace it. The one line must name
+    the output; before, it named the write's temporary file (.b.tar.gz.XXXXXXXX.tmp), which no longer exists."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import smearsight
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to leave a file owned by another user")
+    models = shared_dir / "m"
+    shutil.copytree(Path(smearsight.__file__).parent / "models" / "morphology_head", models)
+    for path in (models, *models.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    folder = shared_dir / "out"
+    folder.mkdir()
+    out = folder / "b.tar.gz"
+    out.write_bytes(b"another user's bundle")
+    folder.chmod(0o1777)
+    code, err = _main_as_another_user(["deploy", "bundle", str(models), "--version", "1.0", "--out", str(out)])
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {out}: ") and ".tmp" not in lines[0], err
+    assert [p.name for p in folder.iterdir()] == ["b.tar.gz"]  # no temporary file left

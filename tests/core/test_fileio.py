@@ -84,3 +84,39 @@ def test_json_files_hold_null_where_a_number_is_not_finite(tmp_path) -> None:
     text = (tmp_path / "metrics.json").read_text()
     assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}")) == {
         "auc": None, "per_part": [1.5, None], "n": 3}
+
+
+def test_a_write_that_cannot_replace_its_path_names_the_path_not_the_temporary_file(tmp_path) -> None:
+    """The rename over the path fails (here: the path is a folder): the error names the path, as the CLI's one
+    line shows it; before, it named the temporary file, which is gone by then."""
+    from smearsight.fileio import atomic_write_bytes
+
+    (tmp_path / "model.onnx").mkdir()
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(tmp_path / "model.onnx", b"new model")
+    assert err.value.filename == str(tmp_path / "model.onnx") and err.value.errno == errno.EISDIR
+    (tmp_path / "manifest.json").write_text("old manifest")
+    with pytest.raises(OSError) as err, atomic_files([tmp_path / "model.onnx", tmp_path / "manifest.json"]) as (
+        model, manifest):
+        model.write(b"new model")
+        manifest.write(b"new manifest")
+    assert err.value.filename == str(tmp_path / "model.onnx")  # one of several: the one that failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model.onnx"]
+    assert (tmp_path / "manifest.json").read_text() == "old manifest"
+
+
+def test_no_room_for_the_temporary_file_names_the_path(tmpfs) -> None:
+    """A disk out of inodes (or a folder this user may not write) fails as the temporary file is created: the
+    error names the path being written, not the random temporary name that was never made."""
+    from smearsight.fileio import atomic_write_bytes
+
+    with tmpfs("no_inodes", "size=1m,nr_inodes=3") as disk:
+        for i in range(8):  # use up the inodes the root folder left
+            try:
+                (disk / f"filler{i}").write_bytes(b"")
+            except OSError:
+                break
+        with pytest.raises(OSError) as err:
+            atomic_write_bytes(disk / "metrics.json", b"{}")
+        assert err.value.errno == errno.ENOSPC and err.value.filename == str(disk / "metrics.json")
+        assert not (disk / "metrics.json").exists()
