@@ -769,7 +769,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                                                    worker.reset_morphology, say)
                 if bridge.frozen and last_img is not None:  # hold the field the technician froze
                     worker.hold.set()
-                    sink.write(last_img, {**last_status, "frozen": True})
+                    sink.write(last_img, {**last_status, "frozen": True, "session": slide_now})
                     captures += _save_captures(bridge.take_captures(), last_img, cfg.captures,
                                                last_status.get("frame", frame.index), say, problems)
                     bridge.publish(frame.index, fps, last_counts, "", str(session_id or ""))
@@ -778,18 +778,19 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                     continue
                 worker.hold.clear()
                 if item.held:  # drawn while the field was frozen, just released: the field stays a moment
-                    sink.write(last_img, {**last_status, "frozen": True})
+                    sink.write(last_img, {**last_status, "frozen": True, "session": slide_now})
                     if getattr(sink, "should_stop", False):
                         break
                     continue
             if frame.stale:  # camera lost: keep the message on screen, no inference
                 img = frame.image.copy()
+                lost = source.status or problems.active() or "camera lost"  # before a panel's own countdown
                 annotate(img, np.zeros((0, 6), np.float32), pipe.class_names, None,
-                         {"error": problems.active() or "camera lost", "title": "SmearSight"})
-                sink.write(img, {"error": problems.active(), "frame": frame.index, "session": slide_now})
+                         {"error": lost, "title": "SmearSight"})
+                sink.write(img, {"error": lost, "frame": frame.index, "session": slide_now})
                 if bridge is not None:  # the panel says so too, with nothing counted in view
-                    bridge.publish(max(frame.index, 0), 0.0, dict.fromkeys(pipe.class_names, 0),
-                                   problems.active() or "camera lost", str(session_id or ""))
+                    bridge.publish(max(frame.index, 0), 0.0, dict.fromkeys(pipe.class_names, 0), lost,
+                                   str(session_id or ""))
                 if getattr(sink, "should_stop", False):  # q while the camera is lost: not only once it is back
                     break
                 continue
@@ -1043,10 +1044,14 @@ def save_capture(image_rgb: np.ndarray, directory: Path, frame_index: int) -> Pa
     ok, data = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise InputError(f"{directory}: could not encode the captured frame")
-    name = f"capture_{time.strftime('%Y%m%d-%H%M%S')}_{frame_index:06d}.png"
     from smearsight.fileio import atomic_write_bytes
 
-    return atomic_write_bytes(Path(directory) / name, data.tobytes())
+    stem = f"capture_{time.strftime('%Y%m%d-%H%M%S')}_{frame_index:06d}"
+    path, copy = Path(directory) / f"{stem}.png", 1
+    while path.exists():  # a second capture of the same field within the second: its own file
+        copy += 1
+        path = Path(directory) / f"{stem}_{copy}.png"
+    return atomic_write_bytes(path, data.tobytes())
 
 
 def stats_text(stats: dict[str, Any]) -> str:

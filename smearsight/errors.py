@@ -67,7 +67,9 @@ def require(module: str, purpose: str = "") -> ModuleType:
         missing = getattr(exc, "name", None)
         if missing != top and _installed(top):
             # the package is there but one of its own imports is not (a CUDA library, a half-removed wheel)
-            raise MissingDependencyError(f"{top} is installed but cannot be imported{what}: {first_line(exc)}") from exc
+            needed = _HINTS.get((missing or "").split(".")[0])
+            raise MissingDependencyError(f"{top} is installed but cannot be imported{what}: {first_line(exc)}"
+                                         + (f" ({needed})" if needed else "")) from exc
         hint = _HINTS.get(top, f"pip install {top}")
         raise MissingDependencyError(f"{top} is not installed{what}: {hint}") from exc
     except Exception as exc:  # a broken install failing as it initialises (a library of the wrong version)

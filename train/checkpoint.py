@@ -72,7 +72,7 @@ def refuse_training_run_folder(out: Path, writes: str) -> None:
     and other files a report writing ``writes`` could replace."""
     for name in RUN_CHECKPOINTS:
         if (out / name).exists():
-            raise InputError(f"--out {out}: holds a training run ({name}) whose files {writes} could replace; "
+            raise InputError(f"--out {out}: holds a training run ({name}); {writes} could replace its files, "
                              f"pick another folder (e.g. {out / 'report'})")
 
 

@@ -102,3 +102,8 @@ def test_a_broken_install_is_not_called_missing(tmp_path, monkeypatch):
         require("fails_init")
     with pytest.raises(MissingDependencyError, match=r"^smearsight_absent_pkg is not installed: pip install"):
         require("smearsight_absent_pkg")
+    (tmp_path / "needs_torch").mkdir()  # installed, but what it needs is one of ours, with its own hint
+    (tmp_path / "needs_torch" / "__init__.py").write_text("raise ModuleNotFoundError(name='torch')\n")
+    with pytest.raises(MissingDependencyError, match=r"^needs_torch is installed but cannot be imported: .*"
+                       r"\(pip install 'smearsight\[train\]'\)$"):
+        require("needs_torch")

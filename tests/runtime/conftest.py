@@ -31,3 +31,31 @@ def stage_slide():
     """A synthetic slide whose 384x512 frames a test can take anywhere (``frame_at``)."""
     synth = pytest.importorskip("smearsight.train.datasets.synth")
     return synth.SyntheticSlide(seed=5, slide_size=(1024, 2048), frame_size=(384, 512))
+
+
+class _MissingCamera:
+    """What ``cv2.VideoCapture`` gives for a V4L2 node that is not there (the camera is unplugged)."""
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return False
+
+    def set(self, prop: int, value: float) -> bool:
+        return False
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.fixture
+def unplugged_camera(monkeypatch):
+    """``unplug(stall_s)``: from then on every source opened by ``smearsight run`` captures from an unplugged
+    camera (stand-in capture: there is no camera here), giving up on a frame after ``stall_s``."""
+    from smearsight.device import sources
+
+    real_open_source = sources.open_source
+
+    def unplug(stall_s: float = 0.02) -> None:
+        monkeypatch.setattr(sources, "open_source", lambda uri, loop=False: real_open_source(
+            uri, loop=loop, capture_factory=lambda target, api: _MissingCamera(), stall_s=stall_s))
+
+    return unplug

@@ -140,25 +140,14 @@ def test_a_missing_panel_is_one_problem_not_one_per_countdown_step(tiny, tmp_pat
     assert "not connected" in msg and "ttyNOPE" in msg and "retrying" not in msg and 10 <= n <= 15
 
 
-def test_the_panel_hears_that_the_camera_is_lost(tiny, tmp_path, modem, monkeypatch):
+def test_the_panel_hears_that_the_camera_is_lost(tiny, tmp_path, modem, monkeypatch, unplugged_camera):
     """The camera is not there (a V4L2 node that does not exist; stand-in capture): the screen says so, and the
     panel must too. Before, nothing was published while the camera was lost: the panel kept its last 'running'
     status (here, having had none, it heard nothing at all)."""
-    from smearsight.device import sinks, sources
+    from smearsight.device import sinks
 
-    class MissingCamera:  # what cv2.VideoCapture gives for a node that is not there
-        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
-            return False
-
-        def set(self, prop: int, value: float) -> bool:
-            return False
-
-        def release(self) -> None:
-            pass
-
-    real_open_source, real_open_sink = sources.open_source, sinks.open_sink
-    monkeypatch.setattr(sources, "open_source", lambda uri, loop=False: real_open_source(
-        uri, loop=loop, capture_factory=lambda target, api: MissingCamera(), stall_s=0.05))
+    real_open_sink = sinks.open_sink
+    unplugged_camera(0.05)
     received: list = []
     panel = SerialLink(modem.b, name="test-panel")
     panel.on_any(lambda frame: received.append(frame.message) if frame.message.TYPE == MsgType.STATUS else None)

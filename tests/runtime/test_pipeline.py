@@ -382,21 +382,11 @@ def test_morphology_without_sperm_classes_says_so(tiny, tmp_path):
         pipe.close()
 
 
-def test_q_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch):
+def test_q_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch, unplugged_camera):
     """The camera is unplugged (a V4L2 node that is not there; stand-in capture) and the technician presses q in
     the window (stand-in window: there is no screen here). Before, the frames the lost camera gives were shown
     without looking at the window's stop, so the run went on until the camera came back."""
-    from smearsight.device import sinks, sources
-
-    class MissingCamera:  # what cv2.VideoCapture gives for a node that is not there
-        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
-            return False
-
-        def set(self, prop: int, value: float) -> bool:
-            return False
-
-        def release(self) -> None:
-            pass
+    from smearsight.device import sinks
 
     class Window(sinks.FrameSink):  # q pressed on the first picture
         def __init__(self) -> None:
@@ -411,9 +401,7 @@ def test_q_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch):
             self.should_stop = True
 
     window = Window()
-    real_open_source = sources.open_source
-    monkeypatch.setattr(sources, "open_source", lambda uri, loop=False: real_open_source(
-        uri, loop=loop, capture_factory=lambda target, api: MissingCamera(), stall_s=0.02))
+    unplugged_camera(0.02)
     monkeypatch.setattr(sinks, "open_sink", lambda uri, **kw: window)
     stats = pl.run(pl.RunConfig(source=f"v4l2://{tmp_path / 'video9'}", sink="display://0", models=models,
                                 backend="onnx", max_frames=5))
@@ -421,24 +409,39 @@ def test_q_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch):
     assert stats["frames"] == 0
 
 
-def test_a_swallowed_ctrl_c_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch):
+def test_a_lost_camera_is_what_the_screen_says_when_the_panel_is_gone_too(models, tmp_path, monkeypatch,
+                                                                          unplugged_camera):
+    """Camera unplugged and panel cable out at once: the screen said the panel's reconnect countdown, not that
+    the camera is lost (the panel's line was reported after the source's)."""
+    from smearsight.device import sinks
+
+    class Screen(sinks.FrameSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.uri = "null://"
+            self.shown: list[str] = []
+
+        def write(self, image_rgb, status=None) -> None:
+            self.shown.append((status or {}).get("error", ""))
+            if len(self.shown) >= 4:
+                self.should_stop = True
+
+    screen = Screen()
+    unplugged_camera(0.02)
+    monkeypatch.setattr(sinks, "open_sink", lambda uri, **kw: screen)
+    pl.run(pl.RunConfig(source=f"v4l2://{tmp_path / 'video9'}", sink="null://", models=models, backend="onnx",
+                        max_frames=5, panel=str(tmp_path / "ttyNOPE")))
+    assert len(screen.shown) == 4 and all("not found" in said for said in screen.shown), screen.shown
+
+
+def test_a_swallowed_ctrl_c_while_the_camera_is_lost_ends_the_run(models, tmp_path, monkeypatch, unplugged_camera):
     """A Ctrl-C that a finalizer swallowed (remembered by smearsight.interrupts; stand-in: set at the third look)
     while the camera is unplugged: before, only live frames looked at it, so the run went on until the camera
     came back."""
     import threading
 
     from smearsight import interrupts
-    from smearsight.device import sinks, sources
-
-    class MissingCamera:  # what cv2.VideoCapture gives for a node that is not there
-        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
-            return False
-
-        def set(self, prop: int, value: float) -> bool:
-            return False
-
-        def release(self) -> None:
-            pass
+    from smearsight.device import sinks
 
     class SetAtThirdLook(threading.Event):
         looks = 0
@@ -460,9 +463,7 @@ def test_a_swallowed_ctrl_c_while_the_camera_is_lost_ends_the_run(models, tmp_pa
 
     screen = Screen()
     monkeypatch.setattr(interrupts, "_requested", SetAtThirdLook())
-    real_open_source = sources.open_source
-    monkeypatch.setattr(sources, "open_source", lambda uri, loop=False: real_open_source(
-        uri, loop=loop, capture_factory=lambda target, api: MissingCamera(), stall_s=0.02))
+    unplugged_camera(0.02)
     monkeypatch.setattr(sinks, "open_sink", lambda uri, **kw: screen)
     stats = pl.run(pl.RunConfig(source=f"v4l2://{tmp_path / 'video9'}", sink="null://", models=models,
                                 backend="onnx", max_frames=5))
@@ -495,3 +496,13 @@ def test_models_naming_a_model_file_says_so(models):
     for path in (models / "detector" / "model.onnx", models / "detector" / "manifest.json"):
         with pytest.raises(InputError, match=f"--models {path}: is a file; expected the folder holding detector/"):
             pl.find_models(path)
+
+
+def test_two_captures_of_one_field_within_a_second_are_two_files(tmp_path):
+    """The panel's capture pressed twice on a frozen field: the second overwrote the first (same second, same
+    frame in the name) while both were counted."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    first = pl.save_capture(image, tmp_path, 7)
+    second = pl.save_capture(image, tmp_path, 7)
+    assert first != second and first.is_file() and second.is_file()
+    assert len(list(tmp_path.glob("capture_*.png"))) == 2

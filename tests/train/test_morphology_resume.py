@@ -194,7 +194,8 @@ def test_resume_refuses_a_teacher_whose_weights_file_changed(tmp_path: Path) -> 
     teacher_file(1)
     train_morphology(data, "head", tmp_path / "run", cfg, log=quiet, progress=False, stop_after_epochs=1)
     teacher_file(2)
-    with pytest.raises(InputError, match=r"teacher.weights: .*now has other weights than the one the run in"):
+    with pytest.raises(InputError, match=r"model.teacher.weights \(--teacher-weights\): .*now has other weights "
+                                         r"than the one the run in"):
         train_morphology(data, "head", tmp_path / "run", cfg, log=quiet, progress=False, resume=True)
     assert not (tmp_path / "run" / "best.pt").exists()
     teacher_file(1)

@@ -60,7 +60,7 @@ class DetectionDataset:
         image, a box or a class changes."""
         digest = hashlib.sha256(json.dumps(list(self.class_names)).encode("utf-8"))
         for rec in sorted(self.images, key=lambda r: self._relative_name(r.path)):
-            digest.update(f"\0{self._relative_name(rec.path)}\0{rec.width}x{rec.height}\0".encode())
+            digest.update(f"\0{self._relative_name(rec.path)}\0{rec.width}x{rec.height}\0{len(rec.boxes)}\0".encode())
             digest.update(rec.boxes.astype("<f4").tobytes() + rec.labels.astype("<i8").tobytes())
         return {"images": len(self.images), "boxes": self.num_boxes, "sha256": digest.hexdigest()}
 

@@ -203,7 +203,7 @@ def predict_detector_cmd(
 ) -> None:
     """Detect cells in images; writes annotated images and one JSON per image (plus detections.json)."""
     check_output_dir(out)
-    refuse_training_run_folder(out, "the per-image JSON files (an image named metrics.png, say)")
+    refuse_training_run_folder(out, "the per-image JSON files (an image named metrics.jpg, say)")
     _setup_torch(threads)
     _check_device(device)
     import cv2

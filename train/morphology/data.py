@@ -168,7 +168,8 @@ def _load_csv(root: Path, csv_path: Path, part: str, split: str) -> CropSet:
             raise InputError(f"{path}: missing or unreadable image (listed in {csv_path.name})")
         if image.shape != (CROP_SIZE, CROP_SIZE):
             raise InputError(f"{path}: expected a 64x64 crop, got {image.shape[1]}x{image.shape[0]}")
-        if image.dtype == np.uint16:  # decoded once, at its own depth: 8-bit below, as IMREAD_GRAYSCALE does
+        # decoded once, at its own depth: its top 8 bits below (what IMREAD_GRAYSCALE gives for grey PNG and TIFF)
+        if image.dtype == np.uint16:
             if note := low_bit_depth_problem(path, image):  # 12-bit data in a 16-bit PNG: read as 8-bit, black
                 raise InputError(note)
             image = (image >> 8).astype(np.uint8)

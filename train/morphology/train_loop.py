@@ -242,9 +242,9 @@ def _check_same_teacher(model: Any, resumed: dict[str, Any], cfg: MorphologyTrai
     saved = {key[len("teacher."):]: value for key, value in resumed["state_dict"].items() if key.startswith("teacher.")}
     own = model.teacher.state_dict()
     if saved.keys() != own.keys() or any(not torch.equal(own[key], saved[key]) for key in own):
-        raise InputError(f"teacher.weights: the {cfg.model.teacher.name} teacher from {cfg.model.teacher.weights!r} "
-                         f"now has other weights than the one the run in {last_path} distilled from; restore them to "
-                         "resume, or train into a new --out")
+        raise InputError(f"model.teacher.weights (--teacher-weights): the {cfg.model.teacher.name} teacher from "
+                         f"{cfg.model.teacher.weights!r} now has other weights than the one the run in {last_path} "
+                         "distilled from; restore them to resume, or train into a new --out")
 
 
 def _data_digest(train: CropSet, valid: CropSet) -> str:
