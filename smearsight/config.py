@@ -18,9 +18,11 @@ T = TypeVar("T", bound="StrictConfig")
 
 
 class StrictConfig(BaseModel):
-    """Base for every config: unknown fields are errors, values are validated on assignment too."""
+    """Base for every config: unknown fields are errors, values are validated on assignment too, and float
+    fields refuse NaN and infinity (YAML ``.inf``, ``1e400`` pass a bare ``gt=0`` and would only show up as a
+    crash or NaN losses mid-training)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>") -> T:

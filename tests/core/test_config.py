@@ -121,3 +121,27 @@ def test_error_path_through_a_union_names_only_the_users_keys(tmp_path):
         Recipe.from_yaml(path)
     # was: unknown field 'anchors.function-after[_check(), Shape].levls'
     assert str(info.value).startswith(f"{path}: unknown field 'anchors.levls'")
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", "1e400", ".nan"])
+def test_infinite_or_nan_float_is_refused_naming_the_field(tmp_path, value):
+    # ``gt=0`` alone lets +inf through: an infinite rate must be refused when the file is read, not after training
+    path = write(tmp_path, f"inner:\n  rate: {value}\n")
+    with pytest.raises(InputError) as info:
+        Outer.from_yaml(path)
+    message = str(info.value)
+    assert "field 'inner.rate'" in message and str(path) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "section",
+    ["lr: .inf", "grad_clip: .inf", "augment:\n  scale_max: .inf", "loss:\n  focal_gamma: .inf", "warmup_epochs: .inf"],
+)
+def test_detector_recipe_refuses_infinity(tmp_path, section):
+    from smearsight.train.detector.config import TrainConfig
+
+    path = write(tmp_path, section + "\n")
+    field = section.replace(":\n  ", ".").split(":")[0]
+    with pytest.raises(InputError, match=f"field '{field}'.*finite"):
+        TrainConfig.from_yaml(path)
