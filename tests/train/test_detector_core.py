@@ -342,6 +342,8 @@ def test_letterbox_boxes_follow_the_resized_pixels() -> None:
         ("image_size: [384]\n", "image_size"),
         ("image_size: [8, 512]\n", "image_size.0"),
         ("loss: {huber_delta: 0}\n", "loss.huber_delta"),
+        ("seed: -1\n", "seed"),  # np.random.seed refuses it: a ValueError once training started
+        ("seed: 4294967296\n", "seed"),
     ],
 )
 def test_a_recipe_out_of_range_is_refused_before_training(tmp_path, capsys, text, field) -> None:

@@ -126,7 +126,7 @@ class TrainConfig(StrictConfig):
     amp: bool = True
     eval_every: int = Field(2, ge=1)
     workers: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # NumPy's seeding takes 0..2**32-1
     threads: int | None = Field(None, ge=0)  # None or 0: torch's default
     matcher: MatcherConfig = Field(default_factory=MatcherConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
