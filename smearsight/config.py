@@ -75,17 +75,25 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line: ``source: field.path: message (got value)`` for the first error, plus a count."""
     errors = exc.errors()
     first = errors[0]
-    # Pydantic names the branch of a union it tried ("function-after[_check(), AnchorConfig]", "literal['auto']"):
-    # no key of the user's file, so left out of the path.
-    loc = ".".join(str(part) for part in first.get("loc", ()) if not (isinstance(part, str) and "[" in part))
-    loc = loc or "<root>"
+    loc = _user_loc(first) or "<root>"
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         msg = f"{source}: unknown field '{loc}'"
+        others = len(errors) - 1
     else:
+        # A value no branch of a union accepts fails once per branch at the same field: say every form it may take.
+        same = [e for e in errors if (_user_loc(e) or "<root>") == loc and e.get("type") != "extra_forbidden"]
+        texts = list(dict.fromkeys(e.get("msg", "invalid") for e in same))
         got = first.get("input")
         got_text = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-        msg = f"{source}: field '{loc}': {first.get('msg', 'invalid')}{got_text}"
-    if len(errors) > 1:
-        msg += f" (+{len(errors) - 1} more)"
+        msg = f"{source}: field '{loc}': {'; or '.join(texts)}{got_text}"
+        others = len(errors) - len(same)
+    if others > 0:
+        msg += f" (+{others} more)"
     return msg
+
+
+def _user_loc(error: Any) -> str:
+    # Pydantic names the branch of a union it tried ("function-after[_check(), AnchorConfig]", "literal['auto']"):
+    # no key of the user's file, so left out of the path.
+    return ".".join(str(part) for part in error.get("loc", ()) if not (isinstance(part, str) and "[" in part))

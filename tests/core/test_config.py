@@ -145,3 +145,17 @@ def test_detector_recipe_refuses_infinity(tmp_path, section):
     field = section.replace(":\n  ", ".").split(":")[0]
     with pytest.raises(InputError, match=f"field '{field}'.*finite"):
         TrainConfig.from_yaml(path)
+
+
+def test_a_value_fitting_no_branch_of_a_union_lists_every_accepted_form(tmp_path):
+    """``anchors: atuo`` used to say only 'Input should be a valid dictionary or instance of AnchorConfig
+    (+1 more)', never that 'auto' and 'default' are what a plain word may be."""
+    from smearsight.train.detector.config import TrainConfig
+
+    path = write(tmp_path, "anchors: atuo\n")
+    with pytest.raises(InputError) as info:
+        TrainConfig.from_yaml(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: field 'anchors': ")
+    assert "'auto' or 'default'" in message and "AnchorConfig" in message and "(got 'atuo')" in message
+    assert "more)" not in message and "\n" not in message
