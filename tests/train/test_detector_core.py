@@ -379,6 +379,10 @@ def test_letterbox_boxes_follow_the_resized_pixels() -> None:
         ("loss: {huber_delta: 0}\n", "loss.huber_delta"),
         ("seed: -1\n", "seed"),  # np.random.seed refuses it: a ValueError once training started
         ("seed: 4294967296\n", "seed"),
+        # the network's levels: was "model_config.levels: must be contiguous", naming neither file nor field,
+        # once the whole dataset had been read and checked
+        ("anchors: {levels: [2, 4, 6]}\n", "field 'anchors': Value error, levels must be contiguous"),
+        ("anchors: {levels: [6, 7, 8]}\n", "field 'anchors': Value error, the finest level must be 1..5"),
     ],
 )
 def test_a_recipe_out_of_range_is_refused_before_training(tmp_path, capsys, text, field) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from smearsight.errors import InputError
 from smearsight.train.detector.bifpn import BiFPN, SeparableConv, make_act, make_bn
-from smearsight.train.detector.config import DetectorModelConfig
+from smearsight.train.detector.config import DetectorModelConfig, levels_problem
 
 
 class HeadNet(nn.Module):
@@ -54,10 +54,9 @@ class EfficientDet(nn.Module):
         from smearsight.train.backbones import create_backbone
 
         levels = list(cfg.levels)
-        if levels != list(range(levels[0], levels[-1] + 1)):
-            raise InputError(f"model_config.levels: must be contiguous, got {levels}")
-        if levels[0] < 1 or levels[0] > 5:
-            raise InputError(f"model_config.levels: the finest level must be 1..5, got P{levels[0]}")
+        problem = levels_problem(levels)
+        if problem:
+            raise InputError(f"model_config: {problem}")
         backbone_levels = [lvl for lvl in levels if lvl <= 5]
         self.config = cfg
         self.backbone = create_backbone(
