@@ -398,3 +398,19 @@ def test_a_recipe_out_of_range_is_refused_before_training(tmp_path, capsys, text
     assert rc == 1
     assert field in err and str(config) in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_whose_anchors_do_not_fit_its_heads_is_refused() -> None:
+    """Heads for 6 anchors a location with a 9-shape anchor layout (or the reverse) built fine: every box
+    then came from the wrong anchor, or decoding indexed past the anchors."""
+    from smearsight.errors import InputError
+    from smearsight.train.detector.torch_model import build_from_checkpoint, build_from_config, model_config_for
+
+    anchors = AnchorConfig(levels=[3, 4, 5], scales=[1.0, 2.0], aspect_ratios=[0.5, 1.0, 2.0])
+    model_cfg = model_config_for("test_efficientdet", 2, anchors.levels, anchors.anchors_per_location)
+    ckpt = {"kind": "detector", "model_config": model_cfg.to_dict(), "anchors": anchors.to_dict(),
+            "state_dict": build_from_config(model_cfg).state_dict()}
+    assert build_from_checkpoint(ckpt) is not None
+    ckpt["anchors"] = AnchorConfig(levels=[3, 4, 5]).to_dict()  # 3 scales x 3 ratios = 9 a location
+    with pytest.raises(InputError, match="checkpoint: anchors have 9 shapes a location but the model's heads 6"):
+        build_from_checkpoint(ckpt)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from smearsight.anchors import AnchorConfig
 from smearsight.errors import InputError
 from smearsight.train.detector.bifpn import BiFPN, SeparableConv, make_act, make_bn
 from smearsight.train.detector.config import DetectorModelConfig, levels_problem
@@ -129,6 +130,10 @@ def build_from_checkpoint(ckpt: dict[str, Any]) -> EfficientDet:
     anchors = ckpt["anchors"]
     if list(anchors["levels"]) != list(cfg.levels):
         raise InputError(f"checkpoint: anchor levels {anchors['levels']} differ from model levels {cfg.levels}")
+    shapes = AnchorConfig.from_dict(anchors, source="checkpoint anchors").anchors_per_location
+    if shapes != cfg.anchors_per_location:
+        raise InputError(f"checkpoint: anchors have {shapes} shapes a location but the model's heads "
+                         f"{cfg.anchors_per_location}")
     model = EfficientDet(cfg, pretrained=False)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
