@@ -7,6 +7,8 @@ separate classes from training settings (how it is trained).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,7 +57,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_unique_key_loader())  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise InputError(f"{path}: line {exc.line}: {exc.what} given twice (each setting once)") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: cannot read the config file (not UTF-8: byte {exc.start})") from None
     except OSError as exc:
@@ -69,6 +73,34 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
     return data
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, what: str, line: int) -> None:
+        super().__init__(what)
+        self.what, self.line = what, line
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """yaml.SafeLoader that raises :class:`_DuplicateKey` where a mapping repeats a key: PyYAML keeps the
+    last one, so the first setting would be silently ignored."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, Hashable) and key in seen:
+                    raise _DuplicateKey(f"key {key!r}", key_node.start_mark.line + 1)
+                if isinstance(key, Hashable):
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

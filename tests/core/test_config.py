@@ -159,3 +159,20 @@ def test_a_value_fitting_no_branch_of_a_union_lists_every_accepted_form(tmp_path
     assert message.startswith(f"{path}: field 'anchors': ")
     assert "'auto' or 'default'" in message and "AnchorConfig" in message and "(got 'atuo')" in message
     assert "more)" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "text, line", [("epochs: 5\nname: y\nepochs: 50\n", 3), ("inner:\n  rate: 0.5\n  rate: 2\n", 3)]
+)
+def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path, text, line):
+    # YAML loaders keep the last of two equal keys: "epochs: 5" near the top was silently ignored
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as info:
+        Outer.from_yaml(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line {line}:") and "given twice" in message and "\n" not in message
+
+
+def test_a_merge_key_may_still_override_what_it_merges(tmp_path):
+    path = write(tmp_path, "base: &b {rate: 0.5}\ninner:\n  <<: *b\n  rate: 2\n")
+    assert read_yaml(path)["inner"] == {"rate": 2}
