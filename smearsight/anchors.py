@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from smearsight.config import StrictConfig
 
@@ -26,8 +26,6 @@ BBOX_LOG_CLAMP = math.log(1000.0 / 16.0)
 
 class AnchorConfig(StrictConfig):
     """Anchor layout. ``base_sizes`` (one per level, pixels) overrides ``anchor_scale * stride``."""
-
-    model_config = ConfigDict(**StrictConfig.model_config, allow_inf_nan=False)  # sizes are finite numbers
 
     levels: list[int] = Field(default_factory=lambda: [3, 4, 5, 6, 7])
     anchor_scale: float = Field(4.0, gt=0)

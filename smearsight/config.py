@@ -7,6 +7,8 @@ separate classes from training settings (how it is trained).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,9 +20,11 @@ T = TypeVar("T", bound="StrictConfig")
 
 
 class StrictConfig(BaseModel):
-    """Base for every config: unknown fields are errors, values are validated on assignment too."""
+    """Base for every config: unknown fields are errors, values are validated on assignment too, and float
+    fields refuse NaN and infinity (YAML ``.inf``, ``1e400`` pass a bare ``gt=0`` and would only show up as a
+    crash or NaN losses mid-training)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>") -> T:
@@ -53,7 +57,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_unique_key_loader())  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise InputError(f"{path}: line {exc.line}: {exc.what} given twice (each setting once)") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: cannot read the config file (not UTF-8: byte {exc.start})") from None
     except OSError as exc:
@@ -69,21 +75,57 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, what: str, line: int) -> None:
+        super().__init__(what)
+        self.what, self.line = what, line
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """yaml.SafeLoader that raises :class:`_DuplicateKey` where a mapping repeats a key: PyYAML keeps the
+    last one, so the first setting would be silently ignored."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, Hashable) and key in seen:
+                    raise _DuplicateKey(f"key {key!r}", key_node.start_mark.line + 1)
+                if isinstance(key, Hashable):
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line: ``source: field.path: message (got value)`` for the first error, plus a count."""
     errors = exc.errors()
     first = errors[0]
-    # Pydantic names the branch of a union it tried ("function-after[_check(), AnchorConfig]", "literal['auto']"):
-    # no key of the user's file, so left out of the path.
-    loc = ".".join(str(part) for part in first.get("loc", ()) if not (isinstance(part, str) and "[" in part))
-    loc = loc or "<root>"
+    loc = _user_loc(first) or "<root>"
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         msg = f"{source}: unknown field '{loc}'"
+        others = len(errors) - 1
     else:
+        # A value no branch of a union accepts fails once per branch at the same field: say every form it may take.
+        same = [e for e in errors if (_user_loc(e) or "<root>") == loc and e.get("type") != "extra_forbidden"]
+        texts = list(dict.fromkeys(e.get("msg", "invalid") for e in same))
         got = first.get("input")
         got_text = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-        msg = f"{source}: field '{loc}': {first.get('msg', 'invalid')}{got_text}"
-    if len(errors) > 1:
-        msg += f" (+{len(errors) - 1} more)"
+        msg = f"{source}: field '{loc}': {'; or '.join(texts)}{got_text}"
+        others = len(errors) - len(same)
+    if others > 0:
+        msg += f" (+{others} more)"
     return msg
+
+
+def _user_loc(error: Any) -> str:
+    # Pydantic names the branch of a union it tried ("function-after[_check(), AnchorConfig]", "literal['auto']"):
+    # no key of the user's file, so left out of the path.
+    return ".".join(str(part) for part in error.get("loc", ()) if not (isinstance(part, str) and "[" in part))

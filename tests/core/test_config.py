@@ -121,3 +121,58 @@ def test_error_path_through_a_union_names_only_the_users_keys(tmp_path):
         Recipe.from_yaml(path)
     # was: unknown field 'anchors.function-after[_check(), Shape].levls'
     assert str(info.value).startswith(f"{path}: unknown field 'anchors.levls'")
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", "1e400", ".nan"])
+def test_infinite_or_nan_float_is_refused_naming_the_field(tmp_path, value):
+    # ``gt=0`` alone lets +inf through: an infinite rate must be refused when the file is read, not after training
+    path = write(tmp_path, f"inner:\n  rate: {value}\n")
+    with pytest.raises(InputError) as info:
+        Outer.from_yaml(path)
+    message = str(info.value)
+    assert "field 'inner.rate'" in message and str(path) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "section",
+    ["lr: .inf", "grad_clip: .inf", "augment:\n  scale_max: .inf", "loss:\n  focal_gamma: .inf", "warmup_epochs: .inf"],
+)
+def test_detector_recipe_refuses_infinity(tmp_path, section):
+    from smearsight.train.detector.config import TrainConfig
+
+    path = write(tmp_path, section + "\n")
+    field = section.replace(":\n  ", ".").split(":")[0]
+    with pytest.raises(InputError, match=f"field '{field}'.*finite"):
+        TrainConfig.from_yaml(path)
+
+
+def test_a_value_fitting_no_branch_of_a_union_lists_every_accepted_form(tmp_path):
+    """``anchors: atuo`` used to say only 'Input should be a valid dictionary or instance of AnchorConfig
+    (+1 more)', never that 'auto' and 'default' are what a plain word may be."""
+    from smearsight.train.detector.config import TrainConfig
+
+    path = write(tmp_path, "anchors: atuo\n")
+    with pytest.raises(InputError) as info:
+        TrainConfig.from_yaml(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: field 'anchors': ")
+    assert "'auto' or 'default'" in message and "AnchorConfig" in message and "(got 'atuo')" in message
+    assert "more)" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "text, line", [("epochs: 5\nname: y\nepochs: 50\n", 3), ("inner:\n  rate: 0.5\n  rate: 2\n", 3)]
+)
+def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path, text, line):
+    # YAML loaders keep the last of two equal keys: "epochs: 5" near the top was silently ignored
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as info:
+        Outer.from_yaml(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: line {line}:") and "given twice" in message and "\n" not in message
+
+
+def test_a_merge_key_may_still_override_what_it_merges(tmp_path):
+    path = write(tmp_path, "base: &b {rate: 0.5}\ninner:\n  <<: *b\n  rate: 2\n")
+    assert read_yaml(path)["inner"] == {"rate": 2}

@@ -171,6 +171,27 @@ def test_matcher_forces_best_anchor_for_small_box() -> None:
     assert match_anchors(anchors, torch.zeros((0, 4)), MatcherConfig()).tolist() == [NEGATIVE, NEGATIVE]
 
 
+def test_matcher_side_by_side_cells_keep_a_forced_anchor_each() -> None:
+    """Two 5-6 px cells whose best anchor is the same 8 px one (IoU 0.39 and 0.33, below the positive
+    threshold): the second box's forced match used to overwrite the first's, which then had no positive
+    anchor at all; now the better-overlapping box keeps it and the other takes its next best anchor."""
+    anchors = torch.from_numpy(generate_anchors((64, 64), default_detector_anchors()))
+    first, second = [12.0, 12.0, 17.0, 17.0], [13.0, 13.0, 19.0, 19.0]
+    for gt in (torch.tensor([first, second]), torch.tensor([second, first])):
+        out = match_anchors(anchors, gt, MatcherConfig())
+        best = box_iou(anchors.numpy(), gt.numpy()).argmax(axis=0)
+        assert best[0] == best[1]  # the collision this test is about
+        kept = [torch.nonzero(out == g).flatten().tolist() for g in range(2)]
+        assert all(len(k) == 1 for k in kept), kept
+        winner = 0 if gt[0].tolist() == first else 1
+        assert kept[winner] == [int(best[winner])]
+        loser_iou = box_iou(anchors.numpy()[kept[1 - winner]], gt.numpy()[[1 - winner]])[0, 0]
+        assert loser_iou > 0.3
+    # A box off the canvas overlaps no anchor: nothing is forced onto anchor 0 for it.
+    out = match_anchors(anchors, torch.tensor([first, [200.0, 200.0, 210.0, 210.0]]), MatcherConfig())
+    assert (out == 1).sum() == 0 and out[0] == NEGATIVE
+
+
 def _dense_match(anchors, gt, cfg):
     """The matcher written with torchvision's full [A, G] IoU matrix: the reference for the chunked one."""
     from torchvision.ops import box_iou as tv_box_iou
@@ -180,8 +201,22 @@ def _dense_match(anchors, gt, cfg):
     out = torch.full((len(anchors),), IGNORE, dtype=torch.long)
     out[best_iou < cfg.negative_iou] = NEGATIVE
     out[best_iou >= cfg.positive_iou] = best_gt[best_iou >= cfg.positive_iou]
-    forced = iou.argmax(dim=0)
-    out[forced] = torch.arange(len(gt))
+    gt_iou, best_anchor = iou.max(dim=0)
+    # Forced anchors: each box its best one; on a shared one the higher IoU (then lower index) keeps it and
+    # the others, best first, take their best anchor still free; a box on no anchor is not forced.
+    order = sorted(range(len(gt)), key=lambda g: (-float(gt_iou[g]), g))
+    owner: dict[int, int] = {}
+    for g in order:
+        if gt_iou[g] > 0:
+            owner.setdefault(int(best_anchor[g]), g)
+    for g in order:
+        if gt_iou[g] > 0 and owner.get(int(best_anchor[g])) != g:
+            column = iou[:, g].clone()
+            column[list(owner)] = -1
+            if column.max() > 0:
+                owner[int(column.argmax())] = g
+    forced = torch.tensor(sorted(owner), dtype=torch.long)
+    out[forced] = torch.tensor([owner[a] for a in sorted(owner)], dtype=torch.long)
     pos = torch.nonzero(out >= 0).flatten()
     value = torch.where(torch.isin(pos, forced), torch.tensor(float("inf")), iou[pos, out[pos]])
     for g in range(len(gt)):  # keep the K best (stable: lower anchor index first on ties) of each box
@@ -342,6 +377,12 @@ def test_letterbox_boxes_follow_the_resized_pixels() -> None:
         ("image_size: [384]\n", "image_size"),
         ("image_size: [8, 512]\n", "image_size.0"),
         ("loss: {huber_delta: 0}\n", "loss.huber_delta"),
+        ("seed: -1\n", "seed"),  # np.random.seed refuses it: a ValueError once training started
+        ("seed: 4294967296\n", "seed"),
+        # the network's levels: was "model_config.levels: must be contiguous", naming neither file nor field,
+        # once the whole dataset had been read and checked
+        ("anchors: {levels: [2, 4, 6]}\n", "field 'anchors': Value error, levels must be contiguous"),
+        ("anchors: {levels: [6, 7, 8]}\n", "field 'anchors': Value error, the finest level must be 1..5"),
     ],
 )
 def test_a_recipe_out_of_range_is_refused_before_training(tmp_path, capsys, text, field) -> None:
@@ -357,3 +398,19 @@ def test_a_recipe_out_of_range_is_refused_before_training(tmp_path, capsys, text
     assert rc == 1
     assert field in err and str(config) in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_whose_anchors_do_not_fit_its_heads_is_refused() -> None:
+    """Heads for 6 anchors a location with a 9-shape anchor layout (or the reverse) built fine: every box
+    then came from the wrong anchor, or decoding indexed past the anchors."""
+    from smearsight.errors import InputError
+    from smearsight.train.detector.torch_model import build_from_checkpoint, build_from_config, model_config_for
+
+    anchors = AnchorConfig(levels=[3, 4, 5], scales=[1.0, 2.0], aspect_ratios=[0.5, 1.0, 2.0])
+    model_cfg = model_config_for("test_efficientdet", 2, anchors.levels, anchors.anchors_per_location)
+    ckpt = {"kind": "detector", "model_config": model_cfg.to_dict(), "anchors": anchors.to_dict(),
+            "state_dict": build_from_config(model_cfg).state_dict()}
+    assert build_from_checkpoint(ckpt) is not None
+    ckpt["anchors"] = AnchorConfig(levels=[3, 4, 5]).to_dict()  # 3 scales x 3 ratios = 9 a location
+    with pytest.raises(InputError, match="checkpoint: anchors have 9 shapes a location but the model's heads 6"):
+        build_from_checkpoint(ckpt)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from smearsight.anchors import AnchorConfig
 from smearsight.config import StrictConfig
@@ -24,6 +24,16 @@ def default_detector_anchors() -> AnchorConfig:
         scales=[1.0, 2**0.5],
         aspect_ratios=[0.5, 1.0, 2.0],
     )
+
+
+def levels_problem(levels: list[int]) -> str | None:
+    """Why the EfficientDet network cannot have these pyramid levels (None when it can): they must be
+    contiguous, the finest one a backbone stage (P1..P5); coarser ones come from pooling."""
+    if list(levels) != list(range(levels[0], levels[-1] + 1)):
+        return f"levels must be contiguous, got {list(levels)}"
+    if not 1 <= levels[0] <= 5:
+        return f"the finest level must be 1..5, got P{levels[0]}"
+    return None
 
 
 class DetectorModelConfig(StrictConfig):
@@ -126,7 +136,7 @@ class TrainConfig(StrictConfig):
     amp: bool = True
     eval_every: int = Field(2, ge=1)
     workers: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # NumPy's seeding takes 0..2**32-1
     threads: int | None = Field(None, ge=0)  # None or 0: torch's default
     matcher: MatcherConfig = Field(default_factory=MatcherConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -137,6 +147,14 @@ class TrainConfig(StrictConfig):
     pre_nms_topk: int = Field(DEFAULT_PRE_NMS_TOPK, ge=1)
     eval_pre_nms_topk: int | None = Field(None, ge=1)
     max_detections: int = Field(1000, ge=1)
+
+    @field_validator("anchors")
+    @classmethod
+    def _levels_fit_the_network(cls, value: AnchorConfig | str) -> AnchorConfig | str:
+        problem = levels_problem(value.levels) if isinstance(value, AnchorConfig) else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     def evaluation_caps(self, num_classes: int) -> dict[str, int]:
         """Predictor caps for the validation passes (see :func:`evaluation_caps`)."""

@@ -3,7 +3,10 @@
 1. IoU of every anchor with every ground-truth box; an anchor whose best IoU >= ``positive_iou`` is positive
    for that box, < ``negative_iou`` negative, in between ignored. Both thresholds are lowered (0.4 / 0.3 by
    default instead of 0.5 / 0.4) because a small box overlaps its neighbouring anchors weakly.
-2. Each ground truth is force-matched to its best anchor, whatever the IoU (an 8 px cell is never lost).
+2. Each ground truth is force-matched to its best anchor, whatever the IoU (an 8 px cell is never lost). Boxes
+   whose best anchor is the same one (two small cells side by side) are not left to overwrite each other: the
+   one with the higher IoU keeps it (the lower index on ties), the others take their best anchor not yet
+   forced. A box that overlaps no anchor at all (off the canvas) is not forced anywhere.
 3. At most K (default 20) positive anchors per ground truth enter the loss: the K with the highest IoU
    (``sampling="topk"``) or the forced one plus K-1 drawn at random (``"random"``); the others are ignored,
    so big boxes do not dominate the loss with hundreds of positives.
@@ -35,15 +38,17 @@ def match_anchors(
     if gt_boxes.numel() == 0:
         return torch.full((num_anchors,), NEGATIVE, dtype=torch.long, device=anchors.device)
     anchors, gt_boxes = anchors.float(), gt_boxes.float()
-    best_iou, best_gt, gt_best_anchor = best_overlaps(anchors, gt_boxes)
+    best_iou, best_gt, gt_best_anchor, gt_best_iou = best_overlaps(anchors, gt_boxes, with_gt_iou=True)
     assigned = torch.full((num_anchors,), IGNORE, dtype=torch.long, device=anchors.device)
     assigned[best_iou < cfg.negative_iou] = NEGATIVE
     positive = best_iou >= cfg.positive_iou
     assigned[positive] = best_gt[positive]
     forced = torch.zeros(num_anchors, dtype=torch.bool, device=anchors.device)
     if cfg.force_match:
-        assigned[gt_best_anchor] = torch.arange(gt_boxes.shape[0], device=anchors.device)
-        forced[gt_best_anchor] = True
+        chosen = forced_anchors(anchors, gt_boxes, gt_best_anchor, gt_best_iou)
+        ok = chosen >= 0
+        assigned[chosen[ok]] = torch.nonzero(ok).flatten()
+        forced[chosen[ok]] = True
     if cfg.topk is not None:
         pos_idx = torch.nonzero(assigned >= 0).flatten()
         gt_of = assigned[pos_idx]
@@ -63,6 +68,36 @@ def match_anchors(
     return assigned
 
 
+def forced_anchors(
+    anchors: torch.Tensor, gt_boxes: torch.Tensor, best_anchor: torch.Tensor, best_iou: torch.Tensor
+) -> torch.Tensor:
+    """``[G]`` distinct forced anchor per box (-1: the box overlaps no anchor that is still free).
+
+    Each box gets its best anchor; where several share one, the box with the higher IoU (lower index on
+    ties) keeps it and the others, best first, take their best anchor that no box holds yet."""
+    from torchvision.ops import box_iou
+
+    chosen = torch.where(best_iou > 0, best_anchor, torch.full_like(best_anchor, -1))
+    by_iou = torch.sort(-best_iou, stable=True).indices
+    by_anchor = by_iou[torch.sort(chosen[by_iou], stable=True).indices]  # grouped by anchor, best box first
+    shared = torch.zeros_like(chosen, dtype=torch.bool)
+    grouped = chosen[by_anchor]
+    shared[by_anchor[1:]] = (grouped[1:] == grouped[:-1]) & (grouped[1:] >= 0)
+    if not shared.any():
+        return chosen
+    taken = torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+    taken[chosen[~shared & (chosen >= 0)]] = True
+    for g in by_iou[shared[by_iou]].tolist():  # tens of boxes in a dense field: one IoU column each
+        iou = box_iou(anchors, gt_boxes[g : g + 1])[:, 0].masked_fill(taken, -1.0)
+        value, anchor = iou.max(dim=0)
+        if value > 0:
+            chosen[g] = anchor
+            taken[anchor] = True
+        else:
+            chosen[g] = -1
+    return chosen
+
+
 def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of row i of ``a`` with row i of ``b`` ([N, 4] each), the same float32 operations as
     torchvision's ``box_iou`` (so the values match its matrix entries bit for bit)."""
@@ -74,10 +109,11 @@ def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def best_overlaps(
-    anchors: torch.Tensor, gt_boxes: torch.Tensor, chunk: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    anchors: torch.Tensor, gt_boxes: torch.Tensor, chunk: int = 4096, with_gt_iou: bool = False
+) -> tuple[torch.Tensor, ...]:
     """(best IoU per anchor [A], its box index [A], best anchor per box [G]) as ``box_iou(anchors, gt)``'s
-    ``max(dim=1)`` and ``argmax(dim=0)`` would give them (first index on ties), without the [A, G] matrix."""
+    ``max(dim=1)`` and ``argmax(dim=0)`` would give them (first index on ties), without the [A, G] matrix;
+    ``with_gt_iou`` adds the best IoU per box [G]."""
     from torchvision.ops import box_iou
 
     num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
@@ -101,4 +137,4 @@ def best_overlaps(
         better = top > gt_best[near]
         gt_best[near[better]] = top[better]
         gt_best_anchor[near[better]] = start + row[better]
-    return best_iou, best_gt, gt_best_anchor
+    return (best_iou, best_gt, gt_best_anchor, gt_best) if with_gt_iou else (best_iou, best_gt, gt_best_anchor)

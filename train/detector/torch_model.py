@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from smearsight.anchors import AnchorConfig
 from smearsight.errors import InputError
 from smearsight.train.detector.bifpn import BiFPN, SeparableConv, make_act, make_bn
-from smearsight.train.detector.config import DetectorModelConfig
+from smearsight.train.detector.config import DetectorModelConfig, levels_problem
 
 
 class HeadNet(nn.Module):
@@ -54,10 +55,9 @@ class EfficientDet(nn.Module):
         from smearsight.train.backbones import create_backbone
 
         levels = list(cfg.levels)
-        if levels != list(range(levels[0], levels[-1] + 1)):
-            raise InputError(f"model_config.levels: must be contiguous, got {levels}")
-        if levels[0] < 1 or levels[0] > 5:
-            raise InputError(f"model_config.levels: the finest level must be 1..5, got P{levels[0]}")
+        problem = levels_problem(levels)
+        if problem:
+            raise InputError(f"model_config: {problem}")
         backbone_levels = [lvl for lvl in levels if lvl <= 5]
         self.config = cfg
         self.backbone = create_backbone(
@@ -130,6 +130,10 @@ def build_from_checkpoint(ckpt: dict[str, Any]) -> EfficientDet:
     anchors = ckpt["anchors"]
     if list(anchors["levels"]) != list(cfg.levels):
         raise InputError(f"checkpoint: anchor levels {anchors['levels']} differ from model levels {cfg.levels}")
+    shapes = AnchorConfig.from_dict(anchors, source="checkpoint anchors").anchors_per_location
+    if shapes != cfg.anchors_per_location:
+        raise InputError(f"checkpoint: anchors have {shapes} shapes a location but the model's heads "
+                         f"{cfg.anchors_per_location}")
     model = EfficientDet(cfg, pretrained=False)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
