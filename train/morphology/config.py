@@ -4,18 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from smearsight.config import StrictConfig
 
 VGG_TEACHERS = ("vgg16", "vgg16_bn")
-
-
-class _FiniteConfig(StrictConfig):
-    """StrictConfig whose float fields refuse NaN and infinity (YAML ``.inf``, ``1e400``): an infinite lr or
-    lambda_mse would only show as NaN scores after the whole training."""
-
-    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class TeacherConfig(StrictConfig):
@@ -49,7 +42,7 @@ class StudentConfig(StrictConfig):
     head_kernel: int = Field(1, ge=1, le=3)
 
 
-class MorphologyModelConfig(_FiniteConfig):
+class MorphologyModelConfig(StrictConfig):
     """Everything that defines the exported graph (teacher + student + score).
 
     ``classifier_inputs="discrepancy+teacher"`` adds the teacher's per-channel mean and max activation to
@@ -80,7 +73,7 @@ class MorphologyModelConfig(_FiniteConfig):
         return self
 
 
-class MorphologyTrainConfig(_FiniteConfig):
+class MorphologyTrainConfig(StrictConfig):
     """How one part's model is trained (normal train samples only; valid labels only for selection)."""
 
     model: MorphologyModelConfig = Field(default_factory=MorphologyModelConfig)
