@@ -108,17 +108,16 @@ def _quote(text: str) -> str:
     return shlex.quote(textwrap.dedent(text))
 
 
-@needs_namespace
-def test_real_full_disk_on_a_small_tmpfs(repo, on_1_0_with_1_1_published, tmp_path):
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    python = f"""
+def _device_on_a_full_disk(mount, device, leave_bytes: int = 0) -> str:
+    """Python lines that copy the ``device`` folder onto the tmpfs at ``mount`` and fill that disk completely,
+    then give back ``leave_bytes``; they import what the scripts use (Device, UpdateError, update)."""
+    free = f"os.ftruncate(fd, os.fstat(fd).st_size - {leave_bytes})\n" if leave_bytes else ""
+    return textwrap.dedent(f"""\
         import os, shutil, sys
         from smearsight.deploy.install import Device, UpdateError
-        from smearsight.deploy.bundle import verify_release
         from smearsight.deploy.updater import update
         root = {str(mount / 'device')!r}
-        shutil.copytree({str(on_1_0_with_1_1_published)!r}, root, symlinks=True)
+        shutil.copytree({str(device)!r}, root, symlinks=True)
         filler = {str(mount / 'filler')!r}
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
         try:  # fill the disk completely
@@ -126,7 +125,15 @@ def test_real_full_disk_on_a_small_tmpfs(repo, on_1_0_with_1_1_published, tmp_pa
                 os.write(fd, b'x' * 4096)
         except OSError as exc:
             assert exc.errno == 28, exc
-        os.close(fd)
+        """) + free + "os.close(fd)\n"
+
+
+@needs_namespace
+def test_real_full_disk_on_a_small_tmpfs(repo, on_1_0_with_1_1_published, tmp_path):
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    python = _device_on_a_full_disk(mount, on_1_0_with_1_1_published) + textwrap.dedent(f"""
+        from smearsight.deploy.bundle import verify_release
         try:
             update(root, {str(repo.dir)!r})
             sys.exit('update succeeded on a full disk')
@@ -139,7 +146,7 @@ def test_real_full_disk_on_a_small_tmpfs(repo, on_1_0_with_1_1_published, tmp_pa
         assert update(root, {str(repo.dir)!r})['version'] == '1.1'
         assert not [p for p in os.listdir(root + '/releases') if p.startswith('.')]
         print('OK')
-    """
+    """)
     proc = _run_in_namespace(f"mount -t tmpfs -o size=600k tmpfs {mount}", python)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
     message = [line for line in proc.stdout.splitlines() if line.startswith("MESSAGE")][0]
@@ -202,21 +209,8 @@ def test_a_download_that_fills_the_disk_leaves_no_partial_bundle(repo, on_1_0_wi
     pages = -(-big.stat().st_size // 4096)
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    python = f"""
-        import os, shutil, sys
-        from smearsight.deploy.install import Device, UpdateError
-        from smearsight.deploy.updater import update
-        root = {str(mount / 'device')!r}
-        shutil.copytree({str(on_1_0_with_1_1_published)!r}, root, symlinks=True)
-        filler = {str(mount / 'filler')!r}
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b'x' * 4096)
-        except OSError as exc:
-            assert exc.errno == 28, exc
-        os.ftruncate(fd, os.fstat(fd).st_size - {(pages + pages // 2) * 4096})  # the buffer fits, its copy not
-        os.close(fd)
+    room = (pages + pages // 2) * 4096  # the download buffer fits, its copy does not
+    python = _device_on_a_full_disk(mount, on_1_0_with_1_1_published, room) + textwrap.dedent(f"""
         try:
             update(root, {str(repo.dir)!r})
             sys.exit('update succeeded on a nearly full disk')
@@ -227,7 +221,7 @@ def test_a_download_that_fills_the_disk_leaves_no_partial_bundle(repo, on_1_0_wi
         os.unlink(filler)
         assert update(root, {str(repo.dir)!r})['version'] == '1.5'
         print('OK')
-    """
+    """)
     proc = _run_in_namespace(f"mount -t tmpfs -o size=2m tmpfs {mount}", python)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()

@@ -59,3 +59,18 @@ def unplugged_camera(monkeypatch):
             uri, loop=loop, capture_factory=lambda target, api: _MissingCamera(), stall_s=stall_s))
 
     return unplug
+
+
+@pytest.fixture
+def models_failing_every_frame(tiny, tmp_path) -> Path:
+    """Tiny models whose manifest's anchors disagree with the graph (twice the anchors; the outputs' anchor
+    dimension left free, so nothing catches it when the models open): every frame fails in decode."""
+    import json
+
+    models = tiny.build_model_set(tmp_path / "failing_models", image_size=(64, 96), parts=())
+    manifest = json.loads((models / "detector" / "manifest.json").read_text())
+    for out in manifest["outputs"]:
+        out["shape"][1] = -1
+    manifest["detector"]["anchors"]["scales"] = [1.0, 2.0]
+    (models / "detector" / "manifest.json").write_text(json.dumps(manifest))
+    return models

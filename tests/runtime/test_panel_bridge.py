@@ -177,19 +177,12 @@ def test_the_panel_hears_that_the_camera_is_lost(tiny, tmp_path, modem, monkeypa
     assert errors and "not found" in errors[-1].text and errors[-1].frame == 0
 
 
-def test_the_panel_hears_why_frames_are_skipped(tiny, tmp_path, modem, monkeypatch):
+def test_the_panel_hears_why_frames_are_skipped(models_failing_every_frame, tmp_path, modem, monkeypatch):
     """Models that fail on every frame (anchors that disagree with the graph): the screen shows why, and before,
     the panel heard nothing."""
-    import json
-
     from smearsight.errors import InputError
 
-    models = tiny.build_model_set(tmp_path / "models", image_size=(64, 96), parts=())
-    manifest = json.loads((models / "detector" / "manifest.json").read_text())
-    for out in manifest["outputs"]:
-        out["shape"][1] = -1
-    manifest["detector"]["anchors"]["scales"] = [1.0, 2.0]  # twice the anchors the graph has
-    (models / "detector" / "manifest.json").write_text(json.dumps(manifest))
+    models = models_failing_every_frame
     monkeypatch.setattr(pl, "MAX_FAILED_FRAMES", 6)
     received: list = []
     panel = SerialLink(modem.b, name="test-panel")
