@@ -811,16 +811,6 @@ def local_path(uri: str) -> Path | None:
     return Path(text).expanduser() if "://" not in text else None
 
 
-def check_sink_is_not_source(sink_uri: str, source_uri: str) -> None:
-    """Raise InputError when a ``file://`` output is the source video or image folder itself (writing it
-    would destroy the recording being read)."""
-    out, src = local_path(sink_uri), local_path(source_uri)
-    if out is None or src is None:
-        return
-    if os.path.realpath(out) == os.path.realpath(src):
-        raise InputError(f"{sink_uri}: is the source {source_uri} itself; write the output elsewhere")
-
-
 def open_sink(uri: str, *, headless: bool = False, **opts: Any) -> FrameSink:
     """Open a sink from a URI (see the module docstring).
 

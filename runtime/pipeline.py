@@ -675,7 +675,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     """
     from smearsight.deploy.sdnotify import Watchdog
     from smearsight.device.record import SessionSummary
-    from smearsight.device.sinks import check_sink_is_not_source, open_sink
+    from smearsight.device.sinks import open_sink
     from smearsight.device.sources import open_source
     from smearsight.runtime.annotate import annotate
 
@@ -715,7 +715,6 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
     session_id = None
     t_start = time.perf_counter()
     try:
-        check_sink_is_not_source(sink_uri, cfg.source)
         _check_outputs_apart(cfg, sink_uri)
         source = open_source(cfg.source, loop=cfg.loop)
         # a video plays at the source's own rate when it has one (a file), else at the rate aimed for
@@ -936,7 +935,7 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
                 stats["problems"][msg] = stats["problems"].get(msg, 0) + n
             if source.error:
                 stats["source_error"] = source.error
-        if session_id is not None and session_id >= 0:
+        if recorded:
             stats["session_id"] = session_id
             stats["record"] = str(cfg.record)
         # the recorded session's summary (SessionSummary too, + frames_not_saved), else this run's last one
@@ -955,13 +954,17 @@ def run(cfg: RunConfig, pipeline: Pipeline | None = None, *, echo: Any = None) -
 
 
 def _check_outputs_apart(cfg: RunConfig, sink_uri: str) -> None:
-    """Raise InputError when ``--stats-json`` or ``--record`` names the source, the output or the other one: each
-    is written over at the end of the run (or as it goes), which would destroy the other."""
+    """Raise InputError when a ``file://`` output is the source video or image folder itself (writing it would
+    destroy the recording being read), or when ``--stats-json`` or ``--record`` names the source, the output or
+    the other one: each is written over at the end of the run (or as it goes), which would destroy the other."""
     import os
 
     from smearsight.device.sinks import local_path
 
-    taken = [(f"the source {cfg.source}", local_path(cfg.source)), (f"the output {sink_uri}", local_path(sink_uri))]
+    source, output = local_path(cfg.source), local_path(sink_uri)
+    if source is not None and output is not None and os.path.realpath(source) == os.path.realpath(output):
+        raise InputError(f"{sink_uri}: is the source {cfg.source} itself; write the output elsewhere")
+    taken = [(f"the source {cfg.source}", source), (f"the output {sink_uri}", output)]
     for what, path in (("--stats-json", cfg.stats_json), ("--record", cfg.record)):
         if path is None:
             continue
