@@ -55,12 +55,13 @@ def train_morphology_cmd(
 
     check_part(part)
     check_output_dir(out)
-    cfg = MorphologyTrainConfig.from_yaml(config) if config else MorphologyTrainConfig()
+    raw = read_yaml(config) if config else {}  # the file read once: the settings and which ones it sets
+    cfg = MorphologyTrainConfig.from_dict(raw, source=str(config)) if config else MorphologyTrainConfig()
     data_cfg = cfg.to_dict()
-    explicit = _leaf_fields(read_yaml(config)) if config else set()  # what --resume checks against the saved run
+    explicit = _leaf_fields(raw)  # what --resume checks against the saved run
     options = {"epochs": epochs, "threads": threads, "seed": seed, "model.supervised": True if supervised else None,
                "model.teacher.name": teacher, "model.teacher.weights": teacher_weights}
-    if teacher in ("vgg16", "vgg16_bn") and not _config_sets_teacher_layers(config):
+    if teacher in ("vgg16", "vgg16_bn") and "model.teacher.layers" not in explicit:
         options["model.teacher.layers"] = [2, 3, 4, 5]  # pool2..pool5, the published choice
     for field, value in options.items():
         if value is not None:
@@ -79,13 +80,6 @@ def train_morphology_cmd(
         f"{part} ({metrics['mode']}): valid AUC {valid['auc']:.4f} accuracy {valid['accuracy']:.4f} "
         f"F0.5 {valid['f05']:.4f} at threshold {metrics['threshold']:.4g}; wrote {out / 'best.pt'}"
     )
-
-
-def _config_sets_teacher_layers(config: Path | None) -> bool:
-    """Whether the (already validated) config file sets ``model.teacher.layers`` itself."""
-    from smearsight.config import read_yaml
-
-    return config is not None and "model.teacher.layers" in _leaf_fields(read_yaml(config))
 
 
 def _leaf_fields(tree: dict, prefix: str = "") -> set[str]:
