@@ -37,6 +37,8 @@ _GREEN = (60, 220, 90)
 _GREY = (170, 170, 170)
 _WHITE = (255, 255, 255)
 _AMBER = (230, 150, 20)
+
+
 def plain_ascii(text: str) -> str:
     """OpenCV's Hershey fonts draw ASCII only: dashes, quotes and symbols mapped, accents dropped, the rest '?'."""
     return plain_text(text, 128)
